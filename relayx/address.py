@@ -1,0 +1,148 @@
+"""
+SMTP paths and mailboxes (RFC 5321 section 4.1.2, RFC 6531 for UTF-8).
+
+The SMTP layer turns ``MAIL FROM:<...>`` and ``RCPT TO:<...>`` arguments into
+these values; everything after it works with parsed, normalised addresses.
+"""
+
+from __future__ import annotations
+
+import re
+
+import attrs
+
+
+class AddressError(ValueError):
+    """
+    The text is not an address; the message says why, for the log.
+    """
+
+
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_DOT_ATOM = re.compile(rf"^{_ATEXT}+(\.{_ATEXT}+)*$")
+_QUOTED = re.compile(r'^"([\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"$')
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_LITERAL = re.compile(r"^\[[^\[\]\\\s]+\]$")
+_PARAM = re.compile(r"^([A-Za-z0-9][A-Za-z0-9-]*)(=([\x21-\x3c\x3e-\x7e\x80-\U0010ffff]+))?$")
+
+
+def normalize_domain(domain: str) -> str:
+    """
+    The lower-case ASCII (A-label) form of ``domain``, or ``AddressError``.
+    """
+    if _LITERAL.match(domain):
+        return domain.lower()
+    name = domain.rstrip(".")
+    try:
+        ascii_name = name.encode("idna").decode("ascii").lower() if not name.isascii() else name.lower()
+    except UnicodeError as e:
+        raise AddressError(f"bad domain {domain!r}: {e}") from None
+    labels = ascii_name.split(".")
+    if len(ascii_name) > 253 or len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
+        raise AddressError(f"bad domain {domain!r}")
+    return ascii_name
+
+
+@attrs.frozen
+class Mailbox:
+    """
+    ``local@domain``: ``local`` as the sender wrote it, ``domain`` normalised.
+    """
+
+    local: str
+    domain: str
+
+    @classmethod
+    def parse(cls, text: str, utf8: bool = True) -> Mailbox:
+        local, sep, domain = text.rpartition("@")
+        if not sep or not local or not domain:
+            raise AddressError(f"no local@domain in {text!r}")
+        if len(local.encode("utf-8")) > 64:
+            raise AddressError("local part longer than 64 octets")
+        if not local.isascii() and not utf8:
+            raise AddressError("non-ASCII address without SMTPUTF8")
+        if not (_DOT_ATOM.match(local) or _QUOTED.match(local) or (not local.isascii() and _utf8_local(local))):
+            raise AddressError(f"bad local part {local!r}")
+        if not domain.isascii() and not utf8:
+            raise AddressError("non-ASCII domain without SMTPUTF8")
+        return cls(local, normalize_domain(domain))
+
+    @property
+    def canonical(self) -> str:
+        """
+        The form used to compare addresses: local parts are case-sensitive
+        by the RFC, but no mail system an operator meets treats them so.
+        """
+        return f"{self.local.lower()}@{self.domain}"
+
+    def __str__(self) -> str:
+        return f"{self.local}@{self.domain}"
+
+
+def _utf8_local(local: str) -> bool:
+    return not any(c in local for c in ' "(),:;<>@[\\]') and ".." not in local and not (
+        local.startswith(".") or local.endswith(".")
+    )
+
+
+@attrs.frozen
+class Path:
+    """
+    A parsed ``MAIL FROM`` or ``RCPT TO`` argument: the mailbox (``None``
+    for the null reverse-path ``<>``) and the ESMTP parameters, keys upper-case.
+    """
+
+    mailbox: Mailbox | None
+    params: dict[str, str | None] = attrs.field(factory=dict, hash=False)
+
+    def __str__(self) -> str:
+        return "" if self.mailbox is None else str(self.mailbox)
+
+
+def parse_path(argument: str, prefix: str, allow_null: bool, utf8: bool = False) -> Path:
+    """
+    Parse ``FROM:<a@b> SIZE=10`` (``prefix`` ``FROM:``) into a ``Path``.
+
+    A source route (``<@relay:a@b>``) is accepted and dropped, as RFC 5321
+    section 4.1.1.3 asks. Non-ASCII addresses are accepted only with the
+    ``SMTPUTF8`` parameter, or ``utf8`` (for ``RCPT``, the transaction's MAIL had it).
+    """
+    if not argument[: len(prefix)].upper() == prefix:
+        raise AddressError(f"expected {prefix}<address>")
+    rest = argument[len(prefix) :].lstrip(" ")
+    if not rest.startswith("<"):
+        raise AddressError("address must be in angle brackets")
+    end = _closing_bracket(rest)
+    inner, params_text = rest[1:end], rest[end + 1 :]
+    if params_text and not params_text.startswith(" "):
+        raise AddressError("parameters must follow a space")
+    params: dict[str, str | None] = {}
+    for word in params_text.split():
+        match = _PARAM.match(word)
+        if not match:
+            raise AddressError(f"bad parameter {word!r}")
+        params[match.group(1).upper()] = match.group(3)
+    if inner.startswith("@"):
+        _, colon, inner = inner.partition(":")
+        if not colon:
+            raise AddressError("bad source route")
+    if inner == "":
+        if not allow_null:
+            raise AddressError("null address not allowed here")
+        return Path(None, params)
+    return Path(Mailbox.parse(inner, utf8=utf8 or "SMTPUTF8" in params), params)
+
+
+def _closing_bracket(text: str) -> int:
+    quoted = False
+    escaped = False
+    for index, char in enumerate(text):
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == ">" and not quoted:
+            return index
+    raise AddressError("missing '>'")

@@ -1,0 +1,503 @@
+"""
+relayx's configuration: one TOML file validated into frozen objects.
+
+Every problem is reported as one line that names the file, the key and what
+was expected, because an operator reads it in a systemd journal at 3 a.m.
+Unknown keys are fatal: a misspelt option silently ignored is how a backup MX
+ends up as an open relay or with a retention of zero.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import attrs
+
+from relayx.address import AddressError, Mailbox, normalize_domain
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """
+    The configuration cannot be used; ``str()`` is the one line to show.
+    """
+
+
+_DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE = re.compile(r"^\s*(\d+)\s*(|k|m|g|kb|mb|gb|kib|mib|gib)\s*$", re.IGNORECASE)
+_SIZE_FACTOR = {
+    "": 1,
+    "k": 1024,
+    "kb": 1024,
+    "kib": 1024,
+    "m": 1024**2,
+    "mb": 1024**2,
+    "mib": 1024**2,
+    "g": 1024**3,
+    "gb": 1024**3,
+    "gib": 1024**3,
+}
+
+
+def parse_duration(value: object) -> float:
+    """
+    Seconds from a duration written as ``30s``, ``5m``, ``2h`` or ``5d``.
+
+    Raises ``ValueError`` with the expectation spelled out.
+    """
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    raise ValueError(f"a duration such as '30s', '5m', '2h' or '5d', got {value!r}")
+
+
+def parse_size(value: object) -> int:
+    """
+    Bytes from an integer or a string such as ``25MB`` or ``512k``.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if match:
+            return int(match.group(1)) * _SIZE_FACTOR[match.group(2).lower()]
+    raise ValueError(f"a size in bytes such as 26214400 or '25MB', got {value!r}")
+
+
+@attrs.frozen
+class SMTPRoute:
+    """
+    One fixed destination (a smart host), written ``smtp://host:port``.
+    """
+
+    host: str
+    port: int = 25
+
+    def __str__(self) -> str:
+        return f"smtp://{self.host}:{self.port}"
+
+
+@attrs.frozen
+class MXRoute:
+    """
+    Deliver to the domain's MX hosts, looked up in DNS.
+    """
+
+    def __str__(self) -> str:
+        return "mx"
+
+
+Route = SMTPRoute | MXRoute
+
+
+def parse_route(value: object) -> Route:
+    if value == "mx":
+        return MXRoute()
+    if isinstance(value, str) and value.startswith("smtp://"):
+        parts = urlsplit(value)
+        try:
+            port = parts.port or 25
+        except ValueError:
+            port = -1
+        if parts.hostname and 0 < port < 65536 and parts.path in ("", "/") and not parts.query:
+            return SMTPRoute(parts.hostname, port)
+    raise ValueError(f"'mx' or 'smtp://host:port', got {value!r}")
+
+
+@attrs.frozen
+class AnyRecipient:
+    """
+    Every local part of the domain is accepted (a backscatter risk: mail to
+    addresses the primary later refuses has to bounce).
+    """
+
+
+@attrs.frozen
+class RecipientList:
+    """
+    Only these addresses (compared case-insensitively) are accepted.
+    """
+
+    addresses: frozenset[str]
+
+
+RecipientRule = AnyRecipient | RecipientList
+
+
+@attrs.frozen
+class DomainConfig:
+    name: str
+    routes: tuple[Route, ...]
+    recipients: RecipientRule
+    concurrency: int
+
+
+@attrs.frozen
+class NodeConfig:
+    id: str
+    hostname: str
+    data_dir: Path
+
+
+@attrs.frozen
+class SMTPConfig:
+    listen: tuple[str, ...]
+    max_message_size: int
+    max_recipients: int
+    max_line_length: int
+    max_errors: int
+    max_hops: int
+    command_timeout: float
+    data_timeout: float
+
+
+@attrs.frozen
+class RedisConfig:
+    """
+    Where the queue lives. ``url`` of ``None`` means an embedded
+    ``redis-server`` under the node's data directory.
+    """
+
+    url: str | None = attrs.field(repr=False)
+    key_prefix: str
+    timeout: float
+
+    @property
+    def host(self) -> str:
+        assert self.url is not None
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        assert self.url is not None
+        return urlsplit(self.url).port or 6379
+
+    @property
+    def db(self) -> int:
+        assert self.url is not None
+        path = urlsplit(self.url).path.strip("/")
+        return int(path) if path else 0
+
+    @property
+    def password(self) -> str | None:
+        assert self.url is not None
+        return urlsplit(self.url).password
+
+
+@attrs.frozen
+class QueueConfig:
+    retention: float
+    retry_schedule: tuple[float, ...]
+    lease: float
+    workers: int
+    poll_interval: float
+    concurrency: int
+
+
+@attrs.frozen
+class DeliveryConfig:
+    helo_name: str
+    connect_timeout: float
+    command_timeout: float
+    data_timeout: float
+
+
+@attrs.frozen
+class Config:
+    source: str
+    node: NodeConfig
+    smtp: SMTPConfig
+    redis: RedisConfig
+    queue: QueueConfig
+    delivery: DeliveryConfig
+    domains: tuple[DomainConfig, ...]
+
+    def domain(self, name: str) -> DomainConfig | None:
+        for domain in self.domains:
+            if domain.name == name:
+                return domain
+        return None
+
+
+class _Section:
+    """
+    Reads one TOML table, remembering which keys were used so that the rest
+    can be reported as unknown.
+    """
+
+    def __init__(self, source: str, path: str, table: object) -> None:
+        self.source = source
+        self.path = path
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: {path}: expected a table, got {table!r}")
+        self.table: dict[str, Any] = table
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def fail(self, name: str, expected: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {self.key(name)}: expected {expected}")
+
+    def get(self, name: str, default: T, convert: Callable[[object], T]) -> T:
+        self.used.add(name)
+        if name not in self.table:
+            return default
+        try:
+            return convert(self.table[name])
+        except ValueError as e:
+            raise self.fail(name, str(e)) from None
+
+    def require(self, name: str, convert: Callable[[object], T]) -> T:
+        if name not in self.table:
+            self.used.add(name)
+            raise self.fail(name, "a value; the key is missing")
+        sentinel: Any = object()
+        return self.get(name, sentinel, convert)
+
+    def sub(self, name: str) -> _Section:
+        self.used.add(name)
+        return _Section(self.source, self.key(name), self.table.get(name, {}))
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            raise ConfigError(
+                f"{self.source}: {self.key(unknown[0])}: unknown key "
+                f"(known keys here: {', '.join(sorted(self.used))})"
+            )
+
+
+def _string(value: object) -> str:
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    raise ValueError(f"a non-empty string, got {value!r}")
+
+
+def _positive_int(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    raise ValueError(f"a whole number above 0, got {value!r}")
+
+
+def _positive_duration(value: object) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"a duration above zero, got {value!r}")
+    return seconds
+
+
+def _string_list(value: object) -> tuple[str, ...]:
+    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+        return tuple(value)
+    raise ValueError(f"a non-empty list of strings, got {value!r}")
+
+
+def _schedule(value: object) -> tuple[float, ...]:
+    if not (isinstance(value, list) and value):
+        raise ValueError(f"a non-empty list of durations such as ['1m', '5m'], got {value!r}")
+    return tuple(_positive_duration(v) for v in value)
+
+
+def _redis_url(value: object) -> str:
+    if isinstance(value, str):
+        parts = urlsplit(value)
+        path = parts.path.strip("/")
+        try:
+            port_ok = parts.port is None or 0 < parts.port < 65536
+        except ValueError:
+            port_ok = False
+        if parts.scheme == "redis" and parts.hostname and port_ok and (path == "" or path.isdigit()):
+            return value
+    raise ValueError(f"a URL such as 'redis://127.0.0.1:6379/0', got {value!r}")
+
+
+def _listen(value: object) -> tuple[str, ...]:
+    endpoints = _string_list(value)
+    for endpoint in endpoints:
+        if not re.match(r"^(tcp|tcp6|ssl|unix|systemd):", endpoint):
+            raise ValueError(
+                f"Twisted endpoint strings such as 'tcp:2525:interface=127.0.0.1', got {endpoint!r}"
+            )
+    return endpoints
+
+
+def _key_prefix(value: object) -> str:
+    prefix = _string(value)
+    if not re.match(r"^[A-Za-z0-9_.:-]+$", prefix):
+        raise ValueError(f"letters, digits and '_.:-', got {value!r}")
+    return prefix
+
+
+def _domain_name(value: object) -> str:
+    try:
+        return normalize_domain(_string(value))
+    except AddressError as e:
+        raise ValueError(f"a domain name, got {value!r} ({e})") from None
+
+
+def _routes(value: object) -> tuple[Route, ...]:
+    if not (isinstance(value, list) and value):
+        raise ValueError(f"a non-empty list such as ['smtp://mail.example.com:25'] or ['mx'], got {value!r}")
+    routes = tuple(parse_route(v) for v in value)
+    if any(isinstance(r, MXRoute) for r in routes) and len(routes) > 1:
+        raise ValueError("'mx' alone, not mixed with smtp:// destinations")
+    return routes
+
+
+def _recipient_rule(domain: str, base: Path) -> Callable[[object], RecipientRule]:
+    def convert(value: object) -> RecipientRule:
+        if value == "any":
+            return AnyRecipient()
+        if isinstance(value, list):
+            addresses = [_address_in(domain, v) for v in value]
+            return RecipientList(frozenset(addresses))
+        if isinstance(value, dict) and set(value) == {"file"} and isinstance(value["file"], str):
+            path = (base / value["file"]).resolve()
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+            except OSError as e:
+                raise ValueError(f"a readable file of addresses, {path}: {e.strerror}") from None
+            entries = [line.strip() for line in lines]
+            addresses = [_address_in(domain, e) for e in entries if e and not e.startswith("#")]
+            return RecipientList(frozenset(addresses))
+        raise ValueError(f"'any', a list of addresses or {{file = 'path'}}, got {value!r}")
+
+    return convert
+
+
+def _address_in(domain: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"an address, got {value!r}")
+    try:
+        mailbox = Mailbox.parse(value)
+    except AddressError as e:
+        raise ValueError(f"an address, got {value!r} ({e})") from None
+    if mailbox.domain != domain:
+        raise ValueError(f"an address in {domain}, got {value!r}")
+    return mailbox.canonical
+
+
+def load(path: str | Path, overrides: Mapping[str, object] | None = None) -> Config:
+    """
+    Read and validate the TOML file at ``path``.
+
+    ``overrides`` hold command-line values by dotted key (``smtp.listen``,
+    ``redis.url``, ``node.id``, ``node.data_dir``) and win over the file.
+    """
+    source = str(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{source}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        table = data.setdefault(section, {})
+        if isinstance(table, dict):
+            table[key] = value
+    return parse(data, source, Path(path).resolve().parent)
+
+
+def parse(data: dict[str, Any], source: str, base: Path) -> Config:
+    """
+    Validate an already-decoded TOML document; relative paths are taken
+    from ``base``.
+    """
+    root = _Section(source, "", data)
+
+    node = root.sub("node")
+    host = socket.getfqdn()
+    node_config = NodeConfig(
+        id=node.get("id", socket.gethostname(), _string),
+        hostname=node.get("hostname", host, _string),
+        data_dir=base / node.get("data_dir", "relayx-data", _string),
+    )
+    node.finish()
+
+    smtp = root.sub("smtp")
+    smtp_config = SMTPConfig(
+        listen=smtp.get("listen", ("tcp:25",), _listen),
+        max_message_size=smtp.get("max_message_size", 25 * 1024 * 1024, parse_size),
+        max_recipients=smtp.get("max_recipients", 100, _positive_int),
+        max_line_length=smtp.get("max_line_length", 2048, _positive_int),
+        max_errors=smtp.get("max_errors", 10, _positive_int),
+        max_hops=smtp.get("max_hops", 50, _positive_int),
+        command_timeout=smtp.get("command_timeout", 300.0, _positive_duration),
+        data_timeout=smtp.get("data_timeout", 600.0, _positive_duration),
+    )
+    if smtp_config.max_line_length < 512:
+        raise smtp.fail("max_line_length", "at least 512 (RFC 5321, section 4.5.3.1.4)")
+    smtp.finish()
+
+    redis = root.sub("redis")
+    redis_config = RedisConfig(
+        url=redis.get("url", None, _redis_url),
+        key_prefix=redis.get("key_prefix", "relayx", _key_prefix),
+        timeout=redis.get("timeout", 5.0, _positive_duration),
+    )
+    redis.finish()
+
+    queue = root.sub("queue")
+    queue_config = QueueConfig(
+        retention=queue.get("retention", 5 * 86400.0, _positive_duration),
+        retry_schedule=queue.get("retry_schedule", (60.0, 300.0, 900.0, 1800.0, 3600.0), _schedule),
+        lease=queue.get("lease", 60.0, _positive_duration),
+        workers=queue.get("workers", 8, _positive_int),
+        poll_interval=queue.get("poll_interval", 1.0, _positive_duration),
+        concurrency=queue.get("concurrency", 1, _positive_int),
+    )
+    if queue_config.lease < 3:
+        raise queue.fail("lease", "at least '3s', so that it can be renewed in time")
+    queue.finish()
+
+    delivery = root.sub("delivery")
+    delivery_config = DeliveryConfig(
+        helo_name=delivery.get("helo_name", node_config.hostname, _string),
+        connect_timeout=delivery.get("connect_timeout", 30.0, _positive_duration),
+        command_timeout=delivery.get("command_timeout", 300.0, _positive_duration),
+        data_timeout=delivery.get("data_timeout", 600.0, _positive_duration),
+    )
+    delivery.finish()
+
+    root.used.add("domain")
+    raw_domains = data.get("domain", [])
+    if not isinstance(raw_domains, list):
+        raise ConfigError(f"{source}: domain: expected [[domain]] tables, got {raw_domains!r}")
+    domains: list[DomainConfig] = []
+    for index, raw in enumerate(raw_domains):
+        section = _Section(source, f"domain[{index}]", raw)
+        name = section.require("name", _domain_name)
+        if any(d.name == name for d in domains):
+            raise section.fail("name", f"each domain once, {name!r} is listed twice")
+        domains.append(
+            DomainConfig(
+                name=name,
+                routes=section.require("routes", _routes),
+                recipients=section.require("recipients", _recipient_rule(name, base)),
+                concurrency=section.get("concurrency", queue_config.concurrency, _positive_int),
+            )
+        )
+        section.finish()
+    root.finish()
+
+    return Config(
+        source=source,
+        node=node_config,
+        smtp=smtp_config,
+        redis=redis_config,
+        queue=queue_config,
+        delivery=delivery_config,
+        domains=tuple(domains),
+    )

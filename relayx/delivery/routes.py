@@ -1,0 +1,100 @@
+"""
+Where a domain's mail goes: fixed smart hosts, or the domain's MX hosts.
+
+MX selection follows RFC 5321 section 5.1 for a backup MX: lowest preference
+first, equal preferences in random order, and never a host whose preference
+is equal to or higher than this node's own for the domain, so that two
+backups never hand mail back and forth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+
+from twisted.internet.threads import deferToThread
+
+from relayx.config import MXRoute, Route
+
+MXRecords = Sequence[tuple[int, str]]
+LookupMX = Callable[[str], Awaitable[MXRecords]]
+
+
+class NoRoute(Exception):
+    """
+    No host can take the domain's mail now (temporary, from our side).
+    """
+
+
+class RouteTable:
+    """
+    Resolves a domain to the ``(host, port)`` list to try, in order.
+    """
+
+    def __init__(
+        self,
+        routes: Mapping[str, tuple[Route, ...]],
+        *,
+        lookup_mx: LookupMX,
+        own_names: frozenset[str],
+        shuffle: Callable[[list[str]], None],
+        mx_port: int = 25,
+    ) -> None:
+        self._routes = dict(routes)
+        self._lookup_mx = lookup_mx
+        self._own = frozenset(n.lower().rstrip(".") for n in own_names)
+        self._shuffle = shuffle
+        self._mx_port = mx_port
+
+    async def targets(self, domain: str) -> list[tuple[str, int]]:
+        routes = self._routes.get(domain, (MXRoute(),))
+        if not isinstance(routes[0], MXRoute):
+            return [(r.host, r.port) for r in routes if not isinstance(r, MXRoute)]
+        return [(host, self._mx_port) for host in await self.mx_hosts(domain)]
+
+    async def mx_hosts(self, domain: str) -> list[str]:
+        records = [(pref, host.lower().rstrip(".")) for pref, host in await self._lookup_mx(domain)]
+        if not records:
+            return [domain]  # the implicit MX: the domain's own address records
+        if any(host == "" for _, host in records):
+            raise NoRoute(f"{domain} publishes a null MX (RFC 7505)")
+        ours = [pref for pref, host in records if host in self._own]
+        ceiling = min(ours) if ours else None
+        hosts: list[str] = []
+        for pref in sorted({pref for pref, _ in records}):
+            if ceiling is not None and pref >= ceiling:
+                break
+            same = [host for p, host in records if p == pref]
+            self._shuffle(same)
+            hosts += same
+        if not hosts:
+            raise NoRoute(f"this node is the most preferred MX of {domain}")
+        return hosts
+
+
+def dns_lookup_mx(nameservers: tuple[tuple[str, int], ...], timeout: float) -> LookupMX:
+    """
+    MX records through dnspython's resolver, in a thread so the reactor
+    never waits; an empty answer or a missing name gives no records.
+    """
+    import dns.exception
+    import dns.resolver
+
+    resolver = dns.resolver.Resolver(configure=not nameservers)
+    if nameservers:
+        resolver.nameservers = [host for host, _ in nameservers]
+        resolver.port = nameservers[0][1]
+    resolver.lifetime = timeout
+
+    def lookup(domain: str) -> MXRecords:
+        try:
+            answer = resolver.resolve(domain, "MX")
+        except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
+            return []
+        except dns.exception.DNSException as e:
+            raise NoRoute(f"MX lookup for {domain} failed: {e}") from None
+        return [(r.preference, r.exchange.to_text(omit_final_dot=True)) for r in answer]
+
+    async def lookup_async(domain: str) -> MXRecords:
+        return await deferToThread(lookup, domain)
+
+    return lookup_async

@@ -1,0 +1,257 @@
+"""
+The delivery scheduler: leases ready jobs from the shared queue, delivers
+them, and settles each outcome with the lease's fencing token.
+
+Any node runs one; together they drain the same queue. A node that dies
+simply stops renewing, its leases run out, and another node's next claim
+takes the jobs back (``claim.lua``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from automat import TypeMachine, TypeMachineBuilder
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import Logger
+
+from relayx.interfaces import IDeliverer, IDeliveryQueue, Lease, Outcome, StaleLease, StoreUnavailable
+
+log = Logger()
+
+
+class LeaseKeeper(Protocol):
+    """
+    Keeps one lease alive while its delivery runs: renews it every third of
+    its duration, and notices when it was lost.
+    """
+
+    def start(self) -> None:
+        "Begin renewing."
+
+    def tick(self) -> None:
+        "The renewal timer fired."
+
+    def renewed(self, lease: Lease) -> None:
+        "The store extended the lease."
+
+    def lost(self) -> None:
+        "The store refused the renewal: the token is stale, the job is another node's."
+
+    def unanswered(self) -> None:
+        "The store did not answer; the lease may still hold, try again."
+
+    def stop(self) -> Lease | None:
+        "Stop renewing; the current lease, or ``None`` if it was lost."
+
+
+@dataclass
+class _LeaseCore:
+    clock: IReactorTime
+    queue: IDeliveryQueue
+    lease: Lease
+    every: float
+    timer: IDelayedCall | None = None
+
+    def arm(self, keeper: LeaseKeeper) -> None:
+        self.timer = self.clock.callLater(self.every, keeper.tick)
+
+    def disarm(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+
+def _build_lease_keeper() -> TypeMachine[LeaseKeeper, _LeaseCore]:
+    builder = TypeMachineBuilder(LeaseKeeper, _LeaseCore)
+    idle = builder.state("idle")
+    holding = builder.state("holding")
+    renewing = builder.state("renewing")
+    lost = builder.state("lost")
+    stopped = builder.state("stopped")
+
+    @idle.upon(LeaseKeeper.start).to(holding)
+    def _start(keeper: LeaseKeeper, core: _LeaseCore) -> None:
+        core.arm(keeper)
+
+    @holding.upon(LeaseKeeper.tick).to(renewing)
+    def _renew(keeper: LeaseKeeper, core: _LeaseCore) -> None:
+        core.timer = None
+
+        async def renew() -> None:
+            try:
+                lease = await core.queue.renew(core.lease, core.clock.seconds())
+            except StaleLease:
+                keeper.lost()
+            except StoreUnavailable as e:
+                log.warn("lease {job} not renewed: {why}", job=core.lease.job_id, why=str(e))
+                keeper.unanswered()
+            else:
+                keeper.renewed(lease)
+
+        Deferred.fromCoroutine(renew())
+
+    @renewing.upon(LeaseKeeper.renewed).to(holding)
+    def _renewed(keeper: LeaseKeeper, core: _LeaseCore, lease: Lease) -> None:
+        core.lease = lease
+        core.arm(keeper)
+
+    @renewing.upon(LeaseKeeper.unanswered).to(holding)
+    def _retry(keeper: LeaseKeeper, core: _LeaseCore) -> None:
+        core.arm(keeper)
+
+    @renewing.upon(LeaseKeeper.lost).to(lost)
+    def _lost(keeper: LeaseKeeper, core: _LeaseCore) -> None:
+        log.warn("lease {job} lost to another node", job=core.lease.job_id)
+
+    @holding.upon(LeaseKeeper.stop).to(stopped)
+    def _stop_holding(keeper: LeaseKeeper, core: _LeaseCore) -> Lease | None:
+        core.disarm()
+        return core.lease
+
+    @renewing.upon(LeaseKeeper.stop).to(stopped)
+    def _stop_renewing(keeper: LeaseKeeper, core: _LeaseCore) -> Lease | None:
+        return core.lease
+
+    @lost.upon(LeaseKeeper.stop).to(stopped)
+    def _stop_lost(keeper: LeaseKeeper, core: _LeaseCore) -> Lease | None:
+        return None
+
+    # a renewal still in flight when the delivery ended
+    stopped.upon(LeaseKeeper.renewed).loop().returns(None)
+    stopped.upon(LeaseKeeper.lost).loop().returns(None)
+    stopped.upon(LeaseKeeper.unanswered).loop().returns(None)
+    return builder.build()
+
+
+lease_keeper = _build_lease_keeper()
+
+
+@dataclass
+class Scheduler:
+    """
+    Keeps up to ``workers`` deliveries running on this node, claiming more
+    from the queue every ``poll_interval`` and whenever one ends.
+    """
+
+    owner: str
+    queue: IDeliveryQueue
+    deliverer: IDeliverer
+    clock: IReactorTime
+    workers: int
+    poll_interval: float
+    lease_duration: float
+    default_concurrency: int
+    concurrency: Mapping[str, int] = field(default_factory=dict)
+    _active: dict[str, Deferred[None]] = field(default_factory=dict)
+    _loop: LoopingCall | None = None
+    _claiming: bool = False
+    _stopping: bool = False
+
+    def start(self) -> None:
+        self._stopping = False
+        self._loop = LoopingCall(self.poll)
+        self._loop.clock = self.clock
+        self._loop.start(self.poll_interval, now=True)
+
+    async def stop(self) -> None:
+        """
+        Claim nothing more and wait for the deliveries under way.
+        """
+        self._stopping = True
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        await DeferredList(list(self._active.values()))
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    def poll(self) -> None:
+        """
+        Claim work if there is room; safe to call at any time.
+        """
+        if self._claiming or self._stopping or self.active >= self.workers:
+            return
+        self._claiming = True
+        Deferred.fromCoroutine(self._claim()).addBoth(self._claimed)
+
+    def _claimed(self, full: object) -> None:
+        self._claiming = False
+        if full is True:
+            self.poll()
+
+    async def _claim(self) -> bool:
+        room = self.workers - self.active
+        try:
+            leases = await self.queue.claim(
+                self.owner, self.clock.seconds(), room, self.concurrency, self.default_concurrency
+            )
+        except StoreUnavailable as e:
+            log.warn("cannot claim deliveries: {why}", why=str(e))
+            return False
+        for lease in leases:
+            d = Deferred.fromCoroutine(self._attempt(lease))
+            self._active[lease.job_id] = d
+            d.addBoth(self._ended, lease.job_id)
+        return len(leases) == room
+
+    def _ended(self, result: object, job_id: str) -> None:
+        del self._active[job_id]
+        if not self._stopping:
+            self.poll()
+
+    async def _attempt(self, lease: Lease) -> None:
+        keeper = lease_keeper(_LeaseCore(self.clock, self.queue, lease, self.lease_duration / 3))
+        keeper.start()
+        started = self.clock.seconds()
+        try:
+            stored = await self.queue.load(lease)
+            outcome = await self.deliverer.deliver(lease.domain, stored.sender, lease.recipients, stored.body)
+        except StoreUnavailable as e:
+            keeper.stop()
+            log.warn("job {job} not attempted: {why}", job=lease.job_id, why=str(e), queue_id=lease.queue_id)
+            return
+        except Exception:
+            keeper.stop()
+            log.failure("job {job} failed unexpectedly", job=lease.job_id, queue_id=lease.queue_id)
+            return
+        current = keeper.stop()
+        if current is None:
+            log.warn("job {job}: lease lost during delivery, outcome dropped", job=lease.job_id)
+            return
+        await self._settle(current, outcome)
+        log.info(
+            "job {job} of {queue_id} to {domain}: {delivered} delivered, {failed} failed, "
+            "{deferred} deferred{unreachable} in {seconds:.3f}s",
+            job=lease.job_id,
+            queue_id=lease.queue_id,
+            domain=lease.domain,
+            delivered=len(outcome.delivered),
+            failed=len(outcome.failed),
+            deferred=len(outcome.deferred),
+            unreachable=f", unreachable: {outcome.unreachable}" if outcome.unreachable else "",
+            seconds=self.clock.seconds() - started,
+        )
+
+    async def _settle(self, lease: Lease, outcome: Outcome) -> None:
+        """
+        Record the outcome, retrying while the lease holds: a settle lost
+        to a Redis hiccup would send the message again.
+        """
+        while True:
+            try:
+                await self.queue.settle(lease, outcome, self.clock.seconds())
+                return
+            except StaleLease:
+                log.warn("job {job}: lease taken over before settling", job=lease.job_id)
+                return
+            except StoreUnavailable as e:
+                if self.clock.seconds() + 1 >= lease.expires:
+                    log.error("job {job} not settled: {why}", job=lease.job_id, why=str(e))
+                    return
+                await deferLater(self.clock, 1, lambda: None)

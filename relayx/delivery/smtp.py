@@ -1,0 +1,183 @@
+"""
+Delivering one message over SMTP, and what each reply means for it.
+
+The classification is the backup MX's promise in code: only a destination's
+explicit ``5xx`` about a recipient or the message fails it; everything else
+(no connection, a timeout, a ``4xx``, a ``421``, a greeting refused) waits
+for a retry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+
+import attrs
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from relayx.interfaces import IDeliverer, Outcome
+from relayx.reply import Reply
+from relayx.smtp.client import ConversationError, SMTPClientProtocol, dot_stuff
+
+log = Logger()
+
+Connect = Callable[[str, int], Awaitable[SMTPClientProtocol]]
+Targets = Callable[[str], Awaitable[Sequence[tuple[str, int]]]]
+
+
+class _TryNext(Exception):
+    """
+    This destination host cannot take the message now; try the next one.
+    """
+
+
+@attrs.frozen
+class Timeouts:
+    command: float
+    data: float
+
+
+@implementer(IDeliverer)
+class SMTPDeliverer:
+    """
+    Tries a domain's destination hosts in order until one answers.
+    """
+
+    def __init__(self, *, helo_name: str, targets: Targets, connect: Connect, timeouts: Timeouts) -> None:
+        self._helo = helo_name
+        self._targets = targets
+        self._connect = connect
+        self._timeouts = timeouts
+
+    async def deliver(self, domain: str, sender: str, recipients: tuple[str, ...], body: bytes) -> Outcome:
+        try:
+            targets = await self._targets(domain)
+        except Exception as e:
+            return Outcome(unreachable=f"no destination for {domain}: {e}")
+        reasons = []
+        for host, port in targets:
+            where = f"{host}:{port}"
+            try:
+                connection = await self._connect(host, port)
+            except Exception as e:
+                reasons.append(f"{where}: {e}")
+                continue
+            try:
+                return await self._transaction(connection, where, sender, recipients, body)
+            except (_TryNext, ConversationError) as e:
+                reasons.append(f"{where}: {e}")
+            finally:
+                connection.close()
+        return Outcome(unreachable="; ".join(reasons) or f"no destination for {domain}")
+
+    async def _transaction(
+        self,
+        conn: SMTPClientProtocol,
+        where: str,
+        sender: str,
+        recipients: tuple[str, ...],
+        body: bytes,
+    ) -> Outcome:
+        t = self._timeouts
+        greeting = await conn.read(t.command)
+        if not greeting.positive:
+            raise _TryNext(f"greeting {greeting}")
+        hello = await conn.command(f"EHLO {self._helo}", t.command)
+        extensions: set[str] = set()
+        if hello.positive:
+            extensions = {line.split(" ")[0].upper() for line in hello.text.split("\n")[1:]}
+        else:
+            hello = await conn.command(f"HELO {self._helo}", t.command)
+            if not hello.positive:
+                raise _TryNext(f"HELO {hello}")
+
+        params = ""
+        if "SIZE" in extensions:
+            params += f" SIZE={len(body)}"
+        if "8BITMIME" in extensions and not body.isascii():
+            params += " BODY=8BITMIME"
+        if not (sender.isascii() and all(r.isascii() for r in recipients)):
+            if "SMTPUTF8" not in extensions:
+                refused = Reply(553, "5.6.7", f"{where} does not support SMTPUTF8")
+                return Outcome(failed=tuple((r, refused) for r in recipients))
+            params += " SMTPUTF8"
+
+        commands = [f"MAIL FROM:<{sender}>{params}", *(f"RCPT TO:<{r}>" for r in recipients)]
+        pipelining = "PIPELINING" in extensions
+        if pipelining:
+            conn.send(*commands, "DATA")
+            replies = [await conn.read(t.command) for _ in commands]
+        else:
+            replies = []
+            for index, line in enumerate(commands):
+                replies.append(await conn.command(line, t.command))
+                if index == 0 and not replies[0].positive:
+                    break
+
+        mail = replies[0]
+        if mail.code == 421:
+            raise _TryNext(f"MAIL {mail}")
+        if not mail.positive:
+            if pipelining:
+                await conn.read(t.command)  # the DATA reply, after the RCPTs read above
+            outcome = _all(recipients, mail)
+            await self._quit(conn)
+            return outcome
+
+        accepted, failed, deferred = [], [], []
+        for rcpt, reply in zip(recipients, replies[1:], strict=True):
+            if reply.code == 421:
+                raise _TryNext(f"RCPT {reply}")
+            if reply.positive:
+                accepted.append(rcpt)
+            elif reply.permanent:
+                failed.append((rcpt, reply))
+            else:
+                deferred.append((rcpt, reply))
+
+        if not accepted:
+            if pipelining:
+                await conn.read(t.command)  # the DATA reply: no valid recipients
+            await self._quit(conn)
+            return Outcome(failed=tuple(failed), deferred=tuple(deferred))
+
+        data = await conn.read(t.command) if pipelining else await conn.command("DATA", t.command)
+        if data.code != 354:
+            if data.code == 421:
+                raise _TryNext(f"DATA {data}")
+            await self._quit(conn)
+            return _merge(_all(tuple(accepted), data), failed, deferred)
+
+        conn.send_raw(dot_stuff(body))
+        final = await conn.read(t.data)
+        if final.code == 421:
+            # the message was not taken; the session is over
+            return Outcome(
+                deferred=(*deferred, *((r, final) for r in accepted)),
+                failed=tuple(failed),
+            )
+        await self._quit(conn)
+        if final.positive:
+            log.info("delivered to {mx}: {count} recipient(s), {code}", mx=where, count=len(accepted), code=final.code)
+            return Outcome(delivered=tuple(accepted), failed=tuple(failed), deferred=tuple(deferred))
+        return _merge(_all(tuple(accepted), final), failed, deferred)
+
+    async def _quit(self, conn: SMTPClientProtocol) -> None:
+        try:
+            await conn.command("QUIT", self._timeouts.command)
+        except ConversationError:
+            pass
+
+
+def _all(recipients: tuple[str, ...], reply: Reply) -> Outcome:
+    """
+    The same reply for every recipient: failed if permanent, else deferred.
+    """
+    pairs = tuple((r, reply) for r in recipients)
+    return Outcome(failed=pairs) if reply.permanent else Outcome(deferred=pairs)
+
+
+def _merge(
+    outcome: Outcome, failed: list[tuple[str, Reply]], deferred: list[tuple[str, Reply]]
+) -> Outcome:
+    return Outcome(failed=(*outcome.failed, *failed), deferred=(*outcome.deferred, *deferred))

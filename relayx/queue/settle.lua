@@ -1,0 +1,113 @@
+-- settle.lua: record a delivery attempt's outcome and end its lease.
+--
+-- KEYS[1]  <p>:job:<jid>
+-- KEYS[2]  <p>:leased
+-- KEYS[3]  <p>:inflight:<domain>
+-- KEYS[4]  <p>:deferred
+-- KEYS[5]  <p>:failed        zset jid -> time, jobs with failed recipients (for the DSN)
+-- KEYS[6]  <p>:ready:<domain>
+-- KEYS[7]  <p>:domains
+-- KEYS[8]  <p>:dom:<domain>  domain state: paused_until, failures, last_error
+-- KEYS[9]  <p>:msg:<qid>
+-- ARGV[1]  jid
+-- ARGV[2]  the lease's fencing token
+-- ARGV[3]  now (ms)
+-- ARGV[4]  JSON array of recipients the destination accepted
+-- ARGV[5]  JSON array of [recipient, code, status, text] refused permanently
+-- ARGV[6]  JSON array of [recipient, code, status, text] refused temporarily
+-- ARGV[7]  why the destination was unreachable, or "" when it answered
+-- ARGV[8]  retention (ms): a job older than this is failed rather than retried
+-- ARGV[9]  retry schedule (ms), comma-separated; the last step repeats
+-- ARGV[10] key prefix
+--
+-- Invariant: as in enqueue.lua. Only the current token's holder settles; recipients
+-- once accepted or failed are never owed again, so a retry resends only to the rest.
+-- Returns "done", "failed", "deferred" or "paused".
+
+local jid, token, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
+if redis.call('HGET', KEYS[1], 'token') ~= token then
+  return redis.error_reply('STALE lease token')
+end
+local retention, prefix = tonumber(ARGV[8]), ARGV[10]
+local schedule = {}
+for step in string.gmatch(ARGV[9], '[^,]+') do schedule[#schedule + 1] = tonumber(step) end
+local function step(n) return schedule[math.max(1, math.min(n, #schedule))] end
+
+redis.call('ZREM', KEYS[2], jid)
+redis.call('ZREM', KEYS[3], jid)
+redis.call('HSET', KEYS[1], 'token', 0, 'owner', '')
+
+local done = {}
+for _, rcpt in ipairs(cjson.decode(ARGV[4])) do done[rcpt] = true end
+local failed = cjson.decode(redis.call('HGET', KEYS[1], 'failed'))
+for _, entry in ipairs(cjson.decode(ARGV[5])) do
+  done[entry[1]] = true
+  failed[#failed + 1] = entry
+end
+
+-- a job with nothing owed ends: deleted, or kept in <p>:failed for its DSN
+local function finish(job, jobid, failures)
+  if #failures > 0 then
+    redis.call('HSET', job, 'owed', '[]', 'failed', cjson.encode(failures), 'finished', now)
+    redis.call('ZADD', KEYS[5], now, jobid)
+    return 'failed'
+  end
+  local qid = redis.call('HGET', job, 'qid')
+  redis.call('DEL', job)
+  local msg = prefix .. ':msg:' .. qid
+  if redis.call('HINCRBY', msg, 'jobs', -1) <= 0 then redis.call('DEL', msg) end
+  return 'done'
+end
+
+-- what is still owed fails once the job has outlived its retention
+local function expire(job, jobid, owed, failures, why)
+  for _, rcpt in ipairs(owed) do
+    failures[#failures + 1] = {rcpt, 0, '4.4.7', 'retention expired; last error: ' .. why}
+  end
+  return finish(job, jobid, failures)
+end
+
+local owed = {}
+for _, rcpt in ipairs(cjson.decode(redis.call('HGET', KEYS[1], 'owed'))) do
+  if not done[rcpt] then owed[#owed + 1] = rcpt end
+end
+if #owed == 0 then
+  if ARGV[7] == '' then redis.call('HDEL', KEYS[8], 'paused_until', 'failures', 'last_error') end
+  return finish(KEYS[1], jid, failed)
+end
+redis.call('HSET', KEYS[1], 'owed', cjson.encode(owed), 'failed', cjson.encode(failed))
+
+local unreachable = ARGV[7]
+if unreachable ~= '' then
+  -- the destination is down: the job keeps its place at the head and the
+  -- whole domain waits, so acceptance order survives the outage
+  local failures = redis.call('HINCRBY', KEYS[8], 'failures', 1)
+  redis.call('HSET', KEYS[8], 'paused_until', now + step(failures), 'last_error', unreachable)
+  redis.call('HSET', KEYS[1], 'error', unreachable)
+  redis.call('ZADD', KEYS[6], redis.call('HGET', KEYS[1], 'seq'), jid)
+  redis.call('SADD', KEYS[7], redis.call('HGET', KEYS[1], 'domain'))
+  -- jobs at the head of the queue that outlived their retention fail now
+  local result = 'paused'
+  for _, head in ipairs(redis.call('ZRANGE', KEYS[6], 0, 99)) do
+    local job = prefix .. ':job:' .. head
+    if tonumber(redis.call('HGET', job, 'created')) + retention > now then break end
+    redis.call('ZREM', KEYS[6], head)
+    local r = expire(job, head, cjson.decode(redis.call('HGET', job, 'owed')),
+      cjson.decode(redis.call('HGET', job, 'failed')), unreachable)
+    if head == jid then result = r end
+  end
+  return result
+end
+
+-- the destination answered: it is up, whatever it said about these recipients
+redis.call('HDEL', KEYS[8], 'paused_until', 'failures', 'last_error')
+local deferred = cjson.decode(ARGV[6])
+local why = 'deferred'
+if #deferred > 0 then why = deferred[1][2] .. ' ' .. deferred[1][3] .. ' ' .. deferred[1][4] end
+redis.call('HSET', KEYS[1], 'error', why)
+if tonumber(redis.call('HGET', KEYS[1], 'created')) + retention <= now then
+  return expire(KEYS[1], jid, owed, failed, why)
+end
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts'))
+redis.call('ZADD', KEYS[4], now + step(attempts), jid)
+return 'deferred'

@@ -1,0 +1,194 @@
+"""
+Wiring: the one place that picks implementations, the reactor and the
+sources of time and randomness, and connects them.
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+import socket
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.endpoints import HostnameEndpoint, serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from relayx.config import Config
+from relayx.delivery.routes import RouteTable, dns_lookup_mx
+from relayx.delivery.scheduler import Scheduler
+from relayx.delivery.smtp import SMTPDeliverer, Timeouts
+from relayx.policy import RecipientPolicy
+from relayx.queue.redis import RedisConnection, RedisQueue, connect
+from relayx.redis_server import EmbeddedRedis
+from relayx.smtp.client import SMTPClientProtocol
+from relayx.smtp.server import Limits, SMTPServerFactory
+
+log = Logger()
+
+
+def new_queue_id() -> str:
+    """
+    A queue id: 16 hex digits, random so that nodes never collide.
+    """
+    return secrets.token_hex(8).upper()
+
+
+class _Quiet(Factory):
+    """
+    A client factory that does not log every connection it makes.
+    """
+
+    noisy = False
+
+
+class StartupError(Exception):
+    """
+    The node cannot start; ``str()`` is the one line to show.
+    """
+
+
+class RelayNode(Service):
+    """
+    One relayx node: the SMTP listeners, the delivery scheduler and the
+    Redis connection (and the embedded Redis when none is configured).
+    """
+
+    def __init__(self, config: Config, reactor: Any, shutdown_grace: float = 30.0) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.shutdown_grace = shutdown_grace
+        self.embedded: EmbeddedRedis | None = None
+        self.redis: RedisConnection | None = None
+        self.queue: RedisQueue | None = None
+        self.smtp: SMTPServerFactory | None = None
+        self.scheduler: Scheduler | None = None
+        self.ports: list[IListeningPort] = []
+        self.started: Deferred[None] = Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+
+        def failed(failure: Failure) -> None:
+            error = failure.value
+            text = str(error) if isinstance(error, StartupError) else failure.getErrorMessage()
+            log.critical("relayx cannot start: {why}", why=text)
+            self.started.errback(failure)
+            if self.reactor.running:
+                self.reactor.stop()
+
+        Deferred.fromCoroutine(self.start()).addCallbacks(self.started.callback, failed)
+
+    async def start(self) -> None:
+        config, reactor = self.config, self.reactor
+        url = config.redis.url
+        if url is None:
+            self.embedded = EmbeddedRedis(reactor, reactor, config.node.data_dir)
+            try:
+                await self.embedded.start()
+            except Exception as e:
+                raise StartupError(f"embedded Redis: {e}") from None
+            host, port, db, password = "127.0.0.1", self.embedded.port, 0, None
+        else:
+            r = config.redis
+            host, port, db, password = r.host, r.port, r.db, r.password
+        self.redis = await connect(host, port, db, password, reactor, config.redis.timeout)
+        if await self.redis.wait_connected(config.redis.timeout):
+            log.info("connected to Redis at {where}", where=self.redis.where)
+        else:
+            log.warn("Redis at {where} is not answering; mail gets 451 until it does", where=self.redis.where)
+        q = config.queue
+        self.queue = RedisQueue(
+            self.redis,
+            config.redis.key_prefix,
+            lease=q.lease,
+            retention=q.retention,
+            retry_schedule=q.retry_schedule,
+            randrange=random.randrange,
+        )
+        s = config.smtp
+        self.smtp = SMTPServerFactory(
+            hostname=config.node.hostname,
+            limits=Limits(
+                max_message_size=s.max_message_size,
+                max_recipients=s.max_recipients,
+                max_line_length=s.max_line_length,
+                max_errors=s.max_errors,
+                max_hops=s.max_hops,
+                command_timeout=s.command_timeout,
+                data_timeout=s.data_timeout,
+            ),
+            policy=RecipientPolicy(config.domains),
+            store=self.queue,
+            clock=reactor,
+            new_queue_id=new_queue_id,
+        )
+        d = config.delivery
+
+        async def connect_smtp(host: str, port: int) -> SMTPClientProtocol:
+            endpoint = HostnameEndpoint(reactor, host, port, timeout=d.connect_timeout)
+            protocol = SMTPClientProtocol(reactor)
+            await endpoint.connect(_Quiet.forProtocol(lambda: protocol))
+            return protocol
+
+        routes = RouteTable(
+            {domain.name: domain.routes for domain in config.domains},
+            lookup_mx=dns_lookup_mx((), d.connect_timeout),
+            own_names=frozenset({config.node.hostname, socket.getfqdn()}),
+            shuffle=random.shuffle,
+        )
+        self.scheduler = Scheduler(
+            owner=config.node.id,
+            queue=self.queue,
+            deliverer=SMTPDeliverer(
+                helo_name=d.helo_name,
+                targets=routes.targets,
+                connect=connect_smtp,
+                timeouts=Timeouts(command=d.command_timeout, data=d.data_timeout),
+            ),
+            clock=reactor,
+            workers=q.workers,
+            poll_interval=q.poll_interval,
+            lease_duration=q.lease,
+            default_concurrency=q.concurrency,
+            concurrency={domain.name: domain.concurrency for domain in config.domains},
+        )
+        for description in config.smtp.listen:
+            try:
+                port_ = await serverFromString(reactor, description).listen(self.smtp)
+            except Exception as e:
+                raise StartupError(f"{config.source}: smtp.listen: cannot listen on {description!r}: {e}") from None
+            self.ports.append(port_)
+            log.info("SMTP listening on {address}", address=str(port_.getHost()))
+        self.scheduler.start()
+        log.info("relayx node {node} started", node=config.node.id)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return Deferred.fromCoroutine(self.stop())
+
+    async def stop(self) -> None:
+        await DeferredList([Deferred.fromCoroutine(_stop_listening(p)) for p in self.ports])
+        self.ports = []
+        if self.smtp is not None:
+            busy = self.smtp.shut_down()
+            waited = 0.0
+            while busy and waited < self.shutdown_grace:
+                await deferLater(self.reactor, 0.1, lambda: None)
+                waited += 0.1
+                busy = [session for session in busy if not session.shut_down()]
+        if self.scheduler is not None:
+            await self.scheduler.stop()
+        if self.redis is not None:
+            await self.redis.disconnect()
+        if self.embedded is not None:
+            await self.embedded.stop()
+
+
+async def _stop_listening(port: IListeningPort) -> None:
+    await port.stopListening()

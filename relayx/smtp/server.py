@@ -1,0 +1,561 @@
+"""
+The inbound SMTP protocol (RFC 5321 with PIPELINING, SIZE, 8BITMIME,
+SMTPUTF8 and ENHANCEDSTATUSCODES).
+
+It parses commands and sends replies; whether a recipient is accepted is the
+policy's verdict, and the ``250`` to DATA is sent only once the store has
+committed the message. Any failure not known to be permanent is answered
+``451``: a backup MX that answers ``5xx`` during a Redis hiccup makes senders
+bounce mail that could have waited.
+
+DATA is collected in bulk (one ``find`` per network read, not one Python call
+per line), which is where an SMTP server spends its time.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from email.utils import format_datetime
+from datetime import UTC, datetime
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from relayx.address import AddressError, Mailbox, Path, normalize_domain, parse_path
+from relayx.interfaces import IMessageStore, IncomingMessage, IRecipientPolicy, StoreUnavailable
+from relayx.reply import Reply
+
+log = Logger()
+
+OK = Reply(250, "2.0.0", "Ok")
+BAD_SEQUENCE_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
+BAD_SEQUENCE_NESTED = Reply(503, "5.5.1", "Error: nested MAIL command")
+BAD_SEQUENCE_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
+BAD_SEQUENCE_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
+NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "Error: no valid recipients")
+UNRECOGNIZED = Reply(500, "5.5.2", "Error: command not recognized")
+NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")
+LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
+BAD_CHARACTERS = Reply(500, "5.5.2", "Error: invalid characters in command")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
+TOO_BIG = Reply(552, "5.3.4", "Error: message size exceeds fixed limit")
+TOO_MANY_HOPS = Reply(554, "5.4.6", "Error: too many hops, mail loop suspected")
+STORE_FAILED = Reply(451, "4.3.0", "Error: temporary queue failure, try again later")
+START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+
+
+@attrs.frozen
+class Limits:
+    """
+    What one SMTP session may use; from ``[smtp]``.
+    """
+
+    max_message_size: int
+    max_recipients: int
+    max_line_length: int
+    max_errors: int
+    max_hops: int
+    command_timeout: float
+    data_timeout: float
+
+
+@attrs.define
+class Session:
+    """
+    Per connection: who is talking and how it has behaved.
+    """
+
+    peer_ip: str
+    helo: str | None = None
+    esmtp: bool = False
+    errors: int = 0
+    messages: int = 0
+
+
+@attrs.define
+class Envelope:
+    """
+    Per transaction, from MAIL to the end of DATA or RSET.
+    """
+
+    sender: Path
+    utf8: bool
+    recipients: list[Mailbox] = attrs.field(factory=list)
+    rejected: int = 0
+
+
+@attrs.define
+class _DataCollector:
+    """
+    The DATA phase: bytes so far (prefixed with CRLF so that the end marker
+    and dot-stuffing are found the same way on the first line) and how far
+    they have been searched for the end marker.
+    """
+
+    limit: int
+    buffer: bytearray = attrs.field(factory=lambda: bytearray(b"\r\n"))
+    searched: int = 0
+    overflow: bool = False
+
+
+_END = b"\r\n.\r\n"
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+_RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
+
+
+def count_hops(content: bytes) -> int:
+    """
+    The number of ``Received:`` headers in the message's header section.
+    """
+    end = content.find(b"\r\n\r\n")
+    header = content if end < 0 else content[: end + 2]
+    return len(_RECEIVED.findall(header))
+
+
+class SMTPServerProtocol(Protocol):
+    """
+    One inbound SMTP connection.
+    """
+
+    def __init__(self, factory: SMTPServerFactory) -> None:
+        self.factory = factory
+        self.session = Session(peer_ip="")
+        self.envelope: Envelope | None = None
+        self._buffer = bytearray()
+        self._data: _DataCollector | None = None
+        self._busy = False
+        self._closing = False
+        self._discarding_line = False
+        self._timer: IDelayedCall | None = None
+
+    # -- connection ---------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer: IAddress = self.transport.getPeer()  # type: ignore[union-attr]
+        self.session = Session(peer_ip=str(getattr(peer, "host", "unknown")))
+        self.factory.sessions.add(self)
+        if self.factory.stopping:
+            self._close(Reply(421, "4.3.2", f"{self.factory.hostname} Service shutting down"))
+            return
+        self._reply(Reply(220, "", f"{self.factory.hostname} ESMTP relayx"))
+        self._arm_timer(self.factory.limits.command_timeout)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self._closing = True
+        self._cancel_timer()
+        self.factory.sessions.discard(self)
+        log.info(
+            "smtp session from {peer} ended: {messages} message(s), {errors} error(s)",
+            peer=self.session.peer_ip,
+            messages=self.session.messages,
+            errors=self.session.errors,
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._buffer += data
+        if not self._busy:
+            self._arm_timer(self._current_timeout())
+        self._drain()
+
+    def _current_timeout(self) -> float:
+        limits = self.factory.limits
+        return limits.data_timeout if self._data is not None else limits.command_timeout
+
+    def _arm_timer(self, seconds: float) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(seconds)
+        else:
+            self._timer = self.factory.clock.callLater(seconds, self._timed_out)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self._close(Reply(421, "4.4.2", f"{self.factory.hostname} Error: timeout exceeded"))
+
+    def _reply(self, reply: Reply) -> None:
+        if not self._closing:
+            self.transport.write(reply.encode())  # type: ignore[union-attr]
+
+    def _close(self, reply: Reply) -> None:
+        self._reply(reply)
+        self._closing = True
+        self._cancel_timer()
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def shut_down(self) -> bool:
+        """
+        Close the session with ``421`` unless a message is in flight; the
+        factory asks again after a grace period. Returns whether it closed.
+        """
+        if self._data is not None or self._busy:
+            return False
+        self._close(Reply(421, "4.3.2", f"{self.factory.hostname} Service shutting down"))
+        return True
+
+    # -- input --------------------------------------------------------------
+
+    def _drain(self) -> None:
+        """
+        Handle buffered input until it runs out or a command waits for an
+        answer (policy or store); pipelined commands stay buffered meanwhile.
+        """
+        max_line = self.factory.limits.max_line_length
+        while not self._busy and not self._closing:
+            if self._data is not None:
+                if not self._collect_data():
+                    return
+                continue
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                if len(self._buffer) > max_line:
+                    self._buffer.clear()
+                    if not self._discarding_line:
+                        self._discarding_line = True
+                        self._error(LINE_TOO_LONG)
+                return
+            line = bytes(self._buffer[: end + 1])
+            del self._buffer[: end + 1]
+            if self._discarding_line:
+                self._discarding_line = False
+                continue
+            if len(line) > max_line:
+                self._error(LINE_TOO_LONG)
+                continue
+            self._line(line.rstrip(b"\r\n"))
+
+    def _line(self, raw: bytes) -> None:
+        if b"\0" in raw or b"\r" in raw:
+            self._error(BAD_CHARACTERS)
+            return
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self._error(BAD_CHARACTERS)
+            return
+        verb, _, argument = line.partition(" ")
+        handler = self._COMMANDS.get(verb.upper())
+        if handler is None:
+            self._error(UNRECOGNIZED)
+            return
+        result = handler(self, argument.strip(" "))
+        if result is not None:
+            self._wait_for(result)
+
+    def _wait_for(self, work: Awaitable[Reply]) -> None:
+        """
+        Hold further input until ``work`` (a coroutine) yields the reply.
+        """
+        self._busy = True
+        self._cancel_timer()
+
+        async def run() -> Reply:
+            return await work
+
+        def done(reply: Reply) -> None:
+            self._busy = False
+            if reply.code >= 500 or reply.code == 452:
+                self._error(reply)
+            else:
+                self._reply(reply)
+            if not self._closing:
+                self._arm_timer(self._current_timeout())
+                self._drain()
+
+        def failed(failure: Failure) -> None:
+            log.failure("unexpected error in SMTP session from {peer}", failure, peer=self.session.peer_ip)
+            done(STORE_FAILED)
+
+        Deferred.fromCoroutine(run()).addCallbacks(done, failed)
+
+    def _error(self, reply: Reply) -> None:
+        """
+        Send an error reply, and end a session that has made too many.
+        """
+        self.session.errors += 1
+        self._reply(reply)
+        if self.session.errors >= self.factory.limits.max_errors:
+            self._close(Reply(421, "4.7.0", f"{self.factory.hostname} Error: too many errors"))
+
+    # -- commands -----------------------------------------------------------
+
+    def do_HELO(self, argument: str) -> None:
+        self._greet(argument, esmtp=False)
+
+    def do_EHLO(self, argument: str) -> None:
+        self._greet(argument, esmtp=True)
+
+    def _greet(self, argument: str, esmtp: bool) -> None:
+        name = argument.split(" ")[0]
+        if not name:
+            self._error(Reply(501, "5.5.4", f"Syntax: {'EHLO' if esmtp else 'HELO'} hostname"))
+            return
+        self.session.helo = name
+        self.session.esmtp = esmtp
+        self.envelope = None
+        hostname = self.factory.hostname
+        if not esmtp:
+            self._reply(Reply(250, "", hostname))
+            return
+        limits = self.factory.limits
+        lines = [
+            hostname,
+            "PIPELINING",
+            f"SIZE {limits.max_message_size}",
+            "8BITMIME",
+            "SMTPUTF8",
+            "ENHANCEDSTATUSCODES",
+        ]
+        self._reply(Reply(250, "", "\n".join(lines)))
+
+    def do_MAIL(self, argument: str) -> None:
+        if self.session.helo is None:
+            self._error(BAD_SEQUENCE_HELO)
+            return
+        if self.envelope is not None:
+            self._error(BAD_SEQUENCE_NESTED)
+            return
+        try:
+            path = parse_path(argument, "FROM:", allow_null=True)
+        except AddressError as e:
+            self._error(Reply(501, "5.1.7", f"Error: bad sender address syntax ({e})"))
+            return
+        params = path.params if self.session.esmtp else {}
+        if path.params and not self.session.esmtp:
+            self._error(Reply(555, "5.5.4", "Error: parameters need EHLO"))
+            return
+        for name, value in params.items():
+            if name == "SIZE":
+                if value is None or not value.isdigit():
+                    self._error(Reply(501, "5.5.4", "Error: bad SIZE parameter"))
+                    return
+                if int(value) > self.factory.limits.max_message_size:
+                    self._error(TOO_BIG)
+                    return
+            elif name == "BODY":
+                if (value or "").upper() not in ("7BIT", "8BITMIME"):
+                    self._error(Reply(501, "5.5.4", "Error: bad BODY parameter"))
+                    return
+            elif name == "SMTPUTF8":
+                if value is not None:
+                    self._error(Reply(501, "5.5.4", "Error: SMTPUTF8 takes no value"))
+                    return
+            else:
+                self._error(Reply(555, "5.5.4", f"Error: unsupported parameter {name}"))
+                return
+        self.envelope = Envelope(sender=path, utf8="SMTPUTF8" in params)
+        self._reply(Reply(250, "2.1.0", "Ok"))
+
+    def do_RCPT(self, argument: str) -> Awaitable[Reply] | None:
+        envelope = self.envelope
+        if envelope is None:
+            self._error(BAD_SEQUENCE_MAIL)
+            return None
+        try:
+            path = parse_path(argument, "TO:", allow_null=False, utf8=envelope.utf8)
+        except AddressError as e:
+            self._error(Reply(501, "5.1.3", f"Error: bad recipient address syntax ({e})"))
+            return None
+        if path.params:
+            self._error(Reply(555, "5.5.4", "Error: unsupported RCPT parameter"))
+            return None
+        if len(envelope.recipients) >= self.factory.limits.max_recipients:
+            self._error(TOO_MANY_RECIPIENTS)
+            return None
+        mailbox = path.mailbox
+        assert mailbox is not None
+        return self._check_recipient(envelope, mailbox)
+
+    async def _check_recipient(self, envelope: Envelope, mailbox: Mailbox) -> Reply:
+        verdict = await self.factory.policy.check(mailbox)
+        if verdict.positive:
+            if mailbox not in envelope.recipients:
+                envelope.recipients.append(mailbox)
+        else:
+            envelope.rejected += 1
+            log.info(
+                "recipient {rcpt} from {peer} rejected: {code} {reply}",
+                rcpt=str(mailbox),
+                peer=self.session.peer_ip,
+                code=verdict.code,
+                reply=verdict.text,
+            )
+        return verdict
+
+    def do_DATA(self, argument: str) -> None:
+        envelope = self.envelope
+        if envelope is None:
+            self._error(BAD_SEQUENCE_MAIL)
+            return
+        if not envelope.recipients:
+            self._error(NO_VALID_RECIPIENTS if envelope.rejected else BAD_SEQUENCE_RCPT)
+            return
+        if argument:
+            self._error(Reply(501, "5.5.4", "Error: DATA takes no argument"))
+            return
+        self._data = _DataCollector(limit=self.factory.limits.max_message_size)
+        self._reply(START_DATA)
+        self._arm_timer(self.factory.limits.data_timeout)
+
+    def _collect_data(self) -> bool:
+        """
+        Move buffered input into the message; at the end marker, hand the
+        message on and return ``True`` so the rest is read as commands.
+        """
+        data = self._data
+        assert data is not None
+        data.buffer += self._buffer
+        self._buffer.clear()
+        end = data.buffer.find(_END, data.searched)
+        if end < 0:
+            data.searched = max(0, len(data.buffer) - len(_END) + 1)
+            if len(data.buffer) - 2 > data.limit:
+                # too big: keep scanning for the end, keep nothing else
+                data.overflow = True
+                del data.buffer[2 : len(data.buffer) - len(_END)]
+                data.searched = 0
+            return False
+        self._buffer = data.buffer[end + len(_END) :]
+        overflow = data.overflow or end > data.limit
+        content = b"" if overflow else bytes(data.buffer[: end + 2]).replace(b"\r\n.", b"\r\n")[2:]
+        self._data = None
+        self._wait_for(self._end_of_data(content, overflow))
+        return True
+
+    async def _end_of_data(self, content: bytes, overflow: bool) -> Reply:
+        envelope = self.envelope
+        assert envelope is not None
+        self.envelope = None
+        if overflow:
+            return TOO_BIG
+        if _BARE_LF.search(content):
+            # RFC 5321 2.3.8: the sender should not; Postfix's default is to
+            # normalise rather than refuse
+            content = _BARE_LF.sub(b"\r\n", content)
+        if count_hops(content) >= self.factory.limits.max_hops:
+            return TOO_MANY_HOPS
+        factory = self.factory
+        now = factory.clock.seconds()
+        queue_id = factory.new_queue_id()
+        header = self._received_header(envelope, queue_id, now)
+        message = IncomingMessage(
+            queue_id=queue_id,
+            sender=str(envelope.sender),
+            recipients=tuple(envelope.recipients),
+            received_at=now,
+            body=header + content,
+        )
+        try:
+            await factory.store.enqueue(message)
+        except StoreUnavailable as e:
+            log.error("message {queue_id} not stored: {why}", queue_id=queue_id, why=str(e), code=451)
+            return STORE_FAILED
+        self.session.messages += 1
+        log.info(
+            "accepted {queue_id} from {peer}: <{sender}> to {count} recipient(s), {size} bytes",
+            queue_id=queue_id,
+            peer=self.session.peer_ip,
+            sender=message.sender,
+            count=len(message.recipients),
+            size=len(message.body),
+            code=250,
+        )
+        return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+    def _received_header(self, envelope: Envelope, queue_id: str, now: float) -> bytes:
+        protocol = ("UTF8SMTP" if envelope.utf8 else "ESMTP") if self.session.esmtp else "SMTP"
+        helo = self.session.helo or "unknown"
+        stamp = format_datetime(datetime.fromtimestamp(now, UTC))
+        recipient = f"\r\n\tfor <{envelope.recipients[0]}>" if len(envelope.recipients) == 1 else ""
+        return (
+            f"Received: from {helo} ([{self.session.peer_ip}])\r\n"
+            f"\tby {self.factory.hostname} (relayx) with {protocol} id {queue_id}"
+            f"{recipient}; {stamp}\r\n"
+        ).encode("utf-8")
+
+    def do_RSET(self, argument: str) -> None:
+        self.envelope = None
+        self._reply(OK)
+
+    def do_NOOP(self, argument: str) -> None:
+        self._reply(OK)
+
+    def do_QUIT(self, argument: str) -> None:
+        self._close(Reply(221, "2.0.0", "Bye"))
+
+    def do_VRFY(self, argument: str) -> None:
+        self._reply(Reply(252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery"))
+
+    def do_HELP(self, argument: str) -> None:
+        self._reply(Reply(214, "2.0.0", "See RFC 5321"))
+
+    def do_not_implemented(self, argument: str) -> None:
+        self._error(NOT_IMPLEMENTED)
+
+    _COMMANDS: dict[str, Callable[[SMTPServerProtocol, str], Awaitable[Reply] | None]] = {
+        "HELO": do_HELO,
+        "EHLO": do_EHLO,
+        "MAIL": do_MAIL,
+        "RCPT": do_RCPT,
+        "DATA": do_DATA,
+        "RSET": do_RSET,
+        "NOOP": do_NOOP,
+        "QUIT": do_QUIT,
+        "VRFY": do_VRFY,
+        "HELP": do_HELP,
+        "EXPN": do_not_implemented,
+        "STARTTLS": do_not_implemented,
+        "AUTH": do_not_implemented,
+        "BDAT": do_not_implemented,
+        "TURN": do_not_implemented,
+        "ETRN": do_not_implemented,
+    }
+
+
+class SMTPServerFactory(ServerFactory):
+    """
+    Builds one ``SMTPServerProtocol`` per connection, sharing the policy,
+    the store and the clock.
+    """
+
+    noisy = False
+
+    def __init__(
+        self,
+        *,
+        hostname: str,
+        limits: Limits,
+        policy: IRecipientPolicy,
+        store: IMessageStore,
+        clock: IReactorTime,
+        new_queue_id: Callable[[], str],
+    ) -> None:
+        self.hostname = normalize_domain(hostname) if "." in hostname else hostname
+        self.limits = limits
+        self.policy = policy
+        self.store = store
+        self.clock = clock
+        self.new_queue_id = new_queue_id
+        self.sessions: set[SMTPServerProtocol] = set()
+        self.stopping = False
+
+    def buildProtocol(self, addr: IAddress) -> SMTPServerProtocol:
+        return SMTPServerProtocol(self)
+
+    def shut_down(self) -> list[SMTPServerProtocol]:
+        """
+        Refuse new sessions and close idle ones; returns those still busy
+        with a message, which the caller gives a grace period.
+        """
+        self.stopping = True
+        return [session for session in list(self.sessions) if not session.shut_down()]

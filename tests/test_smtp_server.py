@@ -1,0 +1,303 @@
+"""
+The inbound SMTP protocol, driven over a StringTransport with a Clock.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from zope.interface.verify import verifyObject
+
+from relayx.config import AnyRecipient, DomainConfig, RecipientList, SMTPRoute
+from relayx.interfaces import IMessageStore, IRecipientPolicy
+from relayx.policy import RecipientPolicy
+from relayx.smtp.server import Limits, SMTPServerFactory, SMTPServerProtocol
+from tests.fakes import MemoryStore
+
+LIMITS = Limits(
+    max_message_size=1000,
+    max_recipients=3,
+    max_line_length=512,
+    max_errors=5,
+    max_hops=5,
+    command_timeout=300,
+    data_timeout=600,
+)
+
+DOMAINS = (
+    DomainConfig("example.com", (SMTPRoute("127.0.0.1", 2526),), AnyRecipient(), 1),
+    DomainConfig("listed.test", (SMTPRoute("127.0.0.1", 2526),), RecipientList(frozenset({"alice@listed.test"})), 1),
+)
+
+
+class Harness:
+    def __init__(self, limits: Limits = LIMITS) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.store = MemoryStore()
+        ids = itertools.count(1)
+        self.factory = SMTPServerFactory(
+            hostname="mx2.example.net",
+            limits=limits,
+            policy=RecipientPolicy(DOMAINS),
+            store=self.store,
+            clock=self.clock,
+            new_queue_id=lambda: f"Q{next(ids)}",
+        )
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
+        self.protocol = self.factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 40000))
+        assert isinstance(self.protocol, SMTPServerProtocol)
+        self.protocol.makeConnection(self.transport)
+        self.banner = self.take()
+
+    def take(self) -> str:
+        value = self.transport.value().decode("utf-8")
+        self.transport.clear()
+        return value
+
+    def send(self, data: bytes | str) -> str:
+        self.protocol.dataReceived(data.encode("utf-8") if isinstance(data, str) else data)
+        return self.take()
+
+    def codes(self, data: bytes | str) -> list[str]:
+        return [line[:9].strip() for line in self.send(data).splitlines() if line[3:4] == " "]
+
+    def transaction(self) -> None:
+        assert self.send("EHLO client.test\r\n").startswith("250-")
+        assert self.send("MAIL FROM:<bob@sender.test>\r\n").startswith("250 2.1.0")
+        assert self.send("RCPT TO:<alice@example.com>\r\n").startswith("250 2.1.5")
+
+
+def test_fakes_provide_their_interfaces() -> None:
+    """When the fakes stand in for the real store and policy, they provide the same interfaces."""
+    assert verifyObject(IMessageStore, MemoryStore())
+    assert verifyObject(IRecipientPolicy, RecipientPolicy(DOMAINS))
+
+
+def test_banner_and_ehlo_advertise_extensions() -> None:
+    """When a client connects and says EHLO, it gets a 220 banner and the extensions."""
+    h = Harness()
+    assert h.banner == "220 mx2.example.net ESMTP relayx\r\n"
+    reply = h.send("EHLO client.test\r\n")
+    assert reply.splitlines() == [
+        "250-mx2.example.net",
+        "250-PIPELINING",
+        "250-SIZE 1000",
+        "250-8BITMIME",
+        "250-SMTPUTF8",
+        "250 ENHANCEDSTATUSCODES",
+    ]
+
+
+def test_message_committed_before_250() -> None:
+    """When DATA ends, the reply is 250 with the queue id and the store holds the message."""
+    h = Harness()
+    h.transaction()
+    assert h.send("DATA\r\n").startswith("354 ")
+    reply = h.send("Subject: hi\r\n\r\nbody\r\n..leading dot\r\n.\r\n")
+    assert reply == "250 2.0.0 Ok: queued as Q1\r\n"
+    [message] = h.store.messages
+    assert message.sender == "bob@sender.test"
+    assert [str(r) for r in message.recipients] == ["alice@example.com"]
+    received, rest = message.body.split(b"\r\n\tby ", 1)
+    assert received == b"Received: from client.test ([192.0.2.7])"
+    assert rest.split(b"\r\n", 2)[2] == b"Subject: hi\r\n\r\nbody\r\n.leading dot\r\n"
+    assert b"with ESMTP id Q1\r\n\tfor <alice@example.com>; Tue, 14 Nov 2023" in rest
+
+
+def test_store_failure_is_451_never_5xx() -> None:
+    """When the store cannot commit (Redis down), the end of DATA gets 451 4.3.0, not a bounce."""
+    h = Harness()
+    h.store.unavailable = True
+    h.transaction()
+    h.send("DATA\r\n")
+    assert h.send("Subject: x\r\n\r\nbody\r\n.\r\n") == (
+        "451 4.3.0 Error: temporary queue failure, try again later\r\n"
+    )
+    assert h.store.messages == []
+    # the session stays usable for the retry
+    h.store.unavailable = False
+    h.transaction()
+    h.send("DATA\r\n")
+    assert h.send("x\r\n.\r\n").startswith("250 2.0.0")
+
+
+def test_unexpected_error_is_451() -> None:
+    """When the store raises something unforeseen, the client still gets 451, never a traceback."""
+    h = Harness()
+
+    async def broken(message: object) -> None:
+        raise RuntimeError("bug")
+
+    h.factory.store = type("Broken", (), {"enqueue": staticmethod(broken)})()
+    h.transaction()
+    h.send("DATA\r\n")
+    assert h.send("x\r\n.\r\n").startswith("451 4.3.0")
+
+
+@pytest.mark.parametrize(
+    ("commands", "expected"),
+    [
+        # relaying and recipient validation
+        (["EHLO c", "MAIL FROM:<a@b.test>", "RCPT TO:<x@other.test>"], "550 5.7.1"),
+        (["EHLO c", "MAIL FROM:<a@b.test>", "RCPT TO:<bob@listed.test>"], "550 5.1.1"),
+        (["EHLO c", "MAIL FROM:<a@b.test>", "RCPT TO:<ALICE@listed.test>"], "250 2.1.5"),
+        # sequence
+        (["MAIL FROM:<a@b.test>"], "503 5.5.1"),
+        (["EHLO c", "RCPT TO:<x@example.com>"], "503 5.5.1"),
+        (["EHLO c", "MAIL FROM:<a@b.test>", "MAIL FROM:<a@b.test>"], "503 5.5.1"),
+        (["EHLO c", "MAIL FROM:<a@b.test>", "DATA"], "503 5.5.1"),
+        (["EHLO c", "MAIL FROM:<a@b.test>", "RCPT TO:<x@other.test>", "DATA"], "554 5.5.1"),
+        # syntax
+        (["EHLO"], "501 5.5.4"),
+        (["EHLO c", "MAIL FROM:a@b.test"], "501 5.1.7"),
+        (["EHLO c", "MAIL FROM:<a@b.test"], "501 5.1.7"),
+        (["EHLO c", "MAIL FROM:<a@b.test>", "RCPT TO:<>"], "501 5.1.3"),
+        (["EHLO c", "MAIL FROM:<a@b.test>", "RCPT TO:<no-at-sign>"], "501 5.1.3"),
+        (["EHLO c", "MAIL FROM:<a@b.test> FOO=1"], "555 5.5.4"),
+        (["EHLO c", "MAIL FROM:<a@b.test> SIZE=abc"], "501 5.5.4"),
+        (["EHLO c", "MAIL FROM:<a@b.test> BODY=BINARYMIME"], "501 5.5.4"),
+        (["HELO c", "MAIL FROM:<a@b.test> SIZE=10"], "555 5.5.4"),
+        (["EHLO c", "MAIL FROM:<jörg@b.test>"], "501 5.1.7"),
+        (["BOGUS"], "500 5.5.2"),
+        (["EXPN staff"], "502 5.5.1"),
+        (["EHLO c\0"], "500 5.5.2"),
+        # size
+        (["EHLO c", "MAIL FROM:<a@b.test> SIZE=1001"], "552 5.3.4"),
+        # accepted forms
+        (["EHLO c", "MAIL FROM:<>"], "250 2.1.0"),
+        (["EHLO c", "MAIL FROM:<@relay.test:a@b.test>"], "250 2.1.0"),
+        (["EHLO c", "MAIL FROM:<jörg@b.test> SMTPUTF8"], "250 2.1.0"),
+        (["EHLO c", "MAIL FROM:<a@b.test> SIZE=1000 BODY=8BITMIME"], "250 2.1.0"),
+        (["EHLO c", 'MAIL FROM:<"odd > local"@b.test>'], "250 2.1.0"),
+        (["NOOP"], "250 2.0.0"),
+        (["RSET"], "250 2.0.0"),
+        (["VRFY alice"], "252 2.5.2"),
+        (["QUIT"], "221 2.0.0"),
+    ],
+)
+def test_conformance(commands: list[str], expected: str) -> None:
+    """When a client sends each of these command sequences, the last reply has the expected codes."""
+    h = Harness()
+    replies = []
+    for command in commands:
+        replies = h.codes(command + "\r\n")
+    assert replies[-1] == expected
+
+
+def test_too_many_recipients() -> None:
+    """When a transaction names more recipients than allowed, the extra ones get 452 4.5.3."""
+    h = Harness()
+    h.send("EHLO c\r\nMAIL FROM:<a@b.test>\r\n")
+    for n in range(3):
+        assert h.send(f"RCPT TO:<u{n}@example.com>\r\n").startswith("250")
+    assert h.send("RCPT TO:<u9@example.com>\r\n").startswith("452 4.5.3")
+
+
+def test_pipelined_transaction_gets_replies_in_order() -> None:
+    """When a client pipelines MAIL, RCPT, DATA, the body and QUIT, the replies come in order."""
+    h = Harness()
+    h.send("EHLO c\r\n")
+    replies = h.send(
+        "MAIL FROM:<a@b.test>\r\nRCPT TO:<x@other.test>\r\nRCPT TO:<y@example.com>\r\nDATA\r\n"
+        "Subject: p\r\n\r\nbody\r\n.\r\nQUIT\r\n"
+    ).splitlines()
+    assert [r[:9] for r in replies] == ["250 2.1.0", "550 5.7.1", "250 2.1.5", "354 End d", "250 2.0.0", "221 2.0.0"]
+    assert len(h.store.messages) == 1
+
+
+def test_message_split_across_reads() -> None:
+    """When the end marker arrives split over several reads, it is still found exactly once."""
+    h = Harness()
+    h.transaction()
+    h.send("DATA\r\n")
+    for piece in [b"line one\r", b"\n.", b"stuffed\r\n", b"\r", b"\n", b".", b"\r", b"\n"]:
+        reply = h.send(piece)
+    assert reply.startswith("250 2.0.0")
+    assert h.store.messages[0].body.endswith(b"line one\r\nstuffed\r\n\r\n")
+
+
+def test_empty_body() -> None:
+    """When the body is empty, the message is stored with only our Received header."""
+    h = Harness()
+    h.transaction()
+    h.send("DATA\r\n")
+    assert h.send(".\r\n").startswith("250 2.0.0")
+    assert h.store.messages[0].body.startswith(b"Received: ")
+
+
+def test_oversized_message_552_and_session_usable() -> None:
+    """When the body exceeds the size limit, the reply is 552 5.3.4, nothing is stored, and the session goes on."""
+    h = Harness()
+    h.transaction()
+    h.send("DATA\r\n")
+    assert h.send(b"x" * 700 + b"\r\n" + b"y" * 700 + b"\r\n.\r\n").startswith("552 5.3.4")
+    assert h.store.messages == []
+    assert h.send("NOOP\r\n").startswith("250")
+
+
+def test_mail_loop_554() -> None:
+    """When a message carries more Received headers than the hop limit, the reply is 554 5.4.6."""
+    h = Harness()
+    h.transaction()
+    h.send("DATA\r\n")
+    assert h.send("Received: x\r\n" * 5 + "\r\nbody\r\n.\r\n").startswith("554 5.4.6")
+
+
+def test_bare_lf_normalised_but_not_an_end_marker() -> None:
+    """When the body uses bare LF, LF.LF does not end it and the stored lines end in CRLF."""
+    h = Harness()
+    h.transaction()
+    h.send("DATA\r\n")
+    assert h.send(b"a\n.\nb\r\n") == ""
+    assert h.send(b".\r\n").startswith("250 2.0.0")
+    assert h.store.messages[0].body.endswith(b"a\r\n.\r\nb\r\n")
+
+
+def test_long_line_rejected_and_session_continues() -> None:
+    """When a command line exceeds the limit, the reply is 500 5.5.2 and the next command works."""
+    h = Harness()
+    assert h.send("NOOP " + "x" * 600 + "\r\n").startswith("500 5.5.2")
+    assert h.send("NOOP\r\n").startswith("250")
+    # a long line arriving in pieces without a newline yet
+    assert h.send("X" * 600).startswith("500 5.5.2")
+    assert h.send("Y" * 600 + "\r\n") == ""
+    assert h.send("NOOP\r\n").startswith("250")
+
+
+def test_too_many_errors_disconnects() -> None:
+    """When a client makes max_errors mistakes, it gets 421 4.7.0 and is disconnected."""
+    h = Harness()
+    for _ in range(4):
+        h.send("BOGUS\r\n")
+    assert h.send("BOGUS\r\n").endswith("421 4.7.0 mx2.example.net Error: too many errors\r\n")
+    assert h.transport.disconnecting
+
+
+def test_idle_timeout() -> None:
+    """When a client stays silent past the command timeout, it gets 421 4.4.2 and is disconnected."""
+    h = Harness()
+    h.clock.advance(299)
+    assert not h.transport.disconnecting
+    h.clock.advance(2)
+    assert h.take().startswith("421 4.4.2")
+    assert h.transport.disconnecting
+
+
+def test_shutdown_spares_a_session_in_data() -> None:
+    """When the node shuts down, idle sessions get 421 and one in DATA may finish its message first."""
+    idle, busy = Harness(), Harness()
+    busy.factory = idle.factory
+    busy.protocol.factory = idle.factory
+    idle.factory.sessions.add(busy.protocol)
+    busy.transaction()
+    busy.send("DATA\r\n")
+    still_busy = idle.factory.shut_down()
+    assert idle.take().startswith("421 4.3.2")
+    assert still_busy == [busy.protocol]
+    assert busy.send("x\r\n.\r\n").startswith("250 2.0.0")
+    assert busy.protocol.shut_down()
