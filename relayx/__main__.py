@@ -1,16 +1,29 @@
 """
 ``relayx --config FILE``: run one node in the foreground (``twistd -n relayx``).
+
+The options are checked here first, so a bad configuration ends with one
+line naming the file, the key and what was expected, not twistd's usage text.
 """
 
 from __future__ import annotations
 
 import sys
 
+from twisted.python import usage
+
 
 def main(argv: list[str] | None = None) -> None:
     from twisted.scripts.twistd import run
 
+    from relayx.tap import Options
+
     args = sys.argv[1:] if argv is None else argv
+    if not any(a in ("-h", "--help") for a in args):
+        try:
+            Options().parseOptions(args)
+        except usage.UsageError as e:
+            print(f"relayx: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
     sys.argv = ["twistd", "--nodaemon", "--pidfile=", "relayx", *args]
     run()
 

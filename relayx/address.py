@@ -80,8 +80,10 @@ class Mailbox:
 
 
 def _utf8_local(local: str) -> bool:
-    return not any(c in local for c in ' "(),:;<>@[\\]') and ".." not in local and not (
-        local.startswith(".") or local.endswith(".")
+    return (
+        not any(c in local for c in ' "(),:;<>@[\\]')
+        and ".." not in local
+        and not (local.startswith(".") or local.endswith("."))
     )
 
 

@@ -228,6 +228,14 @@ class Config:
         return None
 
 
+def convert_value(section: _Section, name: str, convert: Callable[[object], T]) -> T:
+    section.used.add(name)
+    try:
+        return convert(section.table[name])
+    except ValueError as e:
+        raise section.fail(name, str(e)) from None
+
+
 class _Section:
     """
     Reads one TOML table, remembering which keys were used so that the rest
@@ -252,17 +260,13 @@ class _Section:
         self.used.add(name)
         if name not in self.table:
             return default
-        try:
-            return convert(self.table[name])
-        except ValueError as e:
-            raise self.fail(name, str(e)) from None
+        return convert_value(self, name, convert)
 
     def require(self, name: str, convert: Callable[[object], T]) -> T:
         if name not in self.table:
             self.used.add(name)
             raise self.fail(name, "a value; the key is missing")
-        sentinel: Any = object()
-        return self.get(name, sentinel, convert)
+        return convert_value(self, name, convert)
 
     def sub(self, name: str) -> _Section:
         self.used.add(name)
@@ -272,8 +276,7 @@ class _Section:
         unknown = sorted(set(self.table) - self.used)
         if unknown:
             raise ConfigError(
-                f"{self.source}: {self.key(unknown[0])}: unknown key "
-                f"(known keys here: {', '.join(sorted(self.used))})"
+                f"{self.source}: {self.key(unknown[0])}: unknown key (known keys here: {', '.join(sorted(self.used))})"
             )
 
 
@@ -325,9 +328,7 @@ def _listen(value: object) -> tuple[str, ...]:
     endpoints = _string_list(value)
     for endpoint in endpoints:
         if not re.match(r"^(tcp|tcp6|ssl|unix|systemd):", endpoint):
-            raise ValueError(
-                f"Twisted endpoint strings such as 'tcp:2525:interface=127.0.0.1', got {endpoint!r}"
-            )
+            raise ValueError(f"Twisted endpoint strings such as 'tcp:2525:interface=127.0.0.1', got {endpoint!r}")
     return endpoints
 
 

@@ -17,7 +17,8 @@ import socket
 from pathlib import Path
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorProcess, IReactorTime
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.interfaces import IProcessTransport, IReactorProcess, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -113,7 +114,7 @@ class EmbeddedRedis:
         self.directory = data_dir / "redis"
         self.port = 0
         self._process: _RedisProcess | None = None
-        self._transport: object | None = None
+        self._transport: IProcessTransport | None = None
 
     @property
     def url(self) -> str:
@@ -135,11 +136,11 @@ class EmbeddedRedis:
         log.info("embedded redis-server on 127.0.0.1:{port}, data in {dir}", port=self.port, dir=str(self.directory))
 
     async def stop(self) -> None:
-        process = self._process
-        if process is None or process.ended.called:
+        process, transport = self._process, self._transport
+        if process is None or transport is None or process.ended.called:
             return
         try:
-            self._transport.signalProcess(signal.SIGTERM)  # type: ignore[attr-defined]
-        except Exception:
+            transport.signalProcess(signal.SIGTERM)
+        except ProcessExitedAlready:
             return
         await process.ended

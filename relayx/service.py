@@ -11,7 +11,7 @@ import socket
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import HostnameEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
@@ -191,4 +191,4 @@ class RelayNode(Service):
 
 
 async def _stop_listening(port: IListeningPort) -> None:
-    await port.stopListening()
+    await maybeDeferred(port.stopListening)

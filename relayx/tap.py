@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from twisted.application.service import IService
 from twisted.python import usage
@@ -17,7 +17,7 @@ class Options(usage.Options):
     Options for ``twistd relayx``; those given override the TOML file.
     """
 
-    optParameters = [
+    optParameters: ClassVar[list[list[str | None]]] = [
         ["config", "c", None, "Path of the TOML configuration file (required)."],
         ["redis-url", None, None, "Redis URL (redis://host:port/db); overrides [redis] url."],
         ["node-id", None, None, "This node's id; overrides [node] id."],

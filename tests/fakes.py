@@ -5,9 +5,22 @@ Test doubles for what cannot be observed otherwise; each is checked with
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from relayx.interfaces import IMessageStore, IncomingMessage, StoreUnavailable
+from relayx.interfaces import (
+    IDeliverer,
+    IDeliveryQueue,
+    IMessageStore,
+    IncomingMessage,
+    Lease,
+    Outcome,
+    StaleLease,
+    StoredMessage,
+    StoreUnavailable,
+)
 
 
 @implementer(IMessageStore)
@@ -27,3 +40,62 @@ class MemoryStore:
         if any(m.queue_id == message.queue_id for m in self.messages):
             raise StoreUnavailable(f"duplicate queue id {message.queue_id}")
         self.messages.append(message)
+
+
+@implementer(IDeliveryQueue)
+class ScriptedQueue:
+    """
+    Hands out the leases a test gives it and records renewals and
+    settlements; ``stale`` lists jobs whose token the test has voided.
+    """
+
+    def __init__(self, lease_duration: float = 60.0) -> None:
+        self.ready: list[Lease] = []
+        self.renewals: list[tuple[str, float]] = []
+        self.settled: list[tuple[Lease, Outcome]] = []
+        self.stale: set[str] = set()
+        self.unavailable = False
+        self.lease_duration = lease_duration
+
+    async def claim(
+        self, owner: str, now: float, limit: int, concurrency: Mapping[str, int], default_concurrency: int
+    ) -> list[Lease]:
+        if self.unavailable:
+            raise StoreUnavailable("queue switched off by the test")
+        taken, self.ready = self.ready[:limit], self.ready[limit:]
+        return taken
+
+    async def renew(self, lease: Lease, now: float) -> Lease:
+        if lease.job_id in self.stale:
+            raise StaleLease(lease.job_id)
+        if self.unavailable:
+            raise StoreUnavailable("queue switched off by the test")
+        self.renewals.append((lease.job_id, now))
+        return lease.renewed(now + self.lease_duration)
+
+    async def load(self, lease: Lease) -> StoredMessage:
+        return StoredMessage(sender="bob@sender.test", body=b"Subject: " + lease.queue_id.encode() + b"\r\n\r\n")
+
+    async def settle(self, lease: Lease, outcome: Outcome, now: float) -> str:
+        if lease.job_id in self.stale:
+            raise StaleLease(lease.job_id)
+        self.settled.append((lease, outcome))
+        return "done"
+
+
+@implementer(IDeliverer)
+class ManualDeliverer:
+    """
+    Deliveries that finish when the test says so.
+    """
+
+    def __init__(self) -> None:
+        self.pending: dict[str, Deferred[Outcome]] = {}
+
+    async def deliver(self, domain: str, sender: str, recipients: tuple[str, ...], body: bytes) -> Outcome:
+        d: Deferred[Outcome] = Deferred()
+        self.pending[body.split(b"\r\n")[0][9:].decode()] = d
+        return await d
+
+    def finish(self, queue_id: str, outcome: Outcome) -> None:
+        self.pending.pop(queue_id).callback(outcome)

@@ -14,22 +14,21 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import attrs
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.protocols.basic import LineReceiver
 
+from bench.sink import Received, Sink
 from relayx.redis_server import find_redis_server, free_port, redis_arguments
 
 _prefixes = itertools.count()
+T = TypeVar("T")
 
 
 class RedisProcess:
@@ -90,91 +89,26 @@ def unique_prefix() -> str:
     return f"t{next(_prefixes)}x{int(time.time() * 1000) % 100000}"
 
 
-@attrs.define
-class Received:
-    sender: str
-    recipients: list[str]
-    body: bytes
-
-
-class SinkProtocol(LineReceiver):
+class LoopbackSink:
     """
-    A minimal, independent SMTP server that records what it is sent and
-    answers RCPT and the end of DATA as the test tells it.
-    """
-
-    delimiter = b"\r\n"
-
-    def __init__(self, sink: Sink) -> None:
-        self.sink = sink
-        self.sender = ""
-        self.recipients: list[str] = []
-        self.lines: list[bytes] | None = None
-
-    def connectionMade(self) -> None:
-        self.sendLine(b"220 sink.test ESMTP")
-
-    def lineReceived(self, line: bytes) -> None:
-        if self.lines is not None:
-            if line == b".":
-                body = b"".join(l[1:] + b"\r\n" if l.startswith(b".") else l + b"\r\n" for l in self.lines)
-                self.lines = None
-                reply = self.sink.data_reply(self.recipients)
-                if reply.startswith(b"250"):
-                    self.sink.messages.append(Received(self.sender, list(self.recipients), body))
-                self.sendLine(reply)
-                self.recipients = []
-            else:
-                self.lines.append(line)
-            return
-        verb = line[:4].upper()
-        if verb == b"EHLO":
-            self.sendLine(b"250-sink.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 100000000")
-        elif verb == b"HELO":
-            self.sendLine(b"250 sink.test")
-        elif verb == b"MAIL":
-            self.sender = line[10:].split(b">")[0].lstrip(b"<").decode()
-            self.recipients = []
-            self.sendLine(b"250 2.1.0 ok")
-        elif verb == b"RCPT":
-            rcpt = line[8:].split(b">")[0].lstrip(b"<").decode()
-            reply = self.sink.rcpt_reply(rcpt)
-            if reply.startswith(b"250"):
-                self.recipients.append(rcpt)
-            self.sendLine(reply)
-        elif verb == b"DATA":
-            if not self.recipients:
-                self.sendLine(b"554 5.5.1 no valid recipients")
-            else:
-                self.lines = []
-                self.sendLine(b"354 go ahead")
-        elif verb == b"QUIT":
-            self.sendLine(b"221 2.0.0 bye")
-            self.transport.loseConnection()  # type: ignore[union-attr]
-        else:
-            self.sendLine(b"250 2.0.0 ok")
-
-
-class Sink:
-    """
-    The destination ("the primary"): down until ``start`` is called.
+    The destination ("the primary") on a loopback port: down until ``start``.
     """
 
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
-        self.messages: list[Received] = []
+        self.sink = Sink()
         self.listening: IListeningPort | None = None
-        self.rcpt_reply: Callable[[str], bytes] = lambda rcpt: b"250 2.1.5 ok"
-        self.data_reply: Callable[[list[str]], bytes] = lambda rcpts: b"250 2.0.0 queued"
+
+    @property
+    def messages(self) -> list[Received]:
+        return self.sink.messages
 
     def start(self) -> None:
-        factory = Factory.forProtocol(lambda: SinkProtocol(self))
-        factory.noisy = False
-        self.listening = reactor.listenTCP(self.port, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.listening = reactor.listenTCP(self.port, self.sink.factory(), interface="127.0.0.1")
 
     async def stop(self) -> None:
         if self.listening is not None:
-            await self.listening.stopListening()
+            await maybeDeferred(self.listening.stopListening)
             self.listening = None
 
 
@@ -202,4 +136,18 @@ async def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> 
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await deferLater(reactor, 0.02, lambda: None)  # type: ignore[arg-type]
+        await deferLater(reactor, 0.02, lambda: None)
+
+
+async def eventually(check: Callable[[], Awaitable[T]], timeout: float, what: str) -> T:
+    """
+    Poll an asynchronous ``check`` (bounded by ``timeout``) until its result is truthy.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await deferLater(reactor, 0.02, lambda: None)

@@ -55,7 +55,7 @@ class Harness:
         self.banner = self.take()
 
     def take(self) -> str:
-        value = self.transport.value().decode("utf-8")
+        value: str = self.transport.value().decode("utf-8")
         self.transport.clear()
         return value
 

@@ -177,7 +177,5 @@ def _all(recipients: tuple[str, ...], reply: Reply) -> Outcome:
     return Outcome(failed=pairs) if reply.permanent else Outcome(deferred=pairs)
 
 
-def _merge(
-    outcome: Outcome, failed: list[tuple[str, Reply]], deferred: list[tuple[str, Reply]]
-) -> Outcome:
+def _merge(outcome: Outcome, failed: list[tuple[str, Reply]], deferred: list[tuple[str, Reply]]) -> Outcome:
     return Outcome(failed=(*outcome.failed, *failed), deferred=(*outcome.deferred, *deferred))

@@ -74,6 +74,7 @@ for i = 0, n - 1 do
         local qid, owed, created = unpack(redis.call('HMGET', job, 'qid', 'owed', 'created'))
         claimed[#claimed + 1] = {jid, token, expires, qid, domain, owed, attempts, created}
       end
+      if redis.call('ZCARD', ready) == 0 then redis.call('SREM', KEYS[1], domain) end
     end
   end
 end

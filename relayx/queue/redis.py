@@ -41,7 +41,7 @@ def _script(name: str) -> bytes:
 
 
 def _ms(seconds: float) -> int:
-    return int(round(seconds * 1000))
+    return round(seconds * 1000)
 
 
 def _text(value: object) -> str:

@@ -20,6 +20,9 @@ from relayx.reply import Reply
 _STATUS = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})(?: |$)")
 
 
+_DONE = Failure(ConnectionDone())
+
+
 class ConversationError(Exception):
     """
     The connection failed, timed out or the peer spoke something that is
@@ -104,7 +107,7 @@ class SMTPClientProtocol(LineReceiver):
             waiting.errback(error)
         self._lost = Failure(error)
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+    def connectionLost(self, reason: Failure = _DONE) -> None:
         if self._lost is None:
             self._lost = Failure(ConversationError(f"connection lost: {reason.getErrorMessage()}"))
         if self._waiting is not None:

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
-from email.utils import format_datetime
 from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import ClassVar
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -104,6 +105,7 @@ class _DataCollector:
 
 
 _END = b"\r\n.\r\n"
+_LOST = Failure(ConnectionError("connection lost"))
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 _RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
 
@@ -122,8 +124,8 @@ class SMTPServerProtocol(Protocol):
     One inbound SMTP connection.
     """
 
-    def __init__(self, factory: SMTPServerFactory) -> None:
-        self.factory = factory
+    def __init__(self, server: SMTPServerFactory) -> None:
+        self.server = server
         self.session = Session(peer_ip="")
         self.envelope: Envelope | None = None
         self._buffer = bytearray()
@@ -138,17 +140,17 @@ class SMTPServerProtocol(Protocol):
     def connectionMade(self) -> None:
         peer: IAddress = self.transport.getPeer()  # type: ignore[union-attr]
         self.session = Session(peer_ip=str(getattr(peer, "host", "unknown")))
-        self.factory.sessions.add(self)
-        if self.factory.stopping:
-            self._close(Reply(421, "4.3.2", f"{self.factory.hostname} Service shutting down"))
+        self.server.sessions.add(self)
+        if self.server.stopping:
+            self._close(Reply(421, "4.3.2", f"{self.server.hostname} Service shutting down"))
             return
-        self._reply(Reply(220, "", f"{self.factory.hostname} ESMTP relayx"))
-        self._arm_timer(self.factory.limits.command_timeout)
+        self._reply(Reply(220, "", f"{self.server.hostname} ESMTP relayx"))
+        self._arm_timer(self.server.limits.command_timeout)
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+    def connectionLost(self, reason: Failure = _LOST) -> None:
         self._closing = True
         self._cancel_timer()
-        self.factory.sessions.discard(self)
+        self.server.sessions.discard(self)
         log.info(
             "smtp session from {peer} ended: {messages} message(s), {errors} error(s)",
             peer=self.session.peer_ip,
@@ -165,14 +167,14 @@ class SMTPServerProtocol(Protocol):
         self._drain()
 
     def _current_timeout(self) -> float:
-        limits = self.factory.limits
+        limits = self.server.limits
         return limits.data_timeout if self._data is not None else limits.command_timeout
 
     def _arm_timer(self, seconds: float) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.reset(seconds)
         else:
-            self._timer = self.factory.clock.callLater(seconds, self._timed_out)
+            self._timer = self.server.clock.callLater(seconds, self._timed_out)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -181,7 +183,7 @@ class SMTPServerProtocol(Protocol):
 
     def _timed_out(self) -> None:
         self._timer = None
-        self._close(Reply(421, "4.4.2", f"{self.factory.hostname} Error: timeout exceeded"))
+        self._close(Reply(421, "4.4.2", f"{self.server.hostname} Error: timeout exceeded"))
 
     def _reply(self, reply: Reply) -> None:
         if not self._closing:
@@ -200,7 +202,7 @@ class SMTPServerProtocol(Protocol):
         """
         if self._data is not None or self._busy:
             return False
-        self._close(Reply(421, "4.3.2", f"{self.factory.hostname} Service shutting down"))
+        self._close(Reply(421, "4.3.2", f"{self.server.hostname} Service shutting down"))
         return True
 
     # -- input --------------------------------------------------------------
@@ -210,7 +212,7 @@ class SMTPServerProtocol(Protocol):
         Handle buffered input until it runs out or a command waits for an
         answer (policy or store); pipelined commands stay buffered meanwhile.
         """
-        max_line = self.factory.limits.max_line_length
+        max_line = self.server.limits.max_line_length
         while not self._busy and not self._closing:
             if self._data is not None:
                 if not self._collect_data():
@@ -284,8 +286,8 @@ class SMTPServerProtocol(Protocol):
         """
         self.session.errors += 1
         self._reply(reply)
-        if self.session.errors >= self.factory.limits.max_errors:
-            self._close(Reply(421, "4.7.0", f"{self.factory.hostname} Error: too many errors"))
+        if self.session.errors >= self.server.limits.max_errors:
+            self._close(Reply(421, "4.7.0", f"{self.server.hostname} Error: too many errors"))
 
     # -- commands -----------------------------------------------------------
 
@@ -303,11 +305,11 @@ class SMTPServerProtocol(Protocol):
         self.session.helo = name
         self.session.esmtp = esmtp
         self.envelope = None
-        hostname = self.factory.hostname
+        hostname = self.server.hostname
         if not esmtp:
             self._reply(Reply(250, "", hostname))
             return
-        limits = self.factory.limits
+        limits = self.server.limits
         lines = [
             hostname,
             "PIPELINING",
@@ -339,7 +341,7 @@ class SMTPServerProtocol(Protocol):
                 if value is None or not value.isdigit():
                     self._error(Reply(501, "5.5.4", "Error: bad SIZE parameter"))
                     return
-                if int(value) > self.factory.limits.max_message_size:
+                if int(value) > self.server.limits.max_message_size:
                     self._error(TOO_BIG)
                     return
             elif name == "BODY":
@@ -369,7 +371,7 @@ class SMTPServerProtocol(Protocol):
         if path.params:
             self._error(Reply(555, "5.5.4", "Error: unsupported RCPT parameter"))
             return None
-        if len(envelope.recipients) >= self.factory.limits.max_recipients:
+        if len(envelope.recipients) >= self.server.limits.max_recipients:
             self._error(TOO_MANY_RECIPIENTS)
             return None
         mailbox = path.mailbox
@@ -377,7 +379,7 @@ class SMTPServerProtocol(Protocol):
         return self._check_recipient(envelope, mailbox)
 
     async def _check_recipient(self, envelope: Envelope, mailbox: Mailbox) -> Reply:
-        verdict = await self.factory.policy.check(mailbox)
+        verdict = await self.server.policy.check(mailbox)
         if verdict.positive:
             if mailbox not in envelope.recipients:
                 envelope.recipients.append(mailbox)
@@ -403,9 +405,9 @@ class SMTPServerProtocol(Protocol):
         if argument:
             self._error(Reply(501, "5.5.4", "Error: DATA takes no argument"))
             return
-        self._data = _DataCollector(limit=self.factory.limits.max_message_size)
+        self._data = _DataCollector(limit=self.server.limits.max_message_size)
         self._reply(START_DATA)
-        self._arm_timer(self.factory.limits.data_timeout)
+        self._arm_timer(self.server.limits.data_timeout)
 
     def _collect_data(self) -> bool:
         """
@@ -442,9 +444,9 @@ class SMTPServerProtocol(Protocol):
             # RFC 5321 2.3.8: the sender should not; Postfix's default is to
             # normalise rather than refuse
             content = _BARE_LF.sub(b"\r\n", content)
-        if count_hops(content) >= self.factory.limits.max_hops:
+        if count_hops(content) >= self.server.limits.max_hops:
             return TOO_MANY_HOPS
-        factory = self.factory
+        factory = self.server
         now = factory.clock.seconds()
         queue_id = factory.new_queue_id()
         header = self._received_header(envelope, queue_id, now)
@@ -479,9 +481,9 @@ class SMTPServerProtocol(Protocol):
         recipient = f"\r\n\tfor <{envelope.recipients[0]}>" if len(envelope.recipients) == 1 else ""
         return (
             f"Received: from {helo} ([{self.session.peer_ip}])\r\n"
-            f"\tby {self.factory.hostname} (relayx) with {protocol} id {queue_id}"
+            f"\tby {self.server.hostname} (relayx) with {protocol} id {queue_id}"
             f"{recipient}; {stamp}\r\n"
-        ).encode("utf-8")
+        ).encode()
 
     def do_RSET(self, argument: str) -> None:
         self.envelope = None
@@ -502,7 +504,7 @@ class SMTPServerProtocol(Protocol):
     def do_not_implemented(self, argument: str) -> None:
         self._error(NOT_IMPLEMENTED)
 
-    _COMMANDS: dict[str, Callable[[SMTPServerProtocol, str], Awaitable[Reply] | None]] = {
+    _COMMANDS: ClassVar[dict[str, Callable[[SMTPServerProtocol, str], Awaitable[Reply] | None]]] = {
         "HELO": do_HELO,
         "EHLO": do_EHLO,
         "MAIL": do_MAIL,
@@ -549,8 +551,10 @@ class SMTPServerFactory(ServerFactory):
         self.sessions: set[SMTPServerProtocol] = set()
         self.stopping = False
 
-    def buildProtocol(self, addr: IAddress) -> SMTPServerProtocol:
-        return SMTPServerProtocol(self)
+    def buildProtocol(self, addr: IAddress | None) -> SMTPServerProtocol:
+        protocol = SMTPServerProtocol(self)
+        protocol.factory = self
+        return protocol
 
     def shut_down(self) -> list[SMTPServerProtocol]:
         """

@@ -1,0 +1,3 @@
+"""
+relayx's benchmarks and the tools they share.
+"""

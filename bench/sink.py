@@ -1,0 +1,132 @@
+"""
+A recording SMTP sink standing in for a primary mail server.
+
+``python -m bench.sink --port 2526`` accepts every message and prints one
+line per message (sender, recipients, subject), for the README's tour; the
+tests and the replay benchmark use ``Sink`` to record what arrives and to
+script the replies (a ``550`` to some recipients, a ``451`` after DATA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import email.parser
+import sys
+import time
+from collections.abc import Callable
+
+import attrs
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import ServerFactory
+from twisted.protocols.basic import LineReceiver
+
+
+@attrs.define
+class Received:
+    sender: str
+    recipients: list[str]
+    body: bytes
+    at: float
+
+
+@attrs.define
+class Sink:
+    """
+    What the sink has received, and how it answers.
+    """
+
+    messages: list[Received] = attrs.field(factory=list)
+    rcpt_reply: Callable[[str], bytes] = lambda rcpt: b"250 2.1.5 ok"
+    data_reply: Callable[[list[str]], bytes] = lambda rcpts: b"250 2.0.0 queued"
+    on_message: Callable[[Received], None] = lambda message: None
+    clock: Callable[[], float] = time.time
+
+    def factory(self) -> SinkFactory:
+        return SinkFactory(self)
+
+
+class SinkProtocol(LineReceiver):
+    delimiter = b"\r\n"
+    MAX_LENGTH = 1 << 20
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.sender = ""
+        self.recipients: list[str] = []
+        self.lines: list[bytes] | None = None
+
+    def connectionMade(self) -> None:
+        self.sendLine(b"220 sink ESMTP")
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.lines is not None:
+            if line == b".":
+                body = b"".join((x[1:] if x.startswith(b".") else x) + b"\r\n" for x in self.lines)
+                self.lines = None
+                reply = self.sink.data_reply(self.recipients)
+                if reply.startswith(b"250"):
+                    message = Received(self.sender, self.recipients, body, self.sink.clock())
+                    self.sink.messages.append(message)
+                    self.sink.on_message(message)
+                self.recipients = []
+                self.sendLine(reply)
+            else:
+                self.lines.append(line)
+            return
+        verb = line[:4].upper()
+        if verb == b"EHLO":
+            self.sendLine(b"250-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 100000000")
+        elif verb == b"HELO":
+            self.sendLine(b"250 sink")
+        elif verb == b"MAIL":
+            self.sender = line[10:].split(b">")[0].lstrip(b" <").decode("utf-8", "replace")
+            self.recipients = []
+            self.sendLine(b"250 2.1.0 ok")
+        elif verb == b"RCPT":
+            rcpt = line[8:].split(b">")[0].lstrip(b" <").decode("utf-8", "replace")
+            reply = self.sink.rcpt_reply(rcpt)
+            if reply.startswith(b"250"):
+                self.recipients.append(rcpt)
+            self.sendLine(reply)
+        elif verb == b"DATA":
+            if self.recipients:
+                self.lines = []
+                self.sendLine(b"354 go ahead")
+            else:
+                self.sendLine(b"554 5.5.1 no valid recipients")
+        elif verb == b"QUIT":
+            self.sendLine(b"221 2.0.0 bye")
+            self.transport.loseConnection()  # type: ignore[union-attr]
+        else:
+            self.sendLine(b"250 2.0.0 ok")
+
+
+class SinkFactory(ServerFactory):
+    noisy = False
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+
+    def buildProtocol(self, addr: IAddress | None) -> SinkProtocol:
+        return SinkProtocol(self.sink)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="A recording SMTP sink standing in for a primary mail server.")
+    parser.add_argument("--port", type=int, default=2526)
+    parser.add_argument("--interface", default="127.0.0.1")
+    options = parser.parse_args()
+    from twisted.internet import reactor
+
+    def show(message: Received) -> None:
+        subject = email.parser.BytesHeaderParser().parsebytes(message.body)["Subject"]
+        stamp = time.strftime("%H:%M:%S")
+        print(f"{stamp} from <{message.sender}> to {', '.join(message.recipients)}: {subject}", flush=True)
+
+    reactor.listenTCP(options.port, Sink(on_message=show).factory(), interface=options.interface)
+    print(f"sink listening on {options.interface}:{options.port}", file=sys.stderr, flush=True)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""
+Configuration: defaults, durations and sizes, and one clear line for every
+mistake.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from relayx.config import (
+    AnyRecipient,
+    ConfigError,
+    MXRoute,
+    RecipientList,
+    SMTPRoute,
+    load,
+    parse_duration,
+    parse_size,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+MINIMAL = """
+[[domain]]
+name = "Example.COM"
+routes = ["smtp://primary.example.com:2526"]
+recipients = "any"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "relayx.toml"
+    path.write_text(text)
+    return path
+
+
+def test_example_file_loads() -> None:
+    """When the shipped example is loaded, every section parses and the domains are as written."""
+    config = load(ROOT / "deploy" / "relayx.example.toml")
+    assert config.smtp.listen == ("tcp:2525:interface=127.0.0.1",)
+    assert config.redis.url is None
+    assert config.queue.retry_schedule == (60, 300, 900, 1800, 3600)
+    assert config.domains[0].routes == (SMTPRoute("127.0.0.1", 2526),)
+    assert config.domains[1].routes == (MXRoute(),)
+    assert isinstance(config.domains[1].recipients, RecipientList)
+
+
+def test_defaults(tmp_path: Path) -> None:
+    """When only a domain is configured, the documented defaults apply and names are normalised."""
+    config = load(write(tmp_path, MINIMAL))
+    assert config.queue.retention == 5 * 86400
+    assert config.queue.lease == 60
+    assert config.smtp.max_message_size == 25 * 1024 * 1024
+    assert config.redis.key_prefix == "relayx"
+    assert config.domains[0].name == "example.com"
+    assert config.domains[0].recipients == AnyRecipient()
+    assert config.node.data_dir == tmp_path / "relayx-data"
+
+
+def test_recipient_file_and_overrides(tmp_path: Path) -> None:
+    """When recipients come from a file and options from the command line, both are used."""
+    (tmp_path / "rcpts.txt").write_text("# staff\nAlice@example.com\n\nbob@example.com\n")
+    text = MINIMAL.replace('recipients = "any"', 'recipients = { file = "rcpts.txt" }')
+    config = load(write(tmp_path, text), {"redis.url": "redis://10.0.0.5:6380/2", "node.id": "n9"})
+    assert config.domains[0].recipients == RecipientList(frozenset({"alice@example.com", "bob@example.com"}))
+    assert (config.redis.host, config.redis.port, config.redis.db) == ("10.0.0.5", 6380, 2)
+    assert config.node.id == "n9"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[queue]\nretention = 5\n" + MINIMAL, "relayx.toml: queue.retention: expected a duration such as"),
+        ("[queue]\nretry_schedule = []\n" + MINIMAL, "queue.retry_schedule: expected a non-empty list"),
+        ("[queue]\nlease = '1s'\n" + MINIMAL, "queue.lease: expected at least '3s'"),
+        ("[queue]\nworkers = 0\n" + MINIMAL, "queue.workers: expected a whole number above 0, got 0"),
+        ("[smtp]\nmax_message_size = 'big'\n" + MINIMAL, "smtp.max_message_size: expected a size in bytes"),
+        ("[smtp]\nlisten = ['2525']\n" + MINIMAL, "smtp.listen: expected Twisted endpoint strings"),
+        ("[smtp]\nmax_line_length = 100\n" + MINIMAL, "smtp.max_line_length: expected at least 512"),
+        ("[redis]\nurl = 'http://x'\n" + MINIMAL, "redis.url: expected a URL such as 'redis://"),
+        ("[redis]\nkey_prefix = 'a b'\n" + MINIMAL, "redis.key_prefix: expected letters, digits"),
+        ("[smtp]\nlisen = ['tcp:25']\n" + MINIMAL, "smtp.lisen: unknown key"),
+        ("[surprise]\n" + MINIMAL, "relayx.toml: surprise: unknown key"),
+        (MINIMAL.replace("routes = [", "routs = ["), "domain[0].routes: expected a value; the key is missing"),
+        (MINIMAL.replace("smtp://primary.example.com:2526", "ftp://x"), "domain[0].routes: expected 'mx' or"),
+        (MINIMAL.replace('"any"', '["bob@other.test"]'), "domain[0].recipients: expected an address in example.com"),
+        (MINIMAL.replace('"any"', '{ file = "missing.txt" }'), "domain[0].recipients: expected a readable file"),
+        (MINIMAL.replace("Example.COM", "not a domain"), "domain[0].name: expected a domain name"),
+        (MINIMAL + MINIMAL, "domain[1].name: expected each domain once"),
+        ("[node\n", "relayx.toml: not valid TOML"),
+    ],
+)
+def test_bad_values_name_file_and_key(tmp_path: Path, text: str, message: str) -> None:
+    """When a value is wrong, the error is one line naming the file, the key and what was expected."""
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, text))
+    text_of_error = str(caught.value)
+    assert message in text_of_error
+    assert "\n" not in text_of_error
+
+
+def test_missing_file() -> None:
+    """When the file does not exist, the error names it."""
+    with pytest.raises(ConfigError, match=r"nowhere\.toml: cannot read"):
+        load("nowhere.toml")
+
+
+def test_durations_and_sizes() -> None:
+    """When durations and sizes are written in their units, they convert to seconds and bytes."""
+    assert [parse_duration(v) for v in ("30s", "5m", "2h", "5d", "250ms")] == [30, 300, 7200, 432000, 0.25]
+    assert [parse_size(v) for v in (1000, "25MB", "512k", "1GiB")] == [1000, 25 * 1024**2, 512 * 1024, 1024**3]
+    for bad in ("5", "5 weeks", "-1s", 5):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+
+
+def test_command_line_reports_bad_config_in_one_line(tmp_path: Path) -> None:
+    """When `relayx --config` is given a bad file, it exits 2 with one line naming the file and key."""
+    path = write(tmp_path, "[queue]\nretention = 'forever'\n" + MINIMAL)
+    result = subprocess.run(
+        [sys.executable, "-m", "relayx", "--config", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"relayx: {path}: queue.retention: expected a duration such as '30s', '5m', '2h' or '5d', got 'forever'"
+    ]

@@ -1,0 +1,201 @@
+"""
+Outbound delivery: what each destination reply means for each recipient,
+with the destination scripted over a StringTransport.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from zope.interface.verify import verifyObject
+
+from relayx.config import MXRoute, SMTPRoute
+from relayx.delivery.routes import NoRoute, RouteTable
+from relayx.delivery.smtp import SMTPDeliverer, Timeouts
+from relayx.interfaces import IDeliverer, Outcome
+from relayx.reply import Reply
+from relayx.smtp.client import SMTPClientProtocol, dot_stuff, parse_reply
+
+EHLO_PIPELINING = b"250-dest.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 1000000\r\n"
+EHLO_PLAIN = b"250-dest.test\r\n250 SIZE 1000000\r\n"
+
+
+class Scripted:
+    """
+    Destinations whose replies are queued up front; a host listed in
+    ``down`` refuses the connection.
+    """
+
+    def __init__(self, replies: dict[str, bytes], down: Sequence[str] = ()) -> None:
+        self.replies = replies
+        self.down = set(down)
+        self.clock = Clock()
+        self.transports: dict[str, StringTransport] = {}
+
+    async def connect(self, host: str, port: int) -> SMTPClientProtocol:
+        if host in self.down:
+            raise ConnectionRefusedError(f"{host} refused")
+        protocol = SMTPClientProtocol(self.clock)
+        transport = self.transports[host] = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(self.replies[host])
+        return protocol
+
+    def deliverer(self, hosts: list[str]) -> SMTPDeliverer:
+        async def targets(domain: str) -> list[tuple[str, int]]:
+            return [(h, 25) for h in hosts]
+
+        return SMTPDeliverer(
+            helo_name="mx2.example.net", targets=targets, connect=self.connect, timeouts=Timeouts(60, 60)
+        )
+
+
+def run(d: SMTPDeliverer, recipients: tuple[str, ...], body: bytes = b"Subject: x\r\n\r\nhi\r\n") -> Outcome:
+    result = Deferred.fromCoroutine(d.deliver("example.com", "bob@sender.test", recipients, body))
+    outcomes: list[Outcome] = []
+    result.addCallback(outcomes.append)
+    assert outcomes, "delivery did not complete on the scripted replies"
+    return outcomes[0]
+
+
+def test_deliverer_provides_interface() -> None:
+    """When built, the SMTP deliverer provides IDeliverer."""
+    assert verifyObject(IDeliverer, Scripted({}).deliverer([]))
+
+
+def test_pipelined_delivery_with_per_recipient_outcomes() -> None:
+    """When the destination accepts one recipient, defers one and refuses one, each is reported so."""
+    s = Scripted(
+        {
+            "a": b"220 dest.test\r\n" + EHLO_PIPELINING + b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n"
+            b"452 4.2.2 mailbox full\r\n550 5.1.1 no such user\r\n354 go\r\n250 2.0.0 queued\r\n221 bye\r\n"
+        }
+    )
+    outcome = run(s.deliverer(["a"]), ("x@example.com", "y@example.com", "z@example.com"))
+    assert outcome.delivered == ("x@example.com",)
+    assert outcome.deferred == (("y@example.com", Reply(452, "4.2.2", "mailbox full")),)
+    assert outcome.failed == (("z@example.com", Reply(550, "5.1.1", "no such user")),)
+    sent = s.transports["a"].value()
+    # one write for the whole envelope: PIPELINING used
+    assert b"MAIL FROM:<bob@sender.test> SIZE=18\r\nRCPT TO:<x@example.com>\r\n" in sent
+    assert sent.endswith(b"Subject: x\r\n\r\nhi\r\n.\r\nQUIT\r\n")
+
+
+def test_no_pipelining_stops_after_refused_mail() -> None:
+    """When MAIL FROM gets a 5xx from a destination without PIPELINING, every recipient fails and no RCPT is sent."""
+    s = Scripted({"a": b"220 dest.test\r\n" + EHLO_PLAIN + b"550 5.7.1 sender refused\r\n221 bye\r\n"})
+    outcome = run(s.deliverer(["a"]), ("x@example.com",))
+    assert outcome.failed == (("x@example.com", Reply(550, "5.7.1", "sender refused")),)
+    assert b"RCPT" not in s.transports["a"].value()
+
+
+def test_4xx_after_data_defers() -> None:
+    """When the end of DATA gets 451, the accepted recipients are deferred, not failed."""
+    s = Scripted({"a": b"220 d\r\n" + EHLO_PLAIN + b"250 ok\r\n250 ok\r\n354 go\r\n451 4.3.0 try later\r\n221 bye\r\n"})
+    outcome = run(s.deliverer(["a"]), ("x@example.com",))
+    assert outcome.deferred == (("x@example.com", Reply(451, "4.3.0", "try later")),)
+    assert outcome.delivered == () and outcome.failed == ()
+
+
+def test_5xx_after_data_fails() -> None:
+    """When the end of DATA gets 554, the accepted recipients fail with that reply."""
+    s = Scripted({"a": b"220 d\r\n" + EHLO_PLAIN + b"250 ok\r\n250 ok\r\n354 go\r\n554 5.6.0 rejected\r\n221 bye\r\n"})
+    outcome = run(s.deliverer(["a"]), ("x@example.com",))
+    assert outcome.failed == (("x@example.com", Reply(554, "5.6.0", "rejected")),)
+
+
+def test_greeting_refused_tries_next_host() -> None:
+    """When the first host answers 554 to the connection and the second is up, the second gets the message."""
+    s = Scripted(
+        {
+            "a": b"554 5.3.2 not now\r\n",
+            "b": b"220 d\r\n" + EHLO_PLAIN + b"250 ok\r\n250 ok\r\n354 go\r\n250 ok\r\n221 bye\r\n",
+        }
+    )
+    outcome = run(s.deliverer(["a", "b"]), ("x@example.com",))
+    assert outcome.delivered == ("x@example.com",)
+
+
+def test_all_hosts_down_is_unreachable() -> None:
+    """When no host accepts a connection, the outcome is unreachable with each host's reason."""
+    s = Scripted({}, down=["a", "b"])
+    outcome = run(s.deliverer(["a", "b"]), ("x@example.com",))
+    assert outcome.unreachable == "a:25: a refused; b:25: b refused"
+    assert outcome.delivered == () and outcome.failed == () and outcome.deferred == ()
+
+
+def test_421_mid_session_is_unreachable() -> None:
+    """When the destination says 421 to RCPT, the host is treated as down, not the recipient as refused."""
+    s = Scripted({"a": b"220 d\r\n" + EHLO_PLAIN + b"250 ok\r\n421 4.3.2 shutting down\r\n"})
+    outcome = run(s.deliverer(["a"]), ("x@example.com",))
+    assert outcome.unreachable is not None and "421" in outcome.unreachable
+
+
+def test_ehlo_refused_falls_back_to_helo() -> None:
+    """When EHLO gets 502, HELO is tried and the delivery goes on."""
+    s = Scripted({"a": b"220 d\r\n502 no\r\n250 d\r\n250 ok\r\n250 ok\r\n354 go\r\n250 ok\r\n221 bye\r\n"})
+    outcome = run(s.deliverer(["a"]), ("x@example.com",))
+    assert outcome.delivered == ("x@example.com",)
+    assert b"HELO mx2.example.net\r\n" in s.transports["a"].value()
+
+
+def test_reply_timeout_is_unreachable() -> None:
+    """When the destination goes silent, the read times out, the connection is aborted and the host counts as down."""
+    s = Scripted({"a": b"220 d\r\n"})
+    result = Deferred.fromCoroutine(s.deliverer(["a"]).deliver("example.com", "b@s.test", ("x@example.com",), b"x"))
+    outcomes: list[Outcome] = []
+    result.addCallback(outcomes.append)
+    assert not outcomes
+    s.clock.advance(61)
+    transport = s.transports["a"]
+    assert transport.disconnecting or getattr(transport, "disconnected", False)
+    assert outcomes and outcomes[0].unreachable is not None and "no reply within 60s" in outcomes[0].unreachable
+
+
+def test_dot_stuffing_and_reply_parsing() -> None:
+    """When a body has leading dots or no final CRLF, it is stuffed and terminated; replies parse with status codes."""
+    assert dot_stuff(b".a\r\n..b\r\nc") == b"..a\r\n...b\r\nc\r\n.\r\n"
+    assert parse_reply([b"250-first", b"250 2.0.0 last"]) == Reply(250, "2.0.0", "first\nlast")
+    assert parse_reply([b"550 no status"]) == Reply(550, "", "no status")
+
+
+def _table(records: list[tuple[int, str]], own: set[str]) -> RouteTable:
+    async def lookup(domain: str) -> list[tuple[int, str]]:
+        return records
+
+    return RouteTable(
+        {"fixed.test": (SMTPRoute("a.test", 2525), SMTPRoute("b.test", 25)), "mx.test": (MXRoute(),)},
+        lookup_mx=lookup,
+        own_names=frozenset(own),
+        shuffle=random.Random(3).shuffle,
+    )
+
+
+def _targets(table: RouteTable, domain: str) -> list[tuple[str, int]] | Exception:
+    result: list[list[tuple[str, int]] | Exception] = []
+    Deferred.fromCoroutine(table.targets(domain)).addCallbacks(result.append, lambda f: result.append(f.value))
+    return result[0]
+
+
+def test_routes_fixed_and_mx_below_our_preference() -> None:
+    """When this node is MX 20, delivery goes to the MX 10 hosts only, never to itself or another 20/30."""
+    table = _table(
+        [(20, "mx2.example.net."), (10, "primary.mx.test."), (30, "mx3.test"), (20, "peer.test")], {"mx2.example.net"}
+    )
+    assert _targets(table, "fixed.test") == [("a.test", 2525), ("b.test", 25)]
+    assert _targets(table, "mx.test") == [("primary.mx.test", 25)]
+
+
+def test_routes_we_are_best_mx() -> None:
+    """When this node is the most preferred MX, there is no route (temporary), not a loop to ourselves."""
+    table = _table([(10, "mx2.example.net")], {"mx2.example.net"})
+    assert isinstance(_targets(table, "mx.test"), NoRoute)
+
+
+def test_routes_implicit_mx() -> None:
+    """When a domain has no MX records, its own name is the destination (RFC 5321 5.1)."""
+    assert _targets(_table([], set()), "mx.test") == [("mx.test", 25)]

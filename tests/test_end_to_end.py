@@ -1,0 +1,133 @@
+"""
+A whole node on loopback: real SMTP in (smtplib), a real ``redis-server``,
+real SMTP out to a recording sink standing in for the primary.
+"""
+
+from __future__ import annotations
+
+import email
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import TestCase
+
+from relayx.config import parse
+from relayx.redis_server import free_port
+from relayx.service import RelayNode
+from tests.helpers import LoopbackSink, eventually, send, shared_redis, unique_prefix, wait_for
+from tests.test_queue_redis import deferred_test
+
+
+def body(n: int, domain: str) -> bytes:
+    return (
+        f"From: sender{n}@sender.test\r\nTo: u@{domain}\r\nSubject: message {n}\r\n"
+        f"Message-ID: <{n}@sender.test>\r\n\r\nline one of {n}\r\n.leading dot\r\n\r\nend\r\n"
+    ).encode()
+
+
+class NodeTests(TestCase):
+    timeout = 120
+
+    async def start_node(self, sink: LoopbackSink, redis_url: str | None = None, **queue: Any) -> RelayNode:
+        port = free_port()
+        data = {
+            "node": {"id": "node-a", "hostname": "mx2.relayx.test", "data_dir": tempfile.mkdtemp()},
+            "smtp": {"listen": [f"tcp:{port}:interface=127.0.0.1"]},
+            "redis": {"url": redis_url or shared_redis().url, "key_prefix": unique_prefix(), "timeout": "2s"},
+            "queue": {"retry_schedule": ["1s"], "poll_interval": "100ms", "lease": "10s", **queue},
+            "delivery": {"connect_timeout": "2s", "command_timeout": "10s"},
+            "domain": [
+                {"name": "example.com", "routes": [f"smtp://127.0.0.1:{sink.port}"], "recipients": "any"},
+                {
+                    "name": "example.org",
+                    "routes": [f"smtp://127.0.0.1:{sink.port}"],
+                    "recipients": ["alice@example.org"],
+                },
+            ],
+        }
+        node = RelayNode(parse(data, "test.toml", Path(".")), reactor, shutdown_grace=1)
+        await node.start()
+        self.addCleanup(lambda: Deferred.fromCoroutine(node.stop()))
+        self.addCleanup(lambda: Deferred.fromCoroutine(sink.stop()))
+        self.smtp_port = port
+        return node
+
+    @deferred_test
+    async def test_primary_down_then_up_delivers_everything_once_in_order(self) -> None:
+        """When 100 messages arrive while the primary is down, all are delivered once, in order, once it is up."""
+        sink = LoopbackSink()
+        await self.start_node(sink)
+        sent: dict[str, list[bytes]] = {"example.com": [], "example.org": []}
+        for n in range(100):
+            domain = "example.com" if n % 4 else "example.org"
+            rcpt = f"user{n}@example.com" if n % 4 else "alice@example.org"
+            result = await send(self.smtp_port, f"sender{n}@sender.test", [rcpt], body(n, domain))
+            assert result == {}, result
+            sent[domain].append(body(n, domain))
+        assert sink.messages == []
+        sink.start()
+        await wait_for(lambda: len(sink.messages) >= 100, 60, "100 deliveries")
+        for domain, bodies in sent.items():
+            got = [m.body for m in sink.messages if m.recipients[0].endswith(domain)]
+            stripped = [b.split(b"\r\n", 3)[3] for b in got]  # the three lines of our Received header
+            assert stripped == bodies, f"order or content differs for {domain}"
+            for m in got:
+                assert m.startswith(b"Received: from ")
+                assert b"by mx2.relayx.test (relayx) with ESMTP id" in m
+        assert len(sink.messages) == 100
+        assert all(m.sender.startswith("sender") for m in sink.messages)
+
+    @deferred_test
+    async def test_5xx_primary_marks_recipient_failed(self) -> None:
+        """When the primary refuses a recipient with 550, the job fails with the reply recorded."""
+        sink = LoopbackSink()
+        sink.sink.rcpt_reply = lambda rcpt: b"550 5.1.1 no such user here" if rcpt.startswith("gone") else b"250 ok"
+        sink.start()
+        node = await self.start_node(sink)
+        assert (
+            await send(self.smtp_port, "bob@sender.test", ["gone@example.com", "here@example.com"], body(1, "x")) == {}
+        )
+        await wait_for(lambda: len(sink.messages) == 1, 30, "the delivery to the good recipient")
+        assert sink.messages[0].recipients == ["here@example.com"]
+        queue = node.queue
+        assert queue is not None
+
+        async def failed() -> list[Any]:
+            result: list[Any] = await queue.redis.call("zrange", queue.key("failed"), 0, -1)
+            return result
+
+        entries = await eventually(failed, 30, "the failed job")
+        recorded = await queue.redis.call("hget", queue.key("job", entries[0].decode()), "failed")
+        assert b"gone@example.com" in recorded and b"no such user here" in recorded
+
+    @deferred_test
+    async def test_unreachable_redis_answers_451(self) -> None:
+        """When Redis is unreachable, the node still answers, and the end of DATA gets 451 4.3.0 (never 250 or 5xx)."""
+        sink = LoopbackSink()
+        await self.start_node(sink, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+        result = await send(self.smtp_port, "bob@sender.test", ["alice@example.com"], body(1, "example.com"))
+        assert getattr(result, "smtp_code", None) == 451, result
+        assert b"4.3.0" in result.smtp_error
+
+    @deferred_test
+    async def test_open_relay_refused(self) -> None:
+        """When a client tries to relay to a domain the node does not serve, every recipient gets 550 5.7.1."""
+        sink = LoopbackSink()
+        await self.start_node(sink)
+        result = await send(self.smtp_port, "spam@spam.test", ["victim@elsewhere.test"], b"Subject: x\r\n\r\nx\r\n")
+        assert result.recipients == {"victim@elsewhere.test": (550, b"5.7.1 Relaying denied")}
+
+    @deferred_test
+    async def test_email_parses_after_relay(self) -> None:
+        """When a message is relayed, the primary gets a message that parses with its headers intact."""
+        sink = LoopbackSink()
+        sink.start()
+        await self.start_node(sink)
+        assert await send(self.smtp_port, "bob@sender.test", ["alice@example.org"], body(7, "example.org")) == {}
+        await wait_for(lambda: len(sink.messages) == 1, 30, "the delivery")
+        parsed = email.message_from_bytes(sink.messages[0].body)
+        assert parsed["Subject"] == "message 7"
+        assert len(parsed.get_all("Received") or []) == 1

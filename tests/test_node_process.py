@@ -1,0 +1,140 @@
+"""
+The README's way of running a node: ``relayx --config FILE`` as its own
+process, with the embedded Redis, stopped and started again.
+"""
+
+from __future__ import annotations
+
+import signal
+import smtplib
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from relayx.redis_server import free_port
+
+CONFIG = """
+[node]
+id = "proc-1"
+hostname = "mx2.relayx.test"
+data_dir = "data"
+
+[smtp]
+listen = ["tcp:{smtp}:interface=127.0.0.1"]
+
+[queue]
+retry_schedule = ["1s"]
+poll_interval = "200ms"
+
+[[domain]]
+name = "example.com"
+routes = ["smtp://127.0.0.1:{primary}"]
+recipients = "any"
+"""
+
+
+class _SinkHandler(socketserver.StreamRequestHandler):
+    """
+    Just enough SMTP to take one message: records the DATA lines.
+    """
+
+    def handle(self) -> None:
+        self.wfile.write(b"220 primary.test\r\n")
+        in_data = False
+        lines: list[bytes] = []
+        for line in self.rfile:
+            if in_data:
+                if line == b".\r\n":
+                    self.server.bodies.append(b"".join(lines))  # type: ignore[attr-defined]
+                    in_data = False
+                    self.wfile.write(b"250 2.0.0 ok\r\n")
+                else:
+                    lines.append(line)
+                continue
+            verb = line[:4].upper()
+            if verb == b"DATA":
+                in_data = True
+                self.wfile.write(b"354 go\r\n")
+            elif verb == b"QUIT":
+                self.wfile.write(b"221 bye\r\n")
+                return
+            else:
+                self.wfile.write(b"250 ok\r\n")
+
+
+def _wait_port(port: int, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"node exited: {process.stdout.read().decode() if process.stdout else ''}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listening on {port}")
+
+
+def _start(config: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "relayx", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=config.parent,
+    )
+
+
+def _stop(process: subprocess.Popen[bytes]) -> str:
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=30)
+    # twistd ends by re-raising the signal it was stopped with
+    assert process.returncode in (0, -signal.SIGTERM), output.decode()
+    return output.decode()
+
+
+def test_node_keeps_mail_across_restart_with_embedded_redis(tmp_path: Path) -> None:
+    """When a node with no Redis configured accepts mail and restarts, the mail survives and is delivered."""
+    smtp_port, primary_port = free_port(), free_port()
+    config = tmp_path / "relayx.toml"
+    config.write_text(CONFIG.format(smtp=smtp_port, primary=primary_port))
+
+    node = _start(config)
+    try:
+        _wait_port(smtp_port, node)
+        with smtplib.SMTP("127.0.0.1", smtp_port, timeout=30) as client:
+            assert client.sendmail("bob@sender.test", ["alice@example.com"], b"Subject: kept\r\n\r\nsafe\r\n") == {}
+    finally:
+        log = _stop(node)
+    assert "embedded redis-server" in log
+    aof = tmp_path / "data" / "redis" / "appendonly.aof"
+    assert b"Subject: kept" in aof.read_bytes()
+    # the embedded Redis went away with the node
+    processes = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(tmp_path) not in processes
+
+    sink = socketserver.ThreadingTCPServer(("127.0.0.1", primary_port), _SinkHandler)
+    sink.bodies = []  # type: ignore[attr-defined]
+    thread = threading.Thread(target=sink.serve_forever, daemon=True)
+    thread.start()
+    node = _start(config)
+    try:
+        deadline = time.monotonic() + 30
+        while not sink.bodies and time.monotonic() < deadline:  # type: ignore[attr-defined]
+            time.sleep(0.05)
+    finally:
+        _stop(node)
+        sink.shutdown()
+        sink.server_close()
+    [body] = sink.bodies  # type: ignore[attr-defined]
+    assert body.endswith(b"Subject: kept\r\n\r\nsafe\r\n") and body.startswith(b"Received: from ")
+
+
+def test_twistd_lists_the_plugin() -> None:
+    """When relayx is installed, `twistd --help` lists the relayx plugin."""
+    twistd = Path(sys.executable).parent / "twistd"
+    result = subprocess.run([str(twistd), "--help"], capture_output=True, text=True, timeout=60)
+    assert "relayx" in result.stdout

@@ -1,0 +1,126 @@
+"""
+The delivery scheduler and its lease keeper, on a Clock: no reactor runs.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from zope.interface.verify import verifyObject
+
+from relayx.delivery.scheduler import Scheduler
+from relayx.interfaces import IDeliverer, IDeliveryQueue, Lease, Outcome
+from tests.fakes import ManualDeliverer, ScriptedQueue
+
+
+def lease(n: int, domain: str = "example.com") -> Lease:
+    return Lease(
+        job_id=f"Q{n}.1",
+        token=100 + n,
+        expires=60.0,
+        queue_id=f"Q{n}",
+        domain=domain,
+        recipients=(f"u{n}@{domain}",),
+        attempts=1,
+        created=0.0,
+    )
+
+
+def setup(workers: int = 2) -> tuple[Clock, ScriptedQueue, ManualDeliverer, Scheduler]:
+    clock = Clock()
+    queue = ScriptedQueue()
+    deliverer = ManualDeliverer()
+    scheduler = Scheduler(
+        owner="node-a",
+        queue=queue,
+        deliverer=deliverer,
+        clock=clock,
+        workers=workers,
+        poll_interval=1.0,
+        lease_duration=60.0,
+        default_concurrency=1,
+    )
+    return clock, queue, deliverer, scheduler
+
+
+def test_fakes_provide_interfaces() -> None:
+    """When the scheduler's fakes stand in for the queue and deliverer, they provide the interfaces."""
+    assert verifyObject(IDeliveryQueue, ScriptedQueue())
+    assert verifyObject(IDeliverer, ManualDeliverer())
+
+
+def test_claims_up_to_workers_and_refills_when_one_ends() -> None:
+    """When more jobs are ready than workers, the scheduler runs `workers` at once and claims the next as one ends."""
+    _, queue, deliverer, scheduler = setup(workers=2)
+    queue.ready = [lease(1), lease(2), lease(3)]
+    scheduler.start()
+    assert sorted(deliverer.pending) == ["Q1", "Q2"]
+    deliverer.finish("Q1", Outcome(delivered=("u1@example.com",)))
+    assert [s[0].job_id for s in queue.settled] == ["Q1.1"]
+    # the slot was refilled at once, not at the next poll
+    assert sorted(deliverer.pending) == ["Q2", "Q3"]
+
+
+def test_polls_when_idle() -> None:
+    """When nothing is ready, the scheduler looks again every poll interval."""
+    clock, queue, deliverer, scheduler = setup()
+    scheduler.start()
+    queue.ready = [lease(1)]
+    assert deliverer.pending == {}
+    clock.advance(1)
+    assert list(deliverer.pending) == ["Q1"]
+
+
+def test_lease_renewed_during_slow_delivery() -> None:
+    """When a delivery takes longer than a third of the lease, the lease is renewed every 20 seconds."""
+    clock, queue, deliverer, scheduler = setup()
+    queue.ready = [lease(1)]
+    scheduler.start()
+    for _ in range(5):
+        clock.advance(20)
+    assert [t for _, t in queue.renewals] == [20, 40, 60, 80, 100]
+    deliverer.finish("Q1", Outcome(delivered=("u1@example.com",)))
+    clock.advance(60)
+    assert len(queue.renewals) == 5
+    [(settled, _)] = queue.settled
+    assert settled.expires == 160.0  # the renewed lease is the one settled
+
+
+def test_lost_lease_drops_outcome() -> None:
+    """When a renewal finds the token stale, renewing stops and the outcome is not settled."""
+    clock, queue, deliverer, scheduler = setup()
+    queue.ready = [lease(1)]
+    scheduler.start()
+    queue.stale.add("Q1.1")
+    clock.advance(20)
+    clock.advance(20)
+    assert queue.renewals == []
+    deliverer.finish("Q1", Outcome(delivered=("u1@example.com",)))
+    assert queue.settled == []
+
+
+def test_unanswered_renewal_retried() -> None:
+    """When Redis does not answer a renewal, the keeper tries again at the next interval."""
+    clock, queue, _, scheduler = setup()
+    queue.ready = [lease(1)]
+    scheduler.start()
+    queue.unavailable = True
+    clock.advance(20)
+    queue.unavailable = False
+    clock.advance(20)
+    assert [t for _, t in queue.renewals] == [40]
+
+
+def test_stop_waits_for_deliveries() -> None:
+    """When the scheduler stops, it claims nothing more and its stop ends once running deliveries end."""
+    _, queue, deliverer, scheduler = setup(workers=1)
+    queue.ready = [lease(1), lease(2)]
+    scheduler.start()
+    stopped: list[object] = []
+    from twisted.internet.defer import Deferred
+
+    Deferred.fromCoroutine(scheduler.stop()).addCallback(stopped.append)
+    assert not stopped
+    deliverer.finish("Q1", Outcome(delivered=("u1@example.com",)))
+    assert stopped
+    assert list(deliverer.pending) == []
+    assert [lease.job_id for lease in queue.ready] == ["Q2.1"]
