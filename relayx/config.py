@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from relayx.address import AddressError, Mailbox, normalize_domain
+from relayx.interfaces import Throttle
 
 T = TypeVar("T")
 
@@ -138,7 +139,7 @@ class DomainConfig:
     name: str
     routes: tuple[Route, ...]
     recipients: RecipientRule
-    concurrency: int
+    throttle: Throttle
 
 
 @attrs.frozen
@@ -200,7 +201,9 @@ class QueueConfig:
     lease: float
     workers: int
     poll_interval: float
-    concurrency: int
+    probe_interval: float
+    heartbeat: float
+    throttle: Throttle
 
 
 @attrs.frozen
@@ -388,6 +391,24 @@ def _address_in(domain: str, value: object) -> str:
     return mailbox.canonical
 
 
+def _rate(value: object) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    raise ValueError(f"messages per second, a number of 0 (no limit) or more, got {value!r}")
+
+
+def _duration_or_zero(value: object) -> float:
+    return 0.0 if value in ("0", "0s") else parse_duration(value)
+
+
+def _throttle(section: _Section, default: Throttle) -> Throttle:
+    return Throttle(
+        concurrency=section.get("concurrency", default.concurrency, _positive_int),
+        rate=section.get("rate", default.rate, _rate),
+        ramp_up=section.get("ramp_up", default.ramp_up, _duration_or_zero),
+    )
+
+
 def load(path: str | Path, overrides: Mapping[str, object] | None = None) -> Config:
     """
     Read and validate the TOML file at ``path``.
@@ -457,7 +478,9 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
         lease=queue.get("lease", 60.0, _positive_duration),
         workers=queue.get("workers", 8, _positive_int),
         poll_interval=queue.get("poll_interval", 1.0, _positive_duration),
-        concurrency=queue.get("concurrency", 1, _positive_int),
+        probe_interval=queue.get("probe_interval", 5.0, _positive_duration),
+        heartbeat=queue.get("heartbeat", 5.0, _positive_duration),
+        throttle=_throttle(queue, Throttle(concurrency=1, rate=0.0, ramp_up=30.0)),
     )
     if queue_config.lease < 3:
         raise queue.fail("lease", "at least '3s', so that it can be renewed in time")
@@ -487,7 +510,7 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
                 name=name,
                 routes=section.require("routes", _routes),
                 recipients=section.require("recipients", _recipient_rule(name, base)),
-                concurrency=section.get("concurrency", queue_config.concurrency, _positive_int),
+                throttle=_throttle(section, queue_config.throttle),
             )
         )
         section.finish()

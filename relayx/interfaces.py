@@ -74,6 +74,30 @@ class Lease:
 
 
 @attrs.frozen
+class Throttle:
+    """
+    How hard a destination may be driven, across the whole cluster:
+    deliveries at once, messages per second (0: no limit), and how long a
+    destination that just came back takes to reach that pace.
+    """
+
+    concurrency: int
+    rate: float = 0.0
+    ramp_up: float = 0.0
+
+
+@attrs.frozen
+class Claim:
+    """
+    The leases a claim took, and when a rate-limited domain will have room
+    again (``None``: no domain is waiting for its rate).
+    """
+
+    leases: tuple[Lease, ...]
+    wake: float | None = None
+
+
+@attrs.frozen
 class StoredMessage:
     sender: str
     body: bytes = attrs.field(repr=False)
@@ -95,6 +119,27 @@ class Outcome:
     unreachable: str | None = None
 
 
+@attrs.frozen
+class NodeStatus:
+    node: str
+    last_seen: float
+    hostname: str
+    leases: tuple[str, ...]
+
+
+@attrs.frozen
+class DomainState:
+    domain: str
+    ready: int
+    in_flight: int
+    held: bool
+    hold_start: float | None
+    hold_end: float | None
+    paused_until: float | None
+    last_error: str
+    release_rate: float
+
+
 class IMessageStore(Interface):
     """
     Where accepted mail is committed before the ``250`` to DATA.
@@ -113,12 +158,13 @@ class IDeliveryQueue(Interface):
     """
 
     def claim(
-        owner: str, now: float, limit: int, concurrency: Mapping[str, int], default_concurrency: int
-    ) -> Awaitable[list[Lease]]:
+        owner: str, now: float, limit: int, throttles: Mapping[str, Throttle], default: Throttle
+    ) -> Awaitable[Claim]:
         """
         Lease up to ``limit`` ready jobs, in each domain's acceptance order,
-        without exceeding a domain's concurrency across the cluster.
-        Expired leases and due retries are returned to their queues first.
+        within each domain's throttle across the cluster; held and paused
+        domains get none. Expired leases and due retries are returned to
+        their queues first.
         """
 
     def renew(lease: Lease, now: float) -> Awaitable[Lease]:
@@ -137,6 +183,24 @@ class IDeliveryQueue(Interface):
         are done, deferred ones wait for their retry, and an unreachable
         destination pauses its domain. Returns what became of the job
         (``done``, ``failed``, ``deferred`` or ``paused``); raises ``StaleLease``.
+        """
+
+
+    def failing_domains() -> Awaitable[list[str]]:
+        """
+        The domains whose destination is failing (paused after a failure).
+        """
+
+    def take_probe(domain: str, owner: str, interval: float) -> Awaitable[bool]:
+        """
+        Whether this node is the one to probe ``domain`` now: at most one
+        probe per interval across the cluster.
+        """
+
+    def resume(domain: str, now: float) -> Awaitable[bool]:
+        """
+        The domain's destination is up again: end its pause so its queue
+        goes at once (with a ramp-up). Returns whether it was paused.
         """
 
 
@@ -159,4 +223,45 @@ class IDeliverer(Interface):
     def deliver(domain: str, sender: str, recipients: tuple[str, ...], body: bytes) -> Awaitable[Outcome]:
         """
         Never raises for the destination's failures: they are in the outcome.
+        """
+
+    def probe(domain: str) -> Awaitable[str | None]:
+        """
+        Whether the domain's destination answers (greeting and EHLO):
+        ``None`` if it does, else why not.
+        """
+
+
+class IQueueAdmin(Interface):
+    """
+    What an operator does to the queue: hold and release domains, see the
+    nodes and what a domain's queue holds.
+    """
+
+    def hold(domain: str, now: float, start: float | None = None, end: float | None = None) -> Awaitable[None]:
+        """
+        Accept and queue mail for ``domain`` but deliver none: from ``start``
+        (default: now) until ``end`` (default: until released). Time held does
+        not count against the retention of the domain's mail.
+        """
+
+    def release(domain: str, now: float, rate: float = 0.0) -> Awaitable[bool]:
+        """
+        End or cancel the hold; with ``rate``, drain the backlog at no more
+        than that many messages per second. Returns whether it was held.
+        """
+
+    def heartbeat(node: str, now: float, keep: float, info: Mapping[str, str]) -> Awaitable[None]:
+        """
+        Record that ``node`` is alive; nodes silent for ``keep`` seconds are dropped.
+        """
+
+    def nodes(now: float, keep: float) -> Awaitable[list[NodeStatus]]:
+        """
+        The live nodes and the jobs each one holds a lease on.
+        """
+
+    def domain_state(domain: str, now: float) -> Awaitable[DomainState]:
+        """
+        The domain's queue: ready and in-flight counts, hold and pause.
         """

@@ -5,6 +5,7 @@ sources of time and randomness, and connects them.
 
 from __future__ import annotations
 
+import os
 import random
 import secrets
 import socket
@@ -15,13 +16,15 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import HostnameEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
-from twisted.internet.task import deferLater
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relayx.config import Config
 from relayx.delivery.routes import RouteTable, dns_lookup_mx
-from relayx.delivery.scheduler import Scheduler
+from relayx import __version__
+from relayx.delivery.scheduler import Prober, Scheduler
+from relayx.interfaces import StoreUnavailable
 from relayx.delivery.smtp import SMTPDeliverer, Timeouts
 from relayx.policy import RecipientPolicy
 from relayx.queue.redis import RedisConnection, RedisQueue, connect
@@ -30,6 +33,9 @@ from relayx.smtp.client import SMTPClientProtocol
 from relayx.smtp.server import Limits, SMTPServerFactory
 
 log = Logger()
+
+#: heartbeats a node may miss before it is no longer listed as live
+NODE_SILENCE = 3
 
 
 def new_queue_id() -> str:
@@ -68,6 +74,8 @@ class RelayNode(Service):
         self.queue: RedisQueue | None = None
         self.smtp: SMTPServerFactory | None = None
         self.scheduler: Scheduler | None = None
+        self.prober: Prober | None = None
+        self.heartbeat: LoopingCall | None = None
         self.ports: list[IListeningPort] = []
         self.started: Deferred[None] = Deferred()
 
@@ -142,22 +150,34 @@ class RelayNode(Service):
             own_names=frozenset({config.node.hostname, socket.getfqdn()}),
             shuffle=random.shuffle,
         )
+        deliverer = SMTPDeliverer(
+            helo_name=d.helo_name,
+            targets=routes.targets,
+            connect=connect_smtp,
+            timeouts=Timeouts(command=d.command_timeout, data=d.data_timeout),
+        )
         self.scheduler = Scheduler(
             owner=config.node.id,
             queue=self.queue,
-            deliverer=SMTPDeliverer(
-                helo_name=d.helo_name,
-                targets=routes.targets,
-                connect=connect_smtp,
-                timeouts=Timeouts(command=d.command_timeout, data=d.data_timeout),
-            ),
+            deliverer=deliverer,
             clock=reactor,
             workers=q.workers,
             poll_interval=q.poll_interval,
             lease_duration=q.lease,
-            default_concurrency=q.concurrency,
-            concurrency={domain.name: domain.concurrency for domain in config.domains},
+            default=q.throttle,
+            throttles={domain.name: domain.throttle for domain in config.domains},
         )
+        scheduler = self.scheduler
+        self.prober = Prober(
+            owner=config.node.id,
+            queue=self.queue,
+            deliverer=deliverer,
+            clock=reactor,
+            interval=q.probe_interval,
+            resumed=lambda domain: scheduler.poll(),
+        )
+        self.heartbeat = LoopingCall(self._heartbeat)
+        self.heartbeat.clock = reactor
         for description in config.smtp.listen:
             try:
                 port_ = await serverFromString(reactor, description).listen(self.smtp)
@@ -165,8 +185,25 @@ class RelayNode(Service):
                 raise StartupError(f"{config.source}: smtp.listen: cannot listen on {description!r}: {e}") from None
             self.ports.append(port_)
             log.info("SMTP listening on {address}", address=str(port_.getHost()))
+        self.heartbeat.start(q.heartbeat, now=True)
         self.scheduler.start()
+        self.prober.start()
         log.info("relayx node {node} started", node=config.node.id)
+
+    def _heartbeat(self) -> Deferred[None]:
+        async def beat() -> None:
+            assert self.queue is not None
+            try:
+                await self.queue.heartbeat(
+                    self.config.node.id,
+                    self.reactor.seconds(),
+                    NODE_SILENCE * self.config.queue.heartbeat,
+                    {"hostname": self.config.node.hostname, "pid": str(os.getpid()), "version": __version__},
+                )
+            except StoreUnavailable as e:
+                log.warn("heartbeat not recorded: {why}", why=str(e))
+
+        return Deferred.fromCoroutine(beat())
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -182,6 +219,10 @@ class RelayNode(Service):
                 await deferLater(self.reactor, 0.1, lambda: None)
                 waited += 0.1
                 busy = [session for session in busy if not session.shut_down()]
+        if self.heartbeat is not None and self.heartbeat.running:
+            self.heartbeat.stop()
+        if self.prober is not None:
+            self.prober.stop()
         if self.scheduler is not None:
             await self.scheduler.stop()
         if self.redis is not None:

@@ -11,6 +11,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from relayx.interfaces import (
+    Claim,
     IDeliverer,
     IDeliveryQueue,
     IMessageStore,
@@ -20,6 +21,7 @@ from relayx.interfaces import (
     StaleLease,
     StoredMessage,
     StoreUnavailable,
+    Throttle,
 )
 
 
@@ -56,14 +58,28 @@ class ScriptedQueue:
         self.stale: set[str] = set()
         self.unavailable = False
         self.lease_duration = lease_duration
+        self.wake: float | None = None
+        self.failing: set[str] = set()
 
     async def claim(
-        self, owner: str, now: float, limit: int, concurrency: Mapping[str, int], default_concurrency: int
-    ) -> list[Lease]:
+        self, owner: str, now: float, limit: int, throttles: Mapping[str, Throttle], default: Throttle
+    ) -> Claim:
         if self.unavailable:
             raise StoreUnavailable("queue switched off by the test")
         taken, self.ready = self.ready[:limit], self.ready[limit:]
-        return taken
+        return Claim(tuple(taken), self.wake)
+
+    async def failing_domains(self) -> list[str]:
+        return sorted(self.failing)
+
+    async def take_probe(self, domain: str, owner: str, interval: float) -> bool:
+        return True
+
+    async def resume(self, domain: str, now: float) -> bool:
+        if domain in self.failing:
+            self.failing.discard(domain)
+            return True
+        return False
 
     async def renew(self, lease: Lease, now: float) -> Lease:
         if lease.job_id in self.stale:
@@ -91,6 +107,8 @@ class ManualDeliverer:
 
     def __init__(self) -> None:
         self.pending: dict[str, Deferred[Outcome]] = {}
+        self.probes: list[str] = []
+        self.up: set[str] = set()
 
     async def deliver(self, domain: str, sender: str, recipients: tuple[str, ...], body: bytes) -> Outcome:
         d: Deferred[Outcome] = Deferred()
@@ -99,3 +117,7 @@ class ManualDeliverer:
 
     def finish(self, queue_id: str, outcome: Outcome) -> None:
         self.pending.pop(queue_id).callback(outcome)
+
+    async def probe(self, domain: str) -> str | None:
+        self.probes.append(domain)
+        return None if domain in self.up else "connection refused"

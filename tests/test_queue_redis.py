@@ -21,9 +21,11 @@ from relayx.interfaces import (
     IDeliveryQueue,
     IMessageStore,
     IncomingMessage,
+    Lease,
     Outcome,
     StaleLease,
     StoreUnavailable,
+    Throttle,
 )
 from relayx.queue.redis import RedisConnection, RedisQueue, connect
 from relayx.redis_server import free_port
@@ -32,7 +34,14 @@ from tests.fakes import MemoryStore
 from tests.helpers import shared_redis, unique_prefix
 
 T0 = 1_800_000_000.0
-NO_LIMIT: dict[str, int] = {}
+ONE_AT_A_TIME = Throttle(concurrency=1)
+
+
+async def take(
+    q: RedisQueue, owner: str, now: float, limit: int, throttles: dict[str, Throttle] | None = None
+) -> list[Lease]:
+    claim = await q.claim(owner, now, limit, throttles or {}, ONE_AT_A_TIME)
+    return list(claim.leases)
 
 
 def message(qid: str, *rcpts: str, sender: str = "bob@sender.test", at: float = T0) -> IncomingMessage:
@@ -82,7 +91,7 @@ class RedisQueueTests(TestCase):
         q = await self.make_queue()
         for n in range(5):
             await q.enqueue(message(f"M{n}", "a@one.test", "b@one.test", "c@two.test"))
-        leases = await q.claim("node-a", T0, 100, NO_LIMIT, 1)
+        leases = await take(q, "node-a", T0, 100)
         # concurrency 1: only the head of each domain
         assert sorted((lease.domain, lease.queue_id) for lease in leases) == [("one.test", "M0"), ("two.test", "M0")]
         order = []
@@ -91,7 +100,7 @@ class RedisQueueTests(TestCase):
             assert lease.recipients == ("a@one.test", "b@one.test")
             order.append(lease.queue_id)
             assert await q.settle(lease, Outcome(delivered=lease.recipients), T0) == "done"
-            leases = await q.claim("node-a", T0, 100, NO_LIMIT, 1)
+            leases = await take(q, "node-a", T0, 100)
         assert order == ["M0", "M1", "M2", "M3", "M4"]
 
     @deferred_test
@@ -100,9 +109,9 @@ class RedisQueueTests(TestCase):
         q = await self.make_queue()
         for n in range(5):
             await q.enqueue(message(f"M{n}", "a@one.test"))
-        leases = await q.claim("node-a", T0, 100, {"one.test": 3}, 1)
+        leases = await take(q, "node-a", T0, 100, {"one.test": Throttle(3)})
         assert [lease.queue_id for lease in leases] == ["M0", "M1", "M2"]
-        assert await q.claim("node-b", T0, 100, {"one.test": 3}, 1) == []
+        assert await take(q, "node-b", T0, 100, {"one.test": Throttle(3)}) == []
 
     @deferred_test
     async def test_duplicate_queue_id_refused(self) -> None:
@@ -111,7 +120,7 @@ class RedisQueueTests(TestCase):
         await q.enqueue(message("DUP", "a@one.test"))
         with self.assertRaises(StoreUnavailable):
             await q.enqueue(message("DUP", "b@one.test"))
-        [lease] = await q.claim("n", T0, 10, NO_LIMIT, 1)
+        [lease] = await take(q, "n", T0, 10)
         assert lease.recipients == ("a@one.test",)
 
     @deferred_test
@@ -119,7 +128,7 @@ class RedisQueueTests(TestCase):
         """When every job of a message is delivered, the message and its jobs are gone from Redis."""
         q = await self.make_queue()
         await q.enqueue(message("M", "a@one.test", "b@two.test"))
-        for lease in await q.claim("n", T0, 10, NO_LIMIT, 1):
+        for lease in await take(q, "n", T0, 10):
             stored = await q.load(lease)
             assert stored.sender == "bob@sender.test"
             await q.settle(lease, Outcome(delivered=lease.recipients), T0)
@@ -132,9 +141,9 @@ class RedisQueueTests(TestCase):
         """When a lease expired and another node re-claimed the job, the first node's settle and renew are refused."""
         q = await self.make_queue(lease=10.0)
         await q.enqueue(message("M", "a@one.test"))
-        [old] = await q.claim("node-a", T0, 10, NO_LIMIT, 1)
-        assert await q.claim("node-b", T0 + 5, 10, NO_LIMIT, 1) == []
-        [new] = await q.claim("node-b", T0 + 11, 10, NO_LIMIT, 1)
+        [old] = await take(q, "node-a", T0, 10)
+        assert await take(q, "node-b", T0 + 5, 10) == []
+        [new] = await take(q, "node-b", T0 + 11, 10)
         assert new.job_id == old.job_id and new.token > old.token
         with self.assertRaises(StaleLease):
             await q.settle(old, Outcome(delivered=old.recipients), T0 + 12)
@@ -149,11 +158,11 @@ class RedisQueueTests(TestCase):
         """When a lease is renewed in time, no other node can claim the job past its first expiry."""
         q = await self.make_queue(lease=10.0)
         await q.enqueue(message("M", "a@one.test"))
-        [lease] = await q.claim("node-a", T0, 10, NO_LIMIT, 1)
+        [lease] = await take(q, "node-a", T0, 10)
         for t in (5, 10, 15, 20):
             lease = await q.renew(lease, T0 + t)
             assert lease.expires == T0 + t + 10
-            assert await q.claim("node-b", T0 + t + 1, 10, NO_LIMIT, 1) == []
+            assert await take(q, "node-b", T0 + t + 1, 10) == []
         assert await q.settle(lease, Outcome(delivered=lease.recipients), T0 + 25) == "done"
 
     @deferred_test
@@ -161,15 +170,15 @@ class RedisQueueTests(TestCase):
         """When one recipient is accepted, one deferred and one refused, the retry goes to the deferred one only."""
         q = await self.make_queue()
         await q.enqueue(message("M", "a@one.test", "b@one.test", "c@one.test"))
-        [lease] = await q.claim("n", T0, 10, NO_LIMIT, 1)
+        [lease] = await take(q, "n", T0, 10)
         outcome = Outcome(
             delivered=("a@one.test",),
             deferred=(("b@one.test", Reply(452, "4.2.2", "mailbox full")),),
             failed=(("c@one.test", Reply(550, "5.1.1", "no such user")),),
         )
         assert await q.settle(lease, outcome, T0) == "deferred"
-        assert await q.claim("n", T0 + 59, 10, NO_LIMIT, 1) == []
-        [retry] = await q.claim("n", T0 + 60, 10, NO_LIMIT, 1)
+        assert await take(q, "n", T0 + 59, 10) == []
+        [retry] = await take(q, "n", T0 + 60, 10)
         assert retry.recipients == ("b@one.test",)
         assert retry.attempts == 2
         assert await q.settle(retry, Outcome(delivered=retry.recipients), T0 + 61) == "failed"
@@ -185,19 +194,19 @@ class RedisQueueTests(TestCase):
         for n in range(3):
             await q.enqueue(message(f"M{n}", "a@one.test"))
         await q.enqueue(message("OTHER", "a@two.test"))
-        leases = await q.claim("n", T0, 10, NO_LIMIT, 1)
+        leases = await take(q, "n", T0, 10)
         head = next(lease for lease in leases if lease.domain == "one.test")
         assert await q.settle(head, Outcome(unreachable="connection refused"), T0) == "paused"
         # another domain is not held up
         other = next(lease for lease in leases if lease.domain == "two.test")
         assert await q.settle(other, Outcome(delivered=other.recipients), T0) == "done"
-        assert await q.claim("n", T0 + 59, 10, NO_LIMIT, 1) == []
-        [again] = await q.claim("n", T0 + 60, 10, NO_LIMIT, 1)
+        assert await take(q, "n", T0 + 59, 10) == []
+        [again] = await take(q, "n", T0 + 60, 10)
         assert again.queue_id == "M0"
         # the second failure waits the second step of the schedule
         assert await q.settle(again, Outcome(unreachable="connection refused"), T0 + 60) == "paused"
-        assert await q.claim("n", T0 + 359, 10, NO_LIMIT, 1) == []
-        [third] = await q.claim("n", T0 + 360, 10, NO_LIMIT, 1)
+        assert await take(q, "n", T0 + 359, 10) == []
+        [third] = await take(q, "n", T0 + 360, 10)
         assert third.queue_id == "M0"
 
     @deferred_test
@@ -207,12 +216,12 @@ class RedisQueueTests(TestCase):
         await q.enqueue(message("OLD1", "a@one.test", at=T0))
         await q.enqueue(message("OLD2", "a@one.test", at=T0 + 10))
         await q.enqueue(message("NEW", "a@one.test", at=T0 + 3000))
-        [lease] = await q.claim("n", T0 + 3700, 10, NO_LIMIT, 1)
+        [lease] = await take(q, "n", T0 + 3700, 10)
         assert lease.queue_id == "OLD1"
         assert await q.settle(lease, Outcome(unreachable="refused"), T0 + 3700) == "failed"
         failed = await q.redis.call("zrange", q.key("failed"), 0, -1)
         assert sorted(f.decode().split(".")[0] for f in failed) == ["OLD1", "OLD2"]
-        [left] = await q.claim("n", T0 + 3760, 10, NO_LIMIT, 1)
+        [left] = await take(q, "n", T0 + 3760, 10)
         assert left.queue_id == "NEW"
 
     @deferred_test
@@ -250,3 +259,124 @@ class MessageStoreContract(TestCase):
             await store.enqueue(message("SAME", "a@one.test"))
             with self.assertRaises(StoreUnavailable):
                 await store.enqueue(message("SAME", "a@one.test"))
+
+
+class ClusterQueueTests(TestCase):
+    """
+    Hold and release, throttles, ramp-up, recovery and heartbeats, at
+    explicit times against a real Redis.
+    """
+
+    make_queue = RedisQueueTests.make_queue
+
+    @deferred_test
+    async def test_hold_and_release(self) -> None:
+        """When a domain is held, mail is queued but not leased; on release it flows in order."""
+        q = await self.make_queue()
+        await q.hold("one.test", T0)
+        for n in range(3):
+            await q.enqueue(message(f"M{n}", "a@one.test", at=T0 + n))
+        await q.enqueue(message("X", "a@two.test", at=T0))
+        assert [lease.domain for lease in await take(q, "n", T0 + 10, 10)] == ["two.test"]
+        state = await q.domain_state("one.test", T0 + 10)
+        assert state.held and state.ready == 3
+        assert await q.release("one.test", T0 + 20) is True
+        [lease] = await take(q, "n", T0 + 20, 10)
+        assert lease.queue_id == "M0"
+
+    @deferred_test
+    async def test_scheduled_hold_window(self) -> None:
+        """When a hold is scheduled, mail flows before it, waits during it, and flows after its end by itself."""
+        q = await self.make_queue()
+        await q.hold("one.test", T0, start=T0 + 100, end=T0 + 200)
+        await q.enqueue(message("BEFORE", "a@one.test", at=T0))
+        [before] = await take(q, "n", T0 + 1, 10)
+        await q.settle(before, Outcome(delivered=before.recipients), T0 + 2)
+        await q.enqueue(message("DURING", "a@one.test", at=T0 + 150))
+        assert await take(q, "n", T0 + 150, 10) == []
+        assert (await q.domain_state("one.test", T0 + 150)).held
+        [after] = await take(q, "n", T0 + 200, 10)
+        assert after.queue_id == "DURING"
+        assert not (await q.domain_state("one.test", T0 + 200)).held
+
+    @deferred_test
+    async def test_time_held_does_not_count_against_retention(self) -> None:
+        """When mail sits in a hold longer than its retention, it is not expired on release: only time not held counts."""
+        q = await self.make_queue(retention=3600.0)
+        await q.enqueue(message("OLD", "a@one.test", at=T0))
+        await q.hold("one.test", T0 + 600)
+        await q.release("one.test", T0 + 600 + 7200)
+        [lease] = await take(q, "n", T0 + 7800, 10)
+        # 7800 s in the queue, 7200 of them held: 600 s old, well within an hour
+        assert await q.settle(lease, Outcome(unreachable="still down"), T0 + 7800) == "paused"
+        [again] = await take(q, "n", T0 + 7860, 10)
+        assert again.queue_id == "OLD"
+        # past an hour of time not held, it expires
+        assert await q.settle(again, Outcome(unreachable="still down"), T0 + 7200 + 3601) == "failed"
+
+    @deferred_test
+    async def test_rate_limit_token_bucket(self) -> None:
+        """When a domain is limited to 50 msg/s and claimed every 10 ms for 2 s, about 100 jobs are leased and never a burst."""
+        q = await self.make_queue()
+        for n in range(300):
+            await q.enqueue(message(f"M{n:03}", "a@one.test"))
+        throttles = {"one.test": Throttle(concurrency=1000, rate=50)}
+        taken_at: list[float] = []
+        wake = None
+        for step in range(200):
+            now = T0 + step / 100
+            claim = await q.claim("n", now, 100, throttles, ONE_AT_A_TIME)
+            taken_at += [now] * len(claim.leases)
+            wake = claim.wake
+        assert 98 <= len(taken_at) <= 103
+        for start in range(0, 100):
+            window = [t for t in taken_at if T0 + start / 100 <= t < T0 + start / 100 + 1]
+            assert len(window) <= 55
+        assert wake is not None and T0 + 1.99 < wake <= T0 + 2.03
+
+    @deferred_test
+    async def test_release_at_a_rate(self) -> None:
+        """When a held domain is released at 10 msg/s, its backlog drains at that rate, then the limit ends."""
+        q = await self.make_queue()
+        await q.hold("one.test", T0)
+        for n in range(40):
+            await q.enqueue(message(f"M{n:02}", "a@one.test"))
+        await q.release("one.test", T0 + 1, rate=10)
+        throttles = {"one.test": Throttle(concurrency=1000)}
+        taken = 0
+        for step in range(100):
+            claim = await q.claim("n", T0 + 1 + step / 100, 100, throttles, ONE_AT_A_TIME)
+            taken += len(claim.leases)
+        assert 9 <= taken <= 11
+        assert (await q.domain_state("one.test", T0 + 2)).release_rate == 10
+
+    @deferred_test
+    async def test_recovery_ramps_up(self) -> None:
+        """When a destination comes back after failing, its domain starts at one delivery at a time and ramps to its limit."""
+        q = await self.make_queue()
+        for n in range(30):
+            await q.enqueue(message(f"M{n:02}", "a@one.test"))
+        throttles = {"one.test": Throttle(concurrency=10, ramp_up=100)}
+        leased = (await q.claim("n", T0, 100, throttles, ONE_AT_A_TIME)).leases
+        assert len(leased) == 10
+        for lease in leased:
+            await q.settle(lease, Outcome(unreachable="down"), T0)
+        assert await q.failing_domains() == ["one.test"]
+        assert await q.take_probe("one.test", "node-a", 5) is True
+        assert await q.take_probe("one.test", "node-b", 5) is False
+        assert await q.resume("one.test", T0 + 10) is True
+        assert await q.failing_domains() == []
+        assert len((await q.claim("n", T0 + 10, 100, throttles, ONE_AT_A_TIME)).leases) == 1
+        assert len((await q.claim("n", T0 + 60, 100, throttles, ONE_AT_A_TIME)).leases) == 4
+        assert len((await q.claim("n", T0 + 200, 100, throttles, ONE_AT_A_TIME)).leases) == 5
+
+    @deferred_test
+    async def test_heartbeats_list_nodes_and_leases(self) -> None:
+        """When nodes heartbeat, the live ones are listed with the jobs they hold; a silent one drops out."""
+        q = await self.make_queue()
+        await q.heartbeat("node-a", T0, 15, {"hostname": "a.test"})
+        await q.heartbeat("node-b", T0 - 20, 15, {"hostname": "b.test"})
+        await q.enqueue(message("M", "a@one.test"))
+        [lease] = await take(q, "node-a", T0, 10)
+        [status] = await q.nodes(T0 + 1, 15)
+        assert (status.node, status.hostname, status.leases) == ("node-a", "a.test", (lease.job_id,))

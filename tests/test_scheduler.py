@@ -8,7 +8,7 @@ from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from relayx.delivery.scheduler import Scheduler
-from relayx.interfaces import IDeliverer, IDeliveryQueue, Lease, Outcome
+from relayx.interfaces import IDeliverer, IDeliveryQueue, Lease, Outcome, Throttle
 from tests.fakes import ManualDeliverer, ScriptedQueue
 
 
@@ -37,7 +37,7 @@ def setup(workers: int = 2) -> tuple[Clock, ScriptedQueue, ManualDeliverer, Sche
         workers=workers,
         poll_interval=1.0,
         lease_duration=60.0,
-        default_concurrency=1,
+        default=Throttle(1),
     )
     return clock, queue, deliverer, scheduler
 

@@ -13,7 +13,7 @@ from twisted.internet.testing import StringTransport
 from zope.interface.verify import verifyObject
 
 from relayx.config import AnyRecipient, DomainConfig, RecipientList, SMTPRoute
-from relayx.interfaces import IMessageStore, IRecipientPolicy
+from relayx.interfaces import IMessageStore, IRecipientPolicy, Throttle
 from relayx.policy import RecipientPolicy
 from relayx.smtp.server import Limits, SMTPServerFactory, SMTPServerProtocol
 from tests.fakes import MemoryStore
@@ -29,8 +29,8 @@ LIMITS = Limits(
 )
 
 DOMAINS = (
-    DomainConfig("example.com", (SMTPRoute("127.0.0.1", 2526),), AnyRecipient(), 1),
-    DomainConfig("listed.test", (SMTPRoute("127.0.0.1", 2526),), RecipientList(frozenset({"alice@listed.test"})), 1),
+    DomainConfig("example.com", (SMTPRoute("127.0.0.1", 2526),), AnyRecipient(), Throttle(1)),
+    DomainConfig("listed.test", (SMTPRoute("127.0.0.1", 2526),), RecipientList(frozenset({"alice@listed.test"})), Throttle(1)),
 )
 
 

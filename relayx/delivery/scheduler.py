@@ -9,7 +9,7 @@ takes the jobs back (``claim.lua``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
-from relayx.interfaces import IDeliverer, IDeliveryQueue, Lease, Outcome, StaleLease, StoreUnavailable
+from relayx.interfaces import IDeliverer, IDeliveryQueue, Lease, Outcome, StaleLease, StoreUnavailable, Throttle
 
 log = Logger()
 
@@ -145,10 +145,11 @@ class Scheduler:
     workers: int
     poll_interval: float
     lease_duration: float
-    default_concurrency: int
-    concurrency: Mapping[str, int] = field(default_factory=dict)
+    default: Throttle
+    throttles: Mapping[str, Throttle] = field(default_factory=dict)
     _active: dict[str, Deferred[None]] = field(default_factory=dict)
     _loop: LoopingCall | None = None
+    _wake: IDelayedCall | None = None
     _claiming: bool = False
     _stopping: bool = False
 
@@ -165,6 +166,8 @@ class Scheduler:
         self._stopping = True
         if self._loop is not None and self._loop.running:
             self._loop.stop()
+        if self._wake is not None and self._wake.active():
+            self._wake.cancel()
         await DeferredList(list(self._active.values()))
 
     @property
@@ -187,18 +190,31 @@ class Scheduler:
 
     async def _claim(self) -> bool:
         room = self.workers - self.active
+        now = self.clock.seconds()
         try:
-            leases = await self.queue.claim(
-                self.owner, self.clock.seconds(), room, self.concurrency, self.default_concurrency
-            )
+            claim = await self.queue.claim(self.owner, now, room, self.throttles, self.default)
         except StoreUnavailable as e:
             log.warn("cannot claim deliveries: {why}", why=str(e))
             return False
-        for lease in leases:
+        for lease in claim.leases:
             d = Deferred.fromCoroutine(self._attempt(lease))
             self._active[lease.job_id] = d
             d.addBoth(self._ended, lease.job_id)
-        return len(leases) == room
+        if claim.wake is not None:
+            self._wake_at(claim.wake)
+        return len(claim.leases) == room
+
+    def _wake_at(self, when: float) -> None:
+        """
+        Claim again when a rate-limited domain has its next token, rather
+        than at the next poll.
+        """
+        delay = max(0.001, when - self.clock.seconds())
+        if self._wake is not None and self._wake.active():
+            if self._wake.getTime() <= self.clock.seconds() + delay:
+                return
+            self._wake.cancel()
+        self._wake = self.clock.callLater(delay, self.poll)
 
     def _ended(self, result: object, job_id: str) -> None:
         del self._active[job_id]
@@ -255,3 +271,65 @@ class Scheduler:
                     log.error("job {job} not settled: {why}", job=lease.job_id, why=str(e))
                     return
                 await deferLater(self.clock, 1, lambda: None)
+
+
+@dataclass
+class Prober:
+    """
+    Watches failing destinations: every ``interval``, one node of the cluster
+    checks each one (greeting and EHLO), and the first success ends the
+    domain's pause, so its queue replays at once instead of after its backoff.
+    """
+
+    owner: str
+    queue: IDeliveryQueue
+    deliverer: IDeliverer
+    clock: IReactorTime
+    interval: float
+    resumed: Callable[[str], None]
+    _loop: LoopingCall | None = None
+    _probing: set[str] = field(default_factory=set)
+
+    def start(self) -> None:
+        self._loop = LoopingCall(self.check)
+        self._loop.clock = self.clock
+        # look often; the cluster-wide lock keeps it to one probe per interval
+        self._loop.start(min(1.0, self.interval), now=False)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    def check(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._check())
+
+    async def _check(self) -> None:
+        try:
+            failing = await self.queue.failing_domains()
+        except StoreUnavailable:
+            return
+        for domain in failing:
+            if domain in self._probing:
+                continue
+            self._probing.add(domain)
+            Deferred.fromCoroutine(self._probe(domain))
+
+    async def _probe(self, domain: str) -> None:
+        try:
+            await self._probe_once(domain)
+        finally:
+            self._probing.discard(domain)
+
+    async def _probe_once(self, domain: str) -> None:
+        try:
+            if not await self.queue.take_probe(domain, self.owner, self.interval):
+                return
+            why = await self.deliverer.probe(domain)
+            if why is not None:
+                log.info("probe of {domain}: still down: {why}", domain=domain, why=why)
+                return
+            if await self.queue.resume(domain, self.clock.seconds()):
+                log.info("probe of {domain}: destination is back, replaying its queue", domain=domain)
+                self.resumed(domain)
+        except StoreUnavailable as e:
+            log.warn("probe of {domain} not recorded: {why}", domain=domain, why=str(e))

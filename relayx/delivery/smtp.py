@@ -10,6 +10,7 @@ for a retry.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import attrs
 from twisted.logger import Logger
@@ -20,6 +21,7 @@ from relayx.reply import Reply
 from relayx.smtp.client import ConversationError, SMTPClientProtocol, dot_stuff
 
 log = Logger()
+T = TypeVar("T")
 
 Connect = Callable[[str, int], Awaitable[SMTPClientProtocol]]
 Targets = Callable[[str], Awaitable[Sequence[tuple[str, int]]]]
@@ -50,10 +52,32 @@ class SMTPDeliverer:
         self._timeouts = timeouts
 
     async def deliver(self, domain: str, sender: str, recipients: tuple[str, ...], body: bytes) -> Outcome:
+        async def transaction(conn: SMTPClientProtocol, where: str) -> Outcome:
+            return await self._transaction(conn, where, sender, recipients, body)
+
+        result = await self._first_answer(domain, transaction)
+        return Outcome(unreachable=result) if isinstance(result, str) else result
+
+    async def probe(self, domain: str) -> str | None:
+        async def hello(conn: SMTPClientProtocol, where: str) -> bool:
+            await self._hello(conn)
+            await self._quit(conn)
+            return True
+
+        result = await self._first_answer(domain, hello)
+        return result if isinstance(result, str) else None
+
+    async def _first_answer(
+        self, domain: str, attempt: Callable[[SMTPClientProtocol, str], Awaitable[T]]
+    ) -> T | str:
+        """
+        ``attempt`` on the domain's hosts in order until one answers; if
+        none does, why (one reason per host).
+        """
         try:
             targets = await self._targets(domain)
         except Exception as e:
-            return Outcome(unreachable=f"no destination for {domain}: {e}")
+            return f"no destination for {domain}: {e}"
         reasons = []
         for host, port in targets:
             where = f"{host}:{port}"
@@ -63,12 +87,28 @@ class SMTPDeliverer:
                 reasons.append(f"{where}: {e}")
                 continue
             try:
-                return await self._transaction(connection, where, sender, recipients, body)
+                return await attempt(connection, where)
             except (_TryNext, ConversationError) as e:
                 reasons.append(f"{where}: {e}")
             finally:
                 connection.close()
-        return Outcome(unreachable="; ".join(reasons) or f"no destination for {domain}")
+        return "; ".join(reasons) or f"no destination for {domain}"
+
+    async def _hello(self, conn: SMTPClientProtocol) -> set[str]:
+        """
+        Read the greeting and say EHLO (HELO if refused); the extensions offered.
+        """
+        t = self._timeouts
+        greeting = await conn.read(t.command)
+        if not greeting.positive:
+            raise _TryNext(f"greeting {greeting}")
+        hello = await conn.command(f"EHLO {self._helo}", t.command)
+        if hello.positive:
+            return {line.split(" ")[0].upper() for line in hello.text.split("\n")[1:]}
+        hello = await conn.command(f"HELO {self._helo}", t.command)
+        if not hello.positive:
+            raise _TryNext(f"HELO {hello}")
+        return set()
 
     async def _transaction(
         self,
@@ -79,17 +119,7 @@ class SMTPDeliverer:
         body: bytes,
     ) -> Outcome:
         t = self._timeouts
-        greeting = await conn.read(t.command)
-        if not greeting.positive:
-            raise _TryNext(f"greeting {greeting}")
-        hello = await conn.command(f"EHLO {self._helo}", t.command)
-        extensions: set[str] = set()
-        if hello.positive:
-            extensions = {line.split(" ")[0].upper() for line in hello.text.split("\n")[1:]}
-        else:
-            hello = await conn.command(f"HELO {self._helo}", t.command)
-            if not hello.positive:
-                raise _TryNext(f"HELO {hello}")
+        extensions = await self._hello(conn)
 
         params = ""
         if "SIZE" in extensions:

@@ -1,4 +1,5 @@
--- claim.lua: lease ready jobs to one node, in each domain's acceptance order.
+-- claim.lua: lease ready jobs to one node, in each domain's acceptance order,
+-- within each domain's cluster-wide concurrency and rate.
 --
 -- KEYS[1]  <p>:domains    set of domains that have ready jobs
 -- KEYS[2]  <p>:deferred   zset jid -> due time (ms) of jobs waiting for a retry
@@ -9,19 +10,22 @@
 -- ARGV[3]  lease duration (ms)
 -- ARGV[4]  owner (node id)
 -- ARGV[5]  most jobs to lease
--- ARGV[6]  default per-domain concurrency (cluster-wide)
--- ARGV[7]  JSON object domain -> concurrency, for domains configured otherwise
+-- ARGV[6]  JSON default throttle {"c": concurrency, "r": messages/s (0: no limit), "u": ramp-up ms}
+-- ARGV[7]  JSON object domain -> throttle, for domains configured otherwise
 -- ARGV[8]  where to start in the domain list (random, for fairness)
 -- ARGV[9]  most deferred jobs and expired leases to move per call
+-- Returns {leases, wake}: each lease {jid, token, expires, qid, domain, owed, attempts,
+-- created}, and the earliest time (ms) a rate-limited domain gets its next token (0: none).
 --
 -- Invariant (with enqueue.lua): a job is in exactly one of ready, deferred, leased
 -- or failed; a leased job has a token no earlier lease had, so settle.lua and
 -- renew.lua refuse whoever held it before. A domain never has more leased jobs
--- than its concurrency, and a paused domain (<p>:dom:<d> paused_until) gets none.
+-- than its concurrency, never takes more than its token bucket allows, and a
+-- paused or held domain gets none.
 
 local prefix, now, lease_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local owner, limit, default_conc = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
-local conc = cjson.decode(ARGV[7])
+local owner, limit = ARGV[4], tonumber(ARGV[5])
+local default, throttles = cjson.decode(ARGV[6]), cjson.decode(ARGV[7])
 local start, batch = tonumber(ARGV[8]), tonumber(ARGV[9])
 
 local function requeue(jid)
@@ -47,7 +51,37 @@ for _, jid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 
   if domain then redis.call('ZREM', prefix .. ':inflight:' .. domain, jid) end
 end
 
-local claimed = {}
+-- how many jobs the domain may start now (at most `room`), and when it may
+-- start the next if its rate is what stops it (0: not the rate)
+local function allowance(dom, domain, inflight, room)
+  local t = throttles[domain] or default
+  local s = redis.call('HMGET', dom, 'recovered_at', 'release_rate', 'tokens', 'tokens_at')
+  local cap, rate = t.c, t.r
+  local release = tonumber(s[2] or '0')
+  if release > 0 and (rate == 0 or release < rate) then rate = release end
+  local recovered = tonumber(s[1] or '0')
+  if recovered > 0 and t.u > 0 and now - recovered < t.u then
+    -- ramp-up: a destination that just came back starts at a tenth of its pace
+    local share = math.max(0.1, (now - recovered) / t.u)
+    cap = math.max(1, math.floor(cap * share))
+    rate = rate * share
+  end
+  local slots = math.min(cap - inflight, room)
+  if slots <= 0 then return 0, 0 end
+  if rate <= 0 then return slots, 0 end
+  local burst = math.max(1, rate / 20)
+  local tokens = tonumber(s[3] or tostring(burst))
+  local at = tonumber(s[4] or tostring(now))
+  tokens = math.min(burst, tokens + math.max(0, now - at) * rate / 1000)
+  local take = math.min(slots, math.floor(tokens))
+  tokens = tokens - take
+  redis.call('HSET', dom, 'tokens', tostring(tokens), 'tokens_at', now)
+  local wake = 0
+  if take < slots then wake = now + math.ceil((1 - tokens) * 1000 / rate) end
+  return take, wake
+end
+
+local claimed, wake = {}, 0
 local domains = redis.call('SMEMBERS', KEYS[1])
 local n = #domains
 for i = 0, n - 1 do
@@ -55,27 +89,32 @@ for i = 0, n - 1 do
   local domain = domains[((start + i) % n) + 1]
   local ready = prefix .. ':ready:' .. domain
   local inflight = prefix .. ':inflight:' .. domain
+  local dom = prefix .. ':dom:' .. domain
   if redis.call('ZCARD', ready) == 0 then
     redis.call('SREM', KEYS[1], domain)
+    redis.call('HDEL', dom, 'release_rate')
   else
-    local paused = tonumber(redis.call('HGET', prefix .. ':dom:' .. domain, 'paused_until') or '0')
-    local slots = (conc[domain] or default_conc) - redis.call('ZCARD', inflight)
-    if paused <= now and slots > 0 then
-      slots = math.min(slots, limit - #claimed)
-      for _, jid in ipairs(redis.call('ZRANGE', ready, 0, slots - 1)) do
-        local job = prefix .. ':job:' .. jid
-        local token = redis.call('INCR', KEYS[4])
-        local expires = now + lease_ms
-        redis.call('ZREM', ready, jid)
-        redis.call('HSET', job, 'token', token, 'owner', owner, 'expires', expires)
-        local attempts = redis.call('HINCRBY', job, 'attempts', 1)
-        redis.call('ZADD', KEYS[3], expires, jid)
-        redis.call('ZADD', inflight, expires, jid)
-        local qid, owed, created = unpack(redis.call('HMGET', job, 'qid', 'owed', 'created'))
-        claimed[#claimed + 1] = {jid, token, expires, qid, domain, owed, attempts, created}
+    local held = held_clock(dom, now)
+    local paused = tonumber(redis.call('HGET', dom, 'paused_until') or '0')
+    if not held and paused <= now then
+      local take, next_token = allowance(dom, domain, redis.call('ZCARD', inflight), limit - #claimed)
+      if next_token > 0 and (wake == 0 or next_token < wake) then wake = next_token end
+      if take > 0 then
+        for _, jid in ipairs(redis.call('ZRANGE', ready, 0, take - 1)) do
+          local job = prefix .. ':job:' .. jid
+          local token = redis.call('INCR', KEYS[4])
+          local expires = now + lease_ms
+          redis.call('ZREM', ready, jid)
+          redis.call('HSET', job, 'token', token, 'owner', owner, 'expires', expires)
+          local attempts = redis.call('HINCRBY', job, 'attempts', 1)
+          redis.call('ZADD', KEYS[3], expires, jid)
+          redis.call('ZADD', inflight, expires, jid)
+          local qid, owed, created = unpack(redis.call('HMGET', job, 'qid', 'owed', 'created'))
+          claimed[#claimed + 1] = {jid, token, expires, qid, domain, owed, attempts, created}
+        end
+        if redis.call('ZCARD', ready) == 0 then redis.call('SREM', KEYS[1], domain) end
       end
-      if redis.call('ZCARD', ready) == 0 then redis.call('SREM', KEYS[1], domain) end
     end
   end
 end
-return claimed
+return {claimed, wake}

@@ -12,10 +12,12 @@
 --
 -- Invariant: every job hash <p>:job:<jid> is in exactly one of <p>:ready:<domain>,
 -- <p>:deferred, <p>:leased (and <p>:inflight:<domain>) or <p>:failed, and the
--- message's "jobs" field counts the job hashes that still exist.
+-- message's "jobs" field counts the job hashes that still exist. A job records
+-- its domain's held time at acceptance (held_base), so that time held later
+-- does not count against its retention.
 -- Per-domain keys are built from the prefix: standalone or Sentinel Redis, not Redis Cluster.
 
-local prefix, qid, now = ARGV[1], ARGV[2], ARGV[3]
+local prefix, qid, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 if redis.call('EXISTS', KEYS[3]) == 1 then
   return redis.error_reply('DUPLICATE queue id ' .. qid)
 end
@@ -25,9 +27,10 @@ for i = 1, njobs do
   local domain, rcpts = ARGV[4 + 2 * i], ARGV[5 + 2 * i]
   local jid = qid .. '.' .. i
   local seq = redis.call('INCR', KEYS[1])
+  local _, held_base = held_clock(prefix .. ':dom:' .. domain, now)
   redis.call('HSET', prefix .. ':job:' .. jid,
     'qid', qid, 'domain', domain, 'rcpts', rcpts, 'owed', rcpts, 'failed', '[]',
-    'seq', seq, 'created', now, 'attempts', 0, 'token', 0)
+    'seq', seq, 'created', now, 'held_base', held_base, 'attempts', 0, 'token', 0)
   redis.call('ZADD', prefix .. ':ready:' .. domain, seq, jid)
   redis.call('SADD', KEYS[2], domain)
 end

@@ -22,7 +22,12 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from relayx.interfaces import (
+    Claim,
+    DomainState,
     IDeliveryQueue,
+    IQueueAdmin,
+    NodeStatus,
+    Throttle,
     IMessageStore,
     IncomingMessage,
     Lease,
@@ -36,8 +41,13 @@ from relayx.reply import Reply
 log = Logger()
 
 
-def _script(name: str) -> bytes:
-    return files("relayx.queue").joinpath(name).read_bytes()
+def _script(name: str, prelude: bool = False) -> bytes:
+    """
+    A script's source; with ``prelude``, after the shared helpers of ``common.lua``.
+    """
+    folder = files("relayx.queue")
+    source = folder.joinpath(name).read_bytes()
+    return folder.joinpath("common.lua").read_bytes() + b"\n" + source if prelude else source
 
 
 def _ms(seconds: float) -> int:
@@ -46,6 +56,10 @@ def _ms(seconds: float) -> int:
 
 def _text(value: object) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _throttle(t: Throttle) -> str:
+    return json.dumps({"c": t.concurrency, "r": t.rate, "u": _ms(t.ramp_up)})
 
 
 def _failures(entries: tuple[tuple[str, Reply], ...]) -> str:
@@ -70,12 +84,12 @@ class RedisConnection:
         # txredisapi keeps the live connection count on the handler's factory
         return bool(getattr(getattr(self._pool, "_factory", None), "size", 0))
 
-    async def call(self, method: str, *args: Any) -> Any:
+    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         from txredisapi import ResponseError
 
         if not self.connected:
             raise StoreUnavailable(f"not connected to Redis at {self.where}")
-        d: Deferred[Any] = getattr(self._pool, method)(*args)
+        d: Deferred[Any] = getattr(self._pool, method)(*args, **kwargs)
         d.addTimeout(self._timeout, self._clock)
         try:
             return await d
@@ -124,16 +138,20 @@ async def connect(
     return RedisConnection(pool, clock, timeout, f"{host}:{port}")
 
 
-@implementer(IMessageStore, IDeliveryQueue)
+@implementer(IMessageStore, IDeliveryQueue, IQueueAdmin)
 class RedisQueue:
     """
     Messages, jobs and leases under ``prefix`` in one Redis database.
     """
 
-    _ENQUEUE = _script("enqueue.lua")
-    _CLAIM = _script("claim.lua")
+    _ENQUEUE = _script("enqueue.lua", prelude=True)
+    _CLAIM = _script("claim.lua", prelude=True)
     _RENEW = _script("renew.lua")
-    _SETTLE = _script("settle.lua")
+    _SETTLE = _script("settle.lua", prelude=True)
+    _HOLD = _script("hold.lua", prelude=True)
+    _RELEASE = _script("release.lua", prelude=True)
+    _RESUME = _script("resume.lua")
+    _HEARTBEAT = _script("heartbeat.lua")
 
     def __init__(
         self,
@@ -175,9 +193,9 @@ class RedisQueue:
         owner: str,
         now: float,
         limit: int,
-        concurrency: Mapping[str, int],
-        default_concurrency: int,
-    ) -> list[Lease]:
+        throttles: Mapping[str, Throttle],
+        default: Throttle,
+    ) -> Claim:
         keys = [self.key("domains"), self.key("deferred"), self.key("leased"), self.key("fence")]
         args = [
             self.prefix,
@@ -185,13 +203,13 @@ class RedisQueue:
             _ms(self.lease),
             owner,
             limit,
-            default_concurrency,
-            json.dumps(dict(concurrency)) if concurrency else "{}",
+            _throttle(default),
+            "{" + ",".join(f"{json.dumps(d)}:{_throttle(t)}" for d, t in throttles.items()) + "}",
             self._randrange(1 << 30),
             self._batch,
         ]
-        rows = await self.redis.call("eval", self._CLAIM, keys, args)
-        return [
+        rows, wake = await self.redis.call("eval", self._CLAIM, keys, args)
+        leases = tuple(
             Lease(
                 job_id=_text(jid),
                 token=int(token),
@@ -203,7 +221,8 @@ class RedisQueue:
                 created=int(created) / 1000,
             )
             for jid, token, expires, qid, domain, owed, attempts, created in rows
-        ]
+        )
+        return Claim(leases, int(wake) / 1000 if int(wake) else None)
 
     async def renew(self, lease: Lease, now: float) -> Lease:
         expires = now + self.lease
@@ -228,6 +247,7 @@ class RedisQueue:
             self.key("domains"),
             self.key("dom", lease.domain),
             self.key("msg", lease.queue_id),
+            self.key("paused"),
         ]
         args = [
             lease.job_id,
@@ -242,3 +262,77 @@ class RedisQueue:
             self.prefix,
         ]
         return _text(await self.redis.call("eval", self._SETTLE, keys, args))
+
+    async def failing_domains(self) -> list[str]:
+        return [_text(d) for d in await self.redis.call("zrange", self.key("paused"), 0, -1)]
+
+    async def take_probe(self, domain: str, owner: str, interval: float) -> bool:
+        taken = await self.redis.call("set", self.key("probe", domain), owner, None, _ms(interval), True)
+        return bool(taken)
+
+    async def resume(self, domain: str, now: float) -> bool:
+        keys = [self.key("dom", domain), self.key("paused")]
+        return bool(int(await self.redis.call("eval", self._RESUME, keys, [_ms(now), domain])))
+
+    # -- operations (IQueueAdmin) ------------------------------------------
+
+    async def hold(self, domain: str, now: float, start: float | None = None, end: float | None = None) -> None:
+        keys = [self.key("dom", domain), self.key("held")]
+        args = [_ms(now), _ms(start or 0), _ms(end or 0), domain]
+        await self.redis.call("eval", self._HOLD, keys, args)
+
+    async def release(self, domain: str, now: float, rate: float = 0.0) -> bool:
+        keys = [self.key("dom", domain), self.key("held")]
+        return bool(int(await self.redis.call("eval", self._RELEASE, keys, [_ms(now), rate, domain])))
+
+    async def heartbeat(self, node: str, now: float, keep: float, info: Mapping[str, str]) -> None:
+        keys = [self.key("nodes"), self.key("node", node)]
+        args: list[object] = [node, _ms(now), _ms(keep)]
+        for field, value in info.items():
+            args += [field, value]
+        await self.redis.call("eval", self._HEARTBEAT, keys, args)
+
+    async def nodes(self, now: float, keep: float) -> list[NodeStatus]:
+        """
+        The nodes heard from within ``keep`` seconds, with the jobs each holds.
+        """
+        rows = await self.redis.call("zrangebyscore", self.key("nodes"), _ms(now - keep), "+inf", withscores=True)
+        leases: dict[str, list[str]] = {}
+        for jid in await self.redis.call("zrange", self.key("leased"), 0, -1):
+            owner = await self.redis.call("hget", self.key("job", _text(jid)), "owner")
+            if owner:
+                leases.setdefault(_text(owner), []).append(_text(jid))
+        result = []
+        for node, seen in rows:
+            info = await self.redis.call("hgetall", self.key("node", _text(node)))
+            fields = {_text(k): _text(v) for k, v in (info or {}).items()}
+            result.append(
+                NodeStatus(
+                    node=_text(node),
+                    last_seen=float(seen) / 1000,
+                    hostname=fields.get("hostname", ""),
+                    leases=tuple(leases.get(_text(node), ())),
+                )
+            )
+        return result
+
+    async def domain_state(self, domain: str, now: float) -> DomainState:
+        """
+        What the queue holds for ``domain`` and why it is not moving, if it is not.
+        """
+        fields = await self.redis.call("hgetall", self.key("dom", domain))
+        state = {_text(k): _text(v) for k, v in (fields or {}).items()}
+        ready = await self.redis.call("zcard", self.key("ready", domain))
+        inflight = await self.redis.call("zcard", self.key("inflight", domain))
+        start = float(state.get("hold_start", 0)) / 1000
+        return DomainState(
+            domain=domain,
+            ready=int(ready),
+            in_flight=int(inflight),
+            held=state.get("held") == "1" or 0 < start <= now,
+            hold_start=start or None,
+            hold_end=float(state.get("hold_end", 0)) / 1000 or None,
+            paused_until=float(state.get("paused_until", 0)) / 1000 or None,
+            last_error=state.get("last_error", ""),
+            release_rate=float(state.get("release_rate", 0)),
+        )

@@ -7,8 +7,9 @@
 -- KEYS[5]  <p>:failed        zset jid -> time, jobs with failed recipients (for the DSN)
 -- KEYS[6]  <p>:ready:<domain>
 -- KEYS[7]  <p>:domains
--- KEYS[8]  <p>:dom:<domain>  domain state: paused_until, failures, last_error
+-- KEYS[8]  <p>:dom:<domain>  domain state (see common.lua)
 -- KEYS[9]  <p>:msg:<qid>
+-- KEYS[10] <p>:paused        zset domain -> paused_until, the domains whose destination is failing
 -- ARGV[1]  jid
 -- ARGV[2]  the lease's fencing token
 -- ARGV[3]  now (ms)
@@ -16,26 +17,38 @@
 -- ARGV[5]  JSON array of [recipient, code, status, text] refused permanently
 -- ARGV[6]  JSON array of [recipient, code, status, text] refused temporarily
 -- ARGV[7]  why the destination was unreachable, or "" when it answered
--- ARGV[8]  retention (ms): a job older than this is failed rather than retried
+-- ARGV[8]  retention (ms): a job older than this (not counting time held) fails
 -- ARGV[9]  retry schedule (ms), comma-separated; the last step repeats
 -- ARGV[10] key prefix
+-- Returns "done", "failed", "deferred" or "paused".
 --
 -- Invariant: as in enqueue.lua. Only the current token's holder settles; recipients
 -- once accepted or failed are never owed again, so a retry resends only to the rest.
--- Returns "done", "failed", "deferred" or "paused".
+-- A domain is in <p>:paused exactly while its paused_until is set.
 
 local jid, token, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 if redis.call('HGET', KEYS[1], 'token') ~= token then
   return redis.error_reply('STALE lease token')
 end
 local retention, prefix = tonumber(ARGV[8]), ARGV[10]
+local domain = redis.call('HGET', KEYS[1], 'domain')
 local schedule = {}
 for step in string.gmatch(ARGV[9], '[^,]+') do schedule[#schedule + 1] = tonumber(step) end
 local function step(n) return schedule[math.max(1, math.min(n, #schedule))] end
+local _, held_now = held_clock(KEYS[8], now)
 
 redis.call('ZREM', KEYS[2], jid)
 redis.call('ZREM', KEYS[3], jid)
 redis.call('HSET', KEYS[1], 'token', 0, 'owner', '')
+
+-- the destination answered: it is up, whatever it said about these recipients
+local function destination_up()
+  if redis.call('HEXISTS', KEYS[8], 'failures') == 1 then
+    redis.call('HSET', KEYS[8], 'recovered_at', now)
+  end
+  redis.call('HDEL', KEYS[8], 'paused_until', 'failures', 'last_error')
+  redis.call('ZREM', KEYS[10], domain)
+end
 
 local done = {}
 for _, rcpt in ipairs(cjson.decode(ARGV[4])) do done[rcpt] = true end
@@ -59,6 +72,12 @@ local function finish(job, jobid, failures)
   return 'done'
 end
 
+-- whether a job has outlived its retention, time held not counted
+local function expired(job)
+  local created, base = unpack(redis.call('HMGET', job, 'created', 'held_base'))
+  return tonumber(created) + retention + (held_now - tonumber(base or '0')) <= now
+end
+
 -- what is still owed fails once the job has outlived its retention
 local function expire(job, jobid, owed, failures, why)
   for _, rcpt in ipairs(owed) do
@@ -72,7 +91,7 @@ for _, rcpt in ipairs(cjson.decode(redis.call('HGET', KEYS[1], 'owed'))) do
   if not done[rcpt] then owed[#owed + 1] = rcpt end
 end
 if #owed == 0 then
-  if ARGV[7] == '' then redis.call('HDEL', KEYS[8], 'paused_until', 'failures', 'last_error') end
+  if ARGV[7] == '' then destination_up() end
   return finish(KEYS[1], jid, failed)
 end
 redis.call('HSET', KEYS[1], 'owed', cjson.encode(owed), 'failed', cjson.encode(failed))
@@ -82,15 +101,18 @@ if unreachable ~= '' then
   -- the destination is down: the job keeps its place at the head and the
   -- whole domain waits, so acceptance order survives the outage
   local failures = redis.call('HINCRBY', KEYS[8], 'failures', 1)
-  redis.call('HSET', KEYS[8], 'paused_until', now + step(failures), 'last_error', unreachable)
+  local until_ms = now + step(failures)
+  redis.call('HSET', KEYS[8], 'paused_until', until_ms, 'last_error', unreachable)
+  redis.call('HDEL', KEYS[8], 'recovered_at')
+  redis.call('ZADD', KEYS[10], until_ms, domain)
   redis.call('HSET', KEYS[1], 'error', unreachable)
   redis.call('ZADD', KEYS[6], redis.call('HGET', KEYS[1], 'seq'), jid)
-  redis.call('SADD', KEYS[7], redis.call('HGET', KEYS[1], 'domain'))
+  redis.call('SADD', KEYS[7], domain)
   -- jobs at the head of the queue that outlived their retention fail now
   local result = 'paused'
   for _, head in ipairs(redis.call('ZRANGE', KEYS[6], 0, 99)) do
     local job = prefix .. ':job:' .. head
-    if tonumber(redis.call('HGET', job, 'created')) + retention > now then break end
+    if not expired(job) then break end
     redis.call('ZREM', KEYS[6], head)
     local r = expire(job, head, cjson.decode(redis.call('HGET', job, 'owed')),
       cjson.decode(redis.call('HGET', job, 'failed')), unreachable)
@@ -99,13 +121,12 @@ if unreachable ~= '' then
   return result
 end
 
--- the destination answered: it is up, whatever it said about these recipients
-redis.call('HDEL', KEYS[8], 'paused_until', 'failures', 'last_error')
+destination_up()
 local deferred = cjson.decode(ARGV[6])
 local why = 'deferred'
 if #deferred > 0 then why = deferred[1][2] .. ' ' .. deferred[1][3] .. ' ' .. deferred[1][4] end
 redis.call('HSET', KEYS[1], 'error', why)
-if tonumber(redis.call('HGET', KEYS[1], 'created')) + retention <= now then
+if expired(KEYS[1]) then
   return expire(KEYS[1], jid, owed, failed, why)
 end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts'))

@@ -1,0 +1,41 @@
+-- common.lua: helpers shared by the queue scripts; prepended to each script
+-- that uses them when it is loaded (Redis 6 has no shared script functions).
+--
+-- Domain state lives in the hash <p>:dom:<domain>:
+--   paused_until, failures, last_error   destination failing (settle.lua, resume.lua)
+--   recovered_at                          when it last came back (ramp-up)
+--   held, held_since, held_ms             an operator's hold and the time held so far
+--   hold_start, hold_end                  a scheduled hold (ms; 0 or absent: none)
+--   release_rate                          messages/s while a released backlog drains
+--   tokens, tokens_at                     the domain's token bucket
+-- Invariant: held_ms only grows; a job's age for retention is its time in the
+-- queue minus the time its domain was held since the job was accepted.
+
+-- Whether the domain is held at `now`, and its total held time (ms) up to `now`.
+-- A scheduled hold whose start or end has come is applied here, by whichever
+-- script looks first.
+local function held_clock(dom, now)
+  local s = redis.call('HMGET', dom, 'held', 'held_since', 'held_ms', 'hold_start', 'hold_end')
+  local held, since, total = s[1] == '1', tonumber(s[2] or '0'), tonumber(s[3] or '0')
+  local start, stop = tonumber(s[4] or '0'), tonumber(s[5] or '0')
+  if not held and start > 0 and start <= now then
+    if stop > 0 and stop <= now then
+      -- the whole window passed while no node looked
+      total = total + (stop - start)
+      redis.call('HSET', dom, 'held_ms', total)
+      redis.call('HDEL', dom, 'hold_start', 'hold_end')
+      return false, total
+    end
+    held, since = true, start
+    redis.call('HSET', dom, 'held', 1, 'held_since', start)
+    redis.call('HDEL', dom, 'hold_start')
+  end
+  if held and stop > 0 and stop <= now then
+    total = total + (stop - since)
+    redis.call('HSET', dom, 'held', 0, 'held_ms', total)
+    redis.call('HDEL', dom, 'held_since', 'hold_end')
+    return false, total
+  end
+  if held then return true, total + (now - since) end
+  return false, total
+end

@@ -1,0 +1,18 @@
+-- release.lua: end a domain's hold (and cancel a scheduled one), optionally at a rate.
+--
+-- KEYS[1]  <p>:dom:<domain>
+-- KEYS[2]  <p>:held
+-- ARGV[1]  now (ms)
+-- ARGV[2]  release rate, messages/s while the backlog drains (0: the domain's own)
+-- ARGV[3]  domain
+--
+-- Invariant: as in common.lua; the time held so far is added to held_ms once.
+
+local now, rate = tonumber(ARGV[1]), tonumber(ARGV[2])
+local held, total = held_clock(KEYS[1], now)
+redis.call('HSET', KEYS[1], 'held', 0, 'held_ms', total)
+redis.call('HDEL', KEYS[1], 'held_since', 'hold_start', 'hold_end', 'tokens', 'tokens_at')
+if rate > 0 then redis.call('HSET', KEYS[1], 'release_rate', rate) else redis.call('HDEL', KEYS[1], 'release_rate') end
+redis.call('SREM', KEYS[2], ARGV[3])
+if held then return 1 end
+return 0

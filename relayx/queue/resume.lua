@@ -1,0 +1,16 @@
+-- resume.lua: a probe found a failing destination up again: its domain's queue
+-- goes at once instead of waiting out the backoff.
+--
+-- KEYS[1]  <p>:dom:<domain>
+-- KEYS[2]  <p>:paused
+-- ARGV[1]  now (ms)
+-- ARGV[2]  domain
+--
+-- Invariant: a domain is in <p>:paused exactly while its paused_until is set;
+-- recovered_at starts the ramp-up.
+
+if redis.call('HEXISTS', KEYS[1], 'paused_until') == 0 then return 0 end
+redis.call('HDEL', KEYS[1], 'paused_until', 'failures', 'last_error')
+redis.call('HSET', KEYS[1], 'recovered_at', ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[2])
+return 1
