@@ -353,7 +353,7 @@ class ClusterQueueTests(TestCase):
     @deferred_test
     async def test_recovery_ramps_up(self) -> None:
         """When a destination comes back after failing, its domain starts at one delivery at a time and ramps to its limit."""
-        q = await self.make_queue()
+        q = await self.make_queue(lease=1000.0)
         for n in range(30):
             await q.enqueue(message(f"M{n:02}", "a@one.test"))
         throttles = {"one.test": Throttle(concurrency=10, ramp_up=100)}
