@@ -40,6 +40,9 @@ class Sink:
     data_reply: Callable[[list[str]], bytes] = lambda rcpts: b"250 2.0.0 queued"
     on_message: Callable[[Received], None] = lambda message: None
     clock: Callable[[], float] = time.time
+    #: seconds between taking a message and answering 250: a slow primary, and the
+    #: window in which a lost connection loses the 250 but not the message
+    delay: float = 0.0
 
     def factory(self) -> SinkFactory:
         return SinkFactory(self)
@@ -69,7 +72,12 @@ class SinkProtocol(LineReceiver):
                     self.sink.messages.append(message)
                     self.sink.on_message(message)
                 self.recipients = []
-                self.sendLine(reply)
+                if self.sink.delay:
+                    from twisted.internet import reactor
+
+                    reactor.callLater(self.sink.delay, self._answer, reply)  # type: ignore[attr-defined]
+                else:
+                    self.sendLine(reply)
             else:
                 self.lines.append(line)
             return
@@ -99,6 +107,10 @@ class SinkProtocol(LineReceiver):
             self.transport.loseConnection()  # type: ignore[union-attr]
         else:
             self.sendLine(b"250 2.0.0 ok")
+
+    def _answer(self, reply: bytes) -> None:
+        if self.transport is not None and self.connected:
+            self.sendLine(reply)
 
 
 class SinkFactory(ServerFactory):

@@ -1,5 +1,6 @@
 """
-``relayx --config FILE``: run one node in the foreground (``twistd -n relayx``).
+``relayx --config FILE``: run one node in the foreground (``twistd -n relayx``);
+``relayx nodes|status|hold|release ... --config FILE``: operate the queue.
 
 The options are checked here first, so a bad configuration ends with one
 line naming the file, the key and what was expected, not twistd's usage text.
@@ -18,6 +19,11 @@ def main(argv: list[str] | None = None) -> None:
     from relayx.tap import Options
 
     args = sys.argv[1:] if argv is None else argv
+    from relayx import admin
+
+    if args and args[0] in admin.COMMANDS:
+        admin.main(args[0], args[1:])
+        return
     if not any(a in ("-h", "--help") for a in args):
         try:
             Options().parseOptions(args)

@@ -185,7 +185,6 @@ class IDeliveryQueue(Interface):
         (``done``, ``failed``, ``deferred`` or ``paused``); raises ``StaleLease``.
         """
 
-
     def failing_domains() -> Awaitable[list[str]]:
         """
         The domains whose destination is failing (paused after a failure).

@@ -116,9 +116,15 @@ class EmbeddedRedis:
         self._process: _RedisProcess | None = None
         self._transport: IProcessTransport | None = None
 
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+    @staticmethod
+    def recorded_port(data_dir: Path) -> int | None:
+        """
+        The port of the embedded Redis running for ``data_dir``, if any.
+        """
+        try:
+            return int((data_dir / "redis" / "port").read_text())
+        except (OSError, ValueError):
+            return None
 
     async def start(self, timeout: float = 15.0) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -133,12 +139,14 @@ class EmbeddedRedis:
         )
         process.ready.addTimeout(timeout, self._clock)
         await process.ready
+        (self.directory / "port").write_text(str(self.port))
         log.info("embedded redis-server on 127.0.0.1:{port}, data in {dir}", port=self.port, dir=str(self.directory))
 
     async def stop(self) -> None:
         process, transport = self._process, self._transport
         if process is None or transport is None or process.ended.called:
             return
+        (self.directory / "port").unlink(missing_ok=True)
         try:
             transport.signalProcess(signal.SIGTERM)
         except ProcessExitedAlready:

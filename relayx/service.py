@@ -20,12 +20,12 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from relayx import __version__
 from relayx.config import Config
 from relayx.delivery.routes import RouteTable, dns_lookup_mx
-from relayx import __version__
 from relayx.delivery.scheduler import Prober, Scheduler
-from relayx.interfaces import StoreUnavailable
 from relayx.delivery.smtp import SMTPDeliverer, Timeouts
+from relayx.interfaces import StoreUnavailable
 from relayx.policy import RecipientPolicy
 from relayx.queue.redis import RedisConnection, RedisQueue, connect
 from relayx.redis_server import EmbeddedRedis

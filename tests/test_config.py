@@ -76,6 +76,8 @@ def test_recipient_file_and_overrides(tmp_path: Path) -> None:
         ("[queue]\nretention = 5\n" + MINIMAL, "relayx.toml: queue.retention: expected a duration such as"),
         ("[queue]\nretry_schedule = []\n" + MINIMAL, "queue.retry_schedule: expected a non-empty list"),
         ("[queue]\nlease = '1s'\n" + MINIMAL, "queue.lease: expected at least '3s'"),
+        ("[queue]\nrate = -1\n" + MINIMAL, "queue.rate: expected messages per second"),
+        (MINIMAL + "ramp_up = 'slow'\n", "domain[0].ramp_up: expected a duration"),
         ("[queue]\nworkers = 0\n" + MINIMAL, "queue.workers: expected a whole number above 0, got 0"),
         ("[smtp]\nmax_message_size = 'big'\n" + MINIMAL, "smtp.max_message_size: expected a size in bytes"),
         ("[smtp]\nlisten = ['2525']\n" + MINIMAL, "smtp.listen: expected Twisted endpoint strings"),

@@ -7,7 +7,7 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
-from relayx.delivery.scheduler import Scheduler
+from relayx.delivery.scheduler import Prober, Scheduler
 from relayx.interfaces import IDeliverer, IDeliveryQueue, Lease, Outcome, Throttle
 from tests.fakes import ManualDeliverer, ScriptedQueue
 
@@ -124,3 +124,33 @@ def test_stop_waits_for_deliveries() -> None:
     assert stopped
     assert list(deliverer.pending) == []
     assert [lease.job_id for lease in queue.ready] == ["Q2.1"]
+
+
+def test_rate_limited_claim_wakes_at_next_token() -> None:
+    """When a claim reports that a rate-limited domain has room at a given time, the scheduler claims again then."""
+    clock, queue, deliverer, scheduler = setup(workers=5)
+    queue.wake = 0.25
+    scheduler.start()
+    queue.wake = None
+    queue.ready = [lease(1)]
+    clock.advance(0.2)
+    assert deliverer.pending == {}
+    clock.advance(0.05)
+    assert list(deliverer.pending) == ["Q1"]
+
+
+def test_prober_resumes_a_recovered_domain() -> None:
+    """When a failing domain's destination answers the probe, the domain is resumed and the scheduler told at once."""
+    clock = Clock()
+    queue = ScriptedQueue()
+    deliverer = ManualDeliverer()
+    resumed: list[str] = []
+    prober = Prober(owner="node-a", queue=queue, deliverer=deliverer, clock=clock, interval=5.0, resumed=resumed.append)
+    queue.failing = {"down.test", "back.test"}
+    deliverer.up = {"back.test"}
+    prober.start()
+    clock.advance(1)
+    assert sorted(deliverer.probes) == ["back.test", "down.test"]
+    assert resumed == ["back.test"]
+    assert queue.failing == {"down.test"}
+    prober.stop()

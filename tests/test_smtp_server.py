@@ -30,7 +30,9 @@ LIMITS = Limits(
 
 DOMAINS = (
     DomainConfig("example.com", (SMTPRoute("127.0.0.1", 2526),), AnyRecipient(), Throttle(1)),
-    DomainConfig("listed.test", (SMTPRoute("127.0.0.1", 2526),), RecipientList(frozenset({"alice@listed.test"})), Throttle(1)),
+    DomainConfig(
+        "listed.test", (SMTPRoute("127.0.0.1", 2526),), RecipientList(frozenset({"alice@listed.test"})), Throttle(1)
+    ),
 )
 
 

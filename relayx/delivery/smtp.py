@@ -67,9 +67,7 @@ class SMTPDeliverer:
         result = await self._first_answer(domain, hello)
         return result if isinstance(result, str) else None
 
-    async def _first_answer(
-        self, domain: str, attempt: Callable[[SMTPClientProtocol, str], Awaitable[T]]
-    ) -> T | str:
+    async def _first_answer(self, domain: str, attempt: Callable[[SMTPClientProtocol, str], Awaitable[T]]) -> T | str:
         """
         ``attempt`` on the domain's hosts in order until one answers; if
         none does, why (one reason per host).

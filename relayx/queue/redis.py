@@ -25,16 +25,16 @@ from relayx.interfaces import (
     Claim,
     DomainState,
     IDeliveryQueue,
-    IQueueAdmin,
-    NodeStatus,
-    Throttle,
     IMessageStore,
     IncomingMessage,
+    IQueueAdmin,
     Lease,
+    NodeStatus,
     Outcome,
     StaleLease,
     StoredMessage,
     StoreUnavailable,
+    Throttle,
 )
 from relayx.reply import Reply
 

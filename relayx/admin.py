@@ -1,0 +1,126 @@
+"""
+``relayx nodes|status|hold|release``: operate the cluster's queue from a shell.
+
+These talk to the queue's Redis directly (the node's configuration says
+where; for an embedded Redis, the port its node recorded in the data
+directory), so they work whichever nodes are up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from datetime import datetime
+from typing import Any
+
+from twisted.internet.task import react
+
+from relayx.config import Config, ConfigError, load
+from relayx.queue.redis import RedisQueue, connect
+from relayx.redis_server import EmbeddedRedis
+
+COMMANDS = ("nodes", "status", "hold", "release")
+
+
+def _when(text: str) -> float:
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a time such as 2026-11-23T22:00+00:00, got {text!r}") from None
+
+
+def _parser(command: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"relayx {command}")
+    parser.add_argument("--config", required=True, help="the node's TOML configuration")
+    if command in ("status", "hold", "release"):
+        parser.add_argument("domain")
+    if command == "hold":
+        parser.add_argument("--from", dest="start", type=_when, help="start of a scheduled hold (ISO 8601)")
+        parser.add_argument("--until", dest="end", type=_when, help="end of the hold (ISO 8601)")
+    if command == "release":
+        parser.add_argument("--rate", type=float, default=0.0, help="drain the backlog at this many messages/s")
+    return parser
+
+
+async def _queue(reactor: Any, config: Config) -> RedisQueue:
+    if config.redis.url is None:
+        port = EmbeddedRedis.recorded_port(config.node.data_dir)
+        if port is None:
+            raise ConfigError(
+                f"{config.source}: no [redis] url and no embedded Redis running under {config.node.data_dir}"
+            )
+        host, db, password = "127.0.0.1", 0, None
+    else:
+        host, port, db, password = config.redis.host, config.redis.port, config.redis.db, config.redis.password
+    redis = await connect(host, port, db, password, reactor, config.redis.timeout, poolsize=1)
+    if not await redis.wait_connected(config.redis.timeout):
+        raise ConfigError(f"{config.source}: Redis at {redis.where} is not answering")
+    q = config.queue
+    return RedisQueue(
+        redis,
+        config.redis.key_prefix,
+        lease=q.lease,
+        retention=q.retention,
+        retry_schedule=q.retry_schedule,
+        randrange=random.randrange,
+    )
+
+
+async def _run(reactor: Any, command: str, options: argparse.Namespace, config: Config) -> None:
+    queue = await _queue(reactor, config)
+    now = time.time()
+    try:
+        if command == "nodes":
+            nodes = await queue.nodes(now, 3 * config.queue.heartbeat)
+            print(f"{'NODE':<20} {'HOSTNAME':<30} {'SEEN':>8} {'LEASES':>6}")
+            for node in nodes:
+                print(f"{node.node:<20} {node.hostname:<30} {now - node.last_seen:>7.1f}s {len(node.leases):>6}")
+        elif command == "status":
+            s = await queue.domain_state(options.domain, now)
+            print(f"domain        {s.domain}")
+            print(f"ready         {s.ready}")
+            print(f"in flight     {s.in_flight}")
+            print(f"held          {'yes' if s.held else 'no'}")
+            if s.hold_start or s.hold_end:
+                start = datetime.fromtimestamp(s.hold_start).isoformat() if s.hold_start else "now"
+                end = datetime.fromtimestamp(s.hold_end).isoformat() if s.hold_end else "until released"
+                print(f"hold window   {start} to {end}")
+            if s.paused_until:
+                print(f"failing       retry by {datetime.fromtimestamp(s.paused_until).isoformat()}: {s.last_error}")
+            if s.release_rate:
+                print(f"release rate  {s.release_rate:g} msg/s")
+        elif command == "hold":
+            await queue.hold(options.domain, now, options.start, options.end)
+            print(f"{options.domain}: held" + (" (scheduled)" if options.start and options.start > now else ""))
+        elif command == "release":
+            was_held = await queue.release(options.domain, now, options.rate)
+            rate = f" at {options.rate:g} msg/s" if options.rate else ""
+            print(f"{options.domain}: released{rate}" if was_held else f"{options.domain}: was not held")
+    finally:
+        await queue.redis.disconnect()
+
+
+def main(command: str, argv: list[str]) -> None:
+    options = _parser(command).parse_args(argv)
+    try:
+        config = load(options.config)
+    except ConfigError as e:
+        print(f"relayx: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+    async def run(reactor: Any) -> None:
+        try:
+            await _run(reactor, command, options, config)
+        except Exception as e:
+            print(f"relayx {command}: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
+
+    react(lambda reactor: _deferred(run(reactor)))
+
+
+def _deferred(coroutine: Any) -> Any:
+    from twisted.internet.defer import Deferred
+
+    return Deferred.fromCoroutine(coroutine)
