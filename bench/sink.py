@@ -75,7 +75,7 @@ class SinkProtocol(LineReceiver):
                 if self.sink.delay:
                     from twisted.internet import reactor
 
-                    reactor.callLater(self.sink.delay, self._answer, reply)  # type: ignore[attr-defined]
+                    reactor.callLater(self.sink.delay, self._answer, reply)
                 else:
                     self.sendLine(reply)
             else:

@@ -71,7 +71,7 @@ class Cluster:
 
     def start(self) -> None:
         for node, config in self.configs.items():
-            log = open(self.directory / f"{node}.log", "wb")  # noqa: SIM115
+            log = open(self.directory / f"{node}.log", "wb")
             self.processes[node] = subprocess.Popen(
                 [sys.executable, "-m", "relayx", "--config", str(config)],
                 stdout=log,
@@ -198,7 +198,7 @@ class ClusterTests(TestCase):
 
     @deferred_test
     async def test_throttle_shared_by_two_nodes(self) -> None:
-        """When 2 nodes replay 1,000 messages at a configured 50 msg/s, the primary sees 50/s within 5 %, never 110 %."""
+        """When 2 nodes replay 1,000 messages at 50 msg/s, the primary sees 50/s within 5 %, never 110 %."""
         cluster, sink, _ = self.make(2, domain='rate = 50\nconcurrency = 4\nramp_up = "0s"')
         await deferToThread(send_many, list(cluster.ports.values()), 1000, 100)
         sink.start()
