@@ -83,7 +83,7 @@ class SinkProtocol(LineReceiver):
             return
         verb = line[:4].upper()
         if verb == b"EHLO":
-            self.sendLine(b"250-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 100000000")
+            self.sendLine(b"250-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 SIZE 100000000")
         elif verb == b"HELO":
             self.sendLine(b"250 sink")
         elif verb == b"MAIL":

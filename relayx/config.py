@@ -159,6 +159,10 @@ class SMTPConfig:
     max_hops: int
     command_timeout: float
     data_timeout: float
+    max_connections: int
+    max_connections_per_ip: int
+    tls_certificate: Path | None
+    tls_key: Path | None
 
 
 @attrs.frozen
@@ -287,6 +291,16 @@ def _string(value: object) -> str:
     if isinstance(value, str) and value.strip():
         return value.strip()
     raise ValueError(f"a non-empty string, got {value!r}")
+
+
+def _file(base: Path) -> Callable[[object], Path]:
+    def convert(value: object) -> Path:
+        path = base / _string(value)
+        if not path.is_file():
+            raise ValueError(f"a readable file, {path} is not one")
+        return path
+
+    return convert
 
 
 def _positive_int(value: object) -> int:
@@ -458,7 +472,13 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
         max_hops=smtp.get("max_hops", 50, _positive_int),
         command_timeout=smtp.get("command_timeout", 300.0, _positive_duration),
         data_timeout=smtp.get("data_timeout", 600.0, _positive_duration),
+        max_connections=smtp.get("max_connections", 1000, _positive_int),
+        max_connections_per_ip=smtp.get("max_connections_per_ip", 50, _positive_int),
+        tls_certificate=smtp.get("tls_certificate", None, _file(base)),
+        tls_key=smtp.get("tls_key", None, _file(base)),
     )
+    if (smtp_config.tls_certificate is None) != (smtp_config.tls_key is None):
+        raise smtp.fail("tls_key", "tls_certificate and tls_key together, or neither")
     if smtp_config.max_line_length < 512:
         raise smtp.fail("max_line_length", "at least 512 (RFC 5321, section 4.5.3.1.4)")
     smtp.finish()

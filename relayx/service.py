@@ -31,6 +31,7 @@ from relayx.queue.redis import RedisConnection, RedisQueue, connect
 from relayx.redis_server import EmbeddedRedis
 from relayx.smtp.client import SMTPClientProtocol
 from relayx.smtp.server import Limits, SMTPServerFactory
+from relayx.smtp.tls import ReloadingTLS, TLSFilesError
 
 log = Logger()
 
@@ -120,6 +121,12 @@ class RelayNode(Service):
             randrange=random.randrange,
         )
         s = config.smtp
+        tls = None
+        if s.tls_certificate is not None and s.tls_key is not None:
+            try:
+                tls = ReloadingTLS(s.tls_certificate, s.tls_key)
+            except TLSFilesError as e:
+                raise StartupError(f"{config.source}: smtp.tls_certificate: {e}") from None
         self.smtp = SMTPServerFactory(
             hostname=config.node.hostname,
             limits=Limits(
@@ -130,7 +137,10 @@ class RelayNode(Service):
                 max_hops=s.max_hops,
                 command_timeout=s.command_timeout,
                 data_timeout=s.data_timeout,
+                max_connections=s.max_connections,
+                max_connections_per_ip=s.max_connections_per_ip,
             ),
+            tls=tls,
             policy=RecipientPolicy(config.domains),
             store=self.queue,
             clock=reactor,

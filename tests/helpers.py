@@ -23,9 +23,12 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
 
 from bench.sink import Received, Sink
+from relayx.config import parse
 from relayx.redis_server import find_redis_server, free_port, redis_arguments
+from relayx.service import RelayNode
 
 _prefixes = itertools.count()
 T = TypeVar("T")
@@ -151,3 +154,39 @@ async def eventually(check: Callable[[], Awaitable[T]], timeout: float, what: st
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await deferLater(reactor, 0.02, lambda: None)
+
+
+class NodeCase(TestCase):
+    """
+    Runs a whole relayx node in the test's reactor, on loopback ports, with
+    example.com (any recipient) and example.org (alice only) routed to ``sink``.
+    """
+
+    timeout = 120
+    smtp_port = 0
+
+    async def start_node(
+        self, sink: LoopbackSink, redis_url: str | None = None, smtp: dict[str, Any] | None = None, **queue: Any
+    ) -> RelayNode:
+        port = free_port()
+        data = {
+            "node": {"id": "node-a", "hostname": "mx2.relayx.test", "data_dir": tempfile.mkdtemp()},
+            "smtp": {"listen": [f"tcp:{port}:interface=127.0.0.1"], **(smtp or {})},
+            "redis": {"url": redis_url or shared_redis().url, "key_prefix": unique_prefix(), "timeout": "2s"},
+            "queue": {"retry_schedule": ["1s"], "poll_interval": "100ms", "lease": "10s", **queue},
+            "delivery": {"connect_timeout": "2s", "command_timeout": "10s"},
+            "domain": [
+                {"name": "example.com", "routes": [f"smtp://127.0.0.1:{sink.port}"], "recipients": "any"},
+                {
+                    "name": "example.org",
+                    "routes": [f"smtp://127.0.0.1:{sink.port}"],
+                    "recipients": ["alice@example.org"],
+                },
+            ],
+        }
+        node = RelayNode(parse(data, "test.toml", Path(".")), reactor, shutdown_grace=1)
+        await node.start()
+        self.addCleanup(lambda: Deferred.fromCoroutine(node.stop()))
+        self.addCleanup(lambda: Deferred.fromCoroutine(sink.stop()))
+        self.smtp_port = port
+        return node

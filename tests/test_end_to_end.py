@@ -6,18 +6,10 @@ real SMTP out to a recording sink standing in for the primary.
 from __future__ import annotations
 
 import email
-import tempfile
-from pathlib import Path
 from typing import Any
 
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.trial.unittest import TestCase
-
-from relayx.config import parse
 from relayx.redis_server import free_port
-from relayx.service import RelayNode
-from tests.helpers import LoopbackSink, eventually, send, shared_redis, unique_prefix, wait_for
+from tests.helpers import LoopbackSink, NodeCase, eventually, send, wait_for
 from tests.test_queue_redis import deferred_test
 
 
@@ -28,33 +20,7 @@ def body(n: int, domain: str) -> bytes:
     ).encode()
 
 
-class NodeTests(TestCase):
-    timeout = 120
-
-    async def start_node(self, sink: LoopbackSink, redis_url: str | None = None, **queue: Any) -> RelayNode:
-        port = free_port()
-        data = {
-            "node": {"id": "node-a", "hostname": "mx2.relayx.test", "data_dir": tempfile.mkdtemp()},
-            "smtp": {"listen": [f"tcp:{port}:interface=127.0.0.1"]},
-            "redis": {"url": redis_url or shared_redis().url, "key_prefix": unique_prefix(), "timeout": "2s"},
-            "queue": {"retry_schedule": ["1s"], "poll_interval": "100ms", "lease": "10s", **queue},
-            "delivery": {"connect_timeout": "2s", "command_timeout": "10s"},
-            "domain": [
-                {"name": "example.com", "routes": [f"smtp://127.0.0.1:{sink.port}"], "recipients": "any"},
-                {
-                    "name": "example.org",
-                    "routes": [f"smtp://127.0.0.1:{sink.port}"],
-                    "recipients": ["alice@example.org"],
-                },
-            ],
-        }
-        node = RelayNode(parse(data, "test.toml", Path(".")), reactor, shutdown_grace=1)
-        await node.start()
-        self.addCleanup(lambda: Deferred.fromCoroutine(node.stop()))
-        self.addCleanup(lambda: Deferred.fromCoroutine(sink.stop()))
-        self.smtp_port = port
-        return node
-
+class NodeTests(NodeCase):
     @deferred_test
     async def test_primary_down_then_up_delivers_everything_once_in_order(self) -> None:
         """When 100 messages arrive while the primary is down, all are delivered once, in order, once it is up."""

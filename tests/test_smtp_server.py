@@ -295,7 +295,7 @@ def test_shutdown_spares_a_session_in_data() -> None:
     idle, busy = Harness(), Harness()
     busy.factory = idle.factory
     busy.protocol.factory = idle.factory
-    idle.factory.sessions.add(busy.protocol)
+    assert idle.factory.admit(busy.protocol) is None
     busy.transaction()
     busy.send("DATA\r\n")
     still_busy = idle.factory.shut_down()

@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 from relayx.address import AddressError, Mailbox, Path, normalize_domain, parse_path
 from relayx.interfaces import IMessageStore, IncomingMessage, IRecipientPolicy, StoreUnavailable
 from relayx.reply import Reply
+from relayx.smtp.tls import ReloadingTLS, describe
 
 log = Logger()
 
@@ -46,6 +47,7 @@ BAD_CHARACTERS = Reply(500, "5.5.2", "Error: invalid characters in command")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
 TOO_BIG = Reply(552, "5.3.4", "Error: message size exceeds fixed limit")
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Error: too many hops, mail loop suspected")
+NUL_IN_MESSAGE = Reply(554, "5.6.0", "Error: message contains NUL characters")
 STORE_FAILED = Reply(451, "4.3.0", "Error: temporary queue failure, try again later")
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 
@@ -63,6 +65,8 @@ class Limits:
     max_hops: int
     command_timeout: float
     data_timeout: float
+    max_connections: int = 1000
+    max_connections_per_ip: int = 50
 
 
 @attrs.define
@@ -74,6 +78,7 @@ class Session:
     peer_ip: str
     helo: str | None = None
     esmtp: bool = False
+    tls: bool = False
     errors: int = 0
     messages: int = 0
 
@@ -140,9 +145,9 @@ class SMTPServerProtocol(Protocol):
     def connectionMade(self) -> None:
         peer: IAddress = self.transport.getPeer()  # type: ignore[union-attr]
         self.session = Session(peer_ip=str(getattr(peer, "host", "unknown")))
-        self.server.sessions.add(self)
-        if self.server.stopping:
-            self._close(Reply(421, "4.3.2", f"{self.server.hostname} Service shutting down"))
+        refusal = self.server.admit(self)
+        if refusal is not None:
+            self._close(refusal)
             return
         self._reply(Reply(220, "", f"{self.server.hostname} ESMTP relayx"))
         self._arm_timer(self.server.limits.command_timeout)
@@ -150,7 +155,7 @@ class SMTPServerProtocol(Protocol):
     def connectionLost(self, reason: Failure = _LOST) -> None:
         self._closing = True
         self._cancel_timer()
-        self.server.sessions.discard(self)
+        self.server.leave(self)
         log.info(
             "smtp session from {peer} ended: {messages} message(s), {errors} error(s)",
             peer=self.session.peer_ip,
@@ -318,6 +323,8 @@ class SMTPServerProtocol(Protocol):
             "SMTPUTF8",
             "ENHANCEDSTATUSCODES",
         ]
+        if self.server.tls is not None and not self.session.tls:
+            lines.append("STARTTLS")
         self._reply(Reply(250, "", "\n".join(lines)))
 
     def do_MAIL(self, argument: str) -> None:
@@ -440,6 +447,8 @@ class SMTPServerProtocol(Protocol):
         self.envelope = None
         if overflow:
             return TOO_BIG
+        if b"\0" in content:
+            return NUL_IN_MESSAGE
         if _BARE_LF.search(content):
             # RFC 5321 2.3.8: the sender should not; Postfix's default is to
             # normalise rather than refuse
@@ -476,14 +485,39 @@ class SMTPServerProtocol(Protocol):
 
     def _received_header(self, envelope: Envelope, queue_id: str, now: float) -> bytes:
         protocol = ("UTF8SMTP" if envelope.utf8 else "ESMTP") if self.session.esmtp else "SMTP"
+        tls = ""
+        if self.session.tls:
+            protocol += "S"
+            handle = self.transport.getHandle()  # type: ignore[union-attr]
+            version, _, cipher = (describe(handle) or "TLS:unknown").partition(":")
+            tls = f"\r\n\t(using {version} with cipher {cipher})"
         helo = self.session.helo or "unknown"
         stamp = format_datetime(datetime.fromtimestamp(now, UTC))
         recipient = f"\r\n\tfor <{envelope.recipients[0]}>" if len(envelope.recipients) == 1 else ""
         return (
-            f"Received: from {helo} ([{self.session.peer_ip}])\r\n"
+            f"Received: from {helo} ([{self.session.peer_ip}]){tls}\r\n"
             f"\tby {self.server.hostname} (relayx) with {protocol} id {queue_id}"
             f"{recipient}; {stamp}\r\n"
         ).encode()
+
+    def do_STARTTLS(self, argument: str) -> None:
+        tls = self.server.tls
+        if tls is None:
+            self._error(NOT_IMPLEMENTED)
+        elif self.session.tls:
+            self._error(Reply(503, "5.5.1", "Error: TLS already active"))
+        elif argument:
+            self._error(Reply(501, "5.5.4", "Syntax: STARTTLS"))
+        elif self.envelope is not None:
+            self._error(Reply(503, "5.5.1", "Error: MAIL transaction in progress"))
+        else:
+            self._reply(Reply(220, "2.0.0", "Ready to start TLS"))
+            # anything pipelined after STARTTLS was sent in the clear: drop it
+            self._buffer.clear()
+            self.transport.startTLS(tls.options())  # type: ignore[union-attr]
+            self.session.tls = True
+            self.session.helo = None
+            self.session.esmtp = False
 
     def do_RSET(self, argument: str) -> None:
         self.envelope = None
@@ -516,7 +550,7 @@ class SMTPServerProtocol(Protocol):
         "VRFY": do_VRFY,
         "HELP": do_HELP,
         "EXPN": do_not_implemented,
-        "STARTTLS": do_not_implemented,
+        "STARTTLS": do_STARTTLS,
         "AUTH": do_not_implemented,
         "BDAT": do_not_implemented,
         "TURN": do_not_implemented,
@@ -541,6 +575,7 @@ class SMTPServerFactory(ServerFactory):
         store: IMessageStore,
         clock: IReactorTime,
         new_queue_id: Callable[[], str],
+        tls: ReloadingTLS | None = None,
     ) -> None:
         self.hostname = normalize_domain(hostname) if "." in hostname else hostname
         self.limits = limits
@@ -548,13 +583,38 @@ class SMTPServerFactory(ServerFactory):
         self.store = store
         self.clock = clock
         self.new_queue_id = new_queue_id
+        self.tls = tls
         self.sessions: set[SMTPServerProtocol] = set()
+        self.per_ip: dict[str, int] = {}
         self.stopping = False
 
     def buildProtocol(self, addr: IAddress | None) -> SMTPServerProtocol:
         protocol = SMTPServerProtocol(self)
         protocol.factory = self
         return protocol
+
+    def admit(self, session: SMTPServerProtocol) -> Reply | None:
+        """
+        Count a new session in, or say why it is refused.
+        """
+        ip = session.session.peer_ip
+        if self.stopping:
+            return Reply(421, "4.3.2", f"{self.hostname} Service shutting down")
+        if len(self.sessions) >= self.limits.max_connections:
+            return Reply(421, "4.7.0", f"{self.hostname} Error: too many connections")
+        if self.per_ip.get(ip, 0) >= self.limits.max_connections_per_ip:
+            return Reply(421, "4.7.0", f"{self.hostname} Error: too many connections from {ip}")
+        self.sessions.add(session)
+        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        return None
+
+    def leave(self, session: SMTPServerProtocol) -> None:
+        if session in self.sessions:
+            self.sessions.discard(session)
+            ip = session.session.peer_ip
+            self.per_ip[ip] -= 1
+            if not self.per_ip[ip]:
+                del self.per_ip[ip]
 
     def shut_down(self) -> list[SMTPServerProtocol]:
         """
