@@ -31,7 +31,7 @@ def tls_client(ca: CA, port: int, body: bytes, maximum: ssl.TLSVersion | None = 
         client.ehlo("client.test")
         assert client.has_extn("starttls")
         client.starttls(context=context)
-        assert client.sock is not None
+        assert isinstance(client.sock, ssl.SSLSocket)
         serial = x509_serial(client.sock.getpeercert(binary_form=True))
         client.ehlo("client.test")
         assert not client.has_extn("starttls")
@@ -57,7 +57,7 @@ def pipelined(port: int, script: bytes, replies: int) -> list[str]:
         while reader.readline()[3:4] == b"-":
             pass
         s.sendall(script)
-        lines = []
+        lines: list[str] = []
         while len(lines) < replies:
             line = reader.readline().decode()
             if not line:
@@ -86,7 +86,7 @@ class FrontDoorTests(NodeCase):
 
     @deferred_test
     async def test_old_tls_refused_and_certificate_reloaded(self) -> None:
-        """When a client offers only TLS 1.1 the handshake fails; when the certificate files change, the next session gets the new one."""
+        """When a client offers only TLS 1.1 it fails; when the certificate changes, the next session gets the new one."""
         ca = CA()
         directory = Path(tempfile.mkdtemp())
         cert, key, first = ca.issue(directory, "mx2.relayx.test")

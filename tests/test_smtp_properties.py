@@ -11,7 +11,8 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.logger import globalLogPublisher
+from twisted.logger import ILogObserver, globalLogPublisher
+from zope.interface import implementer
 
 from tests.test_smtp_server import Harness
 
@@ -53,6 +54,7 @@ def test_random_sessions_keep_the_promises(steps: list[str], chunk: int, outage:
     """When a client sends any stream of commands in any chunking, no crash, no 250 without storage, no open relay."""
     failures: list[dict[str, Any]] = []
 
+    @implementer(ILogObserver)
     def observe(event: dict[str, Any]) -> None:
         if "log_failure" in event:
             failures.append(event)
