@@ -86,7 +86,7 @@ class FrontDoorTests(NodeCase):
 
     @deferred_test
     async def test_old_tls_refused_and_certificate_reloaded(self) -> None:
-        """When a client offers only TLS 1.1 it fails; when the certificate changes, the next session gets the new one."""
+        """When a client offers only TLS 1.1 it fails; when the certificate changes, the next session gets it."""
         ca = CA()
         directory = Path(tempfile.mkdtemp())
         cert, key, first = ca.issue(directory, "mx2.relayx.test")
