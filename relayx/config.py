@@ -131,7 +131,32 @@ class RecipientList:
     addresses: frozenset[str]
 
 
-RecipientRule = AnyRecipient | RecipientList
+@attrs.frozen
+class RecipientPattern:
+    """
+    Addresses whose lower-case form matches the regular expression in full.
+    """
+
+    pattern: re.Pattern[str]
+
+
+@attrs.frozen
+class RecipientVerify:
+    """
+    Ask the primary (a RCPT callout), and remember its answers: positive
+    ones for ``positive_ttl``, negative ones for ``negative_ttl``. While the
+    primary cannot be asked, the last answer it gave stands, and for an
+    address it was never asked about, ``default`` (``accept``, ``reject``
+    or ``tempfail``).
+    """
+
+    positive_ttl: float
+    negative_ttl: float
+    default: str
+    timeout: float
+
+
+RecipientRule = AnyRecipient | RecipientList | RecipientPattern | RecipientVerify
 
 
 @attrs.frozen
@@ -379,16 +404,72 @@ def _recipient_rule(domain: str, base: Path) -> Callable[[object], RecipientRule
         if isinstance(value, list):
             addresses = [_address_in(domain, v) for v in value]
             return RecipientList(frozenset(addresses))
-        if isinstance(value, dict) and set(value) == {"file"} and isinstance(value["file"], str):
-            path = (base / value["file"]).resolve()
-            try:
-                lines = path.read_text(encoding="utf-8").splitlines()
-            except OSError as e:
-                raise ValueError(f"a readable file of addresses, {path}: {e.strerror}") from None
-            entries = [line.strip() for line in lines]
-            addresses = [_address_in(domain, e) for e in entries if e and not e.startswith("#")]
-            return RecipientList(frozenset(addresses))
-        raise ValueError(f"'any', a list of addresses or {{file = 'path'}}, got {value!r}")
+        raise ValueError(
+            "'any', a list of addresses, { file = 'path' }, { pattern = 'regex' } or { verify = true }, "
+            f"got {value!r}"
+        )
+
+    return convert
+
+
+def _recipients(section: _Section, domain: str, base: Path) -> RecipientRule:
+    """
+    ``recipients``: a string or list, or a table naming one kind of rule.
+    """
+    if not isinstance(section.table.get("recipients"), dict):
+        return section.require("recipients", _recipient_rule(domain, base))
+    rule = section.sub("recipients")
+    result: RecipientRule
+    if "file" in rule.table:
+        result = RecipientList(frozenset(rule.require("file", _address_file(domain, base))))
+    elif "pattern" in rule.table:
+        result = RecipientPattern(rule.require("pattern", _regex))
+    elif "verify" in rule.table:
+        if rule.require("verify", _boolean) is not True:
+            raise rule.fail("verify", "true (leave the table out for no verification)")
+        result = RecipientVerify(
+            positive_ttl=rule.get("positive_ttl", 86400.0, _positive_duration),
+            negative_ttl=rule.get("negative_ttl", 3600.0, _positive_duration),
+            default=rule.get("default", "accept", _choice("accept", "reject", "tempfail")),
+            timeout=rule.get("timeout", 10.0, _positive_duration),
+        )
+    else:
+        raise section.fail("recipients", "a table with one of the keys file, pattern or verify")
+    rule.finish()
+    return result
+
+
+def _address_file(domain: str, base: Path) -> Callable[[object], list[str]]:
+    def convert(value: object) -> list[str]:
+        path = (base / _string(value)).resolve()
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except OSError as e:
+            raise ValueError(f"a readable file of addresses, {path}: {e.strerror}") from None
+        entries = [line.strip() for line in lines]
+        return [_address_in(domain, e) for e in entries if e and not e.startswith("#")]
+
+    return convert
+
+
+def _regex(value: object) -> re.Pattern[str]:
+    try:
+        return re.compile(_string(value), re.IGNORECASE)
+    except re.error as e:
+        raise ValueError(f"a regular expression, {value!r} is not one ({e})") from None
+
+
+def _boolean(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"true or false, got {value!r}")
+
+
+def _choice(*choices: str) -> Callable[[object], str]:
+    def convert(value: object) -> str:
+        if value in choices:
+            return str(value)
+        raise ValueError(f"one of {', '.join(repr(c) for c in choices)}, got {value!r}")
 
     return convert
 
@@ -529,7 +610,7 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
             DomainConfig(
                 name=name,
                 routes=section.require("routes", _routes),
-                recipients=section.require("recipients", _recipient_rule(name, base)),
+                recipients=_recipients(section, name, base),
                 throttle=_throttle(section, queue_config.throttle),
             )
         )

@@ -203,6 +203,23 @@ class IDeliveryQueue(Interface):
         """
 
 
+class IRecipientCache(Interface):
+    """
+    What the primary said about recipients (RCPT callouts), shared by the
+    cluster so that each address is asked once.
+    """
+
+    def recall(address: str) -> Awaitable[tuple[bool, float] | None]:
+        """
+        Whether the address exists and when that was learnt, if known.
+        """
+
+    def remember(address: str, exists: bool, now: float, keep: float) -> Awaitable[None]:
+        """
+        Record an answer, kept for ``keep`` seconds.
+        """
+
+
 class IRecipientPolicy(Interface):
     """
     Decides, at RCPT time, whether a recipient is ours to accept.

@@ -120,6 +120,27 @@ class RelayNode(Service):
             retry_schedule=q.retry_schedule,
             randrange=random.randrange,
         )
+        d = config.delivery
+
+        async def connect_smtp(host: str, port: int) -> SMTPClientProtocol:
+            endpoint = HostnameEndpoint(reactor, host, port, timeout=d.connect_timeout)
+            protocol = SMTPClientProtocol(reactor)
+            await endpoint.connect(_Quiet.forProtocol(lambda: protocol))
+            return protocol
+
+        routes = RouteTable(
+            {domain.name: domain.routes for domain in config.domains},
+            lookup_mx=dns_lookup_mx((), d.connect_timeout),
+            own_names=frozenset({config.node.hostname, socket.getfqdn()}),
+            shuffle=random.shuffle,
+        )
+        deliverer = SMTPDeliverer(
+            helo_name=d.helo_name,
+            targets=routes.targets,
+            connect=connect_smtp,
+            timeouts=Timeouts(command=d.command_timeout, data=d.data_timeout),
+            clock=reactor,
+        )
         s = config.smtp
         tls = None
         if s.tls_certificate is not None and s.tls_key is not None:
@@ -141,30 +162,10 @@ class RelayNode(Service):
                 max_connections_per_ip=s.max_connections_per_ip,
             ),
             tls=tls,
-            policy=RecipientPolicy(config.domains),
+            policy=RecipientPolicy(config.domains, cache=self.queue, callout=deliverer.verify, clock=reactor),
             store=self.queue,
             clock=reactor,
             new_queue_id=new_queue_id,
-        )
-        d = config.delivery
-
-        async def connect_smtp(host: str, port: int) -> SMTPClientProtocol:
-            endpoint = HostnameEndpoint(reactor, host, port, timeout=d.connect_timeout)
-            protocol = SMTPClientProtocol(reactor)
-            await endpoint.connect(_Quiet.forProtocol(lambda: protocol))
-            return protocol
-
-        routes = RouteTable(
-            {domain.name: domain.routes for domain in config.domains},
-            lookup_mx=dns_lookup_mx((), d.connect_timeout),
-            own_names=frozenset({config.node.hostname, socket.getfqdn()}),
-            shuffle=random.shuffle,
-        )
-        deliverer = SMTPDeliverer(
-            helo_name=d.helo_name,
-            targets=routes.targets,
-            connect=connect_smtp,
-            timeouts=Timeouts(command=d.command_timeout, data=d.data_timeout),
         )
         self.scheduler = Scheduler(
             owner=config.node.id,

@@ -16,6 +16,7 @@ from relayx.interfaces import (
     IDeliveryQueue,
     IMessageStore,
     IncomingMessage,
+    IRecipientCache,
     Lease,
     Outcome,
     StaleLease,
@@ -121,3 +122,24 @@ class ManualDeliverer:
     async def probe(self, domain: str) -> str | None:
         self.probes.append(domain)
         return None if domain in self.up else "connection refused"
+
+
+@implementer(IRecipientCache)
+class MemoryRecipientCache:
+    """
+    Callout answers in a dict; ``unavailable`` fails every call as Redis would.
+    """
+
+    def __init__(self) -> None:
+        self.answers: dict[str, tuple[bool, float]] = {}
+        self.unavailable = False
+
+    async def recall(self, address: str) -> tuple[bool, float] | None:
+        if self.unavailable:
+            raise StoreUnavailable("cache switched off by the test")
+        return self.answers.get(address)
+
+    async def remember(self, address: str, exists: bool, now: float, keep: float) -> None:
+        if self.unavailable:
+            raise StoreUnavailable("cache switched off by the test")
+        self.answers[address] = (exists, now)

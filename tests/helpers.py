@@ -159,7 +159,8 @@ async def eventually(check: Callable[[], Awaitable[T]], timeout: float, what: st
 class NodeCase(TestCase):
     """
     Runs a whole relayx node in the test's reactor, on loopback ports, with
-    example.com (any recipient) and example.org (alice only) routed to ``sink``.
+    example.com (any recipient), example.org (alice only) and verify.test
+    (recipients verified by callout) routed to ``sink``.
     """
 
     timeout = 120
@@ -181,6 +182,11 @@ class NodeCase(TestCase):
                     "name": "example.org",
                     "routes": [f"smtp://127.0.0.1:{sink.port}"],
                     "recipients": ["alice@example.org"],
+                },
+                {
+                    "name": "verify.test",
+                    "routes": [f"smtp://127.0.0.1:{sink.port}"],
+                    "recipients": {"verify": True, "default": "tempfail", "timeout": "3s"},
                 },
             ],
         }

@@ -89,7 +89,7 @@ def test_recipient_file_and_overrides(tmp_path: Path) -> None:
         (MINIMAL.replace("routes = [", "routs = ["), "domain[0].routes: expected a value; the key is missing"),
         (MINIMAL.replace("smtp://primary.example.com:2526", "ftp://x"), "domain[0].routes: expected 'mx' or"),
         (MINIMAL.replace('"any"', '["bob@other.test"]'), "domain[0].recipients: expected an address in example.com"),
-        (MINIMAL.replace('"any"', '{ file = "missing.txt" }'), "domain[0].recipients: expected a readable file"),
+        (MINIMAL.replace('"any"', '{ file = "missing.txt" }'), "domain[0].recipients.file: expected a readable file"),
         (MINIMAL.replace("Example.COM", "not a domain"), "domain[0].name: expected a domain name"),
         (MINIMAL + MINIMAL, "domain[1].name: expected each domain once"),
         ("[node\n", "relayx.toml: not valid TOML"),

@@ -50,7 +50,11 @@ class Scripted:
             return [(h, 25) for h in hosts]
 
         return SMTPDeliverer(
-            helo_name="mx2.example.net", targets=targets, connect=self.connect, timeouts=Timeouts(60, 60)
+            helo_name="mx2.example.net",
+            targets=targets,
+            connect=self.connect,
+            timeouts=Timeouts(60, 60),
+            clock=self.clock,
         )
 
 
@@ -199,3 +203,21 @@ def test_routes_we_are_best_mx() -> None:
 def test_routes_implicit_mx() -> None:
     """When a domain has no MX records, its own name is the destination (RFC 5321 5.1)."""
     assert _targets(_table([], set()), "mx.test") == [("mx.test", 25)]
+
+
+def _verify(replies: bytes, down: Sequence[str] = ()) -> tuple[bool | None, bytes]:
+    s = Scripted({"a": replies}, down=down)
+    result: list[bool | None] = []
+    Deferred.fromCoroutine(s.deliverer(["a"]).verify("example.com", "x@example.com", 10)).addCallback(result.append)
+    assert result, "callout did not complete"
+    return result[0], s.transports["a"].value() if "a" in s.transports else b""
+
+
+def test_callout_answers() -> None:
+    """When asked about a recipient, the callout says yes to 250, no to 550, and does not know on 450 or when down."""
+    known, sent = _verify(b"220 d\r\n" + EHLO_PLAIN + b"250 ok\r\n250 ok\r\n221 bye\r\n")
+    assert known is True
+    assert b"MAIL FROM:<>\r\nRCPT TO:<x@example.com>\r\nQUIT\r\n" in sent and b"DATA" not in sent
+    assert _verify(b"220 d\r\n" + EHLO_PLAIN + b"250 ok\r\n550 5.1.1 unknown\r\n221 bye\r\n")[0] is False
+    assert _verify(b"220 d\r\n" + EHLO_PLAIN + b"250 ok\r\n450 4.2.0 later\r\n221 bye\r\n")[0] is None
+    assert _verify(b"", down=["a"])[0] is None

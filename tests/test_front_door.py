@@ -166,3 +166,26 @@ class FrontDoorTests(NodeCase):
                     s.close()
 
         assert await deferToThread(connect_three) == ["220 mx2.r", "220 mx2.r", "421 4.7.0"]
+
+    @deferred_test
+    async def test_recipient_verification_by_callout(self) -> None:
+        """When recipients are verified, the primary's 550 is ours at RCPT time; while it is down, its answers stand."""
+        sink = LoopbackSink()
+        sink.sink.rcpt_reply = lambda rcpt: b"550 5.1.1 no such user" if rcpt.startswith("ghost") else b"250 ok"
+        sink.start()
+        await self.start_node(sink)
+
+        def rcpt(*addresses: str) -> list[tuple[int, bytes]]:
+            with smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=30) as client:
+                client.ehlo("client.test")
+                client.mail("bob@sender.test")
+                return [client.rcpt(a) for a in addresses]
+
+        first = await deferToThread(rcpt, "real@verify.test", "ghost@verify.test")
+        assert [code for code, _ in first] == [250, 550]
+        assert first[1][1].startswith(b"5.1.1")
+        await sink.stop()
+        later = await deferToThread(rcpt, "real@verify.test", "ghost@verify.test", "new@verify.test")
+        assert [code for code, _ in later] == [250, 550, 451]
+        # the callouts sent no message
+        assert sink.messages == []

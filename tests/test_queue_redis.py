@@ -21,6 +21,7 @@ from relayx.interfaces import (
     IDeliveryQueue,
     IMessageStore,
     IncomingMessage,
+    IRecipientCache,
     Lease,
     Outcome,
     StaleLease,
@@ -30,7 +31,7 @@ from relayx.interfaces import (
 from relayx.queue.redis import RedisConnection, RedisQueue, connect
 from relayx.redis_server import free_port
 from relayx.reply import Reply
-from tests.fakes import MemoryStore
+from tests.fakes import MemoryRecipientCache, MemoryStore
 from tests.helpers import shared_redis, unique_prefix
 
 T0 = 1_800_000_000.0
@@ -384,3 +385,20 @@ class ClusterQueueTests(QueueCase):
         [lease] = await take(q, "node-a", T0, 10)
         [status] = await q.nodes(T0 + 1, 15)
         assert (status.node, status.hostname, status.leases) == ("node-a", "a.test", (lease.job_id,))
+
+
+class RecipientCacheContract(QueueCase):
+    """
+    Every IRecipientCache: an answer is recalled with the time it was learnt.
+    """
+
+    @deferred_test
+    async def test_contract(self) -> None:
+        """When any cache remembers an answer, it recalls it with its time, and knows nothing of other addresses."""
+        for cache in [MemoryRecipientCache(), await self.make_queue()]:
+            assert verifyObject(IRecipientCache, cache)
+            assert await cache.recall("a@one.test") is None
+            await cache.remember("a@one.test", False, T0, 3600)
+            await cache.remember("b@one.test", True, T0 + 1, 3600)
+            assert await cache.recall("a@one.test") == (False, T0)
+            assert await cache.recall("b@one.test") == (True, T0 + 1)

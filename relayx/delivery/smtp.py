@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -45,7 +47,10 @@ class SMTPDeliverer:
     Tries a domain's destination hosts in order until one answers.
     """
 
-    def __init__(self, *, helo_name: str, targets: Targets, connect: Connect, timeouts: Timeouts) -> None:
+    def __init__(
+        self, *, helo_name: str, targets: Targets, connect: Connect, timeouts: Timeouts, clock: IReactorTime
+    ) -> None:
+        self._clock = clock
         self._helo = helo_name
         self._targets = targets
         self._connect = connect
@@ -66,6 +71,29 @@ class SMTPDeliverer:
 
         result = await self._first_answer(domain, hello)
         return result if isinstance(result, str) else None
+
+    async def verify(self, domain: str, address: str, timeout: float) -> bool | None:
+        """
+        A RCPT callout: whether the destination accepts ``address`` (with the
+        null sender, and no message sent); ``None`` when it cannot say.
+        """
+
+        async def ask(conn: SMTPClientProtocol, where: str) -> bool | None:
+            await self._hello(conn, timeout)
+            mail = await conn.command("MAIL FROM:<>", timeout)
+            rcpt = await conn.command(f"RCPT TO:<{address}>", timeout) if mail.positive else mail
+            await self._quit(conn)
+            if rcpt.code == 421 or not mail.positive:
+                return None
+            return True if rcpt.positive else (False if rcpt.permanent else None)
+
+        d = Deferred.fromCoroutine(self._first_answer(domain, ask))
+        d.addTimeout(timeout, self._clock)
+        try:
+            result = await d
+        except Exception:
+            return None
+        return None if isinstance(result, str) else result
 
     async def _first_answer(self, domain: str, attempt: Callable[[SMTPClientProtocol, str], Awaitable[T]]) -> T | str:
         """
@@ -92,18 +120,18 @@ class SMTPDeliverer:
                 connection.close()
         return "; ".join(reasons) or f"no destination for {domain}"
 
-    async def _hello(self, conn: SMTPClientProtocol) -> set[str]:
+    async def _hello(self, conn: SMTPClientProtocol, timeout: float | None = None) -> set[str]:
         """
         Read the greeting and say EHLO (HELO if refused); the extensions offered.
         """
-        t = self._timeouts
-        greeting = await conn.read(t.command)
+        wait = timeout or self._timeouts.command
+        greeting = await conn.read(wait)
         if not greeting.positive:
             raise _TryNext(f"greeting {greeting}")
-        hello = await conn.command(f"EHLO {self._helo}", t.command)
+        hello = await conn.command(f"EHLO {self._helo}", wait)
         if hello.positive:
             return {line.split(" ")[0].upper() for line in hello.text.split("\n")[1:]}
-        hello = await conn.command(f"HELO {self._helo}", t.command)
+        hello = await conn.command(f"HELO {self._helo}", wait)
         if not hello.positive:
             raise _TryNext(f"HELO {hello}")
         return set()

@@ -28,6 +28,7 @@ from relayx.interfaces import (
     IMessageStore,
     IncomingMessage,
     IQueueAdmin,
+    IRecipientCache,
     Lease,
     NodeStatus,
     Outcome,
@@ -138,7 +139,7 @@ async def connect(
     return RedisConnection(pool, clock, timeout, f"{host}:{port}")
 
 
-@implementer(IMessageStore, IDeliveryQueue, IQueueAdmin)
+@implementer(IMessageStore, IDeliveryQueue, IQueueAdmin, IRecipientCache)
 class RedisQueue:
     """
     Messages, jobs and leases under ``prefix`` in one Redis database.
@@ -336,3 +337,16 @@ class RedisQueue:
             last_error=state.get("last_error", ""),
             release_rate=float(state.get("release_rate", 0)),
         )
+
+    # -- recipient callout answers (IRecipientCache) -----------------------
+
+    async def recall(self, address: str) -> tuple[bool, float] | None:
+        value = await self.redis.call("get", self.key("rcpt", address))
+        if not value:
+            return None
+        exists, _, when = _text(value).partition(":")
+        return exists == "1", int(when) / 1000
+
+    async def remember(self, address: str, exists: bool, now: float, keep: float) -> None:
+        value = f"{int(exists)}:{_ms(now)}"
+        await self.redis.call("set", self.key("rcpt", address), value, None, _ms(keep))
