@@ -186,6 +186,7 @@ class SMTPConfig:
     data_timeout: float
     max_connections: int
     max_connections_per_ip: int
+    shutdown_grace: float
     tls_certificate: Path | None
     tls_key: Path | None
 
@@ -555,6 +556,7 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
         data_timeout=smtp.get("data_timeout", 600.0, _positive_duration),
         max_connections=smtp.get("max_connections", 1000, _positive_int),
         max_connections_per_ip=smtp.get("max_connections_per_ip", 50, _positive_int),
+        shutdown_grace=smtp.get("shutdown_grace", 30.0, _positive_duration),
         tls_certificate=smtp.get("tls_certificate", None, _file(base)),
         tls_key=smtp.get("tls_key", None, _file(base)),
     )

@@ -66,10 +66,9 @@ class RelayNode(Service):
     Redis connection (and the embedded Redis when none is configured).
     """
 
-    def __init__(self, config: Config, reactor: Any, shutdown_grace: float = 30.0) -> None:
+    def __init__(self, config: Config, reactor: Any) -> None:
         self.config = config
         self.reactor = reactor
-        self.shutdown_grace = shutdown_grace
         self.embedded: EmbeddedRedis | None = None
         self.redis: RedisConnection | None = None
         self.queue: RedisQueue | None = None
@@ -226,7 +225,7 @@ class RelayNode(Service):
         if self.smtp is not None:
             busy = self.smtp.shut_down()
             waited = 0.0
-            while busy and waited < self.shutdown_grace:
+            while busy and waited < self.config.smtp.shutdown_grace:
                 await deferLater(self.reactor, 0.1, lambda: None)
                 waited += 0.1
                 busy = [session for session in busy if not session.shut_down()]

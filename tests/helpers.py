@@ -172,7 +172,7 @@ class NodeCase(TestCase):
         port = free_port()
         data = {
             "node": {"id": "node-a", "hostname": "mx2.relayx.test", "data_dir": tempfile.mkdtemp()},
-            "smtp": {"listen": [f"tcp:{port}:interface=127.0.0.1"], **(smtp or {})},
+            "smtp": {"listen": [f"tcp:{port}:interface=127.0.0.1"], "shutdown_grace": "1s", **(smtp or {})},
             "redis": {"url": redis_url or shared_redis().url, "key_prefix": unique_prefix(), "timeout": "2s"},
             "queue": {"retry_schedule": ["1s"], "poll_interval": "100ms", "lease": "10s", **queue},
             "delivery": {"connect_timeout": "2s", "command_timeout": "10s"},
@@ -190,7 +190,7 @@ class NodeCase(TestCase):
                 },
             ],
         }
-        node = RelayNode(parse(data, "test.toml", Path(".")), reactor, shutdown_grace=1)
+        node = RelayNode(parse(data, "test.toml", Path(".")), reactor)
         await node.start()
         self.addCleanup(lambda: Deferred.fromCoroutine(node.stop()))
         self.addCleanup(lambda: Deferred.fromCoroutine(sink.stop()))

@@ -40,6 +40,7 @@ BODIES = st.lists(
 
 COMMANDS = st.one_of(
     st.sampled_from(["EHLO c.test", "HELO c.test", "EHLO", "RSET", "NOOP", "DATA", "QUIT", "VRFY a", "STARTTLS"]),
+    st.sampled_from(["BDAT 5", "BDAT 7 LAST", "BDAT 0 LAST", "BDAT x", "BDAT 3 NOTLAST"]),
     st.builds(lambda a, p: f"MAIL FROM:{a}{p}", ADDRESSES, PARAMS),
     st.builds(lambda a: f"RCPT TO:{a}", ADDRESSES),
     st.text(max_size=40).map(lambda t: t.replace("\r", "").replace("\n", "")),

@@ -91,7 +91,8 @@ def test_banner_and_ehlo_advertise_extensions() -> None:
         "250-SIZE 1000",
         "250-8BITMIME",
         "250-SMTPUTF8",
-        "250 ENHANCEDSTATUSCODES",
+        "250-ENHANCEDSTATUSCODES",
+        "250 CHUNKING",
     ]
 
 
@@ -303,3 +304,41 @@ def test_shutdown_spares_a_session_in_data() -> None:
     assert still_busy == [busy.protocol]
     assert busy.send("x\r\n.\r\n").startswith("250 2.0.0")
     assert busy.protocol.shut_down()
+
+
+def test_bdat_chunks_stored_byte_for_byte() -> None:
+    """When a message comes in BDAT chunks split across reads, each chunk is acknowledged and the bytes kept as sent."""
+    h = Harness()
+    h.transaction()
+    assert h.send(b"BDAT 15\r\nSubject: a\r") == ""
+    assert h.send(b"\n.\r\n") == "250 2.0.0 15 octets received\r\n"
+    assert h.send(b"BDAT 5 LAST\r\n..x\r\nNOOP\r\n") == "250 2.0.0 Ok: queued as Q1\r\n250 2.0.0 Ok\r\n"
+    assert h.store.messages[0].body.endswith(b"\r\nSubject: a\r\n.\r\n..x\r\n")
+
+
+def test_bdat_refused_chunk_is_skipped() -> None:
+    """When BDAT comes before MAIL, its bytes are read and dropped, the reply is 503, and the session goes on."""
+    h = Harness()
+    h.send("EHLO c\r\n")
+    assert h.send(b"BDAT 9 LAST\r\nNOOP\r\nxx\r\n").startswith("503 5.5.1")
+    assert h.send("NOOP\r\n").startswith("250")
+
+
+def test_bdat_oversized_and_mixed_with_data() -> None:
+    """When BDAT chunks exceed the size limit the LAST gets 552; DATA after BDAT is refused with 503."""
+    h = Harness()
+    h.transaction()
+    h.send(b"BDAT 600\r\n" + b"x" * 600)
+    assert h.send(b"BDAT 600 LAST\r\n" + b"y" * 600).startswith("552 5.3.4")
+    assert h.store.messages == []
+    h.transaction()
+    h.send(b"BDAT 1\r\nx")
+    assert h.send("DATA\r\n").startswith("503 5.5.1")
+
+
+def test_bdat_bad_size_closes() -> None:
+    """When BDAT's size cannot be read, the chunk cannot be skipped: the reply is 501 and the session ends."""
+    h = Harness()
+    h.transaction()
+    assert h.send("BDAT many\r\n").startswith("501 5.5.4")
+    assert h.transport.disconnecting

@@ -93,6 +93,21 @@ class Envelope:
     utf8: bool
     recipients: list[Mailbox] = attrs.field(factory=list)
     rejected: int = 0
+    #: the message so far when it comes in BDAT chunks (RFC 3030)
+    chunks: bytearray | None = None
+    overflow: bool = False
+
+
+@attrs.define
+class _Chunk:
+    """
+    A BDAT chunk being read: bytes still to come, whether it is the last,
+    and the error to answer once it is read, if the command was refused.
+    """
+
+    remaining: int
+    last: bool
+    error: Reply | None
 
 
 @attrs.define
@@ -135,6 +150,7 @@ class SMTPServerProtocol(Protocol):
         self.envelope: Envelope | None = None
         self._buffer = bytearray()
         self._data: _DataCollector | None = None
+        self._chunk: _Chunk | None = None
         self._busy = False
         self._closing = False
         self._discarding_line = False
@@ -173,7 +189,8 @@ class SMTPServerProtocol(Protocol):
 
     def _current_timeout(self) -> float:
         limits = self.server.limits
-        return limits.data_timeout if self._data is not None else limits.command_timeout
+        reading = self._data is not None or self._chunk is not None
+        return limits.data_timeout if reading else limits.command_timeout
 
     def _arm_timer(self, seconds: float) -> None:
         if self._timer is not None and self._timer.active():
@@ -205,7 +222,7 @@ class SMTPServerProtocol(Protocol):
         Close the session with ``421`` unless a message is in flight; the
         factory asks again after a grace period. Returns whether it closed.
         """
-        if self._data is not None or self._busy:
+        if self._data is not None or self._chunk is not None or self._busy:
             return False
         self._close(Reply(421, "4.3.2", f"{self.server.hostname} Service shutting down"))
         return True
@@ -221,6 +238,10 @@ class SMTPServerProtocol(Protocol):
         while not self._busy and not self._closing:
             if self._data is not None:
                 if not self._collect_data():
+                    return
+                continue
+            if self._chunk is not None:
+                if not self._collect_chunk():
                     return
                 continue
             end = self._buffer.find(b"\n")
@@ -322,6 +343,7 @@ class SMTPServerProtocol(Protocol):
             "8BITMIME",
             "SMTPUTF8",
             "ENHANCEDSTATUSCODES",
+            "CHUNKING",
         ]
         if self.server.tls is not None and not self.session.tls:
             lines.append("STARTTLS")
@@ -411,6 +433,9 @@ class SMTPServerProtocol(Protocol):
             return
         if argument:
             self._error(Reply(501, "5.5.4", "Error: DATA takes no argument"))
+            return
+        if envelope.chunks is not None:
+            self._error(Reply(503, "5.5.1", "Error: DATA after BDAT"))
             return
         self._data = _DataCollector(limit=self.server.limits.max_message_size)
         self._reply(START_DATA)
@@ -519,6 +544,52 @@ class SMTPServerProtocol(Protocol):
             self.session.helo = None
             self.session.esmtp = False
 
+    def do_BDAT(self, argument: str) -> None:
+        words = argument.split(" ")
+        if not (words[0].isdigit() and (words[1:] == [] or [w.upper() for w in words[1:]] == ["LAST"])):
+            # the size is unknown, so the chunk cannot be skipped: end the session
+            self._close(Reply(501, "5.5.4", "Syntax: BDAT size [LAST]"))
+            return
+        envelope = self.envelope
+        error = None
+        if envelope is None:
+            error = BAD_SEQUENCE_MAIL
+        elif not envelope.recipients:
+            error = NO_VALID_RECIPIENTS if envelope.rejected else BAD_SEQUENCE_RCPT
+        self._chunk = _Chunk(remaining=int(words[0]), last=len(words) == 2, error=error)
+        self._arm_timer(self.server.limits.data_timeout)
+
+    def _collect_chunk(self) -> bool:
+        """
+        Move buffered input into the BDAT chunk; when it is complete, answer
+        it and return ``True`` so the rest is read as commands.
+        """
+        chunk = self._chunk
+        assert chunk is not None
+        piece = self._buffer[: chunk.remaining]
+        del self._buffer[: chunk.remaining]
+        chunk.remaining -= len(piece)
+        envelope = self.envelope
+        if chunk.error is None and envelope is not None:
+            if envelope.chunks is None:
+                envelope.chunks = bytearray()
+            if len(envelope.chunks) + len(piece) > self.server.limits.max_message_size:
+                envelope.overflow = True
+                envelope.chunks.clear()
+            elif not envelope.overflow:
+                envelope.chunks += piece
+        if chunk.remaining:
+            return False
+        self._chunk = None
+        if chunk.error is not None:
+            self._error(chunk.error)
+        elif envelope is not None and chunk.last:
+            content = bytes(envelope.chunks or b"")
+            self._wait_for(self._end_of_data(content, envelope.overflow))
+        elif envelope is not None:
+            self._reply(Reply(250, "2.0.0", f"{len(envelope.chunks or b'')} octets received"))
+        return True
+
     def do_RSET(self, argument: str) -> None:
         self.envelope = None
         self._reply(OK)
@@ -552,7 +623,7 @@ class SMTPServerProtocol(Protocol):
         "EXPN": do_not_implemented,
         "STARTTLS": do_STARTTLS,
         "AUTH": do_not_implemented,
-        "BDAT": do_not_implemented,
+        "BDAT": do_BDAT,
         "TURN": do_not_implemented,
         "ETRN": do_not_implemented,
     }
