@@ -78,6 +78,7 @@ class RelayNode(Service):
         self.heartbeat: LoopingCall | None = None
         self.ports: list[IListeningPort] = []
         self.started: Deferred[None] = Deferred()
+        self._stopped = False
 
     def startService(self) -> None:
         super().startService()
@@ -220,6 +221,9 @@ class RelayNode(Service):
         return Deferred.fromCoroutine(self.stop())
 
     async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         await DeferredList([Deferred.fromCoroutine(_stop_listening(p)) for p in self.ports])
         self.ports = []
         if self.smtp is not None:
@@ -229,6 +233,9 @@ class RelayNode(Service):
                 await deferLater(self.reactor, 0.1, lambda: None)
                 waited += 0.1
                 busy = [session for session in busy if not session.shut_down()]
+            for session in busy:
+                # the grace period is over: no 250 was sent, so the client keeps the message
+                session.shut_down(force=True)
         if self.heartbeat is not None and self.heartbeat.running:
             self.heartbeat.stop()
         if self.prober is not None:

@@ -6,10 +6,15 @@ real SMTP out to a recording sink standing in for the primary.
 from __future__ import annotations
 
 import email
+import socket
 from typing import Any
 
+from twisted.internet import reactor
+from twisted.internet.threads import deferToThread
+
+from relayx.queue.redis import connect
 from relayx.redis_server import free_port
-from tests.helpers import LoopbackSink, NodeCase, eventually, send, wait_for
+from tests.helpers import LoopbackSink, NodeCase, eventually, send, shared_redis, wait_for
 from tests.test_queue_redis import deferred_test
 
 
@@ -97,3 +102,32 @@ class NodeTests(NodeCase):
         parsed = email.message_from_bytes(sink.messages[0].body)
         assert parsed["Subject"] == "message 7"
         assert len(parsed.get_all("Received") or []) == 1
+
+    @deferred_test
+    async def test_shutdown_mid_message_stores_nothing(self) -> None:
+        """When the node stops mid-DATA, the client gets 421 after the grace period and nothing is stored."""
+        sink = LoopbackSink()
+        node = await self.start_node(sink)
+
+        def start_message() -> socket.socket:
+            s = socket.create_connection(("127.0.0.1", self.smtp_port), timeout=30)
+            s.sendall(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.com>\r\nDATA\r\nSubject: half\r\n")
+            return s
+
+        client = await deferToThread(start_message)
+        self.addCleanup(client.close)
+        await node.stop()
+
+        def read_all() -> bytes:
+            data = b""
+            while chunk := client.recv(4096):
+                data += chunk
+            return data
+
+        replies = (await deferToThread(read_all)).decode()
+        assert replies.splitlines()[-1].startswith("421 4.3.2")
+        assert node.queue is not None
+        redis = await connect("127.0.0.1", shared_redis().port, 0, None, reactor, 5.0, poolsize=1)
+        self.addCleanup(redis.disconnect)
+        assert await redis.wait_connected(5)
+        assert await redis.call("keys", node.queue.key("msg", "*")) == []

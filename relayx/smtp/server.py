@@ -217,12 +217,12 @@ class SMTPServerProtocol(Protocol):
         self._cancel_timer()
         self.transport.loseConnection()  # type: ignore[union-attr]
 
-    def shut_down(self) -> bool:
+    def shut_down(self, force: bool = False) -> bool:
         """
-        Close the session with ``421`` unless a message is in flight; the
-        factory asks again after a grace period. Returns whether it closed.
+        Close the session with ``421`` unless a message is in flight (or
+        ``force``, once the grace period is over). Returns whether it closed.
         """
-        if self._data is not None or self._chunk is not None or self._busy:
+        if not force and (self._data is not None or self._chunk is not None or self._busy):
             return False
         self._close(Reply(421, "4.3.2", f"{self.server.hostname} Service shutting down"))
         return True
