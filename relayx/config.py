@@ -187,6 +187,7 @@ class SMTPConfig:
     max_connections: int
     max_connections_per_ip: int
     shutdown_grace: float
+    bare_lf: str
     tls_certificate: Path | None
     tls_key: Path | None
 
@@ -557,6 +558,7 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
         max_connections=smtp.get("max_connections", 1000, _positive_int),
         max_connections_per_ip=smtp.get("max_connections_per_ip", 50, _positive_int),
         shutdown_grace=smtp.get("shutdown_grace", 30.0, _positive_duration),
+        bare_lf=smtp.get("bare_lf", "normalize", _choice("normalize", "reject")),
         tls_certificate=smtp.get("tls_certificate", None, _file(base)),
         tls_key=smtp.get("tls_key", None, _file(base)),
     )

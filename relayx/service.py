@@ -160,6 +160,7 @@ class RelayNode(Service):
                 data_timeout=s.data_timeout,
                 max_connections=s.max_connections,
                 max_connections_per_ip=s.max_connections_per_ip,
+                reject_bare_lf=s.bare_lf == "reject",
             ),
             tls=tls,
             policy=RecipientPolicy(config.domains, cache=self.queue, callout=deliverer.verify, clock=reactor),

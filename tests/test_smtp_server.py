@@ -342,3 +342,16 @@ def test_bdat_bad_size_closes() -> None:
     h.transaction()
     assert h.send("BDAT many\r\n").startswith("501 5.5.4")
     assert h.transport.disconnecting
+
+
+def test_bare_lf_rejected_when_configured() -> None:
+    """When bare LF is set to reject, a command ending in LF gets 500 5.5.2 and a message with one gets 550 5.5.2."""
+    import attrs
+
+    h = Harness(attrs.evolve(LIMITS, reject_bare_lf=True))
+    assert h.send("EHLO c\n").startswith("500 5.5.2")
+    h.transaction()
+    h.send("DATA\r\n")
+    assert h.send(b"a\nb\r\n.\r\n").startswith("550 5.5.2")
+    assert h.store.messages == []
+    assert h.send("NOOP\r\n").startswith("250")

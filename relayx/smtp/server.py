@@ -48,6 +48,7 @@ TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
 TOO_BIG = Reply(552, "5.3.4", "Error: message size exceeds fixed limit")
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Error: too many hops, mail loop suspected")
 NUL_IN_MESSAGE = Reply(554, "5.6.0", "Error: message contains NUL characters")
+BARE_LF = Reply(550, "5.5.2", "Error: bare <LF> received, lines must end in <CR><LF>")
 STORE_FAILED = Reply(451, "4.3.0", "Error: temporary queue failure, try again later")
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 
@@ -67,6 +68,7 @@ class Limits:
     data_timeout: float
     max_connections: int = 1000
     max_connections_per_ip: int = 50
+    reject_bare_lf: bool = False
 
 
 @attrs.define
@@ -259,6 +261,9 @@ class SMTPServerProtocol(Protocol):
                 continue
             if len(line) > max_line:
                 self._error(LINE_TOO_LONG)
+                continue
+            if self.server.limits.reject_bare_lf and not line.endswith(b"\r\n"):
+                self._error(BARE_LF)
                 continue
             self._line(line.rstrip(b"\r\n"))
 
@@ -475,8 +480,10 @@ class SMTPServerProtocol(Protocol):
         if b"\0" in content:
             return NUL_IN_MESSAGE
         if _BARE_LF.search(content):
-            # RFC 5321 2.3.8: the sender should not; Postfix's default is to
-            # normalise rather than refuse
+            # RFC 5321 2.3.8: a client must not send a bare LF. Postfix's
+            # default is to normalise; refusing is the operator's choice
+            if self.server.limits.reject_bare_lf:
+                return BARE_LF
             content = _BARE_LF.sub(b"\r\n", content)
         if count_hops(content) >= self.server.limits.max_hops:
             return TOO_MANY_HOPS
