@@ -49,6 +49,7 @@ TOO_BIG = Reply(552, "5.3.4", "Error: message size exceeds fixed limit")
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Error: too many hops, mail loop suspected")
 NUL_IN_MESSAGE = Reply(554, "5.6.0", "Error: message contains NUL characters")
 BARE_LF = Reply(550, "5.5.2", "Error: bare <LF> received, lines must end in <CR><LF>")
+BARE_LF_COMMAND = Reply(500, "5.5.2", "Error: bare <LF> received, lines must end in <CR><LF>")
 STORE_FAILED = Reply(451, "4.3.0", "Error: temporary queue failure, try again later")
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 
@@ -263,7 +264,7 @@ class SMTPServerProtocol(Protocol):
                 self._error(LINE_TOO_LONG)
                 continue
             if self.server.limits.reject_bare_lf and not line.endswith(b"\r\n"):
-                self._error(BARE_LF)
+                self._error(BARE_LF_COMMAND)
                 continue
             self._line(line.rstrip(b"\r\n"))
 
