@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import email.parser
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -127,11 +128,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="A recording SMTP sink standing in for a primary mail server.")
     parser.add_argument("--port", type=int, default=2526)
     parser.add_argument("--interface", default="127.0.0.1")
+    parser.add_argument("--record", help="append one JSON line per message (time, subject) to this file")
     options = parser.parse_args()
     from twisted.internet import reactor
 
+    record = open(options.record, "a") if options.record else None
+
     def show(message: Received) -> None:
         subject = email.parser.BytesHeaderParser().parsebytes(message.body)["Subject"]
+        if record is not None:
+            record.write(json.dumps({"t": message.at, "subject": subject, "rcpt": message.recipients}) + "\n")
+            record.flush()
+            return
         stamp = time.strftime("%H:%M:%S")
         print(f"{stamp} from <{message.sender}> to {', '.join(message.recipients)}: {subject}", flush=True)
 

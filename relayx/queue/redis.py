@@ -10,11 +10,13 @@ the same code runs under a test's ``Clock``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Mapping
 from importlib.resources import files
 from typing import Any
 
+import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
@@ -42,13 +44,21 @@ from relayx.reply import Reply
 log = Logger()
 
 
-def _script(name: str, prelude: bool = False) -> bytes:
+@attrs.frozen
+class Script:
+    source: bytes = attrs.field(repr=False)
+    sha: str
+
+
+def _script(name: str, prelude: bool = False) -> Script:
     """
-    A script's source; with ``prelude``, after the shared helpers of ``common.lua``.
+    A script; with ``prelude``, after the shared helpers of ``common.lua``.
     """
     folder = files("relayx.queue")
     source = folder.joinpath(name).read_bytes()
-    return folder.joinpath("common.lua").read_bytes() + b"\n" + source if prelude else source
+    if prelude:
+        source = folder.joinpath("common.lua").read_bytes() + b"\n" + source
+    return Script(source, hashlib.sha1(source).hexdigest())
 
 
 def _ms(seconds: float) -> int:
@@ -84,6 +94,18 @@ class RedisConnection:
     def connected(self) -> bool:
         # txredisapi keeps the live connection count on the handler's factory
         return bool(getattr(getattr(self._pool, "_factory", None), "size", 0))
+
+    async def script(self, script: Script, keys: list[str], args: list[Any]) -> Any:
+        """
+        Run a Lua script by its hash, loading it first when Redis does not
+        have it (a restart, a failover to a replica that never saw it).
+        """
+        try:
+            return await self.call("evalsha", script.sha, keys, args)
+        except StoreUnavailable as e:
+            if "NOSCRIPT" not in str(e) and "No script matching" not in str(e):
+                raise
+        return await self.call("eval", script.source, keys, args)
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         from txredisapi import ResponseError
@@ -187,7 +209,7 @@ class RedisQueue:
         for domain, rcpts in message.by_domain().items():
             args += [domain, json.dumps(list(rcpts))]
         keys = [self.key("seq"), self.key("domains"), self.key("msg", message.queue_id)]
-        await self.redis.call("eval", self._ENQUEUE, keys, args)
+        await self.redis.script(self._ENQUEUE, keys, args)
 
     async def claim(
         self,
@@ -209,7 +231,7 @@ class RedisQueue:
             self._randrange(1 << 30),
             self._batch,
         ]
-        rows, wake = await self.redis.call("eval", self._CLAIM, keys, args)
+        rows, wake = await self.redis.script(self._CLAIM, keys, args)
         leases = tuple(
             Lease(
                 job_id=_text(jid),
@@ -228,7 +250,7 @@ class RedisQueue:
     async def renew(self, lease: Lease, now: float) -> Lease:
         expires = now + self.lease
         keys = [self.key("job", lease.job_id), self.key("leased"), self.key("inflight", lease.domain)]
-        await self.redis.call("eval", self._RENEW, keys, [lease.job_id, lease.token, _ms(expires)])
+        await self.redis.script(self._RENEW, keys, [lease.job_id, lease.token, _ms(expires)])
         return lease.renewed(_ms(expires) / 1000)
 
     async def load(self, lease: Lease) -> StoredMessage:
@@ -262,7 +284,7 @@ class RedisQueue:
             ",".join(str(_ms(s)) for s in self.retry_schedule),
             self.prefix,
         ]
-        return _text(await self.redis.call("eval", self._SETTLE, keys, args))
+        return _text(await self.redis.script(self._SETTLE, keys, args))
 
     async def failing_domains(self) -> list[str]:
         return [_text(d) for d in await self.redis.call("zrange", self.key("paused"), 0, -1)]
@@ -273,25 +295,25 @@ class RedisQueue:
 
     async def resume(self, domain: str, now: float) -> bool:
         keys = [self.key("dom", domain), self.key("paused")]
-        return bool(int(await self.redis.call("eval", self._RESUME, keys, [_ms(now), domain])))
+        return bool(int(await self.redis.script(self._RESUME, keys, [_ms(now), domain])))
 
     # -- operations (IQueueAdmin) ------------------------------------------
 
     async def hold(self, domain: str, now: float, start: float | None = None, end: float | None = None) -> None:
         keys = [self.key("dom", domain), self.key("held")]
         args = [_ms(now), _ms(start or 0), _ms(end or 0), domain]
-        await self.redis.call("eval", self._HOLD, keys, args)
+        await self.redis.script(self._HOLD, keys, args)
 
     async def release(self, domain: str, now: float, rate: float = 0.0) -> bool:
         keys = [self.key("dom", domain), self.key("held")]
-        return bool(int(await self.redis.call("eval", self._RELEASE, keys, [_ms(now), rate, domain])))
+        return bool(int(await self.redis.script(self._RELEASE, keys, [_ms(now), rate, domain])))
 
     async def heartbeat(self, node: str, now: float, keep: float, info: Mapping[str, str]) -> None:
         keys = [self.key("nodes"), self.key("node", node)]
         args: list[object] = [node, _ms(now), _ms(keep)]
         for field, value in info.items():
             args += [field, value]
-        await self.redis.call("eval", self._HEARTBEAT, keys, args)
+        await self.redis.script(self._HEARTBEAT, keys, args)
 
     async def nodes(self, now: float, keep: float) -> list[NodeStatus]:
         """

@@ -83,7 +83,9 @@ class Session:
     esmtp: bool = False
     tls: bool = False
     errors: int = 0
-    messages: int = 0
+    started: float = 0.0
+    #: the queue ids of the messages accepted in this session
+    queued: list[str] = attrs.field(factory=list)
 
 
 @attrs.define
@@ -163,7 +165,7 @@ class SMTPServerProtocol(Protocol):
 
     def connectionMade(self) -> None:
         peer: IAddress = self.transport.getPeer()  # type: ignore[union-attr]
-        self.session = Session(peer_ip=str(getattr(peer, "host", "unknown")))
+        self.session = Session(peer_ip=str(getattr(peer, "host", "unknown")), started=self.server.clock.seconds())
         refusal = self.server.admit(self)
         if refusal is not None:
             self._close(refusal)
@@ -175,11 +177,17 @@ class SMTPServerProtocol(Protocol):
         self._closing = True
         self._cancel_timer()
         self.server.leave(self)
+        session = self.session
         log.info(
-            "smtp session from {peer} ended: {messages} message(s), {errors} error(s)",
-            peer=self.session.peer_ip,
-            messages=self.session.messages,
-            errors=self.session.errors,
+            "smtp session from {peer} ({helo}{tls}) ended after {seconds:.3f}s: "
+            "queued {count} [{queue_ids}], {errors} error(s)",
+            peer=session.peer_ip,
+            helo=session.helo or "no HELO",
+            tls=", TLS" if session.tls else "",
+            seconds=self.server.clock.seconds() - session.started,
+            count=len(session.queued),
+            queue_ids=" ".join(session.queued),
+            errors=session.errors,
         )
 
     def dataReceived(self, data: bytes) -> None:
@@ -504,16 +512,9 @@ class SMTPServerProtocol(Protocol):
         except StoreUnavailable as e:
             log.error("message {queue_id} not stored: {why}", queue_id=queue_id, why=str(e), code=451)
             return STORE_FAILED
-        self.session.messages += 1
-        log.info(
-            "accepted {queue_id} from {peer}: <{sender}> to {count} recipient(s), {size} bytes",
-            queue_id=queue_id,
-            peer=self.session.peer_ip,
-            sender=message.sender,
-            count=len(message.recipients),
-            size=len(message.body),
-            code=250,
-        )
+        # logged with the session's line: one log event per message costs
+        # more than the rest of accepting it
+        self.session.queued.append(queue_id)
         return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
 
     def _received_header(self, envelope: Envelope, queue_id: str, now: float) -> bytes:

@@ -1,0 +1,291 @@
+"""
+relayx's load benchmarks.
+
+``python -m bench accept``: accept throughput and latency of N nodes (Redis
+with ``appendfsync always``) under S concurrent sessions, and of Postfix as a
+backup MX for the same domain when it is installed.
+
+``python -m bench replay``: fill the queue while the primary is down, bring a
+recording sink up, and measure the drain against the configured throttle.
+
+Every run writes ``bench/results/<kind>-<time>.json`` and a PNG plot beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.harness import (
+    ROOT,
+    Nodes,
+    Postfix,
+    Redis,
+    cpu_seconds,
+    postfix_available,
+    redis_memory,
+)
+from relayx.redis_server import free_port
+
+RESULTS = ROOT / "bench" / "results"
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+def run_load(ports: list[int], sessions: int, count: int, sizes: list[int], seconds: float) -> dict[str, Any]:
+    command = [sys.executable, "-m", "bench.load", "--sessions", str(sessions), "--count", str(count)]
+    command += ["--seconds", str(seconds)]
+    for port in ports:
+        command += ["--port", str(port)]
+    for size in sizes:
+        command += ["--size", str(size)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=seconds + 60, check=True)
+    loaded: dict[str, Any] = json.loads(result.stdout)
+    return loaded
+
+
+def summarize(load: dict[str, Any], cpu: dict[str, float]) -> dict[str, Any]:
+    samples = load["samples"]
+    ok = [s for s in samples if s[2] == 250]
+    duration = max((s[1] for s in ok), default=0.0) - min((s[0] for s in ok), default=0.0)
+    latencies = [(end - start) * 1000 for start, end, _, _ in ok]
+    per_second: dict[int, int] = {}
+    for _, end, _, _ in ok:
+        per_second[int(end)] = per_second.get(int(end), 0) + 1
+    return {
+        "accepted": len(ok),
+        "refused": len(samples) - len(ok),
+        "seconds": round(duration, 3),
+        "msg_per_s": round(len(ok) / duration, 1) if duration else 0.0,
+        "mb_per_s": round(sum(s[3] for s in ok) / duration / 1e6, 2) if duration else 0.0,
+        "latency_ms": {
+            "p50": round(percentile(latencies, 50), 2),
+            "p90": round(percentile(latencies, 90), 2),
+            "p99": round(percentile(latencies, 99), 2),
+            "max": round(max(latencies, default=float("nan")), 2),
+        },
+        "cpu_ms_per_msg": {name: round(seconds * 1000 / max(1, len(ok)), 3) for name, seconds in cpu.items()},
+        "per_second": [per_second.get(s, 0) for s in range(0, int(max(per_second, default=0)) + 1)],
+        "latency_series": [[round(end, 3), round((end - start) * 1000, 2)] for start, end, _, _ in ok],
+    }
+
+
+def smtp_source(port: int, sessions: int, count: int, size: int) -> float | None:
+    """
+    Postfix's own load generator against ``port``: messages per second, or
+    ``None`` when it is not installed.
+    """
+    binary = shutil.which("smtp-source")
+    if binary is None:
+        return None
+    start = time.monotonic()
+    subprocess.run(
+        [binary, "-s", str(sessions), "-m", str(count), "-l", str(size), "-f", "load@sender.test"]
+        + ["-t", "rcpt@example.com", f"127.0.0.1:{port}"],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    return round(count / (time.monotonic() - start), 1)
+
+
+def accept(options: argparse.Namespace) -> dict[str, Any]:
+    directory = Path(tempfile.mkdtemp(prefix="relayx-bench-"))
+    primary = free_port()  # nothing listens there: the primary is down
+    result: dict[str, Any] = {
+        "kind": "accept",
+        "nodes": options.nodes,
+        "sessions": options.sessions,
+        "count": options.count,
+        "sizes": options.size,
+        "redis_appendfsync": options.fsync,
+        "machine": machine(),
+    }
+    redis = Redis(directory, options.fsync)
+    nodes = Nodes(directory, options.nodes, redis.port, primary)
+    try:
+        memory = redis_memory(redis.port)
+        pids = {f"relayx-{n}": pid for n, pid in enumerate(nodes.pids)} | {"redis": redis.process.pid}
+        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        load = run_load(nodes.ports, options.sessions, options.count, options.size, options.seconds)
+        cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+        summary = summarize(load, cpu)
+        summary["redis_bytes_per_msg"] = round((redis_memory(redis.port) - memory) / max(1, summary["accepted"]))
+        if len(options.size) == 1:
+            summary["smtp_source_msg_per_s"] = smtp_source(
+                nodes.ports[0], options.sessions, options.count, options.size[0]
+            )
+        result["relayx"] = summary
+    finally:
+        nodes.stop()
+        redis.stop()
+    if postfix_available() and not options.no_postfix:
+        postfix = Postfix(directory, primary)
+        try:
+            before_cpu = postfix.process_cpu()
+            load = run_load([postfix.port], options.sessions, options.count, options.size, options.seconds)
+            summary = summarize(load, {"postfix": postfix.process_cpu() - before_cpu})
+            if len(options.size) == 1:
+                summary["smtp_source_msg_per_s"] = smtp_source(
+                    postfix.port, options.sessions, options.count, options.size[0]
+                )
+            result["postfix"] = summary
+        finally:
+            postfix.stop()
+        result["ratio_relayx_to_postfix"] = round(result["relayx"]["msg_per_s"] / result["postfix"]["msg_per_s"], 2)
+        a, b = result["relayx"].get("smtp_source_msg_per_s"), result["postfix"].get("smtp_source_msg_per_s")
+        if a and b:
+            result["ratio_with_smtp_source"] = round(a / b, 2)
+    else:
+        why = "--no-postfix" if options.no_postfix else "postfix is not installed (apt-get install postfix)"
+        result["postfix"] = f"not measured: {why}"
+    shutil.rmtree(directory, ignore_errors=True)
+    return result
+
+
+def replay(options: argparse.Namespace) -> dict[str, Any]:
+    directory = Path(tempfile.mkdtemp(prefix="relayx-bench-"))
+    primary = free_port()
+    record = directory / "arrivals.jsonl"
+    result: dict[str, Any] = {
+        "kind": "replay",
+        "nodes": options.nodes,
+        "count": options.count,
+        "rate": options.rate,
+        "concurrency": options.concurrency,
+        "machine": machine(),
+    }
+    redis = Redis(directory)
+    nodes = Nodes(
+        directory,
+        options.nodes,
+        redis.port,
+        primary,
+        rate=options.rate,
+        concurrency=options.concurrency,
+        retry='"1m", "5m"',
+        probe=options.probe,
+    )
+    sink: subprocess.Popen[bytes] | None = None
+    try:
+        # one session: acceptance order is the order of the message numbers
+        fill = run_load(nodes.ports, 1, options.count, [options.size], options.seconds)
+        accepted = sum(1 for s in fill["samples"] if s[2] == 250)
+        up = time.time()
+        sink = subprocess.Popen(
+            [sys.executable, "-m", "bench.sink", "--port", str(primary), "--record", str(record)],
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+        )
+        assert sink.stderr is not None
+        sink.stderr.readline()  # "sink listening on ..."
+        deadline = time.monotonic() + options.seconds + accepted / max(options.rate or 1000, 1) * 2
+        arrivals: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            arrivals = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
+            if len({a["subject"] for a in arrivals}) >= accepted:
+                break
+            time.sleep(0.2)
+    finally:
+        if sink is not None:
+            sink.terminate()
+            sink.wait(10)
+        nodes.stop()
+        redis.stop()
+    times = sorted(a["t"] for a in arrivals)
+    numbers = [int(a["subject"].split()[-1]) for a in sorted(arrivals, key=lambda a: a["t"])]
+    unique: list[int] = list(dict.fromkeys(numbers))
+    violations = sum(1 for previous, n in zip(unique, unique[1:], strict=False) if n < previous)
+    first = times[0] - up if times else None
+    drain = times[-1] - times[0] if len(times) > 1 else 0.0
+    per_second: dict[int, int] = {}
+    for t in times:
+        per_second[int(t - times[0])] = per_second.get(int(t - times[0]), 0) + 1
+    worst = max((sum(1 for u in times if t <= u < t + 1) for t in times), default=0)
+    result.update(
+        {
+            "accepted": accepted,
+            "delivered_unique": len(unique),
+            "duplicates": len(numbers) - len(unique),
+            "order_violations": violations,
+            "first_delivery_after_s": round(first, 2) if first is not None else None,
+            "measured_rate": round((len(times) - 1) / drain, 2) if drain else None,
+            "worst_1s_window": worst,
+            "per_second": [per_second.get(s, 0) for s in range(0, int(max(per_second, default=0)) + 1)],
+            "arrivals": [round(t - up, 4) for t in times],
+        }
+    )
+    shutil.rmtree(directory, ignore_errors=True)
+    return result
+
+
+def machine() -> dict[str, Any]:
+    import os
+    import platform
+
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0] if __doc__ else "")
+    sub = parser.add_subparsers(dest="kind", required=True)
+    a = sub.add_parser("accept", help="accept throughput and latency")
+    a.add_argument("--nodes", type=int, default=1)
+    a.add_argument("--sessions", type=int, default=20)
+    a.add_argument("--count", type=int, default=5000)
+    a.add_argument("--size", type=int, action="append", help="message size in bytes (repeat for a mix)")
+    a.add_argument("--seconds", type=float, default=120, help="stop sending after this long")
+    a.add_argument("--fsync", default="always", choices=["always", "everysec", "no"])
+    a.add_argument("--no-postfix", action="store_true")
+    r = sub.add_parser("replay", help="drain of a queue filled while the primary was down")
+    r.add_argument("--nodes", type=int, default=2)
+    r.add_argument("--count", type=int, default=1000)
+    r.add_argument("--size", type=int, default=1024)
+    r.add_argument("--rate", type=float, default=50)
+    r.add_argument("--concurrency", type=int, default=1)
+    r.add_argument("--probe", default="5s")
+    r.add_argument("--seconds", type=float, default=120)
+    options = parser.parse_args()
+    if options.kind == "accept":
+        options.size = options.size or [1024]
+        result = accept(options)
+    else:
+        result = replay(options)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = RESULTS / f"{options.kind}-{stamp}.json"
+    path.write_text(json.dumps(result, indent=1))
+    from bench.plot import plot
+
+    picture = plot(result, path.with_suffix(".png"))
+    print(json.dumps(headline(result), indent=1))
+    print(f"result: {path}" + (f"\nplot: {picture}" if picture else "\nplot: not drawn (pip install matplotlib)"))
+
+
+def headline(result: dict[str, Any]) -> dict[str, Any]:
+    """
+    The figures worth printing, without the series.
+    """
+
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in ("per_second", "latency_series", "arrivals")}
+        return value
+
+    return {k: strip(v) for k, v in result.items() if k not in ("per_second", "arrivals")}
+
+
+if __name__ == "__main__":
+    main()

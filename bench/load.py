@@ -1,0 +1,109 @@
+"""
+The load generator: S concurrent SMTP sessions sending M messages in all,
+bounded in count and time, timing each message from MAIL to the reply to
+the end of DATA.
+
+It runs in a process of its own (``python -m bench.load``) so that the
+client's CPU is never charged to, nor shares an event loop with, the server
+it measures. It prints one JSON object: the per-message samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+
+
+def make_body(size: int, n: int) -> bytes:
+    header = f"From: load@sender.test\r\nTo: rcpt@example.com\r\nSubject: bench {n}\r\n\r\n".encode()
+    line = b"x" * 76 + b"\r\n"
+    body = header + line * max(0, (size - len(header)) // len(line))
+    return body + b"y" * max(0, size - len(body) - 2) + b"\r\n"
+
+
+async def _reply(reader: asyncio.StreamReader) -> int:
+    while True:
+        line = await reader.readline()
+        if not line:
+            raise ConnectionError("connection closed")
+        if line[3:4] != b"-":
+            return int(line[:3])
+
+
+async def session(
+    host: str,
+    port: int,
+    queue: asyncio.Queue[tuple[int, bytes]],
+    samples: list[tuple[float, float, int, int]],
+    deadline: float,
+) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        await _reply(reader)
+        writer.write(b"EHLO load.test\r\n")
+        await _reply(reader)
+        while time.monotonic() < deadline:
+            try:
+                n, body = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            start = time.monotonic()
+            # pipelined envelope, as a real MTA client sends it
+            writer.write(
+                f"MAIL FROM:<load@sender.test> SIZE={len(body)}\r\nRCPT TO:<u{n}@example.com>\r\nDATA\r\n".encode()
+            )
+            codes = [await _reply(reader) for _ in range(3)]
+            if codes[2] != 354:
+                samples.append((start, time.monotonic(), codes[2], len(body)))
+                writer.write(b"RSET\r\n")
+                await _reply(reader)
+                continue
+            writer.write(body.replace(b"\r\n.", b"\r\n..") + b".\r\n")
+            code = await _reply(reader)
+            samples.append((start, time.monotonic(), code, len(body)))
+        writer.write(b"QUIT\r\n")
+        await writer.drain()
+    finally:
+        writer.close()
+
+
+async def run(
+    host: str, ports: list[int], sessions: int, count: int, sizes: list[int], seconds: float
+) -> dict[str, object]:
+    rng = random.Random(1)
+    bodies = {size: make_body(size, 0) for size in sizes}
+    queue: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
+    for n in range(count):
+        queue.put_nowait((n, bodies[rng.choice(sizes)]))
+    samples: list[tuple[float, float, int, int]] = []
+    begin = time.monotonic()
+    deadline = begin + seconds
+    await asyncio.gather(*(session(host, ports[i % len(ports)], queue, samples, deadline) for i in range(sessions)))
+    return {
+        "begin": begin,
+        "end": time.monotonic(),
+        "samples": [[s - begin, e - begin, c, z] for s, e, c, z in samples],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="SMTP load generator for relayx's benchmarks")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, action="append", required=True)
+    parser.add_argument("--sessions", type=int, default=20)
+    parser.add_argument("--count", type=int, default=5000)
+    parser.add_argument("--size", type=int, action="append")
+    parser.add_argument("--seconds", type=float, default=120)
+    options = parser.parse_args()
+    result = asyncio.run(
+        run(options.host, options.port, options.sessions, options.count, options.size or [1024], options.seconds)
+    )
+    json.dump(result, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

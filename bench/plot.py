@@ -1,0 +1,54 @@
+"""
+The PNG beside each benchmark result: throughput and latency over time for
+``accept``, arrivals per second against the throttle for ``replay``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def plot(result: dict[str, Any], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    if result["kind"] == "accept":
+        figure, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+        for name in ("relayx", "postfix"):
+            run = result.get(name)
+            if not isinstance(run, dict):
+                continue
+            top.plot(range(len(run["per_second"])), run["per_second"], label=f"{name}: {run['msg_per_s']} msg/s")
+            series = run["latency_series"]
+            bottom.scatter(
+                [t for t, _ in series], [ms for _, ms in series], s=2, label=f"{name} p99 {run['latency_ms']['p99']} ms"
+            )
+        top.set_ylabel("messages accepted per second")
+        top.set_title(f"accept: {result['count']} x {result['sizes']} B, {result['sessions']} sessions")
+        top.legend()
+        bottom.set_ylabel("reply to DATA (ms)")
+        bottom.set_xlabel("seconds")
+        bottom.set_yscale("log")
+        bottom.legend()
+    else:
+        figure, axis = plt.subplots(figsize=(9, 4.5))
+        per_second = result["per_second"]
+        axis.bar(range(len(per_second)), per_second, label="delivered to the primary per second")
+        if result["rate"]:
+            axis.axhline(result["rate"], color="red", label=f"throttle {result['rate']:g} msg/s")
+            axis.axhline(result["rate"] * 1.1, color="red", linestyle=":", label="110 %")
+        axis.set_title(
+            f"replay of {result['accepted']}: first after {result['first_delivery_after_s']} s, "
+            f"{result['measured_rate']} msg/s, {result['duplicates']} duplicates"
+        )
+        axis.set_xlabel("seconds after the first delivery")
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return path
