@@ -14,12 +14,14 @@ Every run writes ``bench/results/<kind>-<time>.json`` and a PNG plot beside it.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,7 @@ def percentile(values: list[float], p: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def run_load(ports: list[int], sessions: int, count: int, sizes: list[int], seconds: float) -> dict[str, Any]:
@@ -92,8 +94,20 @@ def smtp_source(port: int, sessions: int, count: int, size: int) -> float | None
         return None
     start = time.monotonic()
     subprocess.run(
-        [binary, "-s", str(sessions), "-m", str(count), "-l", str(size), "-f", "load@sender.test"]
-        + ["-t", "rcpt@example.com", f"127.0.0.1:{port}"],
+        [
+            binary,
+            "-s",
+            str(sessions),
+            "-m",
+            str(count),
+            "-l",
+            str(size),
+            "-f",
+            "load@sender.test",
+            "-t",
+            "rcpt@example.com",
+            f"127.0.0.1:{port}",
+        ],
         check=True,
         capture_output=True,
         timeout=600,
@@ -158,7 +172,6 @@ def accept(options: argparse.Namespace) -> dict[str, Any]:
 def replay(options: argparse.Namespace) -> dict[str, Any]:
     directory = Path(tempfile.mkdtemp(prefix="relayx-bench-"))
     primary = free_port()
-    record = directory / "arrivals.jsonl"
     result: dict[str, Any] = {
         "kind": "replay",
         "nodes": options.nodes,
@@ -178,57 +191,75 @@ def replay(options: argparse.Namespace) -> dict[str, Any]:
         retry='"1m", "5m"',
         probe=options.probe,
     )
-    sink: subprocess.Popen[bytes] | None = None
     try:
-        # one session: acceptance order is the order of the message numbers
-        fill = run_load(nodes.ports, 1, options.count, [options.size], options.seconds)
-        accepted = sum(1 for s in fill["samples"] if s[2] == 250)
-        up = time.time()
-        sink = subprocess.Popen(
-            [sys.executable, "-m", "bench.sink", "--port", str(primary), "--record", str(record)],
-            cwd=ROOT,
-            stderr=subprocess.PIPE,
-        )
+        result["relayx"] = drain(options, directory / "relayx.jsonl", primary, nodes.ports, lambda: None)
+    finally:
+        nodes.stop()
+        redis.stop()
+    if postfix_available() and not options.no_postfix:
+        postfix = Postfix(directory, primary)
+        try:
+            # Postfix has no recovery probe: the operator flushes its queue
+            result["postfix"] = drain(options, directory / "postfix.jsonl", primary, [postfix.port], postfix.flush)
+        finally:
+            postfix.stop()
+    else:
+        why = "--no-postfix" if options.no_postfix else "postfix is not installed (apt-get install postfix)"
+        result["postfix"] = f"not measured: {why}"
+    shutil.rmtree(directory, ignore_errors=True)
+    return result
+
+
+def drain(
+    options: argparse.Namespace, record: Path, primary: int, ports: list[int], recovered: Callable[[], None]
+) -> dict[str, Any]:
+    """
+    Fill the queue behind ``ports`` while the primary is down, bring a
+    recording sink up, and measure what it receives.
+    """
+    # one session: acceptance order is the order of the message numbers
+    fill = run_load(ports, 1, options.count, [options.size], options.seconds)
+    accepted = sum(1 for s in fill["samples"] if s[2] == 250)
+    sink = subprocess.Popen(
+        [sys.executable, "-m", "bench.sink", "--port", str(primary), "--record", str(record)],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+    )
+    arrivals: list[dict[str, Any]] = []
+    try:
         assert sink.stderr is not None
-        sink.stderr.readline()  # "sink listening on ..."
+        sink.stderr.readline()  # "sink listening on ...": the primary is back
+        up = time.time()
+        recovered()
         deadline = time.monotonic() + options.seconds + accepted / max(options.rate or 1000, 1) * 2
-        arrivals: list[dict[str, Any]] = []
         while time.monotonic() < deadline:
             arrivals = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
             if len({a["subject"] for a in arrivals}) >= accepted:
                 break
             time.sleep(0.2)
     finally:
-        if sink is not None:
-            sink.terminate()
-            sink.wait(10)
-        nodes.stop()
-        redis.stop()
+        sink.terminate()
+        sink.wait(10)
     times = sorted(a["t"] for a in arrivals)
     numbers = [int(a["subject"].split()[-1]) for a in sorted(arrivals, key=lambda a: a["t"])]
     unique: list[int] = list(dict.fromkeys(numbers))
-    violations = sum(1 for previous, n in zip(unique, unique[1:], strict=False) if n < previous)
+    violations = sum(1 for previous, n in itertools.pairwise(unique) if n < previous)
     first = times[0] - up if times else None
-    drain = times[-1] - times[0] if len(times) > 1 else 0.0
+    span = times[-1] - times[0] if len(times) > 1 else 0.0
     per_second: dict[int, int] = {}
     for t in times:
         per_second[int(t - times[0])] = per_second.get(int(t - times[0]), 0) + 1
     worst = max((sum(1 for u in times if t <= u < t + 1) for t in times), default=0)
-    result.update(
-        {
-            "accepted": accepted,
-            "delivered_unique": len(unique),
-            "duplicates": len(numbers) - len(unique),
-            "order_violations": violations,
-            "first_delivery_after_s": round(first, 2) if first is not None else None,
-            "measured_rate": round((len(times) - 1) / drain, 2) if drain else None,
-            "worst_1s_window": worst,
-            "per_second": [per_second.get(s, 0) for s in range(0, int(max(per_second, default=0)) + 1)],
-            "arrivals": [round(t - up, 4) for t in times],
-        }
-    )
-    shutil.rmtree(directory, ignore_errors=True)
-    return result
+    return {
+        "accepted": accepted,
+        "delivered_unique": len(unique),
+        "duplicates": len(numbers) - len(unique),
+        "order_violations": violations,
+        "first_delivery_after_s": round(first, 2) if first is not None else None,
+        "measured_rate": round((len(times) - 1) / span, 2) if span else None,
+        "worst_1s_window": worst,
+        "per_second": [per_second.get(s, 0) for s in range(0, int(max(per_second, default=0)) + 1)],
+    }
 
 
 def machine() -> dict[str, Any]:
@@ -257,6 +288,7 @@ def main() -> None:
     r.add_argument("--concurrency", type=int, default=1)
     r.add_argument("--probe", default="5s")
     r.add_argument("--seconds", type=float, default=120)
+    r.add_argument("--no-postfix", action="store_true")
     options = parser.parse_args()
     if options.kind == "accept":
         options.size = options.size or [1024]

@@ -250,5 +250,11 @@ default_process_limit = 100
                     total += cpu_seconds(int(entry.name))
         return total
 
+    def flush(self) -> None:
+        """
+        Attempt every queued message now, as an operator does once the primary is back.
+        """
+        subprocess.run(["postfix", "-c", str(self.config), "flush"], check=True, capture_output=True)
+
     def stop(self) -> None:
         subprocess.run(["postfix", "-c", str(self.config), "stop"], check=False, capture_output=True)

@@ -18,11 +18,19 @@ import sys
 import time
 
 
-def make_body(size: int, n: int) -> bytes:
-    header = f"From: load@sender.test\r\nTo: rcpt@example.com\r\nSubject: bench {n}\r\n\r\n".encode()
+def header(n: int) -> bytes:
+    return f"From: load@sender.test\r\nTo: rcpt@example.com\r\nSubject: bench {n:07}\r\n\r\n".encode()
+
+
+def make_payload(size: int) -> bytes:
+    """
+    The part after the headers that makes a message ``size`` bytes long
+    (the headers of every message are the same length).
+    """
+    room = size - len(header(0))
     line = b"x" * 76 + b"\r\n"
-    body = header + line * max(0, (size - len(header)) // len(line))
-    return body + b"y" * max(0, size - len(body) - 2) + b"\r\n"
+    payload = line * max(0, room // len(line))
+    return payload + b"y" * max(0, room - len(payload) - 2) + b"\r\n"
 
 
 async def _reply(reader: asyncio.StreamReader) -> int:
@@ -48,9 +56,10 @@ async def session(
         await _reply(reader)
         while time.monotonic() < deadline:
             try:
-                n, body = queue.get_nowait()
+                n, payload = queue.get_nowait()
             except asyncio.QueueEmpty:
                 break
+            body = header(n) + payload
             start = time.monotonic()
             # pipelined envelope, as a real MTA client sends it
             writer.write(
@@ -75,10 +84,10 @@ async def run(
     host: str, ports: list[int], sessions: int, count: int, sizes: list[int], seconds: float
 ) -> dict[str, object]:
     rng = random.Random(1)
-    bodies = {size: make_body(size, 0) for size in sizes}
+    payloads = {size: make_payload(size) for size in sizes}
     queue: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
     for n in range(count):
-        queue.put_nowait((n, bodies[rng.choice(sizes)]))
+        queue.put_nowait((n, payloads[rng.choice(sizes)]))
     samples: list[tuple[float, float, int, int]] = []
     begin = time.monotonic()
     deadline = begin + seconds

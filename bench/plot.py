@@ -37,17 +37,27 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
         bottom.legend()
     else:
         figure, axis = plt.subplots(figsize=(9, 4.5))
-        per_second = result["per_second"]
-        axis.bar(range(len(per_second)), per_second, label="delivered to the primary per second")
+        for name, color in (("relayx", "tab:blue"), ("postfix", "tab:orange")):
+            run = result.get(name)
+            if not isinstance(run, dict):
+                continue
+            per_second = run["per_second"]
+            axis.step(
+                range(len(per_second)),
+                per_second,
+                where="post",
+                color=color,
+                label=f"{name}: first after {run['first_delivery_after_s']} s, {run['measured_rate']} msg/s, "
+                f"worst second {run['worst_1s_window']}, {run['duplicates']} duplicates",
+            )
         if result["rate"]:
-            axis.axhline(result["rate"], color="red", label=f"throttle {result['rate']:g} msg/s")
+            axis.axhline(result["rate"], color="red", label=f"relayx throttle {result['rate']:g} msg/s")
             axis.axhline(result["rate"] * 1.1, color="red", linestyle=":", label="110 %")
-        axis.set_title(
-            f"replay of {result['accepted']}: first after {result['first_delivery_after_s']} s, "
-            f"{result['measured_rate']} msg/s, {result['duplicates']} duplicates"
-        )
+        axis.set_yscale("symlog")
+        axis.set_title(f"replay of {result['count']} messages queued while the primary was down")
         axis.set_xlabel("seconds after the first delivery")
-        axis.legend()
+        axis.set_ylabel("delivered to the primary per second")
+        axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=90)
     plt.close(figure)
