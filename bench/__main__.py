@@ -84,35 +84,30 @@ def summarize(load: dict[str, Any], cpu: dict[str, float]) -> dict[str, Any]:
     }
 
 
-def smtp_source(port: int, sessions: int, count: int, size: int) -> float | None:
+def smtp_source(port: int, sessions: int, count: int, size: int, reuse: bool) -> float | None:
     """
     Postfix's own load generator against ``port``: messages per second, or
-    ``None`` when it is not installed.
+    ``None`` when it is not installed. With ``reuse``, each session sends
+    message after message (``-d``); without, one message per connection,
+    as most senders reach an MX.
     """
     binary = shutil.which("smtp-source")
     if binary is None:
         return None
+    command = [binary, "-s", str(sessions), "-m", str(count), "-l", str(size), "-f", "load@sender.test"]
+    command += ["-t", "rcpt@example.com", *(["-d"] if reuse else []), f"127.0.0.1:{port}"]
     start = time.monotonic()
-    subprocess.run(
-        [
-            binary,
-            "-s",
-            str(sessions),
-            "-m",
-            str(count),
-            "-l",
-            str(size),
-            "-f",
-            "load@sender.test",
-            "-t",
-            "rcpt@example.com",
-            f"127.0.0.1:{port}",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
     return round(count / (time.monotonic() - start), 1)
+
+
+def source_runs(port: int, options: argparse.Namespace) -> dict[str, float | None]:
+    if len(options.size) != 1:
+        return {}
+    return {
+        key: smtp_source(port, options.sessions, options.count, options.size[0], reuse)
+        for reuse, key in ((False, "smtp_source_msg_per_s"), (True, "smtp_source_reuse_msg_per_s"))
+    }
 
 
 def accept(options: argparse.Namespace) -> dict[str, Any]:
@@ -137,10 +132,7 @@ def accept(options: argparse.Namespace) -> dict[str, Any]:
         cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
         summary = summarize(load, cpu)
         summary["redis_bytes_per_msg"] = round((redis_memory(redis.port) - memory) / max(1, summary["accepted"]))
-        if len(options.size) == 1:
-            summary["smtp_source_msg_per_s"] = smtp_source(
-                nodes.ports[0], options.sessions, options.count, options.size[0]
-            )
+        summary |= source_runs(nodes.ports[0], options)
         result["relayx"] = summary
     finally:
         nodes.stop()
@@ -151,17 +143,15 @@ def accept(options: argparse.Namespace) -> dict[str, Any]:
             before_cpu = postfix.process_cpu()
             load = run_load([postfix.port], options.sessions, options.count, options.size, options.seconds)
             summary = summarize(load, {"postfix": postfix.process_cpu() - before_cpu})
-            if len(options.size) == 1:
-                summary["smtp_source_msg_per_s"] = smtp_source(
-                    postfix.port, options.sessions, options.count, options.size[0]
-                )
+            summary |= source_runs(postfix.port, options)
             result["postfix"] = summary
         finally:
             postfix.stop()
         result["ratio_relayx_to_postfix"] = round(result["relayx"]["msg_per_s"] / result["postfix"]["msg_per_s"], 2)
-        a, b = result["relayx"].get("smtp_source_msg_per_s"), result["postfix"].get("smtp_source_msg_per_s")
-        if a and b:
-            result["ratio_with_smtp_source"] = round(a / b, 2)
+        for key in ("smtp_source_msg_per_s", "smtp_source_reuse_msg_per_s"):
+            a, b = result["relayx"].get(key), result["postfix"].get(key)
+            if a and b:
+                result[f"ratio_{key.removesuffix('_msg_per_s')}"] = round(a / b, 2)
     else:
         why = "--no-postfix" if options.no_postfix else "postfix is not installed (apt-get install postfix)"
         result["postfix"] = f"not measured: {why}"
