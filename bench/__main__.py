@@ -279,15 +279,17 @@ def main() -> None:
     r.add_argument("--probe", default="5s")
     r.add_argument("--seconds", type=float, default=120)
     r.add_argument("--no-postfix", action="store_true")
+    for command in (a, r):
+        command.add_argument("--results", type=Path, default=RESULTS, help="where to write the JSON and PNG")
     options = parser.parse_args()
     if options.kind == "accept":
         options.size = options.size or [1024]
         result = accept(options)
     else:
         result = replay(options)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    options.results.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = RESULTS / f"{options.kind}-{stamp}.json"
+    path = options.results / f"{options.kind}-{stamp}.json"
     path.write_text(json.dumps(result, indent=1))
     from bench.plot import plot
 

@@ -1,0 +1,44 @@
+"""
+The benchmark harness runs end to end (small counts, no Postfix): a smoke
+test that keeps it working, not a measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(tmp_path: Path, *args: str) -> dict[str, object]:
+    subprocess.run(
+        [sys.executable, "-m", "bench", *args, "--no-postfix", "--results", str(tmp_path)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
+    [path] = tmp_path.glob("*.json")
+    result: dict[str, object] = json.loads(path.read_text())
+    return result
+
+
+def test_accept_smoke(tmp_path: Path) -> None:
+    """When the accept benchmark runs with a small count, every message is accepted and the result has its fields."""
+    result = run(tmp_path, "accept", "--count", "60", "--sessions", "4", "--seconds", "30")
+    relayx = result["relayx"]
+    assert isinstance(relayx, dict)
+    assert relayx["accepted"] == 60 and relayx["refused"] == 0
+    assert set(relayx["latency_ms"]) == {"p50", "p90", "p99", "max"}
+
+
+def test_replay_smoke(tmp_path: Path) -> None:
+    """When the replay benchmark drains a small queue, every message arrives once and in order."""
+    result = run(tmp_path, "replay", "--count", "20", "--rate", "20", "--probe", "1s", "--seconds", "30")
+    relayx = result["relayx"]
+    assert isinstance(relayx, dict)
+    assert relayx["delivered_unique"] == 20
+    assert relayx["duplicates"] == 0 and relayx["order_violations"] == 0
