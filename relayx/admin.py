@@ -9,7 +9,6 @@ directory), so they work whichever nodes are up.
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import time
 from datetime import datetime
@@ -18,7 +17,7 @@ from typing import Any
 from twisted.internet.task import react
 
 from relayx.config import Config, ConfigError, load
-from relayx.queue.redis import RedisQueue, connect
+from relayx.queue.redis import RedisQueue, open_redis
 from relayx.redis_server import EmbeddedRedis
 
 COMMANDS = ("nodes", "status", "hold", "release")
@@ -45,27 +44,17 @@ def _parser(command: str) -> argparse.ArgumentParser:
 
 
 async def _queue(reactor: Any, config: Config) -> RedisQueue:
-    if config.redis.url is None:
+    port = None
+    if config.redis.embedded:
         port = EmbeddedRedis.recorded_port(config.node.data_dir)
         if port is None:
             raise ConfigError(
                 f"{config.source}: no [redis] url and no embedded Redis running under {config.node.data_dir}"
             )
-        host, db, password = "127.0.0.1", 0, None
-    else:
-        host, port, db, password = config.redis.host, config.redis.port, config.redis.db, config.redis.password
-    redis = await connect(host, port, db, password, reactor, config.redis.timeout, poolsize=1)
+    redis = await open_redis(config.redis, reactor, port, poolsize=1)
     if not await redis.wait_connected(config.redis.timeout):
         raise ConfigError(f"{config.source}: Redis at {redis.where} is not answering")
-    q = config.queue
-    return RedisQueue(
-        redis,
-        config.redis.key_prefix,
-        lease=q.lease,
-        retention=q.retention,
-        retry_schedule=q.retry_schedule,
-        randrange=random.randrange,
-    )
+    return RedisQueue.configured(redis, config)
 
 
 async def _run(reactor: Any, command: str, options: argparse.Namespace, config: Config) -> None:

@@ -195,34 +195,42 @@ class SMTPConfig:
 @attrs.frozen
 class RedisConfig:
     """
-    Where the queue lives. ``url`` of ``None`` means an embedded
-    ``redis-server`` under the node's data directory.
+    Where the queue lives: ``url``, or the master that ``sentinels`` name
+    ``master_name``; neither means an embedded ``redis-server`` under the
+    node's data directory. ``durability`` is what a ``250`` to DATA
+    promises: ``aof`` (Redis's own persistence), or ``replicated`` (also
+    acknowledged by ``replicas`` replicas within ``replication_timeout``).
     """
 
     url: str | None = attrs.field(repr=False)
     key_prefix: str
     timeout: float
+    sentinels: tuple[tuple[str, int], ...] = ()
+    master_name: str = "relayx"
+    durability: str = "aof"
+    replicas: int = 1
+    replication_timeout: float = 2.0
+
+    @property
+    def embedded(self) -> bool:
+        return self.url is None and not self.sentinels
 
     @property
     def host(self) -> str:
-        assert self.url is not None
-        return urlsplit(self.url).hostname or "127.0.0.1"
+        return urlsplit(self.url or "").hostname or "127.0.0.1"
 
     @property
     def port(self) -> int:
-        assert self.url is not None
-        return urlsplit(self.url).port or 6379
+        return urlsplit(self.url or "").port or 6379
 
     @property
     def db(self) -> int:
-        assert self.url is not None
-        path = urlsplit(self.url).path.strip("/")
+        path = urlsplit(self.url or "").path.strip("/")
         return int(path) if path else 0
 
     @property
     def password(self) -> str | None:
-        assert self.url is not None
-        return urlsplit(self.url).password
+        return urlsplit(self.url or "").password
 
 
 @attrs.frozen
@@ -328,6 +336,16 @@ def _file(base: Path) -> Callable[[object], Path]:
         return path
 
     return convert
+
+
+def _addresses(value: object) -> tuple[tuple[str, int], ...]:
+    result = []
+    for entry in _string_list(value):
+        host, sep, port = entry.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"host:port entries such as '127.0.0.1:26379', got {entry!r}")
+        result.append((host.strip("[]"), int(port)))
+    return tuple(result)
 
 
 def _positive_int(value: object) -> int:
@@ -573,7 +591,16 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
         url=redis.get("url", None, _redis_url),
         key_prefix=redis.get("key_prefix", "relayx", _key_prefix),
         timeout=redis.get("timeout", 5.0, _positive_duration),
+        sentinels=redis.get("sentinels", (), _addresses),
+        master_name=redis.get("master_name", "relayx", _string),
+        durability=redis.get("durability", "aof", _choice("aof", "replicated")),
+        replicas=redis.get("replicas", 1, _positive_int),
+        replication_timeout=redis.get("replication_timeout", 2.0, _positive_duration),
     )
+    if redis_config.replication_timeout >= redis_config.timeout:
+        raise redis.fail("replication_timeout", f"less than redis.timeout ({redis_config.timeout:g}s)")
+    if redis_config.durability == "replicated" and redis_config.embedded:
+        raise redis.fail("durability", "'aof' for an embedded Redis, which has no replicas")
     redis.finish()
 
     queue = root.sub("queue")

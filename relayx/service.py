@@ -27,7 +27,7 @@ from relayx.delivery.scheduler import Prober, Scheduler
 from relayx.delivery.smtp import SMTPDeliverer, Timeouts
 from relayx.interfaces import StoreUnavailable
 from relayx.policy import RecipientPolicy
-from relayx.queue.redis import RedisConnection, RedisQueue, connect
+from relayx.queue.redis import RedisConnection, RedisQueue, open_redis
 from relayx.redis_server import EmbeddedRedis
 from relayx.smtp.client import SMTPClientProtocol
 from relayx.smtp.server import Limits, SMTPServerFactory
@@ -95,31 +95,23 @@ class RelayNode(Service):
 
     async def start(self) -> None:
         config, reactor = self.config, self.reactor
-        url = config.redis.url
-        if url is None:
+        if config.redis.embedded:
             self.embedded = EmbeddedRedis(reactor, reactor, config.node.data_dir)
             try:
                 await self.embedded.start()
             except Exception as e:
                 raise StartupError(f"embedded Redis: {e}") from None
-            host, port, db, password = "127.0.0.1", self.embedded.port, 0, None
-        else:
-            r = config.redis
-            host, port, db, password = r.host, r.port, r.db, r.password
-        self.redis = await connect(host, port, db, password, reactor, config.redis.timeout)
+        port = self.embedded.port if self.embedded is not None else None
+        self.redis = await open_redis(config.redis, reactor, port)
         if await self.redis.wait_connected(config.redis.timeout):
             log.info("connected to Redis at {where}", where=self.redis.where)
         else:
             log.warn("Redis at {where} is not answering; mail gets 451 until it does", where=self.redis.where)
         q = config.queue
-        self.queue = RedisQueue(
-            self.redis,
-            config.redis.key_prefix,
-            lease=q.lease,
-            retention=q.retention,
-            retry_schedule=q.retry_schedule,
-            randrange=random.randrange,
-        )
+        self.queue = RedisQueue.configured(self.redis, config)
+        if self.redis.connected:
+            for warning in await self.queue.persistence_warnings():
+                log.warn("{warning}", warning=warning)
         d = config.delivery
 
         async def connect_smtp(host: str, port: int) -> SMTPClientProtocol:

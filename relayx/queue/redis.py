@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from collections.abc import Callable, Mapping
 from importlib.resources import files
 from typing import Any
@@ -23,6 +24,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from relayx.config import Config, RedisConfig
 from relayx.interfaces import (
     Claim,
     DomainState,
@@ -84,11 +86,12 @@ class RedisConnection:
     ``StoreUnavailable`` instead of waiting for a reconnection.
     """
 
-    def __init__(self, pool: Any, clock: IReactorTime, timeout: float, where: str) -> None:
+    def __init__(self, pool: Any, clock: IReactorTime, timeout: float, where: str, sentinel: Any = None) -> None:
         self._pool = pool
         self._clock = clock
         self._timeout = timeout
         self.where = where
+        self._sentinel = sentinel
 
     @property
     def connected(self) -> bool:
@@ -124,6 +127,37 @@ class RedisConnection:
         except Exception as e:
             raise StoreUnavailable(f"Redis at {self.where}: {type(e).__name__}: {e}") from None
 
+    async def script_then_wait(
+        self, script: Script, keys: list[str], args: list[Any], replicas: int, timeout: float
+    ) -> tuple[Any, int]:
+        """
+        Run a script and ``WAIT`` for ``replicas`` replicas on the same
+        connection, so the wait covers that write; the script's result and
+        how many replicas confirmed it.
+        """
+        from twisted.internet.defer import FirstError
+        from txredisapi import ResponseError
+
+        if not self.connected:
+            raise StoreUnavailable(f"not connected to Redis at {self.where}")
+        try:
+            taken: Deferred[Any] = self._pool.pipeline()
+            taken.addTimeout(self._timeout, self._clock)
+            pipe = await taken
+            pipe.execute_command("EVAL", script.source, len(keys), *keys, *args)
+            pipe.execute_command("WAIT", replicas, _ms(timeout))
+            done: Deferred[Any] = pipe.execute_pipeline()
+            done.addTimeout(self._timeout + timeout, self._clock)
+            result, acked = await done
+        except FirstError as e:
+            error = e.subFailure.value
+            if isinstance(error, ResponseError) and str(error).startswith("STALE"):
+                raise StaleLease(str(error)) from None
+            raise StoreUnavailable(f"Redis at {self.where}: {error}") from None
+        except Exception as e:
+            raise StoreUnavailable(f"Redis at {self.where}: {type(e).__name__}: {e}") from None
+        return result, int(acked)
+
     async def wait_connected(self, timeout: float) -> bool:
         """
         Whether a connection comes up within ``timeout`` seconds.
@@ -136,6 +170,8 @@ class RedisConnection:
 
     async def disconnect(self) -> None:
         await self._pool.disconnect()
+        if self._sentinel is not None:
+            await self._sentinel.disconnect()
 
 
 async def connect(
@@ -159,6 +195,62 @@ async def connect(
         convertNumbers=False,
     )
     return RedisConnection(pool, clock, timeout, f"{host}:{port}")
+
+
+async def connect_sentinel(
+    sentinels: tuple[tuple[str, int], ...],
+    master_name: str,
+    db: int,
+    password: str | None,
+    clock: IReactorTime,
+    timeout: float,
+    poolsize: int = 8,
+) -> RedisConnection:
+    """
+    A pool to the master that the Sentinels name; after a failover it
+    reconnects to the new master by itself.
+    """
+    import txredisapi
+
+    sentinel = txredisapi.Sentinel(list(sentinels), connectTimeout=timeout, replyTimeout=timeout)
+    pool = sentinel.master_for(
+        master_name,
+        dbid=db,
+        poolsize=poolsize,
+        charset=None,
+        password=password,
+        replyTimeout=timeout,
+        convertNumbers=False,
+    )
+    where = f"master {master_name!r} of Sentinels " + ",".join(f"{h}:{p}" for h, p in sentinels)
+    return RedisConnection(pool, clock, timeout, where, sentinel)
+
+
+async def open_redis(
+    config: RedisConfig, clock: IReactorTime, embedded_port: int | None = None, poolsize: int = 8
+) -> RedisConnection:
+    """
+    The connection ``[redis]`` describes: the embedded Redis on
+    ``embedded_port``, the Sentinels' master, or the URL.
+    """
+    r = config
+    if r.embedded:
+        assert embedded_port is not None
+        return await connect("127.0.0.1", embedded_port, 0, None, clock, r.timeout, poolsize)
+    if r.sentinels:
+        return await connect_sentinel(r.sentinels, r.master_name, r.db, r.password, clock, r.timeout, poolsize)
+    return await connect(r.host, r.port, r.db, r.password, clock, r.timeout, poolsize)
+
+
+@attrs.frozen
+class Replication:
+    """
+    The ``replicated`` durability: a write counts once this many replicas
+    have it, within ``timeout`` seconds.
+    """
+
+    replicas: int
+    timeout: float
 
 
 @implementer(IMessageStore, IDeliveryQueue, IQueueAdmin, IRecipientCache)
@@ -186,6 +278,7 @@ class RedisQueue:
         retry_schedule: tuple[float, ...],
         randrange: Callable[[int], int],
         batch: int = 100,
+        replication: Replication | None = None,
     ) -> None:
         self.redis = redis
         self.prefix = prefix
@@ -194,6 +287,23 @@ class RedisQueue:
         self.retry_schedule = retry_schedule
         self._randrange = randrange
         self._batch = batch
+        self.replication = replication
+
+    @classmethod
+    def configured(cls, redis: RedisConnection, config: Config) -> RedisQueue:
+        """
+        The queue as ``[redis]`` and ``[queue]`` describe it.
+        """
+        q, r = config.queue, config.redis
+        return cls(
+            redis,
+            r.key_prefix,
+            lease=q.lease,
+            retention=q.retention,
+            retry_schedule=q.retry_schedule,
+            randrange=random.randrange,
+            replication=Replication(r.replicas, r.replication_timeout) if r.durability == "replicated" else None,
+        )
 
     def key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -209,7 +319,15 @@ class RedisQueue:
         for domain, rcpts in message.by_domain().items():
             args += [domain, json.dumps(list(rcpts))]
         keys = [self.key("seq"), self.key("domains"), self.key("msg", message.queue_id)]
-        await self.redis.script(self._ENQUEUE, keys, args)
+        r = self.replication
+        if r is None:
+            await self.redis.script(self._ENQUEUE, keys, args)
+            return
+        _, acked = await self.redis.script_then_wait(self._ENQUEUE, keys, args, r.replicas, r.timeout)
+        if acked < r.replicas:
+            raise StoreUnavailable(
+                f"message {message.queue_id} reached {acked} of {r.replicas} replica(s) within {r.timeout:g}s"
+            )
 
     async def claim(
         self,
@@ -284,7 +402,46 @@ class RedisQueue:
             ",".join(str(_ms(s)) for s in self.retry_schedule),
             self.prefix,
         ]
-        return _text(await self.redis.script(self._SETTLE, keys, args))
+        r = self.replication
+        if r is None:
+            return _text(await self.redis.script(self._SETTLE, keys, args))
+        # replicated too, so that a failover does not forget a delivery and send it again
+        state, acked = await self.redis.script_then_wait(self._SETTLE, keys, args, r.replicas, r.timeout)
+        if acked < r.replicas:
+            log.warn("settling {job} reached {acked} replica(s)", job=lease.job_id, acked=acked)
+        return _text(state)
+
+    async def persistence_warnings(self) -> list[str]:
+        """
+        What in Redis's configuration breaks the promise of a ``250``.
+        """
+        warnings = []
+        try:
+            config = await self.redis.call("execute_command", "CONFIG", "GET", "append*")
+        except StoreUnavailable as e:
+            return [f"cannot read Redis's persistence settings ({e}); check appendonly and appendfsync by hand"]
+        settings = {_text(k): _text(v) for k, v in zip(config[::2], config[1::2], strict=True)}
+        if settings.get("appendonly") != "yes":
+            warnings.append(
+                f"Redis at {self.redis.where} has appendonly {settings.get('appendonly')}: "
+                "accepted mail is lost if it restarts"
+            )
+        elif settings.get("appendfsync") != "always":
+            warnings.append(
+                f"Redis at {self.redis.where} has appendfsync {settings.get('appendfsync')}: "
+                "a crash can lose the last second of accepted mail (use appendfsync always)"
+            )
+        if self.replication is not None:
+            info = _text(await self.redis.call("info", "replication"))
+            connected = next(
+                (int(line.split(":")[1]) for line in info.splitlines() if line.startswith("connected_slaves:")), 0
+            )
+            if connected < self.replication.replicas:
+                warnings.append(
+                    f"durability replicated needs {self.replication.replicas} replica(s), "
+                    f"Redis at {self.redis.where} has {connected}: mail gets 451 until they connect"
+                )
+        return warnings
 
     async def failing_domains(self) -> list[str]:
         return [_text(d) for d in await self.redis.call("zrange", self.key("paused"), 0, -1)]
