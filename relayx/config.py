@@ -597,9 +597,10 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
         replicas=redis.get("replicas", 1, _positive_int),
         replication_timeout=redis.get("replication_timeout", 2.0, _positive_duration),
     )
-    if redis_config.replication_timeout >= redis_config.timeout:
+    replicated = redis_config.durability == "replicated"
+    if replicated and redis_config.replication_timeout >= redis_config.timeout:
         raise redis.fail("replication_timeout", f"less than redis.timeout ({redis_config.timeout:g}s)")
-    if redis_config.durability == "replicated" and redis_config.embedded:
+    if replicated and redis_config.embedded:
         raise redis.fail("durability", "'aof' for an embedded Redis, which has no replicas")
     redis.finish()
 
