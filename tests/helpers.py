@@ -39,15 +39,17 @@ class RedisProcess:
     A ``redis-server`` of our own on a free loopback port, with AOF.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *extra: str, fsync: str = "always") -> None:
         self.directory = Path(tempfile.mkdtemp(prefix="relayx-redis-"))
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        self.extra = extra
+        self.fsync = fsync
 
     def start(self) -> None:
         binary = find_redis_server()
         self.process = subprocess.Popen(
-            [binary, *redis_arguments(self.port, self.directory)],
+            [binary, *redis_arguments(self.port, self.directory, self.fsync), *self.extra],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -62,11 +64,20 @@ class RedisProcess:
                 time.sleep(0.02)
         raise RuntimeError(f"redis-server did not start on port {self.port}")
 
-    def stop(self) -> None:
+    def stop(self, keep: bool = False) -> None:
+        """
+        Shut Redis down (it writes its AOF first); ``keep`` its files for a restart.
+        """
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(10)
-        shutil.rmtree(self.directory, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(10)
 
     @property
     def url(self) -> str:

@@ -34,11 +34,11 @@ data_dir = "{node}-data"
 listen = ["tcp:{smtp}:interface=127.0.0.1"]
 
 [redis]
-url = "{redis}"
+{redis}
 key_prefix = "cluster"
 
 [queue]
-lease = "3s"
+lease = "{lease}"
 poll_interval = "200ms"
 heartbeat = "1s"
 workers = 8
@@ -53,7 +53,9 @@ recipients = "any"
 
 
 class Cluster:
-    def __init__(self, directory: Path, redis: RedisProcess, primary: int, nodes: int, queue: str, domain: str):
+    def __init__(
+        self, directory: Path, redis: str, primary: int, nodes: int, queue: str, domain: str, lease: str = "3s"
+    ) -> None:
         self.directory = directory
         self.ports: dict[str, int] = {}
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
@@ -64,7 +66,13 @@ class Cluster:
             config = directory / f"{node}.toml"
             config.write_text(
                 NODE.format(
-                    node=node, smtp=self.ports[node], redis=redis.url, primary=primary, queue=queue, domain=domain
+                    node=node,
+                    smtp=self.ports[node],
+                    redis=redis,
+                    primary=primary,
+                    queue=queue,
+                    domain=domain,
+                    lease=lease,
                 )
             )
             self.configs[node] = config
@@ -146,7 +154,8 @@ class ClusterTests(TestCase):
         self.addCleanup(redis.stop)
         sink = LoopbackSink()
         self.addCleanup(lambda: sink.stop())
-        cluster = Cluster(Path(tempfile.mkdtemp(prefix="relayx-cluster-")), redis, sink.port, nodes, queue, domain)
+        directory = Path(tempfile.mkdtemp(prefix="relayx-cluster-"))
+        cluster = Cluster(directory, f'url = "{redis.url}"', sink.port, nodes, queue, domain)
         self.addCleanup(cluster.stop)
         cluster.start()
         return cluster, sink, redis

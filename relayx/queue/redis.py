@@ -194,6 +194,8 @@ async def connect(
         replyTimeout=timeout,
         convertNumbers=False,
     )
+    # after an outage, reconnect within two seconds of Redis being back
+    pool._factory.maxDelay = 2
     return RedisConnection(pool, clock, timeout, f"{host}:{port}")
 
 
@@ -212,9 +214,35 @@ async def connect_sentinel(
     """
     import txredisapi
 
+    class BytesSentinelProtocol(txredisapi.SentinelRedisProtocol):  # type: ignore[misc]
+        """
+        txredisapi checks a master's ROLE as text; with ``charset=None`` it
+        is bytes, and every connection would be dropped as "not a master".
+        """
+
+        def connectionMade(self) -> Any:
+            def check_role(role: list[Any]) -> Any:
+                if self.factory.is_master and _text(role[0]) != "master":
+                    self.transport.loseConnection()
+                    return None
+                return txredisapi.RedisProtocol.connectionMade(self)
+
+            if self.password is not None:
+                self.auth(self.password, self.username)
+            return self.role().addCallback(check_role)
+
+    class BytesSentinelFactory(txredisapi.SentinelConnectionFactory):  # type: ignore[misc]
+        protocol = BytesSentinelProtocol
+        noisy = False
+        # look for the new master often: a failover takes a second or two
+        maxDelay = 2
+
     sentinel = txredisapi.Sentinel(list(sentinels), connectTimeout=timeout, replyTimeout=timeout)
+    # while the old master is down the Sentinels name none; ask again soon
+    sentinel.discovery_timeout = 1
     pool = sentinel.master_for(
         master_name,
+        factory_class=BytesSentinelFactory,
         dbid=db,
         poolsize=poolsize,
         charset=None,
@@ -432,7 +460,7 @@ class RedisQueue:
                 "a crash can lose the last second of accepted mail (use appendfsync always)"
             )
         if self.replication is not None:
-            info = _text(await self.redis.call("info", "replication"))
+            info = _text(await self.redis.call("execute_command", "INFO", "replication"))
             connected = next(
                 (int(line.split(":")[1]) for line in info.splitlines() if line.startswith("connected_slaves:")), 0
             )
