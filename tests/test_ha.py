@@ -182,7 +182,7 @@ class OutageTests(TestCase):
 
     @deferred_test
     async def test_redis_down_for_20_seconds(self) -> None:
-        """When Redis stops for 20 s under load, mail gets 451, nothing accepted is lost or doubled, delivery goes on."""
+        """When Redis stops for 20 s under load, mail gets 451, none accepted is lost or doubled, delivery goes on."""
         redis = RedisProcess()
         redis.start()
         self.addCleanup(redis.stop)
