@@ -129,3 +129,22 @@ def test_command_line_reports_bad_config_in_one_line(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines() == [
         f"relayx: {path}: queue.retention: expected a duration such as '30s', '5m', '2h' or '5d', got 'forever'"
     ]
+
+
+def test_cluster_example_loads(tmp_path: Path) -> None:
+    """When the cluster example is loaded (with its files present), it validates as shipped."""
+    text = (ROOT / "deploy" / "relayx.cluster.toml").read_text()
+    for name in ("/etc/relayx/tls/fullchain.pem", "/etc/relayx/tls/privkey.pem", "/etc/relayx/example.org.recipients"):
+        local = tmp_path / Path(name).name
+        local.write_text("alice@example.org\n" if name.endswith("recipients") else "")
+        text = text.replace(name, str(local))
+    config = load(write(tmp_path, text))
+    assert config.redis.sentinels == (("10.0.0.11", 26379), ("10.0.0.12", 26379), ("10.0.0.13", 26379))
+    assert config.redis.durability == "replicated"
+    assert config.smtp.listen == ("tcp:25", "tcp6:25:interface=\\:\\:")
+
+
+def test_replicated_needs_a_real_redis(tmp_path: Path) -> None:
+    """When replicated durability is asked of the embedded Redis, the error says it has no replicas."""
+    with pytest.raises(ConfigError, match="redis.durability: expected 'aof' for an embedded Redis"):
+        load(write(tmp_path, "[redis]\ndurability = 'replicated'\n" + MINIMAL))
