@@ -146,5 +146,5 @@ def test_cluster_example_loads(tmp_path: Path) -> None:
 
 def test_replicated_needs_a_real_redis(tmp_path: Path) -> None:
     """When replicated durability is asked of the embedded Redis, the error says it has no replicas."""
-    with pytest.raises(ConfigError, match="redis.durability: expected 'aof' for an embedded Redis"):
+    with pytest.raises(ConfigError, match=r"redis\.durability: expected 'aof' for an embedded Redis"):
         load(write(tmp_path, "[redis]\ndurability = 'replicated'\n" + MINIMAL))
