@@ -112,6 +112,10 @@ class NodeTests(NodeCase):
         def start_message() -> socket.socket:
             s = socket.create_connection(("127.0.0.1", self.smtp_port), timeout=30)
             s.sendall(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.com>\r\nDATA\r\nSubject: half\r\n")
+            # in DATA once the 354 is here (and the connection surely accepted)
+            seen = b""
+            while b"354 " not in seen:
+                seen += s.recv(4096)
             return s
 
         client = await deferToThread(start_message)

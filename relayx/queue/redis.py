@@ -347,15 +347,24 @@ class RedisQueue:
         for domain, rcpts in message.by_domain().items():
             args += [domain, json.dumps(list(rcpts))]
         keys = [self.key("seq"), self.key("domains"), self.key("msg", message.queue_id)]
+        await self._write(self._ENQUEUE, keys, args, f"message {message.queue_id}", strict=True)
+
+    async def _write(self, script: Script, keys: list[str], args: list[Any], what: str, strict: bool) -> Any:
+        """
+        Run a script that changes the queue; under replicated durability, wait
+        for the replicas too. ``strict``: a write they did not confirm counts
+        as failed (a 451, or leases not used); otherwise it is only logged.
+        """
         r = self.replication
         if r is None:
-            await self.redis.script(self._ENQUEUE, keys, args)
-            return
-        _, acked = await self.redis.script_then_wait(self._ENQUEUE, keys, args, r.replicas, r.timeout)
+            return await self.redis.script(script, keys, args)
+        result, acked = await self.redis.script_then_wait(script, keys, args, r.replicas, r.timeout)
         if acked < r.replicas:
-            raise StoreUnavailable(
-                f"message {message.queue_id} reached {acked} of {r.replicas} replica(s) within {r.timeout:g}s"
-            )
+            why = f"{what} reached {acked} of {r.replicas} replica(s) within {r.timeout:g}s"
+            if strict:
+                raise StoreUnavailable(why)
+            log.warn("{why}", why=why)
+        return result
 
     async def claim(
         self,
@@ -377,7 +386,8 @@ class RedisQueue:
             self._randrange(1 << 30),
             self._batch,
         ]
-        rows, wake = await self.redis.script(self._CLAIM, keys, args)
+        # replicated: a failover must not hand out the same fencing token twice
+        rows, wake = await self._write(self._CLAIM, keys, args, "claim", strict=True)
         leases = tuple(
             Lease(
                 job_id=_text(jid),
@@ -396,7 +406,9 @@ class RedisQueue:
     async def renew(self, lease: Lease, now: float) -> Lease:
         expires = now + self.lease
         keys = [self.key("job", lease.job_id), self.key("leased"), self.key("inflight", lease.domain)]
-        await self.redis.script(self._RENEW, keys, [lease.job_id, lease.token, _ms(expires)])
+        await self._write(
+            self._RENEW, keys, [lease.job_id, lease.token, _ms(expires)], f"renewal of {lease.job_id}", False
+        )
         return lease.renewed(_ms(expires) / 1000)
 
     async def load(self, lease: Lease) -> StoredMessage:
@@ -430,14 +442,8 @@ class RedisQueue:
             ",".join(str(_ms(s)) for s in self.retry_schedule),
             self.prefix,
         ]
-        r = self.replication
-        if r is None:
-            return _text(await self.redis.script(self._SETTLE, keys, args))
         # replicated too, so that a failover does not forget a delivery and send it again
-        state, acked = await self.redis.script_then_wait(self._SETTLE, keys, args, r.replicas, r.timeout)
-        if acked < r.replicas:
-            log.warn("settling {job} reached {acked} replica(s)", job=lease.job_id, acked=acked)
-        return _text(state)
+        return _text(await self._write(self._SETTLE, keys, args, f"settling {lease.job_id}", strict=False))
 
     async def persistence_warnings(self) -> list[str]:
         """
