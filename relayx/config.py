@@ -251,6 +251,8 @@ class DeliveryConfig:
     connect_timeout: float
     command_timeout: float
     data_timeout: float
+    nameservers: tuple[tuple[str, int], ...]
+    mx_port: int
 
 
 @attrs.frozen
@@ -346,6 +348,12 @@ def _addresses(value: object) -> tuple[tuple[str, int], ...]:
             raise ValueError(f"host:port entries such as '127.0.0.1:26379', got {entry!r}")
         result.append((host.strip("[]"), int(port)))
     return tuple(result)
+
+
+def _port(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536:
+        return value
+    raise ValueError(f"a TCP port from 1 to 65535, got {value!r}")
 
 
 def _positive_int(value: object) -> int:
@@ -625,6 +633,8 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
         connect_timeout=delivery.get("connect_timeout", 30.0, _positive_duration),
         command_timeout=delivery.get("command_timeout", 300.0, _positive_duration),
         data_timeout=delivery.get("data_timeout", 600.0, _positive_duration),
+        nameservers=delivery.get("nameservers", (), _addresses),
+        mx_port=delivery.get("mx_port", 25, _port),
     )
     delivery.finish()
 

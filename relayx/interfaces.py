@@ -203,6 +203,37 @@ class IDeliveryQueue(Interface):
         """
 
 
+@attrs.frozen
+class FailedJob:
+    """
+    A job whose recipients failed for good, waiting for its DSN.
+    """
+
+    job_id: str
+    queue_id: str
+    sender: str
+    arrival: float
+    failures: tuple[tuple[str, int, str, str], ...]
+    headers: bytes = attrs.field(repr=False)
+
+
+class IFailedJobs(Interface):
+    """
+    The jobs that failed, and retiring them with their DSN.
+    """
+
+    def failed(limit: int) -> Awaitable[list[FailedJob]]:
+        """
+        Up to ``limit`` failed jobs, oldest first.
+        """
+
+    def bounce(job: FailedJob, dsn: IncomingMessage | None, now: float) -> Awaitable[bool]:
+        """
+        Queue ``dsn`` (``None``: none is due) and retire ``job``, in one step;
+        ``False`` if another node already did.
+        """
+
+
 class IRecipientCache(Interface):
     """
     What the primary said about recipients (RCPT callouts), shared by the

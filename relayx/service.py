@@ -22,7 +22,8 @@ from twisted.python.failure import Failure
 
 from relayx import __version__
 from relayx.config import Config
-from relayx.delivery.routes import RouteTable, dns_lookup_mx
+from relayx.delivery.bounce import Bouncer
+from relayx.delivery.routes import RouteTable, dns_lookup_addresses, dns_lookup_mx
 from relayx.delivery.scheduler import Prober, Scheduler
 from relayx.delivery.smtp import SMTPDeliverer, Timeouts
 from relayx.interfaces import StoreUnavailable
@@ -75,6 +76,7 @@ class RelayNode(Service):
         self.smtp: SMTPServerFactory | None = None
         self.scheduler: Scheduler | None = None
         self.prober: Prober | None = None
+        self.bouncer: Bouncer | None = None
         self.heartbeat: LoopingCall | None = None
         self.ports: list[IListeningPort] = []
         self.started: Deferred[None] = Deferred()
@@ -122,9 +124,11 @@ class RelayNode(Service):
 
         routes = RouteTable(
             {domain.name: domain.routes for domain in config.domains},
-            lookup_mx=dns_lookup_mx((), d.connect_timeout),
+            lookup_mx=dns_lookup_mx(d.nameservers, d.connect_timeout),
+            lookup_addresses=dns_lookup_addresses(d.nameservers, d.connect_timeout),
             own_names=frozenset({config.node.hostname, socket.getfqdn()}),
             shuffle=random.shuffle,
+            mx_port=d.mx_port,
         )
         deliverer = SMTPDeliverer(
             helo_name=d.helo_name,
@@ -180,6 +184,13 @@ class RelayNode(Service):
             interval=q.probe_interval,
             resumed=lambda domain: scheduler.poll(),
         )
+        self.bouncer = Bouncer(
+            queue=self.queue,
+            clock=reactor,
+            hostname=config.node.hostname,
+            new_queue_id=new_queue_id,
+            interval=max(1.0, 2 * q.poll_interval),
+        )
         self.heartbeat = LoopingCall(self._heartbeat)
         self.heartbeat.clock = reactor
         for description in config.smtp.listen:
@@ -192,6 +203,7 @@ class RelayNode(Service):
         self.heartbeat.start(q.heartbeat, now=True)
         self.scheduler.start()
         self.prober.start()
+        self.bouncer.start()
         log.info("relayx node {node} started", node=config.node.id)
 
     def _heartbeat(self) -> Deferred[None]:
@@ -233,6 +245,8 @@ class RelayNode(Service):
             self.heartbeat.stop()
         if self.prober is not None:
             self.prober.stop()
+        if self.bouncer is not None:
+            self.bouncer.stop()
         if self.scheduler is not None:
             await self.scheduler.stop()
         if self.redis is not None:

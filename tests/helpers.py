@@ -108,8 +108,9 @@ class LoopbackSink:
     The destination ("the primary") on a loopback port: down until ``start``.
     """
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, interface: str = "127.0.0.1") -> None:
         self.port = port or free_port()
+        self.interface = interface
         self.sink = Sink()
         self.listening: IListeningPort | None = None
 
@@ -118,7 +119,7 @@ class LoopbackSink:
         return self.sink.messages
 
     def start(self) -> None:
-        self.listening = reactor.listenTCP(self.port, self.sink.factory(), interface="127.0.0.1")
+        self.listening = reactor.listenTCP(self.port, self.sink.factory(), interface=self.interface)
 
     async def stop(self) -> None:
         if self.listening is not None:
@@ -178,7 +179,13 @@ class NodeCase(TestCase):
     smtp_port = 0
 
     async def start_node(
-        self, sink: LoopbackSink, redis_url: str | None = None, smtp: dict[str, Any] | None = None, **queue: Any
+        self,
+        sink: LoopbackSink,
+        redis_url: str | None = None,
+        smtp: dict[str, Any] | None = None,
+        delivery: dict[str, Any] | None = None,
+        domains: list[dict[str, Any]] | None = None,
+        **queue: Any,
     ) -> RelayNode:
         port = free_port()
         data = {
@@ -186,7 +193,7 @@ class NodeCase(TestCase):
             "smtp": {"listen": [f"tcp:{port}:interface=127.0.0.1"], "shutdown_grace": "1s", **(smtp or {})},
             "redis": {"url": redis_url or shared_redis().url, "key_prefix": unique_prefix(), "timeout": "2s"},
             "queue": {"retry_schedule": ["1s"], "poll_interval": "100ms", "lease": "10s", **queue},
-            "delivery": {"connect_timeout": "2s", "command_timeout": "10s"},
+            "delivery": {"connect_timeout": "2s", "command_timeout": "10s", **(delivery or {})},
             "domain": [
                 {"name": "example.com", "routes": [f"smtp://127.0.0.1:{sink.port}"], "recipients": "any"},
                 {
@@ -199,6 +206,7 @@ class NodeCase(TestCase):
                     "routes": [f"smtp://127.0.0.1:{sink.port}"],
                     "recipients": {"verify": True, "default": "tempfail", "timeout": "3s"},
                 },
+                *(domains or []),
             ],
         }
         node = RelayNode(parse(data, "test.toml", Path(".")), reactor)

@@ -10,6 +10,7 @@ backups never hand mail back and forth.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
 
 from twisted.internet.threads import deferToThread
 
@@ -17,6 +18,7 @@ from relayx.config import MXRoute, Route
 
 MXRecords = Sequence[tuple[int, str]]
 LookupMX = Callable[[str], Awaitable[MXRecords]]
+LookupAddresses = Callable[[str], Awaitable[Sequence[str]]]
 
 
 class NoRoute(Exception):
@@ -35,12 +37,14 @@ class RouteTable:
         routes: Mapping[str, tuple[Route, ...]],
         *,
         lookup_mx: LookupMX,
+        lookup_addresses: LookupAddresses | None = None,
         own_names: frozenset[str],
         shuffle: Callable[[list[str]], None],
         mx_port: int = 25,
     ) -> None:
         self._routes = dict(routes)
         self._lookup_mx = lookup_mx
+        self._lookup_addresses = lookup_addresses
         self._own = frozenset(n.lower().rstrip(".") for n in own_names)
         self._shuffle = shuffle
         self._mx_port = mx_port
@@ -49,7 +53,20 @@ class RouteTable:
         routes = self._routes.get(domain, (MXRoute(),))
         if not isinstance(routes[0], MXRoute):
             return [(r.host, r.port) for r in routes if not isinstance(r, MXRoute)]
-        return [(host, self._mx_port) for host in await self.mx_hosts(domain)]
+        hosts = await self.mx_hosts(domain)
+        if self._lookup_addresses is None:
+            return [(host, self._mx_port) for host in hosts]
+        # resolved here, with the same DNS as the MX records, not by the system
+        targets = []
+        for host in hosts:
+            try:
+                addresses = await self._lookup_addresses(host)
+            except NoRoute:
+                continue
+            targets += [(address, self._mx_port) for address in addresses]
+        if not targets:
+            raise NoRoute(f"no address for the MX hosts of {domain}: {', '.join(hosts)}")
+        return targets
 
     async def mx_hosts(self, domain: str) -> list[str]:
         records = [(pref, host.lower().rstrip(".")) for pref, host in await self._lookup_mx(domain)]
@@ -79,11 +96,7 @@ def dns_lookup_mx(nameservers: tuple[tuple[str, int], ...], timeout: float) -> L
     import dns.exception
     import dns.resolver
 
-    resolver = dns.resolver.Resolver(configure=not nameservers)
-    if nameservers:
-        resolver.nameservers = [host for host, _ in nameservers]
-        resolver.port = nameservers[0][1]
-    resolver.lifetime = timeout
+    resolver = _resolver(nameservers, timeout)
 
     def lookup(domain: str) -> MXRecords:
         try:
@@ -98,3 +111,46 @@ def dns_lookup_mx(nameservers: tuple[tuple[str, int], ...], timeout: float) -> L
         return await deferToThread(lookup, domain)
 
     return lookup_async
+
+
+def dns_lookup_addresses(nameservers: tuple[tuple[str, int], ...], timeout: float) -> LookupAddresses:
+    """
+    A host's IPv4 and IPv6 addresses through dnspython, in a thread.
+    """
+    import ipaddress
+
+    import dns.exception
+    import dns.resolver
+
+    resolver = _resolver(nameservers, timeout)
+
+    def lookup(host: str) -> list[str]:
+        try:
+            return [str(ipaddress.ip_address(host.strip("[]")))]
+        except ValueError:
+            pass
+        found: list[str] = []
+        for kind in ("A", "AAAA"):
+            try:
+                found += [r.to_text() for r in resolver.resolve(host, kind)]
+            except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
+                continue
+            except dns.exception.DNSException as e:
+                raise NoRoute(f"address lookup for {host} failed: {e}") from None
+        return found
+
+    async def lookup_async(host: str) -> list[str]:
+        return await deferToThread(lookup, host)
+
+    return lookup_async
+
+
+def _resolver(nameservers: tuple[tuple[str, int], ...], timeout: float) -> Any:
+    import dns.resolver
+
+    resolver = dns.resolver.Resolver(configure=not nameservers)
+    if nameservers:
+        resolver.nameservers = [host for host, _ in nameservers]
+        resolver.port = nameservers[0][1]
+    resolver.lifetime = timeout
+    return resolver

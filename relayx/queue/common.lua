@@ -39,3 +39,27 @@ local function held_clock(dom, now)
   if held then return true, total + (now - since) end
   return false, total
 end
+
+-- Store a message and one delivery job per destination domain (pairs: domain,
+-- JSON array of recipients, ...). Each job records its domain's held time at
+-- acceptance (held_base), so that time held later does not count against its
+-- retention. Returns the number of jobs, or an error if the queue id is taken.
+local function enqueue_message(prefix, seq_key, domains_key, msg_key, qid, now, sender, body, pairs)
+  if redis.call('EXISTS', msg_key) == 1 then
+    return redis.error_reply('DUPLICATE queue id ' .. qid)
+  end
+  local njobs = #pairs / 2
+  redis.call('HSET', msg_key, 'sender', sender, 'body', body, 'received', now, 'jobs', njobs)
+  for i = 1, njobs do
+    local domain, rcpts = pairs[2 * i - 1], pairs[2 * i]
+    local jid = qid .. '.' .. i
+    local seq = redis.call('INCR', seq_key)
+    local _, held_base = held_clock(prefix .. ':dom:' .. domain, now)
+    redis.call('HSET', prefix .. ':job:' .. jid,
+      'qid', qid, 'domain', domain, 'rcpts', rcpts, 'owed', rcpts, 'failed', '[]',
+      'seq', seq, 'created', now, 'held_base', held_base, 'attempts', 0, 'token', 0)
+    redis.call('ZADD', prefix .. ':ready:' .. domain, seq, jid)
+    redis.call('SADD', domains_key, domain)
+  end
+  return njobs
+end

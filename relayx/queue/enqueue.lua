@@ -17,21 +17,6 @@
 -- does not count against its retention.
 -- Per-domain keys are built from the prefix: standalone or Sentinel Redis, not Redis Cluster.
 
-local prefix, qid, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
-if redis.call('EXISTS', KEYS[3]) == 1 then
-  return redis.error_reply('DUPLICATE queue id ' .. qid)
-end
-local njobs = (#ARGV - 5) / 2
-redis.call('HSET', KEYS[3], 'sender', ARGV[4], 'body', ARGV[5], 'received', now, 'jobs', njobs)
-for i = 1, njobs do
-  local domain, rcpts = ARGV[4 + 2 * i], ARGV[5 + 2 * i]
-  local jid = qid .. '.' .. i
-  local seq = redis.call('INCR', KEYS[1])
-  local _, held_base = held_clock(prefix .. ':dom:' .. domain, now)
-  redis.call('HSET', prefix .. ':job:' .. jid,
-    'qid', qid, 'domain', domain, 'rcpts', rcpts, 'owed', rcpts, 'failed', '[]',
-    'seq', seq, 'created', now, 'held_base', held_base, 'attempts', 0, 'token', 0)
-  redis.call('ZADD', prefix .. ':ready:' .. domain, seq, jid)
-  redis.call('SADD', KEYS[2], domain)
-end
-return njobs
+local pairs_ = {}
+for i = 6, #ARGV do pairs_[#pairs_ + 1] = ARGV[i] end
+return enqueue_message(ARGV[1], KEYS[1], KEYS[2], KEYS[3], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], pairs_)

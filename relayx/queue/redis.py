@@ -25,10 +25,13 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from relayx.config import Config, RedisConfig
+from relayx.delivery.dsn import header_section
 from relayx.interfaces import (
     Claim,
     DomainState,
+    FailedJob,
     IDeliveryQueue,
+    IFailedJobs,
     IMessageStore,
     IncomingMessage,
     IQueueAdmin,
@@ -281,7 +284,7 @@ class Replication:
     timeout: float
 
 
-@implementer(IMessageStore, IDeliveryQueue, IQueueAdmin, IRecipientCache)
+@implementer(IMessageStore, IDeliveryQueue, IQueueAdmin, IRecipientCache, IFailedJobs)
 class RedisQueue:
     """
     Messages, jobs and leases under ``prefix`` in one Redis database.
@@ -295,6 +298,7 @@ class RedisQueue:
     _RELEASE = _script("release.lua", prelude=True)
     _RESUME = _script("resume.lua")
     _HEARTBEAT = _script("heartbeat.lua")
+    _BOUNCE = _script("bounce.lua", prelude=True)
 
     def __init__(
         self,
@@ -563,3 +567,44 @@ class RedisQueue:
     async def remember(self, address: str, exists: bool, now: float, keep: float) -> None:
         value = f"{int(exists)}:{_ms(now)}"
         await self.redis.call("set", self.key("rcpt", address), value, None, _ms(keep))
+
+    # -- failed jobs and their DSNs (IFailedJobs) ---------------------------
+
+    async def failed(self, limit: int) -> list[FailedJob]:
+        jobs = []
+        for jid in await self.redis.call("zrange", self.key("failed"), 0, limit - 1):
+            job_id = _text(jid)
+            qid, failures = await self.redis.call("hmget", self.key("job", job_id), ["qid", "failed"])
+            if qid is None:
+                continue
+            sender, received, body = await self.redis.call(
+                "hmget", self.key("msg", _text(qid)), ["sender", "received", "body"]
+            )
+            jobs.append(
+                FailedJob(
+                    job_id=job_id,
+                    queue_id=_text(qid),
+                    sender=_text(sender or b""),
+                    arrival=int(received or 0) / 1000,
+                    failures=tuple((str(r), int(c), str(s), str(t)) for r, c, s, t in json.loads(failures)),
+                    headers=header_section(bytes(body or b"")),
+                )
+            )
+        return jobs
+
+    async def bounce(self, job: FailedJob, dsn: IncomingMessage | None, now: float) -> bool:
+        qid = dsn.queue_id if dsn is not None else ""
+        keys = [
+            self.key("failed"),
+            self.key("job", job.job_id),
+            self.key("msg", job.queue_id),
+            self.key("seq"),
+            self.key("domains"),
+            self.key("msg", qid or "-"),
+        ]
+        args: list[object] = [self.prefix, job.job_id, _ms(now), qid, b"", "", ""]
+        if dsn is not None:
+            [recipient] = dsn.recipients
+            args[4:] = [dsn.body, str(recipient), recipient.domain]
+        done = await self._write(self._BOUNCE, keys, args, f"DSN for {job.job_id}", strict=True)
+        return bool(int(done))

@@ -1,0 +1,91 @@
+"""
+The bouncer: turns failed jobs into DSNs to their senders, queued and
+delivered like any other mail (to the sender's MX), and retires the jobs.
+
+No DSN goes to the null sender, so a DSN that cannot be delivered is never
+bounced itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from relayx.address import AddressError, Mailbox
+from relayx.delivery.dsn import FailedRecipient, build_dsn
+from relayx.interfaces import FailedJob, IFailedJobs, IncomingMessage, StoreUnavailable
+
+log = Logger()
+
+
+@dataclass
+class Bouncer:
+    queue: IFailedJobs
+    clock: IReactorTime
+    hostname: str
+    new_queue_id: Callable[[], str]
+    interval: float
+    batch: int = 20
+    _loop: LoopingCall | None = None
+
+    def start(self) -> None:
+        self._loop = LoopingCall(self.run_once)
+        self._loop.clock = self.clock
+        self._loop.start(self.interval, now=False)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    def run_once(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._run())
+
+    async def _run(self) -> None:
+        try:
+            jobs = await self.queue.failed(self.batch)
+            for job in jobs:
+                await self._bounce(job)
+        except StoreUnavailable as e:
+            log.warn("DSNs not sent now: {why}", why=str(e))
+
+    async def _bounce(self, job: FailedJob) -> None:
+        now = self.clock.seconds()
+        dsn = self.dsn_for(job, now)
+        if await self.queue.bounce(job, dsn, now):
+            log.info(
+                "{queue_id}: {count} recipient(s) failed, {what}",
+                queue_id=job.queue_id,
+                count=len(job.failures),
+                what=f"DSN {dsn.queue_id} to <{job.sender}>" if dsn is not None else "no DSN (null sender)",
+            )
+
+    def dsn_for(self, job: FailedJob, now: float) -> IncomingMessage | None:
+        if not job.sender:
+            return None
+        try:
+            recipient = Mailbox.parse(job.sender)
+        except AddressError as e:
+            log.warn(
+                "{queue_id}: no DSN to unusable sender <{sender}>: {why}",
+                queue_id=job.queue_id,
+                sender=job.sender,
+                why=str(e),
+            )
+            return None
+        queue_id = self.new_queue_id()
+        body = build_dsn(
+            reporting_mta=self.hostname,
+            message_id=queue_id,
+            queue_id=job.queue_id,
+            sender=job.sender,
+            arrival=job.arrival,
+            now=now,
+            failures=[FailedRecipient(*f) for f in job.failures],
+            original=job.headers,
+        )
+        return IncomingMessage(queue_id=queue_id, sender="", recipients=(recipient,), received_at=now, body=body)

@@ -1,0 +1,30 @@
+-- bounce.lua: retire a job whose recipients failed, queueing its DSN in the same step.
+--
+-- KEYS[1]  <p>:failed        zset of failed jobs awaiting their DSN
+-- KEYS[2]  <p>:job:<jid>     the failed job
+-- KEYS[3]  <p>:msg:<qid>     its message
+-- KEYS[4]  <p>:seq
+-- KEYS[5]  <p>:domains
+-- KEYS[6]  <p>:msg:<dsn qid> the DSN's message hash
+-- ARGV[1]  key prefix
+-- ARGV[2]  jid
+-- ARGV[3]  now (ms)
+-- ARGV[4]  DSN queue id, or "" when no DSN is due (null sender: a DSN is never bounced)
+-- ARGV[5]  DSN body
+-- ARGV[6]  the DSN's recipient (the original sender)
+-- ARGV[7]  the DSN recipient's domain
+--
+-- Invariant: as in enqueue.lua; a failed job leaves <p>:failed exactly once, with
+-- its DSN queued in the same step, so a DSN is neither lost nor sent twice when
+-- several nodes bounce at once. Returns 1, or 0 if another node already did.
+
+if redis.call('ZREM', KEYS[1], ARGV[2]) == 0 then return 0 end
+local now = tonumber(ARGV[3])
+if ARGV[4] ~= '' then
+  local r = enqueue_message(ARGV[1], KEYS[4], KEYS[5], KEYS[6], ARGV[4], now, '', ARGV[5],
+    {ARGV[7], cjson.encode({ARGV[6]})})
+  if type(r) == 'table' and r.err then return r end
+end
+redis.call('DEL', KEYS[2])
+if redis.call('HINCRBY', KEYS[3], 'jobs', -1) <= 0 then redis.call('DEL', KEYS[3]) end
+return 1
