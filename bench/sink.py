@@ -15,6 +15,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 from twisted.internet.interfaces import IAddress
@@ -28,6 +29,7 @@ class Received:
     recipients: list[str]
     body: bytes
     at: float
+    tls: bool = False
 
 
 @attrs.define
@@ -44,6 +46,8 @@ class Sink:
     #: seconds between taking a message and answering 250: a slow primary, and the
     #: window in which a lost connection loses the 250 but not the message
     delay: float = 0.0
+    #: server TLS options: offer STARTTLS with them
+    tls: Any = None
 
     def factory(self) -> SinkFactory:
         return SinkFactory(self)
@@ -58,6 +62,7 @@ class SinkProtocol(LineReceiver):
         self.sender = ""
         self.recipients: list[str] = []
         self.lines: list[bytes] | None = None
+        self.secure = False
 
     def connectionMade(self) -> None:
         self.sendLine(b"220 sink ESMTP")
@@ -69,7 +74,7 @@ class SinkProtocol(LineReceiver):
                 self.lines = None
                 reply = self.sink.data_reply(self.recipients)
                 if reply.startswith(b"250"):
-                    message = Received(self.sender, self.recipients, body, self.sink.clock())
+                    message = Received(self.sender, self.recipients, body, self.sink.clock(), self.secure)
                     self.sink.messages.append(message)
                     self.sink.on_message(message)
                 self.recipients = []
@@ -84,7 +89,14 @@ class SinkProtocol(LineReceiver):
             return
         verb = line[:4].upper()
         if verb == b"EHLO":
-            self.sendLine(b"250-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 SIZE 100000000")
+            starttls = b"250-STARTTLS\r\n" if self.sink.tls is not None and not self.secure else b""
+            self.sendLine(
+                b"250-sink\r\n" + starttls + b"250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 SIZE 100000000"
+            )
+        elif verb == b"STAR" and self.sink.tls is not None:
+            self.sendLine(b"220 2.0.0 go ahead")
+            self.transport.startTLS(self.sink.tls)  # type: ignore[union-attr]
+            self.secure = True
         elif verb == b"HELO":
             self.sendLine(b"250 sink")
         elif verb == b"MAIL":

@@ -165,6 +165,9 @@ class DomainConfig:
     routes: tuple[Route, ...]
     recipients: RecipientRule
     throttle: Throttle
+    #: outbound TLS policy (None: [delivery] tls), and the name to verify instead of the host's
+    tls: str | None = None
+    tls_name: str | None = None
 
 
 @attrs.frozen
@@ -253,6 +256,8 @@ class DeliveryConfig:
     data_timeout: float
     nameservers: tuple[tuple[str, int], ...]
     mx_port: int
+    tls: str
+    tls_ca_file: Path | None
 
 
 @attrs.frozen
@@ -502,6 +507,9 @@ def _choice(*choices: str) -> Callable[[object], str]:
     return convert
 
 
+_TLS_MODE = _choice("none", "opportunistic", "required", "verify")
+
+
 def _address_in(domain: str, value: object) -> str:
     if not isinstance(value, str):
         raise ValueError(f"an address, got {value!r}")
@@ -635,6 +643,8 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
         data_timeout=delivery.get("data_timeout", 600.0, _positive_duration),
         nameservers=delivery.get("nameservers", (), _addresses),
         mx_port=delivery.get("mx_port", 25, _port),
+        tls=delivery.get("tls", "opportunistic", _TLS_MODE),
+        tls_ca_file=delivery.get("tls_ca_file", None, _file(base)),
     )
     delivery.finish()
 
@@ -654,6 +664,8 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
                 routes=section.require("routes", _routes),
                 recipients=_recipients(section, name, base),
                 throttle=_throttle(section, queue_config.throttle),
+                tls=section.get("tls", None, _TLS_MODE),
+                tls_name=section.get("tls_name", None, _domain_name),
             )
         )
         section.finish()

@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from relayx import __version__
 from relayx.config import Config
 from relayx.delivery.bounce import Bouncer
-from relayx.delivery.routes import RouteTable, dns_lookup_addresses, dns_lookup_mx
+from relayx.delivery.routes import RouteTable, TLSPolicy, dns_lookup_addresses, dns_lookup_mx
 from relayx.delivery.scheduler import Prober, Scheduler
 from relayx.delivery.smtp import SMTPDeliverer, Timeouts
 from relayx.interfaces import StoreUnavailable
@@ -32,7 +32,7 @@ from relayx.queue.redis import RedisConnection, RedisQueue, open_redis
 from relayx.redis_server import EmbeddedRedis
 from relayx.smtp.client import SMTPClientProtocol
 from relayx.smtp.server import Limits, SMTPServerFactory
-from relayx.smtp.tls import ReloadingTLS, TLSFilesError
+from relayx.smtp.tls import ReloadingTLS, TLSFilesError, client_tls_factory
 
 log = Logger()
 
@@ -129,6 +129,12 @@ class RelayNode(Service):
             own_names=frozenset({config.node.hostname, socket.getfqdn()}),
             shuffle=random.shuffle,
             mx_port=d.mx_port,
+            tls={
+                domain.name: TLSPolicy(domain.tls or d.tls, domain.tls_name)
+                for domain in config.domains
+                if domain.tls or domain.tls_name
+            },
+            default_tls=TLSPolicy(d.tls),
         )
         deliverer = SMTPDeliverer(
             helo_name=d.helo_name,
@@ -136,6 +142,7 @@ class RelayNode(Service):
             connect=connect_smtp,
             timeouts=Timeouts(command=d.command_timeout, data=d.data_timeout),
             clock=reactor,
+            client_tls=client_tls_factory(d.tls_ca_file),
         )
         s = config.smtp
         tls = None

@@ -14,7 +14,7 @@ from twisted.internet.testing import StringTransport
 from zope.interface.verify import verifyObject
 
 from relayx.config import MXRoute, SMTPRoute
-from relayx.delivery.routes import NoRoute, RouteTable
+from relayx.delivery.routes import NoRoute, RouteTable, Target
 from relayx.delivery.smtp import SMTPDeliverer, Timeouts
 from relayx.interfaces import IDeliverer, Outcome
 from relayx.reply import Reply
@@ -46,8 +46,8 @@ class Scripted:
         return protocol
 
     def deliverer(self, hosts: list[str]) -> SMTPDeliverer:
-        async def targets(domain: str) -> list[tuple[str, int]]:
-            return [(h, 25) for h in hosts]
+        async def targets(domain: str) -> list[Target]:
+            return [Target(h, 25, h, "none") for h in hosts]
 
         return SMTPDeliverer(
             helo_name="mx2.example.net",
@@ -181,7 +181,9 @@ def _table(records: list[tuple[int, str]], own: set[str]) -> RouteTable:
 
 def _targets(table: RouteTable, domain: str) -> list[tuple[str, int]] | Exception:
     result: list[list[tuple[str, int]] | Exception] = []
-    Deferred.fromCoroutine(table.targets(domain)).addCallbacks(result.append, lambda f: result.append(f.value))
+    Deferred.fromCoroutine(table.targets(domain)).addCallbacks(
+        lambda targets: result.append([(t.address, t.port) for t in targets]), lambda f: result.append(f.value)
+    )
     return result[0]
 
 

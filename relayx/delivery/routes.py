@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
+import attrs
 from twisted.internet.threads import deferToThread
 
 from relayx.config import MXRoute, Route
@@ -19,6 +20,27 @@ from relayx.config import MXRoute, Route
 MXRecords = Sequence[tuple[int, str]]
 LookupMX = Callable[[str], Awaitable[MXRecords]]
 LookupAddresses = Callable[[str], Awaitable[Sequence[str]]]
+
+
+@attrs.frozen
+class Target:
+    """
+    One host to try: the address to connect to, its port, the name its
+    certificate must bear, and the TLS policy (``none``, ``opportunistic``,
+    ``required`` or ``verify``).
+    """
+
+    address: str
+    port: int
+    name: str
+    tls: str = "opportunistic"
+
+
+@attrs.frozen
+class TLSPolicy:
+    mode: str = "opportunistic"
+    #: the name to verify instead of the host's (``verify`` only)
+    name: str | None = None
 
 
 class NoRoute(Exception):
@@ -41,6 +63,8 @@ class RouteTable:
         own_names: frozenset[str],
         shuffle: Callable[[list[str]], None],
         mx_port: int = 25,
+        tls: Mapping[str, TLSPolicy] | None = None,
+        default_tls: TLSPolicy = TLSPolicy(),
     ) -> None:
         self._routes = dict(routes)
         self._lookup_mx = lookup_mx
@@ -48,14 +72,21 @@ class RouteTable:
         self._own = frozenset(n.lower().rstrip(".") for n in own_names)
         self._shuffle = shuffle
         self._mx_port = mx_port
+        self._tls = dict(tls or {})
+        self._default_tls = default_tls
 
-    async def targets(self, domain: str) -> list[tuple[str, int]]:
+    async def targets(self, domain: str) -> list[Target]:
+        policy = self._tls.get(domain, self._default_tls)
+
+        def target(address: str, port: int, host: str) -> Target:
+            return Target(address, port, policy.name or host, policy.mode)
+
         routes = self._routes.get(domain, (MXRoute(),))
         if not isinstance(routes[0], MXRoute):
-            return [(r.host, r.port) for r in routes if not isinstance(r, MXRoute)]
+            return [target(r.host, r.port, r.host) for r in routes if not isinstance(r, MXRoute)]
         hosts = await self.mx_hosts(domain)
         if self._lookup_addresses is None:
-            return [(host, self._mx_port) for host in hosts]
+            return [target(host, self._mx_port, host) for host in hosts]
         # resolved here, with the same DNS as the MX records, not by the system
         targets = []
         for host in hosts:
@@ -63,7 +94,7 @@ class RouteTable:
                 addresses = await self._lookup_addresses(host)
             except NoRoute:
                 continue
-            targets += [(address, self._mx_port) for address in addresses]
+            targets += [target(address, self._mx_port, host) for address in addresses]
         if not targets:
             raise NoRoute(f"no address for the MX hosts of {domain}: {', '.join(hosts)}")
         return targets

@@ -10,7 +10,7 @@ for a retry.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -18,6 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from relayx.delivery.routes import Target
 from relayx.interfaces import IDeliverer, Outcome
 from relayx.reply import Reply
 from relayx.smtp.client import ConversationError, SMTPClientProtocol, dot_stuff
@@ -26,7 +27,9 @@ log = Logger()
 T = TypeVar("T")
 
 Connect = Callable[[str, int], Awaitable[SMTPClientProtocol]]
-Targets = Callable[[str], Awaitable[Sequence[tuple[str, int]]]]
+Targets = Callable[[str], Awaitable[Sequence[Target]]]
+#: the client TLS options for a host name and a policy (``verify`` checks the name)
+ClientTLS = Callable[[str, str], Any]
 
 
 class _TryNext(Exception):
@@ -48,8 +51,16 @@ class SMTPDeliverer:
     """
 
     def __init__(
-        self, *, helo_name: str, targets: Targets, connect: Connect, timeouts: Timeouts, clock: IReactorTime
+        self,
+        *,
+        helo_name: str,
+        targets: Targets,
+        connect: Connect,
+        timeouts: Timeouts,
+        clock: IReactorTime,
+        client_tls: ClientTLS | None = None,
     ) -> None:
+        self._client_tls = client_tls
         self._clock = clock
         self._helo = helo_name
         self._targets = targets
@@ -57,15 +68,15 @@ class SMTPDeliverer:
         self._timeouts = timeouts
 
     async def deliver(self, domain: str, sender: str, recipients: tuple[str, ...], body: bytes) -> Outcome:
-        async def transaction(conn: SMTPClientProtocol, where: str) -> Outcome:
-            return await self._transaction(conn, where, sender, recipients, body)
+        async def transaction(conn: SMTPClientProtocol, target: Target) -> Outcome:
+            return await self._transaction(conn, target, sender, recipients, body)
 
         result = await self._first_answer(domain, transaction)
         return Outcome(unreachable=result) if isinstance(result, str) else result
 
     async def probe(self, domain: str) -> str | None:
-        async def hello(conn: SMTPClientProtocol, where: str) -> bool:
-            await self._hello(conn)
+        async def hello(conn: SMTPClientProtocol, target: Target) -> bool:
+            await self._hello(conn, target)
             await self._quit(conn)
             return True
 
@@ -78,8 +89,8 @@ class SMTPDeliverer:
         null sender, and no message sent); ``None`` when it cannot say.
         """
 
-        async def ask(conn: SMTPClientProtocol, where: str) -> bool | None:
-            await self._hello(conn, timeout)
+        async def ask(conn: SMTPClientProtocol, target: Target) -> bool | None:
+            await self._hello(conn, target, timeout)
             mail = await conn.command("MAIL FROM:<>", timeout)
             rcpt = await conn.command(f"RCPT TO:<{address}>", timeout) if mail.positive else mail
             await self._quit(conn)
@@ -95,7 +106,9 @@ class SMTPDeliverer:
             return None
         return None if isinstance(result, str) else result
 
-    async def _first_answer(self, domain: str, attempt: Callable[[SMTPClientProtocol, str], Awaitable[T]]) -> T | str:
+    async def _first_answer(
+        self, domain: str, attempt: Callable[[SMTPClientProtocol, Target], Awaitable[T]]
+    ) -> T | str:
         """
         ``attempt`` on the domain's hosts in order until one answers; if
         none does, why (one reason per host).
@@ -105,29 +118,51 @@ class SMTPDeliverer:
         except Exception as e:
             return f"no destination for {domain}: {e}"
         reasons = []
-        for host, port in targets:
-            where = f"{host}:{port}"
+        for target in targets:
+            where = f"{target.address}:{target.port}"
             try:
-                connection = await self._connect(host, port)
+                connection = await self._connect(target.address, target.port)
             except Exception as e:
                 reasons.append(f"{where}: {e}")
                 continue
             try:
-                return await attempt(connection, where)
+                return await attempt(connection, target)
             except (_TryNext, ConversationError) as e:
                 reasons.append(f"{where}: {e}")
             finally:
                 connection.close()
         return "; ".join(reasons) or f"no destination for {domain}"
 
-    async def _hello(self, conn: SMTPClientProtocol, timeout: float | None = None) -> set[str]:
+    async def _hello(self, conn: SMTPClientProtocol, target: Target, timeout: float | None = None) -> set[str]:
         """
-        Read the greeting and say EHLO (HELO if refused); the extensions offered.
+        Read the greeting, say EHLO (HELO if refused) and start TLS as the
+        target's policy asks; the extensions offered.
         """
         wait = timeout or self._timeouts.command
         greeting = await conn.read(wait)
         if not greeting.positive:
             raise _TryNext(f"greeting {greeting}")
+        extensions = await self._ehlo(conn, wait)
+        if target.tls == "none" or self._client_tls is None:
+            return extensions
+        if "STARTTLS" not in extensions:
+            if target.tls in ("required", "verify"):
+                raise _TryNext(f"TLS is {target.tls} for {target.name}, and STARTTLS is not offered")
+            return extensions
+        ready = await conn.command("STARTTLS", wait)
+        if ready.code != 220:
+            if target.tls in ("required", "verify"):
+                raise _TryNext(f"TLS is {target.tls} for {target.name}, and STARTTLS got {ready}")
+            return extensions
+        conn.transport.startTLS(self._client_tls(target.name, target.tls))  # type: ignore[union-attr]
+        try:
+            extensions = await self._ehlo(conn, wait)
+        except ConversationError as e:
+            raise _TryNext(f"TLS with {target.name} failed ({target.tls}): {e}") from None
+        conn.tls = True
+        return extensions
+
+    async def _ehlo(self, conn: SMTPClientProtocol, wait: float) -> set[str]:
         hello = await conn.command(f"EHLO {self._helo}", wait)
         if hello.positive:
             return {line.split(" ")[0].upper() for line in hello.text.split("\n")[1:]}
@@ -139,13 +174,14 @@ class SMTPDeliverer:
     async def _transaction(
         self,
         conn: SMTPClientProtocol,
-        where: str,
+        target: Target,
         sender: str,
         recipients: tuple[str, ...],
         body: bytes,
     ) -> Outcome:
         t = self._timeouts
-        extensions = await self._hello(conn)
+        where = f"{target.name} [{target.address}]:{target.port}"
+        extensions = await self._hello(conn, target)
 
         params = ""
         if "SIZE" in extensions:
@@ -214,7 +250,13 @@ class SMTPDeliverer:
             )
         await self._quit(conn)
         if final.positive:
-            log.info("delivered to {mx}: {count} recipient(s), {code}", mx=where, count=len(accepted), code=final.code)
+            log.info(
+                "delivered to {mx}{tls}: {count} recipient(s), {code}",
+                mx=where,
+                tls=" with TLS" if conn.tls else "",
+                count=len(accepted),
+                code=final.code,
+            )
             return Outcome(delivered=tuple(accepted), failed=tuple(failed), deferred=tuple(deferred))
         return _merge(_all(tuple(accepted), final), failed, deferred)
 

@@ -77,6 +77,8 @@ class SMTPClientProtocol(LineReceiver):
         self._ready: list[Reply] = []
         self._waiting: Deferred[Reply] | None = None
         self._lost: Failure | None = None
+        #: whether the session was upgraded with STARTTLS
+        self.tls = False
         self.connected_deferred: Deferred[SMTPClientProtocol] = Deferred()
 
     def connectionMade(self) -> None:

@@ -6,7 +6,9 @@ certificate takes effect without a restart.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from OpenSSL import SSL
 from twisted.internet.ssl import CertificateOptions, PrivateCertificate, TLSVersion
@@ -75,3 +77,30 @@ def describe(handle: object) -> str | None:
     if isinstance(handle, SSL.Connection):
         return f"{handle.get_protocol_version_name()}:{handle.get_cipher_name()}"
     return None
+
+
+def client_tls_factory(ca_file: Path | None) -> Callable[[str, str], object]:
+    """
+    Outbound TLS options by policy: ``verify`` checks the chain (against
+    ``ca_file``, else the system's roots) and the name with service-identity;
+    the other policies encrypt without checking, as opportunistic SMTP does.
+    """
+    from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust, trustRootFromCertificates
+
+    trust: Any  # an IOpenSSLTrustRoot
+    if ca_file is not None:
+        blocks = ca_file.read_bytes().split(b"-----END CERTIFICATE-----")
+        certificates = [Certificate.loadPEM(b + b"-----END CERTIFICATE-----") for b in blocks if b.strip()]
+        trust = trustRootFromCertificates(certificates)
+    else:
+        trust = platformTrust()
+    unverified = CertificateOptions(raiseMinimumTo=TLSVersion.TLSv1_2)
+
+    def options(name: str, mode: str) -> object:
+        if mode == "verify":
+            return optionsForClientTLS(
+                name, trustRoot=trust, extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2}
+            )
+        return unverified
+
+    return options
