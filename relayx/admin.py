@@ -9,6 +9,8 @@ directory), so they work whichever nodes are up.
 from __future__ import annotations
 
 import argparse
+import getpass
+import socket
 import sys
 import time
 from datetime import datetime
@@ -16,11 +18,11 @@ from typing import Any
 
 from twisted.internet.task import react
 
-from relayx.config import Config, ConfigError, load
+from relayx.config import Config, ConfigError, load, parse_route
 from relayx.queue.redis import RedisQueue, open_redis
 from relayx.redis_server import EmbeddedRedis
 
-COMMANDS = ("nodes", "status", "hold", "release")
+COMMANDS = ("nodes", "status", "hold", "release", "route", "audit")
 
 
 def _when(text: str) -> float:
@@ -30,11 +32,27 @@ def _when(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a time such as 2026-11-23T22:00+00:00, got {text!r}") from None
 
 
+def _route(text: str) -> str:
+    try:
+        return str(parse_route(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected {e}") from None
+
+
+def _operator() -> str:
+    return f"{getpass.getuser()}@{socket.gethostname()}"
+
+
 def _parser(command: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"relayx {command}")
     parser.add_argument("--config", required=True, help="the node's TOML configuration")
-    if command in ("status", "hold", "release"):
+    if command in ("status", "hold", "release", "route"):
         parser.add_argument("domain")
+    if command == "route":
+        parser.add_argument("routes", nargs="*", type=_route, help="smtp://host:port (several: tried in order) or mx")
+        parser.add_argument("--reset", action="store_true", help="go back to the configured routes")
+    if command == "audit":
+        parser.add_argument("--limit", type=int, default=20)
     if command == "hold":
         parser.add_argument("--from", dest="start", type=_when, help="start of a scheduled hold (ISO 8601)")
         parser.add_argument("--until", dest="end", type=_when, help="end of the hold (ISO 8601)")
@@ -83,6 +101,20 @@ async def _run(reactor: Any, command: str, options: argparse.Namespace, config: 
         elif command == "hold":
             await queue.hold(options.domain, now, options.start, options.end)
             print(f"{options.domain}: held" + (" (scheduled)" if options.start and options.start > now else ""))
+        elif command == "route":
+            if options.reset == bool(options.routes):
+                raise ConfigError("give the new routes, or --reset for the configured ones")
+            await queue.set_routes(options.domain, tuple(options.routes) or None, now, _operator())
+            target = " ".join(options.routes) if options.routes else "the configured routes"
+            print(f"{options.domain}: queued and new mail goes to {target}")
+        elif command == "audit":
+            for record in await queue.audit(options.limit):
+                when = datetime.fromtimestamp(int(str(record["at"])) / 1000).isoformat(timespec="seconds")
+                listed = record.get("routes")
+                routes = (
+                    " ".join(str(r) for r in listed) if isinstance(listed, list) and listed else "configured routes"
+                )
+                print(f"{when}  {record['who']}  {record['action']} {record['domain']}: {routes}")
         elif command == "release":
             was_held = await queue.release(options.domain, now, options.rate)
             rate = f" at {options.rate:g} msg/s" if options.rate else ""

@@ -312,3 +312,19 @@ class IQueueAdmin(Interface):
         """
         The domain's queue: ready and in-flight counts, hold and pause.
         """
+
+    def set_routes(domain: str, routes: tuple[str, ...] | None, now: float, who: str) -> Awaitable[None]:
+        """
+        Send the domain's mail, queued and to come, to ``routes`` (``None``:
+        back to the configured routes), recording who did it and when.
+        """
+
+    def route_override(domain: str) -> Awaitable[tuple[str, ...] | None]:
+        """
+        The routes set with ``set_routes``, if any.
+        """
+
+    def audit(limit: int) -> Awaitable[list[dict[str, object]]]:
+        """
+        The newest ``limit`` audit records.
+        """

@@ -135,6 +135,7 @@ class RelayNode(Service):
                 if domain.tls or domain.tls_name
             },
             default_tls=TLSPolicy(d.tls),
+            overrides=self.queue.route_override,
         )
         deliverer = SMTPDeliverer(
             helo_name=d.helo_name,

@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 from twisted.internet.threads import deferToThread
 
-from relayx.config import MXRoute, Route
+from relayx.config import MXRoute, Route, parse_route
 
 MXRecords = Sequence[tuple[int, str]]
 LookupMX = Callable[[str], Awaitable[MXRecords]]
@@ -65,6 +65,7 @@ class RouteTable:
         mx_port: int = 25,
         tls: Mapping[str, TLSPolicy] | None = None,
         default_tls: TLSPolicy = TLSPolicy(),
+        overrides: Callable[[str], Awaitable[tuple[str, ...] | None]] | None = None,
     ) -> None:
         self._routes = dict(routes)
         self._lookup_mx = lookup_mx
@@ -74,6 +75,7 @@ class RouteTable:
         self._mx_port = mx_port
         self._tls = dict(tls or {})
         self._default_tls = default_tls
+        self._overrides = overrides
 
     async def targets(self, domain: str) -> list[Target]:
         policy = self._tls.get(domain, self._default_tls)
@@ -81,7 +83,7 @@ class RouteTable:
         def target(address: str, port: int, host: str) -> Target:
             return Target(address, port, policy.name or host, policy.mode)
 
-        routes = self._routes.get(domain, (MXRoute(),))
+        routes = await self.routes(domain)
         if not isinstance(routes[0], MXRoute):
             return [target(r.host, r.port, r.host) for r in routes if not isinstance(r, MXRoute)]
         hosts = await self.mx_hosts(domain)
@@ -98,6 +100,18 @@ class RouteTable:
         if not targets:
             raise NoRoute(f"no address for the MX hosts of {domain}: {', '.join(hosts)}")
         return targets
+
+    async def routes(self, domain: str) -> tuple[Route, ...]:
+        """
+        The routes set at run time (a tenant cutover), else the configured
+        ones, else the domain's MX hosts. Read at each delivery, so a change
+        applies to mail already queued.
+        """
+        if self._overrides is not None:
+            override = await self._overrides(domain)
+            if override:
+                return tuple(parse_route(r) for r in override)
+        return self._routes.get(domain, (MXRoute(),))
 
     async def mx_hosts(self, domain: str) -> list[str]:
         records = [(pref, host.lower().rstrip(".")) for pref, host in await self._lookup_mx(domain)]

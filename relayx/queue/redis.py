@@ -48,6 +48,9 @@ from relayx.reply import Reply
 
 log = Logger()
 
+#: audit records kept in Redis
+AUDIT_KEPT = 10000
+
 
 @attrs.frozen
 class Script:
@@ -299,6 +302,7 @@ class RedisQueue:
     _RESUME = _script("resume.lua")
     _HEARTBEAT = _script("heartbeat.lua")
     _BOUNCE = _script("bounce.lua", prelude=True)
+    _REROUTE = _script("reroute.lua")
 
     def __init__(
         self,
@@ -608,3 +612,19 @@ class RedisQueue:
             args[4:] = [dsn.body, str(recipient), recipient.domain]
         done = await self._write(self._BOUNCE, keys, args, f"DSN for {job.job_id}", strict=True)
         return bool(int(done))
+
+    # -- routes changed at run time, and the audit log ----------------------
+
+    async def set_routes(self, domain: str, routes: tuple[str, ...] | None, now: float, who: str) -> None:
+        record = {"at": _ms(now), "who": who, "action": "route", "domain": domain, "routes": list(routes or [])}
+        keys = [self.key("routes"), self.key("audit")]
+        args = [domain, json.dumps(list(routes)) if routes else "", json.dumps(record), AUDIT_KEPT]
+        await self._write(self._REROUTE, keys, args, f"new routes of {domain}", strict=True)
+
+    async def route_override(self, domain: str) -> tuple[str, ...] | None:
+        value = await self.redis.call("hget", self.key("routes"), domain)
+        return tuple(json.loads(value)) if value else None
+
+    async def audit(self, limit: int) -> list[dict[str, object]]:
+        records = await self.redis.call("lrange", self.key("audit"), 0, limit - 1)
+        return [json.loads(r) for r in records]
