@@ -168,6 +168,15 @@ class DomainConfig:
     #: outbound TLS policy (None: [delivery] tls), and the name to verify instead of the host's
     tls: str | None = None
     tls_name: str | None = None
+    #: dual delivery: destinations that each get a copy of every message, tracked apart
+    copy_to: tuple[SMTPRoute, ...] = ()
+
+    def queues(self) -> list[str]:
+        """
+        The delivery queues of the domain: its own, then one per copy
+        destination (``example.org#1``, ...).
+        """
+        return [self.name, *(f"{self.name}#{n}" for n in range(1, len(self.copy_to) + 1))]
 
 
 @attrs.frozen
@@ -353,6 +362,13 @@ def _addresses(value: object) -> tuple[tuple[str, int], ...]:
             raise ValueError(f"host:port entries such as '127.0.0.1:26379', got {entry!r}")
         result.append((host.strip("[]"), int(port)))
     return tuple(result)
+
+
+def _copy_routes(value: object) -> tuple[SMTPRoute, ...]:
+    routes = tuple(parse_route(v) for v in _string_list(value))
+    if not all(isinstance(r, SMTPRoute) for r in routes):
+        raise ValueError("smtp://host:port destinations (each gets its own copy)")
+    return routes  # type: ignore[return-value]
 
 
 def _port(value: object) -> int:
@@ -666,6 +682,7 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
                 throttle=_throttle(section, queue_config.throttle),
                 tls=section.get("tls", None, _TLS_MODE),
                 tls_name=section.get("tls_name", None, _domain_name),
+                copy_to=section.get("copy_to", (), _copy_routes),
             )
         )
         section.finish()

@@ -136,6 +136,8 @@ class RelayNode(Service):
             },
             default_tls=TLSPolicy(d.tls),
             overrides=self.queue.route_override,
+            copies={domain.name: domain.copy_to for domain in config.domains if domain.copy_to},
+            clock=reactor,
         )
         deliverer = SMTPDeliverer(
             helo_name=d.helo_name,
@@ -181,7 +183,7 @@ class RelayNode(Service):
             poll_interval=q.poll_interval,
             lease_duration=q.lease,
             default=q.throttle,
-            throttles={domain.name: domain.throttle for domain in config.domains},
+            throttles={queue: domain.throttle for domain in config.domains for queue in domain.queues()},
         )
         scheduler = self.scheduler
         self.prober = Prober(

@@ -52,3 +52,28 @@ class CutoverTests(NodeCase):
         await queue.set_routes("example.com", None, time.time(), "ops@test")
         assert await queue.route_override("example.com") is None
         assert len(await queue.audit(10)) == 2
+
+    @deferred_test
+    async def test_dual_delivery_to_old_and_new_tenant(self) -> None:
+        """When a domain copies to a second destination that is down for a while, both end with every message once."""
+        old_tenant, new_tenant = LoopbackSink(), LoopbackSink()
+        old_tenant.start()
+        self.addCleanup(lambda: Deferred.fromCoroutine(new_tenant.stop()))
+        domain = {
+            "name": "dual.test",
+            "routes": [f"smtp://127.0.0.1:{old_tenant.port}"],
+            "copy_to": [f"smtp://127.0.0.1:{new_tenant.port}"],
+            "recipients": "any",
+        }
+        await self.start_node(old_tenant, domains=[domain], probe_interval="1s")
+        for n in range(5):
+            body = f"Subject: dual {n}\r\n\r\nx\r\n".encode()
+            assert await send(self.smtp_port, "bob@sender.test", [f"u{n}@dual.test"], body) == {}
+        await wait_for(lambda: len(old_tenant.messages) == 5, 30, "the old tenant's copies")
+        assert new_tenant.messages == []
+        new_tenant.start()
+        await wait_for(lambda: len(new_tenant.messages) == 5, 30, "the new tenant's copies")
+        await deferToThread(time.sleep, 1)
+        for sink in (old_tenant, new_tenant):
+            subjects = [m.body.split(b"Subject: ")[1].split(b"\r\n")[0] for m in sink.messages]
+            assert subjects == [f"dual {n}".encode() for n in range(5)]

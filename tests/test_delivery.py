@@ -167,15 +167,20 @@ def test_dot_stuffing_and_reply_parsing() -> None:
     assert parse_reply([b"550 no status"]) == Reply(550, "", "no status")
 
 
-def _table(records: list[tuple[int, str]], own: set[str]) -> RouteTable:
-    async def lookup(domain: str) -> list[tuple[int, str]]:
-        return records
+lookups: list[str] = []
+
+
+def _table(records: list[tuple[int, str]], own: set[str], clock: Clock | None = None) -> RouteTable:
+    async def lookup(domain: str) -> tuple[list[tuple[int, str]], float]:
+        lookups.append(domain)
+        return records, 300.0
 
     return RouteTable(
         {"fixed.test": (SMTPRoute("a.test", 2525), SMTPRoute("b.test", 25)), "mx.test": (MXRoute(),)},
         lookup_mx=lookup,
         own_names=frozenset(own),
         shuffle=random.Random(3).shuffle,
+        clock=clock,
     )
 
 
@@ -223,3 +228,17 @@ def test_callout_answers() -> None:
     assert _verify(b"220 d\r\n" + EHLO_PLAIN + b"250 ok\r\n550 5.1.1 unknown\r\n221 bye\r\n")[0] is False
     assert _verify(b"220 d\r\n" + EHLO_PLAIN + b"250 ok\r\n450 4.2.0 later\r\n221 bye\r\n")[0] is None
     assert _verify(b"", down=["a"])[0] is None
+
+
+def test_mx_records_cached_for_their_ttl() -> None:
+    """When MX records were looked up, they are reused until their TTL runs out, then looked up again."""
+    clock = Clock()
+    table = _table([(10, "primary.mx.test")], set(), clock)
+    del lookups[:]
+    _targets(table, "mx.test")
+    clock.advance(299)
+    _targets(table, "mx.test")
+    assert lookups == ["mx.test"]
+    clock.advance(2)
+    _targets(table, "mx.test")
+    assert lookups == ["mx.test", "mx.test"]

@@ -13,12 +13,17 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThread
 
 from relayx.config import MXRoute, Route, parse_route
 
 MXRecords = Sequence[tuple[int, str]]
-LookupMX = Callable[[str], Awaitable[MXRecords]]
+#: a domain's MX records and how long they may be kept (their TTL), in seconds
+LookupMX = Callable[[str], Awaitable[tuple[MXRecords, float]]]
+
+#: how long "no MX records" is kept
+NEGATIVE_TTL = 60.0
 LookupAddresses = Callable[[str], Awaitable[Sequence[str]]]
 
 
@@ -66,6 +71,8 @@ class RouteTable:
         tls: Mapping[str, TLSPolicy] | None = None,
         default_tls: TLSPolicy = TLSPolicy(),
         overrides: Callable[[str], Awaitable[tuple[str, ...] | None]] | None = None,
+        copies: Mapping[str, tuple[Route, ...]] | None = None,
+        clock: IReactorTime | None = None,
     ) -> None:
         self._routes = dict(routes)
         self._lookup_mx = lookup_mx
@@ -76,14 +83,22 @@ class RouteTable:
         self._tls = dict(tls or {})
         self._default_tls = default_tls
         self._overrides = overrides
+        self._copies = dict(copies or {})
+        self._clock = clock
+        self._mx_cache: dict[str, tuple[float, MXRecords]] = {}
 
     async def targets(self, domain: str) -> list[Target]:
-        policy = self._tls.get(domain, self._default_tls)
+        """
+        The hosts of a delivery queue: a domain's, or one of its copy
+        destinations' (``example.org#1``).
+        """
+        base, _, copy = domain.partition("#")
+        policy = self._tls.get(base, self._default_tls)
 
         def target(address: str, port: int, host: str) -> Target:
             return Target(address, port, policy.name or host, policy.mode)
 
-        routes = await self.routes(domain)
+        routes = (self._copies[base][int(copy) - 1],) if copy else await self.routes(domain)
         if not isinstance(routes[0], MXRoute):
             return [target(r.host, r.port, r.host) for r in routes if not isinstance(r, MXRoute)]
         hosts = await self.mx_hosts(domain)
@@ -113,8 +128,21 @@ class RouteTable:
                 return tuple(parse_route(r) for r in override)
         return self._routes.get(domain, (MXRoute(),))
 
+    async def _mx_records(self, domain: str) -> MXRecords:
+        """
+        The domain's MX records, from the cache while their TTL lasts.
+        """
+        now = self._clock.seconds() if self._clock is not None else None
+        cached = self._mx_cache.get(domain)
+        if cached is not None and now is not None and now < cached[0]:
+            return cached[1]
+        records, ttl = await self._lookup_mx(domain)
+        if now is not None:
+            self._mx_cache[domain] = (now + ttl, records)
+        return records
+
     async def mx_hosts(self, domain: str) -> list[str]:
-        records = [(pref, host.lower().rstrip(".")) for pref, host in await self._lookup_mx(domain)]
+        records = [(pref, host.lower().rstrip(".")) for pref, host in await self._mx_records(domain)]
         if not records:
             return [domain]  # the implicit MX: the domain's own address records
         if any(host == "" for _, host in records):
@@ -143,16 +171,17 @@ def dns_lookup_mx(nameservers: tuple[tuple[str, int], ...], timeout: float) -> L
 
     resolver = _resolver(nameservers, timeout)
 
-    def lookup(domain: str) -> MXRecords:
+    def lookup(domain: str) -> tuple[MXRecords, float]:
         try:
             answer = resolver.resolve(domain, "MX")
         except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
-            return []
+            return [], NEGATIVE_TTL
         except dns.exception.DNSException as e:
             raise NoRoute(f"MX lookup for {domain} failed: {e}") from None
-        return [(r.preference, r.exchange.to_text(omit_final_dot=True)) for r in answer]
+        records = [(r.preference, r.exchange.to_text(omit_final_dot=True)) for r in answer]
+        return records, float(answer.rrset.ttl if answer.rrset is not None else NEGATIVE_TTL)
 
-    async def lookup_async(domain: str) -> MXRecords:
+    async def lookup_async(domain: str) -> tuple[MXRecords, float]:
         return await deferToThread(lookup, domain)
 
     return lookup_async

@@ -94,7 +94,7 @@ for i = 0, n - 1 do
     redis.call('SREM', KEYS[1], domain)
     redis.call('HDEL', dom, 'release_rate')
   else
-    local held = held_clock(dom, now)
+    local held = held_clock(prefix .. ':dom:' .. base_domain(domain), now)
     local paused = tonumber(redis.call('HGET', dom, 'paused_until') or '0')
     if not held and paused <= now then
       local take, next_token = allowance(dom, domain, redis.call('ZCARD', inflight), limit - #claimed)

@@ -11,6 +11,12 @@
 -- Invariant: held_ms only grows; a job's age for retention is its time in the
 -- queue minus the time its domain was held since the job was accepted.
 
+-- The domain a queue belongs to: "example.org#1", the first copy destination of
+-- example.org (dual delivery), is held with example.org and ages with it.
+local function base_domain(queue)
+  return string.match(queue, '^([^#]+)')
+end
+
 -- Whether the domain is held at `now`, and its total held time (ms) up to `now`.
 -- A scheduled hold whose start or end has come is applied here, by whichever
 -- script looks first.
@@ -54,7 +60,7 @@ local function enqueue_message(prefix, seq_key, domains_key, msg_key, qid, now, 
     local domain, rcpts = pairs[2 * i - 1], pairs[2 * i]
     local jid = qid .. '.' .. i
     local seq = redis.call('INCR', seq_key)
-    local _, held_base = held_clock(prefix .. ':dom:' .. domain, now)
+    local _, held_base = held_clock(prefix .. ':dom:' .. base_domain(domain), now)
     redis.call('HSET', prefix .. ':job:' .. jid,
       'qid', qid, 'domain', domain, 'rcpts', rcpts, 'owed', rcpts, 'failed', '[]',
       'seq', seq, 'created', now, 'held_base', held_base, 'attempts', 0, 'token', 0)

@@ -315,6 +315,7 @@ class RedisQueue:
         randrange: Callable[[int], int],
         batch: int = 100,
         replication: Replication | None = None,
+        copies: Mapping[str, int] | None = None,
     ) -> None:
         self.redis = redis
         self.prefix = prefix
@@ -324,6 +325,7 @@ class RedisQueue:
         self._randrange = randrange
         self._batch = batch
         self.replication = replication
+        self.copies = dict(copies or {})
 
     @classmethod
     def configured(cls, redis: RedisConnection, config: Config) -> RedisQueue:
@@ -339,6 +341,7 @@ class RedisQueue:
             retry_schedule=q.retry_schedule,
             randrange=random.randrange,
             replication=Replication(r.replicas, r.replication_timeout) if r.durability == "replicated" else None,
+            copies={d.name: len(d.copy_to) for d in config.domains if d.copy_to},
         )
 
     def key(self, *parts: str) -> str:
@@ -353,7 +356,11 @@ class RedisQueue:
             message.body,
         ]
         for domain, rcpts in message.by_domain().items():
-            args += [domain, json.dumps(list(rcpts))]
+            owed = json.dumps(list(rcpts))
+            args += [domain, owed]
+            # dual delivery: each copy destination has a job of its own
+            for n in range(1, self.copies.get(domain, 0) + 1):
+                args += [f"{domain}#{n}", owed]
         keys = [self.key("seq"), self.key("domains"), self.key("msg", message.queue_id)]
         await self._write(self._ENQUEUE, keys, args, f"message {message.queue_id}", strict=True)
 

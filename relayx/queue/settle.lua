@@ -35,7 +35,7 @@ local domain = redis.call('HGET', KEYS[1], 'domain')
 local schedule = {}
 for step in string.gmatch(ARGV[9], '[^,]+') do schedule[#schedule + 1] = tonumber(step) end
 local function step(n) return schedule[math.max(1, math.min(n, #schedule))] end
-local _, held_now = held_clock(KEYS[8], now)
+local _, held_now = held_clock(prefix .. ':dom:' .. base_domain(domain), now)
 
 redis.call('ZREM', KEYS[2], jid)
 redis.call('ZREM', KEYS[3], jid)
