@@ -48,6 +48,8 @@ class Sink:
     delay: float = 0.0
     #: server TLS options: offer STARTTLS with them
     tls: Any = None
+    #: SMTP sessions opened so far
+    connections: int = 0
 
     def factory(self) -> SinkFactory:
         return SinkFactory(self)
@@ -65,6 +67,7 @@ class SinkProtocol(LineReceiver):
         self.secure = False
 
     def connectionMade(self) -> None:
+        self.sink.connections += 1
         self.sendLine(b"220 sink ESMTP")
 
     def lineReceived(self, line: bytes) -> None:

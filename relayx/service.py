@@ -76,6 +76,7 @@ class RelayNode(Service):
         self.smtp: SMTPServerFactory | None = None
         self.scheduler: Scheduler | None = None
         self.prober: Prober | None = None
+        self.deliverer: SMTPDeliverer | None = None
         self.bouncer: Bouncer | None = None
         self.heartbeat: LoopingCall | None = None
         self.ports: list[IListeningPort] = []
@@ -139,7 +140,7 @@ class RelayNode(Service):
             copies={domain.name: domain.copy_to for domain in config.domains if domain.copy_to},
             clock=reactor,
         )
-        deliverer = SMTPDeliverer(
+        deliverer = self.deliverer = SMTPDeliverer(
             helo_name=d.helo_name,
             targets=routes.targets,
             connect=connect_smtp,
@@ -259,6 +260,8 @@ class RelayNode(Service):
             self.bouncer.stop()
         if self.scheduler is not None:
             await self.scheduler.stop()
+        if self.deliverer is not None:
+            self.deliverer.close_idle()
         if self.redis is not None:
             await self.redis.disconnect()
         if self.embedded is not None:

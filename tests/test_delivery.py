@@ -9,8 +9,10 @@ import random
 from collections.abc import Sequence
 
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from relayx.config import MXRoute, SMTPRoute
@@ -35,11 +37,14 @@ class Scripted:
         self.down = set(down)
         self.clock = Clock()
         self.transports: dict[str, StringTransport] = {}
+        self.connections = 0
+        self.protocols: dict[str, SMTPClientProtocol] = {}
 
     async def connect(self, host: str, port: int) -> SMTPClientProtocol:
+        self.connections += 1
         if host in self.down:
             raise ConnectionRefusedError(f"{host} refused")
-        protocol = SMTPClientProtocol(self.clock)
+        protocol = self.protocols[host] = SMTPClientProtocol(self.clock)
         transport = self.transports[host] = StringTransport()
         protocol.makeConnection(transport)
         protocol.dataReceived(self.replies[host])
@@ -86,7 +91,8 @@ def test_pipelined_delivery_with_per_recipient_outcomes() -> None:
     sent = s.transports["a"].value()
     # one write for the whole envelope: PIPELINING used
     assert b"MAIL FROM:<bob@sender.test> SIZE=18\r\nRCPT TO:<x@example.com>\r\n" in sent
-    assert sent.endswith(b"Subject: x\r\n\r\nhi\r\n.\r\nQUIT\r\n")
+    # the session is kept for the next message to the host
+    assert sent.endswith(b"Subject: x\r\n\r\nhi\r\n.\r\nRSET\r\n")
 
 
 def test_no_pipelining_stops_after_refused_mail() -> None:
@@ -242,3 +248,30 @@ def test_mx_records_cached_for_their_ttl() -> None:
     clock.advance(2)
     _targets(table, "mx.test")
     assert lookups == ["mx.test", "mx.test"]
+
+
+def test_session_reused_for_the_next_message() -> None:
+    """When two messages go to the same host in turn, the second uses the first's session, after RSET."""
+    one = b"250 ok\r\n250 ok\r\n354 go\r\n250 queued\r\n250 reset\r\n"
+    s = Scripted({"a": b"220 d\r\n" + EHLO_PIPELINING + one + one})
+    d = s.deliverer(["a"])
+    assert run(d, ("x@example.com",)).delivered == ("x@example.com",)
+    assert run(d, ("y@example.com",)).delivered == ("y@example.com",)
+    assert s.connections == 1
+    sent = s.transports["a"].value()
+    assert sent.count(b"EHLO") == 1 and sent.count(b"RSET") == 2
+    # an idle session is ended after its time
+    s.clock.advance(3)
+    assert sent.endswith(b"RSET\r\n") and s.transports["a"].value().endswith(b"QUIT\r\n")
+
+
+def test_closed_kept_session_is_not_a_failure() -> None:
+    """When the host closed the kept session meanwhile, the next message opens a new one and goes through."""
+    one = b"250 ok\r\n250 ok\r\n354 go\r\n250 queued\r\n250 reset\r\n"
+    s = Scripted({"a": b"220 d\r\n" + EHLO_PIPELINING + one})
+    d = s.deliverer(["a"])
+    run(d, ("x@example.com",))
+    s.protocols["a"].connectionLost(Failure(ConnectionDone()))
+    s.replies["a"] = b"220 d\r\n" + EHLO_PIPELINING + one
+    assert run(d, ("y@example.com",)).delivered == ("y@example.com",)
+    assert s.connections == 2

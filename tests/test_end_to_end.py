@@ -49,6 +49,8 @@ class NodeTests(NodeCase):
                 assert b"by mx2.relayx.test (relayx) with ESMTP id" in m
         assert len(sink.messages) == 100
         assert all(m.sender.startswith("sender") for m in sink.messages)
+        # sessions are reused from one message to the next to the same host
+        assert sink.sink.connections < 20, sink.sink.connections
 
     @deferred_test
     async def test_5xx_primary_marks_recipient_failed(self) -> None:

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -25,6 +25,13 @@ from relayx.smtp.client import ConversationError, SMTPClientProtocol, dot_stuff
 
 log = Logger()
 T = TypeVar("T")
+
+#: messages one session may carry before it is ended (Postfix has no limit by default)
+REUSE_LIMIT = 100
+#: how long an idle session is kept for the next message (Postfix: 2 s)
+REUSE_IDLE = 2.0
+#: idle sessions kept per host (one per queue delivering to it, typically)
+REUSE_IDLE_SESSIONS = 4
 
 Connect = Callable[[str, int], Awaitable[SMTPClientProtocol]]
 Targets = Callable[[str], Awaitable[Sequence[Target]]]
@@ -66,13 +73,65 @@ class SMTPDeliverer:
         self._targets = targets
         self._connect = connect
         self._timeouts = timeouts
+        #: idle sessions per host, kept for the next messages to it
+        self._idle: dict[tuple[str, int, str], list[tuple[SMTPClientProtocol, IDelayedCall]]] = {}
 
     async def deliver(self, domain: str, sender: str, recipients: tuple[str, ...], body: bytes) -> Outcome:
         async def transaction(conn: SMTPClientProtocol, target: Target) -> Outcome:
-            return await self._transaction(conn, target, sender, recipients, body)
+            if conn.extensions is None:
+                conn.extensions = await self._hello(conn, target)
+            outcome = await self._transaction(conn, target, conn.extensions, sender, recipients, body)
+            await self._park_or_quit(conn, target)
+            return outcome
 
-        result = await self._first_answer(domain, transaction)
+        result = await self._first_answer(domain, transaction, reuse=True)
         return Outcome(unreachable=result) if isinstance(result, str) else result
+
+    async def _park_or_quit(self, conn: SMTPClientProtocol, target: Target) -> None:
+        """
+        Keep the session for the next message to the same host, as long as
+        it is clean, has not carried ``REUSE_LIMIT`` messages, and the host
+        has fewer than ``REUSE_IDLE_SESSIONS`` kept; else QUIT.
+        """
+        key = (target.address, target.port, target.tls)
+        kept = self._idle.setdefault(key, [])
+        if conn.reusable and conn.messages < REUSE_LIMIT and len(kept) < REUSE_IDLE_SESSIONS:
+            reset = await conn.command("RSET", self._timeouts.command)
+            if reset.positive:
+                timer = self._clock.callLater(REUSE_IDLE, self._expire, key, conn)
+                kept.append((conn, timer))
+                conn.parked = True
+                return
+        await self._quit(conn)
+
+    def _expire(self, key: tuple[str, int, str], conn: SMTPClientProtocol) -> None:
+        self._idle[key] = [(c, t) for c, t in self._idle.get(key, []) if c is not conn]
+        conn.parked = False
+        conn.send("QUIT")
+        conn.close()
+
+    def _take(self, target: Target) -> SMTPClientProtocol | None:
+        kept = self._idle.get((target.address, target.port, target.tls))
+        if not kept:
+            return None
+        conn, timer = kept.pop()
+        if timer.active():
+            timer.cancel()
+        conn.parked = False
+        return conn
+
+    def close_idle(self) -> None:
+        """
+        End the sessions kept for reuse at once (the node is stopping).
+        """
+        for kept in self._idle.values():
+            for conn, timer in kept:
+                if timer.active():
+                    timer.cancel()
+                conn.parked = False
+                if conn.transport is not None:
+                    conn.transport.abortConnection()  # type: ignore[attr-defined]
+        self._idle.clear()
 
     async def probe(self, domain: str) -> str | None:
         async def hello(conn: SMTPClientProtocol, target: Target) -> bool:
@@ -107,11 +166,13 @@ class SMTPDeliverer:
         return None if isinstance(result, str) else result
 
     async def _first_answer(
-        self, domain: str, attempt: Callable[[SMTPClientProtocol, Target], Awaitable[T]]
+        self, domain: str, attempt: Callable[[SMTPClientProtocol, Target], Awaitable[T]], reuse: bool = False
     ) -> T | str:
         """
         ``attempt`` on the domain's hosts in order until one answers; if
-        none does, why (one reason per host).
+        none does, why (one reason per host). With ``reuse``, a session kept
+        from an earlier delivery to the host is used first, and a fresh one
+        if the kept one turns out to be closed.
         """
         try:
             targets = await self._targets(domain)
@@ -120,6 +181,15 @@ class SMTPDeliverer:
         reasons = []
         for target in targets:
             where = f"{target.address}:{target.port}"
+            kept = self._take(target) if reuse else None
+            if kept is not None:
+                try:
+                    return await attempt(kept, target)
+                except ConversationError:
+                    pass  # the host closed the kept session meanwhile: not a failure
+                finally:
+                    if not kept.parked:
+                        kept.close()
             try:
                 connection = await self._connect(target.address, target.port)
             except Exception as e:
@@ -130,7 +200,8 @@ class SMTPDeliverer:
             except (_TryNext, ConversationError) as e:
                 reasons.append(f"{where}: {e}")
             finally:
-                connection.close()
+                if not connection.parked:
+                    connection.close()
         return "; ".join(reasons) or f"no destination for {domain}"
 
     async def _hello(self, conn: SMTPClientProtocol, target: Target, timeout: float | None = None) -> set[str]:
@@ -175,13 +246,13 @@ class SMTPDeliverer:
         self,
         conn: SMTPClientProtocol,
         target: Target,
+        extensions: set[str],
         sender: str,
         recipients: tuple[str, ...],
         body: bytes,
     ) -> Outcome:
         t = self._timeouts
         where = f"{target.name} [{target.address}]:{target.port}"
-        extensions = await self._hello(conn, target)
 
         params = ""
         if "SIZE" in extensions:
@@ -212,9 +283,7 @@ class SMTPDeliverer:
         if not mail.positive:
             if pipelining:
                 await conn.read(t.command)  # the DATA reply, after the RCPTs read above
-            outcome = _all(recipients, mail)
-            await self._quit(conn)
-            return outcome
+            return _all(recipients, mail)
 
         accepted, failed, deferred = [], [], []
         for rcpt, reply in zip(recipients, replies[1:], strict=True):
@@ -230,25 +299,24 @@ class SMTPDeliverer:
         if not accepted:
             if pipelining:
                 await conn.read(t.command)  # the DATA reply: no valid recipients
-            await self._quit(conn)
             return Outcome(failed=tuple(failed), deferred=tuple(deferred))
 
         data = await conn.read(t.command) if pipelining else await conn.command("DATA", t.command)
         if data.code != 354:
             if data.code == 421:
                 raise _TryNext(f"DATA {data}")
-            await self._quit(conn)
             return _merge(_all(tuple(accepted), data), failed, deferred)
 
         conn.send_raw(dot_stuff(body))
         final = await conn.read(t.data)
         if final.code == 421:
             # the message was not taken; the session is over
+            conn.reusable = False
             return Outcome(
                 deferred=(*deferred, *((r, final) for r in accepted)),
                 failed=tuple(failed),
             )
-        await self._quit(conn)
+        conn.messages += 1
         if final.positive:
             log.info(
                 "delivered to {mx}{tls}: {count} recipient(s), {code}",

@@ -79,6 +79,13 @@ class SMTPClientProtocol(LineReceiver):
         self._lost: Failure | None = None
         #: whether the session was upgraded with STARTTLS
         self.tls = False
+        #: the extensions the server offered, once greeted
+        self.extensions: set[str] | None = None
+        #: messages delivered in this session, whether it may carry another,
+        #: and whether it is kept idle for one
+        self.messages = 0
+        self.reusable = True
+        self.parked = False
         self.connected_deferred: Deferred[SMTPClientProtocol] = Deferred()
 
     def connectionMade(self) -> None:
