@@ -255,6 +255,7 @@ class QueueConfig:
     probe_interval: float
     heartbeat: float
     throttle: Throttle
+    delay_warning: float
 
 
 @attrs.frozen
@@ -646,6 +647,7 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
         probe_interval=queue.get("probe_interval", 5.0, _positive_duration),
         heartbeat=queue.get("heartbeat", 5.0, _positive_duration),
         throttle=_throttle(queue, Throttle(concurrency=1, rate=0.0, ramp_up=30.0)),
+        delay_warning=queue.get("delay_warning", 0.0, _duration_or_zero),
     )
     if queue_config.lease < 3:
         raise queue.fail("lease", "at least '3s', so that it can be renewed in time")

@@ -233,6 +233,17 @@ class IFailedJobs(Interface):
         ``False`` if another node already did.
         """
 
+    def delayed(limit: int) -> Awaitable[list[FailedJob]]:
+        """
+        Up to ``limit`` jobs due a delay warning, with the recipients still
+        owed and the last error.
+        """
+
+    def warn(job: FailedJob, dsn: IncomingMessage | None, now: float) -> Awaitable[bool]:
+        """
+        Queue the delay warning ``dsn`` once; the job goes on being retried.
+        """
+
 
 class IRecipientCache(Interface):
     """

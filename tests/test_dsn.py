@@ -149,3 +149,27 @@ class MXTests(NodeCase):
         primary.start()
         await wait_for(lambda: len(primary.messages) == 1, 30, "delivery to MX 10")
         assert other_backup.messages == []
+
+
+class DelayWarningTests(QueueCase):
+    @deferred_test
+    async def test_delay_warning_once_while_still_retried(self) -> None:
+        """When mail waits past the delay warning, its sender gets one 'delayed' DSN and the mail is still retried."""
+        q = await self.make_queue(delay_warning=3600.0)
+        await q.enqueue(message("OLD", "a@one.test", sender="bob@sender.test", at=T0))
+        await q.enqueue(message("NEW", "a@one.test", sender="bob@sender.test", at=T0 + 3000))
+        [lease] = (await q.claim("n", T0 + 3700, 10, {}, Throttle(1))).leases
+        assert await q.settle(lease, Outcome(unreachable="connection refused"), T0 + 3700) == "paused"
+        [job] = await q.delayed(10)
+        assert job.queue_id == "OLD" and job.failures == (("a@one.test", 0, "4.0.0", "connection refused"),)
+        bouncer = Bouncer(queue=q, clock=Clock(), hostname="mx2.relayx.test", new_queue_id=lambda: "WARN", interval=1)
+        warning = bouncer.dsn_for(job, T0 + 3700, delayed=True)
+        assert warning is not None and b"Action: delayed" in warning.body
+        assert await q.warn(job, warning, T0 + 3700) is True
+        assert await q.warn(job, warning, T0 + 3700) is False
+        # warned once only, however often it is retried
+        [again] = [x for x in (await q.claim("n", T0 + 3760, 10, {}, Throttle(1))).leases if x.queue_id == "OLD"]
+        await q.settle(again, Outcome(unreachable="connection refused"), T0 + 3760)
+        assert await q.delayed(10) == []
+        state = await q.domain_state("sender.test", T0 + 3760)
+        assert state.ready + state.in_flight == 1  # the warning, on its way to the sender

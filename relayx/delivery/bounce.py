@@ -47,9 +47,18 @@ class Bouncer:
 
     async def _run(self) -> None:
         try:
-            jobs = await self.queue.failed(self.batch)
-            for job in jobs:
+            for job in await self.queue.failed(self.batch):
                 await self._bounce(job)
+            for job in await self.queue.delayed(self.batch):
+                now = self.clock.seconds()
+                dsn = self.dsn_for(job, now, delayed=True)
+                if await self.queue.warn(job, dsn, now) and dsn is not None:
+                    log.info(
+                        "{queue_id}: delay warning {dsn} to <{sender}>",
+                        queue_id=job.queue_id,
+                        dsn=dsn.queue_id,
+                        sender=job.sender,
+                    )
         except StoreUnavailable as e:
             log.warn("DSNs not sent now: {why}", why=str(e))
 
@@ -64,7 +73,7 @@ class Bouncer:
                 what=f"DSN {dsn.queue_id} to <{job.sender}>" if dsn is not None else "no DSN (null sender)",
             )
 
-    def dsn_for(self, job: FailedJob, now: float) -> IncomingMessage | None:
+    def dsn_for(self, job: FailedJob, now: float, delayed: bool = False) -> IncomingMessage | None:
         if not job.sender:
             return None
         try:
@@ -87,5 +96,6 @@ class Bouncer:
             now=now,
             failures=[FailedRecipient(*f) for f in job.failures],
             original=job.headers,
+            delayed=delayed,
         )
         return IncomingMessage(queue_id=queue_id, sender="", recipients=(recipient,), received_at=now, body=body)

@@ -49,18 +49,26 @@ def build_dsn(
     now: float,
     failures: list[FailedRecipient],
     original: bytes,
+    delayed: bool = False,
 ) -> bytes:
     """
-    The DSN for ``failures`` of the message queued as ``queue_id``.
+    The DSN for ``failures`` of the message queued as ``queue_id``; with
+    ``delayed``, a warning that they are not delivered yet but still tried.
     """
     boundary = f"{message_id}/{reporting_mta}"
-    lines = [
-        "This is the mail system at host " + reporting_mta + ".",
-        "",
-        "I'm sorry to have to inform you that your message could not be delivered to one or more",
-        "recipients. It's attached below.",
-        "",
-    ]
+    lines = ["This is the mail system at host " + reporting_mta + ".", ""]
+    if delayed:
+        lines += [
+            "Your message could not be delivered yet to one or more recipients. It will be tried again;",
+            "you do not need to send it again. Its headers are attached below.",
+            "",
+        ]
+    else:
+        lines += [
+            "I'm sorry to have to inform you that your message could not be delivered to one or more",
+            "recipients. It's attached below.",
+            "",
+        ]
     for f in failures:
         why = f"{f.code} {f.status} {f.text}".strip() if f.code else f"gave up: {f.text}"
         lines.append(f"<{f.recipient}>: {why}")
@@ -77,7 +85,7 @@ def build_dsn(
         status = f.status or ("5.0.0" if f.code >= 500 else "4.0.0")
         block = [
             f"Final-Recipient: rfc822; {f.recipient}",
-            "Action: failed",
+            f"Action: {'delayed' if delayed else 'failed'}",
             f"Status: {status}",
         ]
         if f.code:
@@ -91,7 +99,7 @@ def build_dsn(
     head = [
         f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
         f"To: <{sender}>",
-        "Subject: Undelivered Mail Returned to Sender",
+        "Subject: " + ("Delayed Mail (still being retried)" if delayed else "Undelivered Mail Returned to Sender"),
         f"Date: {_date(now)}",
         f"Message-ID: <{message_id}@{reporting_mta}>",
         "Auto-Submitted: auto-replied",

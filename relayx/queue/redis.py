@@ -303,6 +303,7 @@ class RedisQueue:
     _HEARTBEAT = _script("heartbeat.lua")
     _BOUNCE = _script("bounce.lua", prelude=True)
     _REROUTE = _script("reroute.lua")
+    _WARN = _script("warn.lua", prelude=True)
 
     def __init__(
         self,
@@ -316,6 +317,7 @@ class RedisQueue:
         batch: int = 100,
         replication: Replication | None = None,
         copies: Mapping[str, int] | None = None,
+        delay_warning: float = 0.0,
     ) -> None:
         self.redis = redis
         self.prefix = prefix
@@ -326,6 +328,7 @@ class RedisQueue:
         self._batch = batch
         self.replication = replication
         self.copies = dict(copies or {})
+        self.delay_warning = delay_warning
 
     @classmethod
     def configured(cls, redis: RedisConnection, config: Config) -> RedisQueue:
@@ -342,6 +345,7 @@ class RedisQueue:
             randrange=random.randrange,
             replication=Replication(r.replicas, r.replication_timeout) if r.durability == "replicated" else None,
             copies={d.name: len(d.copy_to) for d in config.domains if d.copy_to},
+            delay_warning=q.delay_warning,
         )
 
     def key(self, *parts: str) -> str:
@@ -444,6 +448,7 @@ class RedisQueue:
             self.key("dom", lease.domain),
             self.key("msg", lease.queue_id),
             self.key("paused"),
+            self.key("delayed"),
         ]
         args = [
             lease.job_id,
@@ -456,6 +461,7 @@ class RedisQueue:
             _ms(self.retention),
             ",".join(str(_ms(s)) for s in self.retry_schedule),
             self.prefix,
+            _ms(self.delay_warning),
         ]
         # replicated too, so that a failover does not forget a delivery and send it again
         return _text(await self._write(self._SETTLE, keys, args, f"settling {lease.job_id}", strict=False))
@@ -582,12 +588,28 @@ class RedisQueue:
     # -- failed jobs and their DSNs (IFailedJobs) ---------------------------
 
     async def failed(self, limit: int) -> list[FailedJob]:
+        return await self._jobs_in("failed", limit)
+
+    async def delayed(self, limit: int) -> list[FailedJob]:
+        return await self._jobs_in("delayed", limit)
+
+    async def _jobs_in(self, index: str, limit: int) -> list[FailedJob]:
+        """
+        The jobs of ``failed`` (with their failed recipients) or ``delayed``
+        (with the recipients still owed and the last error).
+        """
         jobs = []
-        for jid in await self.redis.call("zrange", self.key("failed"), 0, limit - 1):
+        for jid in await self.redis.call("zrange", self.key(index), 0, limit - 1):
             job_id = _text(jid)
-            qid, failures = await self.redis.call("hmget", self.key("job", job_id), ["qid", "failed"])
+            qid, failed, owed, error = await self.redis.call(
+                "hmget", self.key("job", job_id), ["qid", "failed", "owed", "error"]
+            )
             if qid is None:
                 continue
+            if index == "failed":
+                failures = [tuple(f) for f in json.loads(failed)]
+            else:
+                failures = [(r, 0, "4.0.0", _text(error or b"not delivered yet")) for r in json.loads(owed)]
             sender, received, body = await self.redis.call(
                 "hmget", self.key("msg", _text(qid)), ["sender", "received", "body"]
             )
@@ -597,11 +619,20 @@ class RedisQueue:
                     queue_id=_text(qid),
                     sender=_text(sender or b""),
                     arrival=int(received or 0) / 1000,
-                    failures=tuple((str(r), int(c), str(s), str(t)) for r, c, s, t in json.loads(failures)),
+                    failures=tuple((str(r), int(c), str(s), str(t)) for r, c, s, t in failures),
                     headers=header_section(bytes(body or b"")),
                 )
             )
         return jobs
+
+    async def warn(self, job: FailedJob, dsn: IncomingMessage | None, now: float) -> bool:
+        qid = dsn.queue_id if dsn is not None else ""
+        keys = [self.key("delayed"), self.key("seq"), self.key("domains"), self.key("msg", qid or "-")]
+        args: list[object] = [self.prefix, job.job_id, _ms(now), qid, b"", "", ""]
+        if dsn is not None:
+            [recipient] = dsn.recipients
+            args[4:] = [dsn.body, str(recipient), recipient.domain]
+        return bool(int(await self._write(self._WARN, keys, args, f"delay warning for {job.job_id}", strict=True)))
 
     async def bounce(self, job: FailedJob, dsn: IncomingMessage | None, now: float) -> bool:
         qid = dsn.queue_id if dsn is not None else ""

@@ -10,6 +10,7 @@
 -- KEYS[8]  <p>:dom:<domain>  domain state (see common.lua)
 -- KEYS[9]  <p>:msg:<qid>
 -- KEYS[10] <p>:paused        zset domain -> paused_until, the domains whose destination is failing
+-- KEYS[11] <p>:delayed       zset of jobs due a delay warning to their sender
 -- ARGV[1]  jid
 -- ARGV[2]  the lease's fencing token
 -- ARGV[3]  now (ms)
@@ -20,6 +21,8 @@
 -- ARGV[8]  retention (ms): a job older than this (not counting time held) fails
 -- ARGV[9]  retry schedule (ms), comma-separated; the last step repeats
 -- ARGV[10] key prefix
+-- ARGV[11] delay warning (ms): a job waiting longer (time held not counted) is
+--          put in <p>:delayed once; 0 for no warnings
 -- Returns "done", "failed", "deferred" or "paused".
 --
 -- Invariant: as in enqueue.lua. Only the current token's holder settles; recipients
@@ -72,10 +75,21 @@ local function finish(job, jobid, failures)
   return 'done'
 end
 
--- whether a job has outlived its retention, time held not counted
-local function expired(job)
+-- whether a job has waited `limit` ms, time held not counted
+local function older_than(job, limit)
   local created, base = unpack(redis.call('HMGET', job, 'created', 'held_base'))
-  return tonumber(created) + retention + (held_now - tonumber(base or '0')) <= now
+  return tonumber(created) + limit + (held_now - tonumber(base or '0')) <= now
+end
+
+local function expired(job) return older_than(job, retention) end
+
+-- a job waiting longer than the delay warning is due one warning
+local warn_after = tonumber(ARGV[11] or '0')
+local function warn(job, jobid)
+  if warn_after > 0 and redis.call('HGET', job, 'warned') ~= '1' and older_than(job, warn_after) then
+    redis.call('HSET', job, 'warned', 1)
+    redis.call('ZADD', KEYS[11], now, jobid)
+  end
 end
 
 -- what is still owed fails once the job has outlived its retention
@@ -118,6 +132,14 @@ if unreachable ~= '' then
       cjson.decode(redis.call('HGET', job, 'failed')), unreachable)
     if head == jid then result = r end
   end
+  -- and those waiting past the delay warning get it (oldest first, a bounded batch)
+  if warn_after > 0 then
+    for _, head in ipairs(redis.call('ZRANGE', KEYS[6], 0, 99)) do
+      local job = prefix .. ':job:' .. head
+      if not older_than(job, warn_after) then break end
+      warn(job, head)
+    end
+  end
   return result
 end
 
@@ -131,4 +153,5 @@ if expired(KEYS[1]) then
 end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts'))
 redis.call('ZADD', KEYS[4], now + step(attempts), jid)
+warn(KEYS[1], jid)
 return 'deferred'
