@@ -137,7 +137,7 @@ def accept(options: argparse.Namespace) -> dict[str, Any]:
     finally:
         nodes.stop()
         redis.stop()
-    if postfix_available() and not options.no_postfix:
+    if postfix_skipped(options) is None:
         postfix = Postfix(directory, primary)
         try:
             before_cpu = postfix.process_cpu()
@@ -153,8 +153,7 @@ def accept(options: argparse.Namespace) -> dict[str, Any]:
             if a and b:
                 result[f"ratio_{key.removesuffix('_msg_per_s')}"] = round(a / b, 2)
     else:
-        why = "--no-postfix" if options.no_postfix else "postfix is not installed (apt-get install postfix)"
-        result["postfix"] = f"not measured: {why}"
+        result["postfix"] = f"not measured: {postfix_skipped(options)}"
     shutil.rmtree(directory, ignore_errors=True)
     return result
 
@@ -186,7 +185,7 @@ def replay(options: argparse.Namespace) -> dict[str, Any]:
     finally:
         nodes.stop()
         redis.stop()
-    if postfix_available() and not options.no_postfix:
+    if postfix_skipped(options) is None:
         postfix = Postfix(directory, primary)
         try:
             # Postfix has no recovery probe: the operator flushes its queue
@@ -194,8 +193,7 @@ def replay(options: argparse.Namespace) -> dict[str, Any]:
         finally:
             postfix.stop()
     else:
-        why = "--no-postfix" if options.no_postfix else "postfix is not installed (apt-get install postfix)"
-        result["postfix"] = f"not measured: {why}"
+        result["postfix"] = f"not measured: {postfix_skipped(options)}"
     shutil.rmtree(directory, ignore_errors=True)
     return result
 
@@ -250,6 +248,17 @@ def drain(
         "worst_1s_window": worst,
         "per_second": [per_second.get(s, 0) for s in range(0, int(max(per_second, default=0)) + 1)],
     }
+
+
+def postfix_skipped(options: argparse.Namespace) -> str | None:
+    """
+    Why Postfix is not measured in this run, or ``None`` when it is.
+    """
+    if options.no_postfix:
+        return "--no-postfix"
+    if not postfix_available():
+        return "postfix is not installed (apt-get install postfix)"
+    return None
 
 
 def machine() -> dict[str, Any]:

@@ -17,6 +17,7 @@ from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from bench.harness import wait_port
 from relayx.queue.redis import connect
 from relayx.redis_server import free_port
 from tests.helpers import LoopbackSink, RedisProcess, wait_for
@@ -86,18 +87,12 @@ class Cluster:
                 stderr=subprocess.STDOUT,
                 cwd=ROOT,
             )
-        import socket
 
-        deadline = time.monotonic() + 30
         for node, port in self.ports.items():
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline or self.processes[node].poll() is not None:
-                        raise AssertionError(f"{node} did not start: {self.log(node)}") from None
-                    time.sleep(0.05)
+            try:
+                wait_port(port, self.processes[node])
+            except RuntimeError as e:
+                raise AssertionError(f"{node} did not start ({e}): {self.log(node)}") from None
 
     def log(self, node: str) -> str:
         return (self.directory / f"{node}.log").read_text(errors="replace")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import signal
 import smtplib
-import socket
 import socketserver
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+from bench.harness import wait_port
 from relayx.redis_server import free_port
 
 CONFIG = """
@@ -66,19 +66,6 @@ class _SinkHandler(socketserver.StreamRequestHandler):
                 self.wfile.write(b"250 ok\r\n")
 
 
-def _wait_port(port: int, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"node exited: {process.stdout.read().decode() if process.stdout else ''}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"nothing listening on {port}")
-
-
 def _start(config: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "relayx", "--config", str(config)],
@@ -104,7 +91,7 @@ def test_node_keeps_mail_across_restart_with_embedded_redis(tmp_path: Path) -> N
 
     node = _start(config)
     try:
-        _wait_port(smtp_port, node)
+        wait_port(smtp_port, node)
         with smtplib.SMTP("127.0.0.1", smtp_port, timeout=30) as client:
             assert client.sendmail("bob@sender.test", ["alice@example.com"], b"Subject: kept\r\n\r\nsafe\r\n") == {}
     finally:
