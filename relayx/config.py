@@ -271,6 +271,23 @@ class DeliveryConfig:
 
 
 @attrs.frozen
+class FilterConfig:
+    """
+    Filtering before the queue, for every domain; all off by default.
+    """
+
+    dnsbl: tuple[str, ...] = ()
+    dnswl: tuple[str, ...] = ()
+    dns_timeout: float = 2.0
+    greylist_delay: float = 0.0
+    greylist_expiry: float = 36 * 3600.0
+    greylist_networks: tuple[str, ...] = ()
+    greylist_domains: tuple[str, ...] = ()
+    connections_per_minute: int = 0
+    messages_per_minute: int = 0
+
+
+@attrs.frozen
 class Config:
     source: str
     node: NodeConfig
@@ -279,6 +296,7 @@ class Config:
     queue: QueueConfig
     delivery: DeliveryConfig
     domains: tuple[DomainConfig, ...]
+    filter: FilterConfig = FilterConfig()
 
     def domain(self, name: str) -> DomainConfig | None:
         for domain in self.domains:
@@ -370,6 +388,33 @@ def _copy_routes(value: object) -> tuple[SMTPRoute, ...]:
     if not all(isinstance(r, SMTPRoute) for r in routes):
         raise ValueError("smtp://host:port destinations (each gets its own copy)")
     return routes  # type: ignore[return-value]
+
+
+def _strings(value: object) -> tuple[str, ...]:
+    if isinstance(value, list) and all(isinstance(v, str) and v for v in value):
+        return tuple(value)
+    raise ValueError(f"a list of strings, got {value!r}")
+
+
+def _zones(value: object) -> tuple[str, ...]:
+    return tuple(_domain_name(v) for v in _strings(value))
+
+
+def _networks(value: object) -> tuple[str, ...]:
+    import ipaddress
+
+    for entry in _strings(value):
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ValueError(f"networks such as '192.0.2.0/24', got {entry!r}") from None
+    return _strings(value)
+
+
+def _count(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise ValueError(f"a whole number, 0 for no limit, got {value!r}")
 
 
 def _port(value: object) -> int:
@@ -666,6 +711,20 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
     )
     delivery.finish()
 
+    filters = root.sub("filter")
+    filter_config = FilterConfig(
+        dnsbl=filters.get("dnsbl", (), _zones),
+        dnswl=filters.get("dnswl", (), _zones),
+        dns_timeout=filters.get("dns_timeout", 2.0, _positive_duration),
+        greylist_delay=filters.get("greylist_delay", 0.0, _duration_or_zero),
+        greylist_expiry=filters.get("greylist_expiry", 36 * 3600.0, _positive_duration),
+        greylist_networks=filters.get("greylist_networks", (), _networks),
+        greylist_domains=filters.get("greylist_domains", (), _zones),
+        connections_per_minute=filters.get("connections_per_minute", 0, _count),
+        messages_per_minute=filters.get("messages_per_minute", 0, _count),
+    )
+    filters.finish()
+
     root.used.add("domain")
     raw_domains = data.get("domain", [])
     if not isinstance(raw_domains, list):
@@ -698,4 +757,5 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
         queue=queue_config,
         delivery=delivery_config,
         domains=tuple(domains),
+        filter=filter_config,
     )

@@ -5,6 +5,7 @@ sources of time and randomness, and connects them.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import random
 import secrets
@@ -26,6 +27,7 @@ from relayx.delivery.bounce import Bouncer
 from relayx.delivery.routes import RouteTable, TLSPolicy, dns_lookup_addresses, dns_lookup_mx
 from relayx.delivery.scheduler import Prober, Scheduler
 from relayx.delivery.smtp import SMTPDeliverer, Timeouts
+from relayx.filters import DNSLists, Filter, FilterChain, Greylist, RateLimit, dns_lookup_a
 from relayx.interfaces import StoreUnavailable
 from relayx.policy import RecipientPolicy
 from relayx.queue.redis import RedisConnection, RedisQueue, open_redis
@@ -156,6 +158,7 @@ class RelayNode(Service):
             except TLSFilesError as e:
                 raise StartupError(f"{config.source}: smtp.tls_certificate: {e}") from None
         self.smtp = SMTPServerFactory(
+            filters=self._filters(),
             hostname=config.node.hostname,
             limits=Limits(
                 max_message_size=s.max_message_size,
@@ -216,6 +219,40 @@ class RelayNode(Service):
         self.prober.start()
         self.bouncer.start()
         log.info("relayx node {node} started", node=config.node.id)
+
+    def _filters(self) -> FilterChain | None:
+        """
+        The filter chain [filter] asks for, or ``None`` when it asks for none.
+        """
+        f, reactor = self.config.filter, self.reactor
+        assert self.queue is not None
+        chain: list[Filter] = []
+        if f.connections_per_minute or f.messages_per_minute:
+            chain.append(
+                RateLimit(
+                    self.queue.redis,
+                    self.queue.prefix,
+                    reactor,
+                    connections_per_minute=f.connections_per_minute,
+                    messages_per_minute=f.messages_per_minute,
+                )
+            )
+        if f.dnsbl or f.dnswl:
+            lookup = dns_lookup_a(self.config.delivery.nameservers, f.dns_timeout)
+            chain.append(DNSLists(f.dnsbl, f.dnswl, lookup, reactor))
+        if f.greylist_delay:
+            chain.append(
+                Greylist(
+                    self.queue.redis,
+                    self.queue.prefix,
+                    f.greylist_delay,
+                    f.greylist_expiry,
+                    reactor,
+                    networks=[ipaddress.ip_network(n, strict=False) for n in f.greylist_networks],
+                    domains=frozenset(f.greylist_domains),
+                )
+            )
+        return FilterChain(chain) if chain else None
 
     def _heartbeat(self) -> Deferred[None]:
         async def beat() -> None:

@@ -185,13 +185,21 @@ class NodeCase(TestCase):
         smtp: dict[str, Any] | None = None,
         delivery: dict[str, Any] | None = None,
         domains: list[dict[str, Any]] | None = None,
+        filters: dict[str, Any] | None = None,
+        key_prefix: str | None = None,
+        node_id: str = "node-a",
         **queue: Any,
     ) -> RelayNode:
         port = free_port()
         data = {
-            "node": {"id": "node-a", "hostname": "mx2.relayx.test", "data_dir": tempfile.mkdtemp()},
+            "node": {"id": node_id, "hostname": "mx2.relayx.test", "data_dir": tempfile.mkdtemp()},
             "smtp": {"listen": [f"tcp:{port}:interface=127.0.0.1"], "shutdown_grace": "1s", **(smtp or {})},
-            "redis": {"url": redis_url or shared_redis().url, "key_prefix": unique_prefix(), "timeout": "2s"},
+            "redis": {
+                "url": redis_url or shared_redis().url,
+                "key_prefix": key_prefix or unique_prefix(),
+                "timeout": "2s",
+            },
+            "filter": filters or {},
             "queue": {"retry_schedule": ["1s"], "poll_interval": "100ms", "lease": "10s", **queue},
             "delivery": {"connect_timeout": "2s", "command_timeout": "10s", **(delivery or {})},
             "domain": [

@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relayx.address import AddressError, Mailbox, Path, normalize_domain, parse_path
+from relayx.filters import FilterChain
 from relayx.interfaces import IMessageStore, IncomingMessage, IRecipientPolicy, StoreUnavailable
 from relayx.reply import Reply
 from relayx.smtp.tls import ReloadingTLS, describe
@@ -35,6 +36,7 @@ from relayx.smtp.tls import ReloadingTLS, describe
 log = Logger()
 
 OK = Reply(250, "2.0.0", "Ok")
+MAIL_OK = Reply(250, "2.1.0", "Ok")
 BAD_SEQUENCE_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
 BAD_SEQUENCE_NESTED = Reply(503, "5.5.1", "Error: nested MAIL command")
 BAD_SEQUENCE_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
@@ -170,8 +172,17 @@ class SMTPServerProtocol(Protocol):
         if refusal is not None:
             self._close(refusal)
             return
-        self._reply(Reply(220, "", f"{self.server.hostname} ESMTP relayx"))
+        if self.server.filters is not None:
+            self._wait_for(self._greeting(self.server.filters))
+            return
+        self._reply(self._banner())
         self._arm_timer(self.server.limits.command_timeout)
+
+    def _banner(self) -> Reply:
+        return Reply(220, "", f"{self.server.hostname} ESMTP relayx")
+
+    async def _greeting(self, filters: FilterChain) -> Reply:
+        return await filters.connection(self.session.peer_ip) or self._banner()
 
     def connectionLost(self, reason: Failure = _LOST) -> None:
         self._closing = True
@@ -306,6 +317,9 @@ class SMTPServerProtocol(Protocol):
 
         def done(reply: Reply) -> None:
             self._busy = False
+            if reply.code == 421:
+                self._close(reply)
+                return
             if reply.code >= 500 or reply.code == 452:
                 self._error(reply)
             else:
@@ -363,43 +377,54 @@ class SMTPServerProtocol(Protocol):
             lines.append("STARTTLS")
         self._reply(Reply(250, "", "\n".join(lines)))
 
-    def do_MAIL(self, argument: str) -> None:
+    def do_MAIL(self, argument: str) -> Awaitable[Reply] | None:
         if self.session.helo is None:
             self._error(BAD_SEQUENCE_HELO)
-            return
+            return None
         if self.envelope is not None:
             self._error(BAD_SEQUENCE_NESTED)
-            return
+            return None
         try:
             path = parse_path(argument, "FROM:", allow_null=True)
         except AddressError as e:
             self._error(Reply(501, "5.1.7", f"Error: bad sender address syntax ({e})"))
-            return
+            return None
         params = path.params if self.session.esmtp else {}
         if path.params and not self.session.esmtp:
             self._error(Reply(555, "5.5.4", "Error: parameters need EHLO"))
-            return
+            return None
         for name, value in params.items():
             if name == "SIZE":
                 if value is None or not value.isdigit():
                     self._error(Reply(501, "5.5.4", "Error: bad SIZE parameter"))
-                    return
+                    return None
                 if int(value) > self.server.limits.max_message_size:
                     self._error(TOO_BIG)
-                    return
+                    return None
             elif name == "BODY":
                 if (value or "").upper() not in ("7BIT", "8BITMIME"):
                     self._error(Reply(501, "5.5.4", "Error: bad BODY parameter"))
-                    return
+                    return None
             elif name == "SMTPUTF8":
                 if value is not None:
                     self._error(Reply(501, "5.5.4", "Error: SMTPUTF8 takes no value"))
-                    return
+                    return None
             else:
                 self._error(Reply(555, "5.5.4", f"Error: unsupported parameter {name}"))
-                return
-        self.envelope = Envelope(sender=path, utf8="SMTPUTF8" in params)
-        self._reply(Reply(250, "2.1.0", "Ok"))
+                return None
+        envelope = Envelope(sender=path, utf8="SMTPUTF8" in params)
+        if self.server.filters is not None:
+            return self._mail_checked(self.server.filters, envelope)
+        self.envelope = envelope
+        self._reply(MAIL_OK)
+        return None
+
+    async def _mail_checked(self, filters: FilterChain, envelope: Envelope) -> Reply:
+        verdict = await filters.mail(self.session.peer_ip, str(envelope.sender))
+        if verdict is not None:
+            return verdict
+        self.envelope = envelope
+        return MAIL_OK
 
     def do_RCPT(self, argument: str) -> Awaitable[Reply] | None:
         envelope = self.envelope
@@ -423,6 +448,9 @@ class SMTPServerProtocol(Protocol):
 
     async def _check_recipient(self, envelope: Envelope, mailbox: Mailbox) -> Reply:
         verdict = await self.server.policy.check(mailbox)
+        filters = self.server.filters
+        if verdict.positive and filters is not None:
+            verdict = await filters.recipient(self.session.peer_ip, str(envelope.sender), mailbox) or verdict
         if verdict.positive:
             if mailbox not in envelope.recipients:
                 envelope.recipients.append(mailbox)
@@ -658,6 +686,7 @@ class SMTPServerFactory(ServerFactory):
         clock: IReactorTime,
         new_queue_id: Callable[[], str],
         tls: ReloadingTLS | None = None,
+        filters: FilterChain | None = None,
     ) -> None:
         self.hostname = normalize_domain(hostname) if "." in hostname else hostname
         self.limits = limits
@@ -666,6 +695,7 @@ class SMTPServerFactory(ServerFactory):
         self.clock = clock
         self.new_queue_id = new_queue_id
         self.tls = tls
+        self.filters = filters
         self.sessions: set[SMTPServerProtocol] = set()
         self.per_ip: dict[str, int] = {}
         self.stopping = False
