@@ -32,6 +32,10 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(2) from None
     sys.argv = ["twistd", "--nodaemon", "--pidfile=", "relayx", *args]
     run()
+    from relayx.tap import NODES
+
+    if any(node.failed_to_start for node in NODES):
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

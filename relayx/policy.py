@@ -53,9 +53,6 @@ class RecipientPolicy:
         self._callout = callout
         self._clock = clock
 
-    def served(self, domain: str) -> bool:
-        return domain in self._domains
-
     async def check(self, recipient: Mailbox) -> Reply:
         domain = self._domains.get(recipient.domain)
         if domain is None:

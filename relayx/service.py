@@ -82,8 +82,9 @@ class RelayNode(Service):
         self.bouncer: Bouncer | None = None
         self.heartbeat: LoopingCall | None = None
         self.ports: list[IListeningPort] = []
-        self.started: Deferred[None] = Deferred()
         self._stopped = False
+        #: set when start-up failed, so that ``relayx`` exits with status 1
+        self.failed_to_start = False
 
     def startService(self) -> None:
         super().startService()
@@ -92,11 +93,11 @@ class RelayNode(Service):
             error = failure.value
             text = str(error) if isinstance(error, StartupError) else failure.getErrorMessage()
             log.critical("relayx cannot start: {why}", why=text)
-            self.started.errback(failure)
+            self.failed_to_start = True
             if self.reactor.running:
                 self.reactor.stop()
 
-        Deferred.fromCoroutine(self.start()).addCallbacks(self.started.callback, failed)
+        Deferred.fromCoroutine(self.start()).addErrback(failed)
 
     async def start(self) -> None:
         config, reactor = self.config, self.reactor

@@ -59,4 +59,10 @@ def makeService(options: Options) -> IService:
     from relayx.service import RelayNode
 
     assert options.loaded is not None
-    return RelayNode(options.loaded, reactor)
+    node = RelayNode(options.loaded, reactor)
+    NODES.append(node)
+    return node
+
+
+#: the nodes made in this process, for ``relayx`` to report a failed start-up
+NODES: list[Any] = []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import signal
 import smtplib
+import socket
 import socketserver
 import subprocess
 import sys
@@ -125,3 +126,23 @@ def test_twistd_lists_the_plugin() -> None:
     twistd = Path(sys.executable).parent / "twistd"
     result = subprocess.run([str(twistd), "--help"], capture_output=True, text=True, timeout=60)
     assert "relayx" in result.stdout
+
+
+def test_node_that_cannot_listen_exits_1(tmp_path: Path) -> None:
+    """When the SMTP port is taken, the node says so in one line and exits with status 1."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "relayx.toml"
+        config.write_text(CONFIG.format(smtp=port, primary=free_port()))
+        result = subprocess.run(
+            [sys.executable, "-m", "relayx", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
+    assert result.returncode == 1, result.stdout
+    [line] = [line for line in result.stdout.splitlines() if "cannot start" in line]
+    assert f"smtp.listen: cannot listen on 'tcp:{port}:interface=127.0.0.1'" in line

@@ -86,10 +86,6 @@ class SMTPClientProtocol(LineReceiver):
         self.messages = 0
         self.reusable = True
         self.parked = False
-        self.connected_deferred: Deferred[SMTPClientProtocol] = Deferred()
-
-    def connectionMade(self) -> None:
-        self.connected_deferred.callback(self)
 
     def lineReceived(self, line: bytes) -> None:
         line = line.rstrip(b"\r")
