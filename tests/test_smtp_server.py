@@ -355,3 +355,14 @@ def test_bare_lf_rejected_when_configured() -> None:
     assert h.send(b"a\nb\r\n.\r\n").startswith("550 5.5.2")
     assert h.store.messages == []
     assert h.send("NOOP\r\n").startswith("250")
+
+
+def test_oversized_message_has_no_false_end_marker() -> None:
+    """When an oversized message is cut while it is read, the cut never makes an end marker of its own."""
+    h = Harness()
+    h.transaction()
+    h.send("DATA\r\n")
+    assert h.send(b"y" * 1200 + b".\r\nZZ") == ""
+    assert h.send(b"more\r\n") == ""
+    assert h.send(b".\r\n").startswith("552 5.3.4")
+    assert h.send("NOOP\r\n").startswith("250")

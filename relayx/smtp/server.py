@@ -496,9 +496,10 @@ class SMTPServerProtocol(Protocol):
         if end < 0:
             data.searched = max(0, len(data.buffer) - len(_END) + 1)
             if len(data.buffer) - 2 > data.limit:
-                # too big: keep scanning for the end, keep nothing else
+                # too big: keep only what may begin the end marker (not the
+                # CRLF prefix, which would make a false one) and scan on
                 data.overflow = True
-                del data.buffer[2 : len(data.buffer) - len(_END)]
+                del data.buffer[: len(data.buffer) - (len(_END) - 1)]
                 data.searched = 0
             return False
         self._buffer = data.buffer[end + len(_END) :]
