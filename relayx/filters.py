@@ -229,12 +229,15 @@ class Greylist(Filter):
         return Reply(450, "4.2.0", f"Greylisted, please try again in {int(seconds) + 1} seconds")
 
 
+RATE_WINDOW = 60.0
+
+
 @attrs.define
 class RateLimit(Filter):
     """
-    Connections and messages per client address per minute, counted across
-    the cluster; past the limit, ``421`` for a connection and ``450`` for a
-    message.
+    Connections and messages per client address in the last minute (a
+    sliding window, so no burst at a minute's turn), counted across the
+    cluster; past the limit, ``421`` for a connection and ``450`` for a message.
     """
 
     redis: Any
@@ -243,14 +246,16 @@ class RateLimit(Filter):
     connections_per_minute: int = 0
     messages_per_minute: int = 0
     name = "ratelimit"
+    _events: int = 0
 
     async def _count(self, kind: str, client: str) -> int:
-        minute = int(self.clock.seconds() // 60)
-        key = f"{self.prefix}:rate:{kind}:{client}:{minute}"
-        count = int(await self.redis.call("incr", key))
-        if count == 1:
-            await self.redis.call("expire", key, 120)
-        return count
+        from relayx.queue.redis import load_script
+
+        self._events += 1
+        now_ms = int(self.clock.seconds() * 1000)
+        keys = [f"{self.prefix}:rate:{kind}:{client}"]
+        args = [now_ms, int(RATE_WINDOW * 1000), f"{now_ms}:{id(self)}:{self._events}"]
+        return int(await self.redis.script(load_script("ratelimit.lua"), keys, args))
 
     async def connection(self, client: str) -> Verdict:
         if self.connections_per_minute and await self._count("conn", client) > self.connections_per_minute:

@@ -10,6 +10,7 @@ the same code runs under a test's ``Clock``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -58,7 +59,8 @@ class Script:
     sha: str
 
 
-def _script(name: str, prelude: bool = False) -> Script:
+@functools.cache
+def load_script(name: str, prelude: bool = False) -> Script:
     """
     A script; with ``prelude``, after the shared helpers of ``common.lua``.
     """
@@ -293,17 +295,17 @@ class RedisQueue:
     Messages, jobs and leases under ``prefix`` in one Redis database.
     """
 
-    _ENQUEUE = _script("enqueue.lua", prelude=True)
-    _CLAIM = _script("claim.lua", prelude=True)
-    _RENEW = _script("renew.lua")
-    _SETTLE = _script("settle.lua", prelude=True)
-    _HOLD = _script("hold.lua", prelude=True)
-    _RELEASE = _script("release.lua", prelude=True)
-    _RESUME = _script("resume.lua")
-    _HEARTBEAT = _script("heartbeat.lua")
-    _BOUNCE = _script("bounce.lua", prelude=True)
-    _REROUTE = _script("reroute.lua")
-    _WARN = _script("warn.lua", prelude=True)
+    _ENQUEUE = load_script("enqueue.lua", prelude=True)
+    _CLAIM = load_script("claim.lua", prelude=True)
+    _RENEW = load_script("renew.lua")
+    _SETTLE = load_script("settle.lua", prelude=True)
+    _HOLD = load_script("hold.lua", prelude=True)
+    _RELEASE = load_script("release.lua", prelude=True)
+    _RESUME = load_script("resume.lua")
+    _HEARTBEAT = load_script("heartbeat.lua")
+    _BOUNCE = load_script("bounce.lua", prelude=True)
+    _REROUTE = load_script("reroute.lua")
+    _WARN = load_script("warn.lua", prelude=True)
 
     def __init__(
         self,
