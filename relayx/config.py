@@ -288,6 +288,15 @@ class FilterConfig:
 
 
 @attrs.frozen
+class AdminConfig:
+    """
+    The HTTP listener for /metrics, /healthz and /readyz (none by default).
+    """
+
+    listen: tuple[str, ...] = ()
+
+
+@attrs.frozen
 class Config:
     source: str
     node: NodeConfig
@@ -297,6 +306,7 @@ class Config:
     delivery: DeliveryConfig
     domains: tuple[DomainConfig, ...]
     filter: FilterConfig = FilterConfig()
+    admin: AdminConfig = AdminConfig()
 
     def domain(self, name: str) -> DomainConfig | None:
         for domain in self.domains:
@@ -467,6 +477,10 @@ def _listen(value: object) -> tuple[str, ...]:
         if not re.match(r"^(tcp|tcp6|ssl|unix|systemd):", endpoint):
             raise ValueError(f"Twisted endpoint strings such as 'tcp:2525:interface=127.0.0.1', got {endpoint!r}")
     return endpoints
+
+
+def _listen_or_none(value: object) -> tuple[str, ...]:
+    return () if value == [] else _listen(value)
 
 
 def _key_prefix(value: object) -> str:
@@ -725,6 +739,10 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
     )
     filters.finish()
 
+    admin = root.sub("admin")
+    admin_config = AdminConfig(listen=admin.get("listen", (), _listen_or_none))
+    admin.finish()
+
     root.used.add("domain")
     raw_domains = data.get("domain", [])
     if not isinstance(raw_domains, list):
@@ -758,4 +776,5 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
         delivery=delivery_config,
         domains=tuple(domains),
         filter=filter_config,
+        admin=admin_config,
     )

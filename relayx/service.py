@@ -20,6 +20,7 @@ from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.server import Site
 
 from relayx import __version__
 from relayx.config import Config
@@ -29,6 +30,7 @@ from relayx.delivery.scheduler import Prober, Scheduler
 from relayx.delivery.smtp import SMTPDeliverer, Timeouts
 from relayx.filters import DNSLists, Filter, FilterChain, Greylist, RateLimit, dns_lookup_a
 from relayx.interfaces import StoreUnavailable
+from relayx.metrics import Metrics, admin_site
 from relayx.policy import RecipientPolicy
 from relayx.queue.redis import RedisConnection, RedisQueue, open_redis
 from relayx.redis_server import EmbeddedRedis
@@ -82,6 +84,7 @@ class RelayNode(Service):
         self.bouncer: Bouncer | None = None
         self.heartbeat: LoopingCall | None = None
         self.ports: list[IListeningPort] = []
+        self.metrics = Metrics()
         self._stopped = False
         #: set when start-up failed, so that ``relayx`` exits with status 1
         self.failed_to_start = False
@@ -159,6 +162,7 @@ class RelayNode(Service):
             except TLSFilesError as e:
                 raise StartupError(f"{config.source}: smtp.tls_certificate: {e}") from None
         self.smtp = SMTPServerFactory(
+            metrics=self.metrics,
             filters=self._filters(),
             hostname=config.node.hostname,
             limits=Limits(
@@ -189,6 +193,7 @@ class RelayNode(Service):
             lease_duration=q.lease,
             default=q.throttle,
             throttles={queue: domain.throttle for domain in config.domains for queue in domain.queues()},
+            metrics=self.metrics,
         )
         scheduler = self.scheduler
         self.prober = Prober(
@@ -215,11 +220,41 @@ class RelayNode(Service):
                 raise StartupError(f"{config.source}: smtp.listen: cannot listen on {description!r}: {e}") from None
             self.ports.append(port_)
             log.info("SMTP listening on {address}", address=str(port_.getHost()))
+        await self._listen_admin()
         self.heartbeat.start(q.heartbeat, now=True)
         self.scheduler.start()
         self.prober.start()
         self.bouncer.start()
         log.info("relayx node {node} started", node=config.node.id)
+
+    async def _listen_admin(self) -> None:
+        config, queue, redis = self.config, self.queue, self.redis
+        assert queue is not None and redis is not None
+
+        def ready() -> str | None:
+            if not redis.connected:
+                return f"Redis at {redis.where} not connected"
+            if not self.ports:
+                return "not listening for SMTP"
+            return None
+
+        site = Site(
+            admin_site(
+                self.metrics,
+                ready=ready,
+                domains=[q for d in config.domains for q in d.queues()],
+                domain_state=lambda domain: queue.domain_state(domain, self.reactor.seconds()),
+                redis_connected=lambda: redis.connected,
+            )
+        )
+        site.noisy = False
+        for description in config.admin.listen:
+            try:
+                port = await serverFromString(self.reactor, description).listen(site)
+            except Exception as e:
+                raise StartupError(f"{config.source}: admin.listen: cannot listen on {description!r}: {e}") from None
+            self.ports.append(port)
+            log.info("metrics and health on {address}", address=str(port.getHost()))
 
     def _filters(self) -> FilterChain | None:
         """

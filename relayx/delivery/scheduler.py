@@ -20,6 +20,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from relayx.interfaces import IDeliverer, IDeliveryQueue, Lease, Outcome, StaleLease, StoreUnavailable, Throttle
+from relayx.metrics import Metrics
 
 log = Logger()
 
@@ -147,6 +148,7 @@ class Scheduler:
     lease_duration: float
     default: Throttle
     throttles: Mapping[str, Throttle] = field(default_factory=dict)
+    metrics: Metrics = field(default_factory=Metrics)
     _active: dict[str, Deferred[None]] = field(default_factory=dict)
     _loop: LoopingCall | None = None
     _wake: IDelayedCall | None = None
@@ -238,8 +240,16 @@ class Scheduler:
             return
         current = keeper.stop()
         if current is None:
+            self.metrics.leases_lost.inc()
             log.warn("job {job}: lease lost during delivery, outcome dropped", job=lease.job_id)
             return
+        m = self.metrics
+        m.delivery_seconds.observe(self.clock.seconds() - started)
+        m.deliveries.labels(result="delivered").inc(len(outcome.delivered))
+        m.deliveries.labels(result="failed").inc(len(outcome.failed))
+        m.deliveries.labels(result="deferred").inc(len(outcome.deferred))
+        if outcome.unreachable:
+            m.deliveries.labels(result="unreachable").inc(len(lease.recipients))
         await self._settle(current, outcome)
         log.info(
             "job {job} of {queue_id} to {domain}: {delivered} delivered, {failed} failed, "

@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 from relayx.address import AddressError, Mailbox, Path, normalize_domain, parse_path
 from relayx.filters import FilterChain
 from relayx.interfaces import IMessageStore, IncomingMessage, IRecipientPolicy, StoreUnavailable
+from relayx.metrics import Metrics
 from relayx.reply import Reply
 from relayx.smtp.tls import ReloadingTLS, describe
 
@@ -456,6 +457,7 @@ class SMTPServerProtocol(Protocol):
                 envelope.recipients.append(mailbox)
         else:
             envelope.rejected += 1
+            self.server.metrics.refuse(verdict.code)
             log.info(
                 "recipient {rcpt} from {peer} rejected: {code} {reply}",
                 rcpt=str(mailbox),
@@ -546,6 +548,7 @@ class SMTPServerProtocol(Protocol):
         # logged with the session's line: one log event per message costs
         # more than the rest of accepting it
         self.session.queued.append(queue_id)
+        self.server.metrics.accepted.inc()
         return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
 
     def _received_header(self, envelope: Envelope, queue_id: str, now: float) -> bytes:
@@ -688,6 +691,7 @@ class SMTPServerFactory(ServerFactory):
         new_queue_id: Callable[[], str],
         tls: ReloadingTLS | None = None,
         filters: FilterChain | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.hostname = normalize_domain(hostname) if "." in hostname else hostname
         self.limits = limits
@@ -697,6 +701,7 @@ class SMTPServerFactory(ServerFactory):
         self.new_queue_id = new_queue_id
         self.tls = tls
         self.filters = filters
+        self.metrics = metrics or Metrics()
         self.sessions: set[SMTPServerProtocol] = set()
         self.per_ip: dict[str, int] = {}
         self.stopping = False
@@ -719,6 +724,7 @@ class SMTPServerFactory(ServerFactory):
             return Reply(421, "4.7.0", f"{self.hostname} Error: too many connections from {ip}")
         self.sessions.add(session)
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        self.metrics.sessions.inc()
         return None
 
     def leave(self, session: SMTPServerProtocol) -> None:

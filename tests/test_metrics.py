@@ -1,0 +1,60 @@
+"""
+Metrics and health over HTTP from a running node.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+
+from twisted.internet.threads import deferToThread
+
+from relayx.redis_server import free_port
+from tests.helpers import LoopbackSink, NodeCase, send, wait_for
+from tests.test_queue_redis import deferred_test
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+class MetricsTests(NodeCase):
+    async def node_with_admin(self, **kw: object) -> int:
+        admin = free_port()
+        sink = LoopbackSink()
+        sink.start()
+        self.sink = sink
+        await self.start_node(sink, admin_listen=[f"tcp:{admin}:interface=127.0.0.1"], **kw)  # type: ignore[arg-type]
+        return admin
+
+    @deferred_test
+    async def test_metrics_count_mail_and_queue(self) -> None:
+        """When mail is accepted, refused and delivered, /metrics counts it and shows the queue per domain."""
+        admin = await self.node_with_admin()
+        assert await send(self.smtp_port, "bob@sender.test", ["a@example.com", "x@elsewhere.test"], b"x\r\n") == {
+            "x@elsewhere.test": (550, b"5.7.1 Relaying denied")
+        }
+        await wait_for(lambda: len(self.sink.messages) == 1, 30, "the delivery")
+        status, text = await deferToThread(get, admin, "/metrics")
+        assert status == 200
+        lines = set(text.splitlines())
+        assert "relayx_messages_accepted_total 1.0" in lines
+        assert 'relayx_smtp_refused_total{reply="5xx"} 1.0' in lines
+        assert 'relayx_delivery_recipients_total{result="delivered"} 1.0' in lines
+        assert 'relayx_queue_jobs{domain="example.com",state="ready"} 0.0' in lines
+        assert "relayx_redis_up 1.0" in lines
+
+    @deferred_test
+    async def test_health_and_readiness(self) -> None:
+        """When Redis is reachable the node is live and ready; when it is not, live but not ready."""
+        admin = await self.node_with_admin()
+        assert await deferToThread(get, admin, "/healthz") == (200, "ok\n")
+        assert await deferToThread(get, admin, "/readyz") == (200, "ready\n")
+        down = await self.node_with_admin(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+        assert await deferToThread(get, down, "/healthz") == (200, "ok\n")
+        status, text = await deferToThread(get, down, "/readyz")
+        assert status == 503 and "Redis" in text
