@@ -23,7 +23,10 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from relayx.address import Mailbox
+from relayx.queue.redis import load_script
 from relayx.reply import Reply
+
+_RATE_SCRIPT = load_script("ratelimit.lua")
 
 log = Logger()
 
@@ -111,9 +114,9 @@ def dns_lookup_a(nameservers: tuple[tuple[str, int], ...], timeout: float) -> Lo
     import dns.exception
     import dns.resolver
 
-    from relayx.delivery.routes import _resolver
+    from relayx.delivery.routes import make_resolver
 
-    resolver = _resolver(nameservers, timeout)
+    resolver = make_resolver(nameservers, timeout)
 
     def lookup(name: str) -> list[str] | None:
         try:
@@ -249,13 +252,11 @@ class RateLimit(Filter):
     _events: int = 0
 
     async def _count(self, kind: str, client: str) -> int:
-        from relayx.queue.redis import load_script
-
         self._events += 1
         now_ms = int(self.clock.seconds() * 1000)
         keys = [f"{self.prefix}:rate:{kind}:{client}"]
         args = [now_ms, int(RATE_WINDOW * 1000), f"{now_ms}:{id(self)}:{self._events}"]
-        return int(await self.redis.script(load_script("ratelimit.lua"), keys, args))
+        return int(await self.redis.script(_RATE_SCRIPT, keys, args))
 
     async def connection(self, client: str) -> Verdict:
         if self.connections_per_minute and await self._count("conn", client) > self.connections_per_minute:

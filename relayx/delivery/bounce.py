@@ -50,15 +50,7 @@ class Bouncer:
             for job in await self.queue.failed(self.batch):
                 await self._bounce(job)
             for job in await self.queue.delayed(self.batch):
-                now = self.clock.seconds()
-                dsn = self.dsn_for(job, now, delayed=True)
-                if await self.queue.warn(job, dsn, now) and dsn is not None:
-                    log.info(
-                        "{queue_id}: delay warning {dsn} to <{sender}>",
-                        queue_id=job.queue_id,
-                        dsn=dsn.queue_id,
-                        sender=job.sender,
-                    )
+                await self._warn(job)
         except StoreUnavailable as e:
             log.warn("DSNs not sent now: {why}", why=str(e))
 
@@ -71,6 +63,17 @@ class Bouncer:
                 queue_id=job.queue_id,
                 count=len(job.failures),
                 what=f"DSN {dsn.queue_id} to <{job.sender}>" if dsn is not None else "no DSN (null sender)",
+            )
+
+    async def _warn(self, job: FailedJob) -> None:
+        now = self.clock.seconds()
+        dsn = self.dsn_for(job, now, delayed=True)
+        if await self.queue.warn(job, dsn, now) and dsn is not None:
+            log.info(
+                "{queue_id}: delay warning {dsn} to <{sender}>",
+                queue_id=job.queue_id,
+                dsn=dsn.queue_id,
+                sender=job.sender,
             )
 
     def dsn_for(self, job: FailedJob, now: float, delayed: bool = False) -> IncomingMessage | None:

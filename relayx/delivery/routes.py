@@ -169,7 +169,7 @@ def dns_lookup_mx(nameservers: tuple[tuple[str, int], ...], timeout: float) -> L
     import dns.exception
     import dns.resolver
 
-    resolver = _resolver(nameservers, timeout)
+    resolver = make_resolver(nameservers, timeout)
 
     def lookup(domain: str) -> tuple[MXRecords, float]:
         try:
@@ -196,7 +196,7 @@ def dns_lookup_addresses(nameservers: tuple[tuple[str, int], ...], timeout: floa
     import dns.exception
     import dns.resolver
 
-    resolver = _resolver(nameservers, timeout)
+    resolver = make_resolver(nameservers, timeout)
 
     def lookup(host: str) -> list[str]:
         try:
@@ -219,7 +219,7 @@ def dns_lookup_addresses(nameservers: tuple[tuple[str, int], ...], timeout: floa
     return lookup_async
 
 
-def _resolver(nameservers: tuple[tuple[str, int], ...], timeout: float) -> Any:
+def make_resolver(nameservers: tuple[tuple[str, int], ...], timeout: float) -> Any:
     import dns.resolver
 
     resolver = dns.resolver.Resolver(configure=not nameservers)

@@ -627,31 +627,34 @@ class RedisQueue:
             )
         return jobs
 
+    def _dsn_args(self, job: FailedJob, dsn: IncomingMessage | None, now: float) -> tuple[str, list[object]]:
+        """
+        The DSN's message key and the arguments bounce.lua and warn.lua share:
+        prefix, jid, now, the DSN's queue id, body, recipient and its domain
+        (empty when no DSN is due).
+        """
+        if dsn is None:
+            return self.key("msg", "-"), [self.prefix, job.job_id, _ms(now), "", b"", "", ""]
+        [recipient] = dsn.recipients
+        args: list[object] = [self.prefix, job.job_id, _ms(now), dsn.queue_id, dsn.body, str(recipient)]
+        return self.key("msg", dsn.queue_id), [*args, recipient.domain]
+
     async def warn(self, job: FailedJob, dsn: IncomingMessage | None, now: float) -> bool:
-        qid = dsn.queue_id if dsn is not None else ""
-        keys = [self.key("delayed"), self.key("seq"), self.key("domains"), self.key("msg", qid or "-")]
-        args: list[object] = [self.prefix, job.job_id, _ms(now), qid, b"", "", ""]
-        if dsn is not None:
-            [recipient] = dsn.recipients
-            args[4:] = [dsn.body, str(recipient), recipient.domain]
+        dsn_key, args = self._dsn_args(job, dsn, now)
+        keys = [self.key("delayed"), self.key("seq"), self.key("domains"), dsn_key]
         return bool(int(await self._write(self._WARN, keys, args, f"delay warning for {job.job_id}", strict=True)))
 
     async def bounce(self, job: FailedJob, dsn: IncomingMessage | None, now: float) -> bool:
-        qid = dsn.queue_id if dsn is not None else ""
+        dsn_key, args = self._dsn_args(job, dsn, now)
         keys = [
             self.key("failed"),
             self.key("job", job.job_id),
             self.key("msg", job.queue_id),
             self.key("seq"),
             self.key("domains"),
-            self.key("msg", qid or "-"),
+            dsn_key,
         ]
-        args: list[object] = [self.prefix, job.job_id, _ms(now), qid, b"", "", ""]
-        if dsn is not None:
-            [recipient] = dsn.recipients
-            args[4:] = [dsn.body, str(recipient), recipient.domain]
-        done = await self._write(self._BOUNCE, keys, args, f"DSN for {job.job_id}", strict=True)
-        return bool(int(done))
+        return bool(int(await self._write(self._BOUNCE, keys, args, f"DSN for {job.job_id}", strict=True)))
 
     # -- routes changed at run time, and the audit log ----------------------
 
