@@ -99,7 +99,7 @@ async def _run(reactor: Any, command: str, options: argparse.Namespace, config: 
             if s.release_rate:
                 print(f"release rate  {s.release_rate:g} msg/s")
         elif command == "hold":
-            await queue.hold(options.domain, now, options.start, options.end)
+            await queue.hold(options.domain, now, options.start, options.end, who=_operator())
             print(f"{options.domain}: held" + (" (scheduled)" if options.start and options.start > now else ""))
         elif command == "route":
             if options.reset == bool(options.routes):
@@ -116,7 +116,7 @@ async def _run(reactor: Any, command: str, options: argparse.Namespace, config: 
                 )
                 print(f"{when}  {record['who']}  {record['action']} {record['domain']}: {routes}")
         elif command == "release":
-            was_held = await queue.release(options.domain, now, options.rate)
+            was_held = await queue.release(options.domain, now, options.rate, who=_operator())
             rate = f" at {options.rate:g} msg/s" if options.rate else ""
             print(f"{options.domain}: released{rate}" if was_held else f"{options.domain}: was not held")
     finally:

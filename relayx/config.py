@@ -170,6 +170,8 @@ class DomainConfig:
     tls_name: str | None = None
     #: dual delivery: destinations that each get a copy of every message, tracked apart
     copy_to: tuple[SMTPRoute, ...] = ()
+    #: this domain's own filtering ([filter] with its [domain.filter] over it), or None: [filter]
+    filter: FilterConfig | None = None
 
     def queues(self) -> list[str]:
         """
@@ -270,10 +272,20 @@ class DeliveryConfig:
     tls_ca_file: Path | None
 
 
+SPF_RESULTS = ("none", "neutral", "pass", "fail", "softfail", "temperror", "permerror")
+SPF_ACTIONS = ("accept", "reject", "tempfail")
+#: RFC 7208 section 8 leaves the action to the receiver; these are the
+#: usual ones: refuse a hard fail, defer a DNS failure, accept the rest
+DEFAULT_SPF_ACTIONS = (("fail", "reject"), ("temperror", "tempfail"))
+#: the [filter] keys a domain may not override: they act before any recipient is known
+CLIENT_LIMITS = ("connections_per_minute", "messages_per_minute")
+
+
 @attrs.frozen
 class FilterConfig:
     """
-    Filtering before the queue, for every domain; all off by default.
+    Filtering before the queue, all off by default: ``[filter]`` for every
+    domain, and a domain's ``[domain.filter]`` over it.
     """
 
     dnsbl: tuple[str, ...] = ()
@@ -285,6 +297,24 @@ class FilterConfig:
     greylist_domains: tuple[str, ...] = ()
     connections_per_minute: int = 0
     messages_per_minute: int = 0
+    spf: bool = False
+    #: (result, action) pairs; results not named are accepted
+    spf_actions: tuple[tuple[str, str], ...] = DEFAULT_SPF_ACTIONS
+    rspamd_url: str | None = None
+    rspamd_timeout: float = 10.0
+    rspamd_fail_open: bool = True
+
+    @property
+    def active(self) -> bool:
+        return bool(
+            self.dnsbl
+            or self.dnswl
+            or self.greylist_delay
+            or self.connections_per_minute
+            or self.messages_per_minute
+            or self.spf
+            or self.rspamd_url
+        )
 
 
 @attrs.frozen
@@ -294,6 +324,8 @@ class AdminConfig:
     """
 
     listen: tuple[str, ...] = ()
+    #: bearer tokens of the admin API by the name audited for changes made with them
+    tokens: tuple[tuple[str, str], ...] = attrs.field(default=(), repr=False)
 
 
 @attrs.frozen
@@ -488,6 +520,78 @@ def _key_prefix(value: object) -> str:
     if not re.match(r"^[A-Za-z0-9_.:-]+$", prefix):
         raise ValueError(f"letters, digits and '_.:-', got {value!r}")
     return prefix
+
+
+def _filter(section: _Section, defaults: FilterConfig) -> FilterConfig:
+    """
+    A filter table, each key given replacing the one of ``defaults``.
+    """
+    d = defaults
+    config = FilterConfig(
+        dnsbl=section.get("dnsbl", d.dnsbl, _zones),
+        dnswl=section.get("dnswl", d.dnswl, _zones),
+        dns_timeout=section.get("dns_timeout", d.dns_timeout, _positive_duration),
+        greylist_delay=section.get("greylist_delay", d.greylist_delay, _duration_or_zero),
+        greylist_expiry=section.get("greylist_expiry", d.greylist_expiry, _positive_duration),
+        greylist_networks=section.get("greylist_networks", d.greylist_networks, _networks),
+        greylist_domains=section.get("greylist_domains", d.greylist_domains, _zones),
+        connections_per_minute=section.get("connections_per_minute", d.connections_per_minute, _count),
+        messages_per_minute=section.get("messages_per_minute", d.messages_per_minute, _count),
+        spf=section.get("spf", d.spf, _boolean),
+        spf_actions=section.get("spf_actions", d.spf_actions, _spf_actions),
+        rspamd_url=section.get("rspamd_url", d.rspamd_url, _http_url),
+        rspamd_timeout=section.get("rspamd_timeout", d.rspamd_timeout, _positive_duration),
+        rspamd_fail_open=section.get(
+            "rspamd_failure", "accept" if d.rspamd_fail_open else "tempfail", _choice("accept", "tempfail")
+        )
+        == "accept",
+    )
+    return config
+
+
+def _domain_filter(domain: _Section, defaults: FilterConfig) -> FilterConfig | None:
+    if "filter" not in domain.table:
+        domain.used.add("filter")
+        return None
+    section = domain.sub("filter")
+    for name in CLIENT_LIMITS:
+        if name in section.table:
+            raise section.fail(name, "this key in [filter] only: client limits act before any recipient is known")
+    config = _filter(section, defaults)
+    section.finish()
+    return config
+
+
+def _spf_actions(value: object) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict):
+        raise ValueError(f'a table such as {{ fail = "reject" }}, got {value!r}')
+    actions = dict(DEFAULT_SPF_ACTIONS)
+    for result, action in value.items():
+        if result not in SPF_RESULTS:
+            raise ValueError(f"SPF results ({', '.join(SPF_RESULTS)}) as keys, got {result!r}")
+        if action not in SPF_ACTIONS:
+            raise ValueError(f"{' or '.join(SPF_ACTIONS)} for {result}, got {action!r}")
+        actions[result] = action
+    return tuple(sorted(actions.items()))
+
+
+def _tokens(value: object) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict):
+        raise ValueError("a table of name = token, such as { ops = '<32 random characters>' }")
+    tokens = []
+    for name, token in value.items():
+        if not isinstance(token, str) or len(token) < 16 or not token.isprintable() or " " in token:
+            raise ValueError(f"a token of at least 16 printable characters without spaces for {name!r}")
+        tokens.append((name, token))
+    return tuple(tokens)
+
+
+def _http_url(value: object) -> str:
+    text = _string(value)
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"an http:// URL such as 'http://127.0.0.1:11333', got {value!r}")
+    return text.rstrip("/")
 
 
 def _domain_name(value: object) -> str:
@@ -726,21 +830,14 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
     delivery.finish()
 
     filters = root.sub("filter")
-    filter_config = FilterConfig(
-        dnsbl=filters.get("dnsbl", (), _zones),
-        dnswl=filters.get("dnswl", (), _zones),
-        dns_timeout=filters.get("dns_timeout", 2.0, _positive_duration),
-        greylist_delay=filters.get("greylist_delay", 0.0, _duration_or_zero),
-        greylist_expiry=filters.get("greylist_expiry", 36 * 3600.0, _positive_duration),
-        greylist_networks=filters.get("greylist_networks", (), _networks),
-        greylist_domains=filters.get("greylist_domains", (), _zones),
-        connections_per_minute=filters.get("connections_per_minute", 0, _count),
-        messages_per_minute=filters.get("messages_per_minute", 0, _count),
-    )
+    filter_config = _filter(filters, FilterConfig())
     filters.finish()
 
     admin = root.sub("admin")
-    admin_config = AdminConfig(listen=admin.get("listen", (), _listen_or_none))
+    admin_config = AdminConfig(
+        listen=admin.get("listen", (), _listen_or_none),
+        tokens=admin.get("tokens", (), _tokens),
+    )
     admin.finish()
 
     root.used.add("domain")
@@ -762,6 +859,7 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
                 tls=section.get("tls", None, _TLS_MODE),
                 tls_name=section.get("tls_name", None, _domain_name),
                 copy_to=section.get("copy_to", (), _copy_routes),
+                filter=_domain_filter(section, filter_config),
             )
         )
         section.finish()

@@ -6,7 +6,8 @@ every implementation of an interface passes one shared test suite.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Mapping, Sequence
+from typing import Any
 
 import attrs
 from zope.interface import Interface
@@ -296,17 +297,52 @@ class IQueueAdmin(Interface):
     nodes and what a domain's queue holds.
     """
 
-    def hold(domain: str, now: float, start: float | None = None, end: float | None = None) -> Awaitable[None]:
+    def hold(
+        domain: str, now: float, start: float | None = None, end: float | None = None, who: str = "relayx"
+    ) -> Awaitable[None]:
         """
         Accept and queue mail for ``domain`` but deliver none: from ``start``
         (default: now) until ``end`` (default: until released). Time held does
-        not count against the retention of the domain's mail.
+        not count against the retention of the domain's mail. Audited as ``who``.
         """
 
-    def release(domain: str, now: float, rate: float = 0.0) -> Awaitable[bool]:
+    def release(domain: str, now: float, rate: float = 0.0, who: str = "relayx") -> Awaitable[bool]:
         """
         End or cancel the hold; with ``rate``, drain the backlog at no more
         than that many messages per second. Returns whether it was held.
+        """
+
+    def flush(queue: str, now: float, who: str) -> Awaitable[int]:
+        """
+        Deliver the queue now: stop waiting for its failing destination and
+        bring its deferred jobs back; returns how many were deferred.
+        """
+
+    def drop(queue_id: str, now: float, who: str, bounce: bool) -> Awaitable[int]:
+        """
+        Delete a message, or bounce it (its undelivered recipients fail and
+        the sender gets a DSN); returns how many jobs it had (0: none such).
+        """
+
+    def requeue(queue_id: str, now: float, who: str) -> Awaitable[int]:
+        """
+        Try a message's deferred recipients, and failed ones not yet
+        bounced, again now; returns how many jobs went back to the queue.
+        """
+
+    def jobs(
+        queues: Sequence[str], search: Mapping[str, object], offset: int, limit: int, now: float
+    ) -> Awaitable[dict[str, Any]]:
+        """
+        A page of the jobs of ``queues`` matching ``search`` (sender,
+        recipient, state, before, after): ``jobs``, with ``total`` matches,
+        matches by state (``states``) and the oldest's arrival (``oldest``, ms).
+        """
+
+    def message(queue_id: str) -> Awaitable[dict[str, Any] | None]:
+        """
+        One message: envelope, header section, and its jobs with their
+        state and last attempts; ``None`` when there is none.
         """
 
     def heartbeat(node: str, now: float, keep: float, info: Mapping[str, str]) -> Awaitable[None]:

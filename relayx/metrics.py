@@ -94,9 +94,12 @@ def admin_site(
     domains: Sequence[str],
     domain_state: Callable[[str], Awaitable[DomainState]],
     redis_connected: Callable[[], bool],
+    api: Resource | None = None,
+    panel: Resource | None = None,
 ) -> Resource:
     """
-    The HTTP tree: ``ready`` says why the node is not ready, or ``None``.
+    The HTTP tree: ``ready`` says why the node is not ready, or ``None``;
+    the admin ``api`` under ``/api`` and the control ``panel`` at ``/``.
     """
 
     async def refresh() -> None:
@@ -115,6 +118,10 @@ def admin_site(
         return (200, b"ready\n") if why is None else (503, f"not ready: {why}\n".encode())
 
     root = Resource()
+    if panel is not None:
+        root.putChild(b"", panel)
+    if api is not None:
+        root.putChild(b"api", api)
     root.putChild(b"healthz", _Text(lambda: (200, b"ok\n")))
     root.putChild(b"readyz", _Text(readiness))
     root.putChild(b"metrics", _MetricsPage(metrics, refresh))

@@ -20,17 +20,31 @@ from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.client import Agent
 from twisted.web.server import Site
 
 from relayx import __version__
-from relayx.config import Config
+from relayx.api import AdminAPI, Cluster
+from relayx.config import Config, FilterConfig
 from relayx.delivery.bounce import Bouncer
 from relayx.delivery.routes import RouteTable, TLSPolicy, dns_lookup_addresses, dns_lookup_mx
 from relayx.delivery.scheduler import Prober, Scheduler
 from relayx.delivery.smtp import SMTPDeliverer, Timeouts
-from relayx.filters import DNSLists, Filter, FilterChain, Greylist, RateLimit, dns_lookup_a
+from relayx.filters import (
+    SPF,
+    DNSLists,
+    Filter,
+    FilterChain,
+    FilterChains,
+    Greylist,
+    RateLimit,
+    Rspamd,
+    SPFCache,
+)
 from relayx.interfaces import StoreUnavailable
+from relayx.lookup import dns_lookup
 from relayx.metrics import Metrics, admin_site
+from relayx.panel import Panel
 from relayx.policy import RecipientPolicy
 from relayx.queue.redis import RedisConnection, RedisQueue, open_redis
 from relayx.redis_server import EmbeddedRedis
@@ -245,6 +259,20 @@ class RelayNode(Service):
                 domains=[q for d in config.domains for q in d.queues()],
                 domain_state=lambda domain: queue.domain_state(domain, self.reactor.seconds()),
                 redis_connected=lambda: redis.connected,
+                api=AdminAPI(
+                    queue=queue,
+                    domains=config.domains,
+                    tokens=config.admin.tokens,
+                    clock=self.reactor,
+                    cluster=Cluster(
+                        node_id=config.node.id,
+                        durability=config.redis.durability,
+                        redis_where=redis.where,
+                        redis_connected=lambda: redis.connected,
+                        node_silence=NODE_SILENCE * config.queue.heartbeat,
+                    ),
+                ),
+                panel=Panel(),
             )
         )
         site.noisy = False
@@ -254,13 +282,26 @@ class RelayNode(Service):
             except Exception as e:
                 raise StartupError(f"{config.source}: admin.listen: cannot listen on {description!r}: {e}") from None
             self.ports.append(port)
-            log.info("metrics and health on {address}", address=str(port.getHost()))
+            log.info("admin API, panel, metrics and health on {address}", address=str(port.getHost()))
 
-    def _filters(self) -> FilterChain | None:
+    def _filters(self) -> FilterChains | None:
         """
-        The filter chain [filter] asks for, or ``None`` when it asks for none.
+        The filter chains [filter] and the domains' [domain.filter] ask
+        for, or ``None`` when they ask for none.
         """
-        f, reactor = self.config.filter, self.reactor
+        config = self.config
+        own = {d.name: d.filter for d in config.domains if d.filter is not None}
+        if not config.filter.active and not any(f.active for f in own.values()):
+            return None
+        spf_cache = SPFCache(dns_lookup(config.delivery.nameservers, config.filter.dns_timeout), self.reactor)
+        agent = Agent(self.reactor)
+        return FilterChains(
+            default=self._chain(config.filter, spf_cache, agent),
+            domains={name: self._chain(f, spf_cache, agent) for name, f in own.items()},
+        )
+
+    def _chain(self, f: FilterConfig, spf_cache: SPFCache, agent: Agent) -> FilterChain:
+        reactor = self.reactor
         assert self.queue is not None
         chain: list[Filter] = []
         if f.connections_per_minute or f.messages_per_minute:
@@ -274,8 +315,10 @@ class RelayNode(Service):
                 )
             )
         if f.dnsbl or f.dnswl:
-            lookup = dns_lookup_a(self.config.delivery.nameservers, f.dns_timeout)
+            lookup = dns_lookup(self.config.delivery.nameservers, f.dns_timeout)
             chain.append(DNSLists(f.dnsbl, f.dnswl, lookup, reactor))
+        if f.spf:
+            chain.append(SPF(spf_cache, self.config.node.hostname, dict(f.spf_actions)))
         if f.greylist_delay:
             chain.append(
                 Greylist(
@@ -288,7 +331,18 @@ class RelayNode(Service):
                     domains=frozenset(f.greylist_domains),
                 )
             )
-        return FilterChain(chain) if chain else None
+        if f.rspamd_url:
+            chain.append(
+                Rspamd(
+                    f.rspamd_url,
+                    f.rspamd_timeout,
+                    f.rspamd_fail_open,
+                    reactor,
+                    agent,
+                    self.config.node.hostname,
+                )
+            )
+        return FilterChain(chain)
 
     def _heartbeat(self) -> Deferred[None]:
         async def beat() -> None:

@@ -57,3 +57,7 @@ def mx(preference: int, host: str) -> Any:
 
 def a(address: str) -> Any:
     return dns.Record_A(address)
+
+
+def txt(*strings: str) -> Any:
+    return dns.Record_TXT(*(s.encode() for s in strings))

@@ -189,6 +189,7 @@ class NodeCase(TestCase):
         key_prefix: str | None = None,
         node_id: str = "node-a",
         admin_listen: list[str] | None = None,
+        admin_tokens: dict[str, str] | None = None,
         **queue: Any,
     ) -> RelayNode:
         port = free_port()
@@ -201,7 +202,7 @@ class NodeCase(TestCase):
                 "timeout": "2s",
             },
             "filter": filters or {},
-            "admin": {"listen": admin_listen or []},
+            "admin": {"listen": admin_listen or [], "tokens": admin_tokens or {}},
             "queue": {"retry_schedule": ["1s"], "poll_interval": "100ms", "lease": "10s", **queue},
             "delivery": {"connect_timeout": "2s", "command_timeout": "10s", **(delivery or {})},
             "domain": [

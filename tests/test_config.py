@@ -93,6 +93,13 @@ def test_recipient_file_and_overrides(tmp_path: Path) -> None:
         (MINIMAL.replace("Example.COM", "not a domain"), "domain[0].name: expected a domain name"),
         (MINIMAL + MINIMAL, "domain[1].name: expected each domain once"),
         ("[node\n", "relayx.toml: not valid TOML"),
+        ("[filter]\nspf_actions = { fial = 'reject' }\n" + MINIMAL, "filter.spf_actions: expected SPF results"),
+        ("[filter]\nspf_actions = { fail = 'bounce' }\n" + MINIMAL, "filter.spf_actions: expected accept or reject"),
+        ("[filter]\nrspamd_url = '127.0.0.1:11333'\n" + MINIMAL, "filter.rspamd_url: expected an http:// URL"),
+        ("[filter]\nrspamd_failure = 'open'\n" + MINIMAL, "filter.rspamd_failure: expected one of"),
+        (MINIMAL + "filter = { messages_per_minute = 5 }\n", "domain[0].filter.messages_per_minute: expected this"),
+        (MINIMAL + "filter = { dnsbl = 'zen' }\n", "domain[0].filter.dnsbl: expected a list of strings"),
+        (MINIMAL + "filter = { spam = true }\n", "domain[0].filter.spam: unknown key"),
     ],
 )
 def test_bad_values_name_file_and_key(tmp_path: Path, text: str, message: str) -> None:
@@ -102,6 +109,18 @@ def test_bad_values_name_file_and_key(tmp_path: Path, text: str, message: str) -
     text_of_error = str(caught.value)
     assert message in text_of_error
     assert "\n" not in text_of_error
+
+
+def test_domain_filter_over_defaults(tmp_path: Path) -> None:
+    """When a domain has a filter table, its keys replace [filter]'s and the rest are inherited."""
+    text = "[filter]\nspf = true\ndnsbl = ['bl.example']\nmessages_per_minute = 9\n" + MINIMAL
+    text += "filter = { dnsbl = [], rspamd_url = 'http://127.0.0.1:11333/', spf_actions = { softfail = 'tempfail' } }\n"
+    config = load(write(tmp_path, text))
+    own = config.domains[0].filter
+    assert own is not None and own.spf and own.dnsbl == () and own.rspamd_url == "http://127.0.0.1:11333"
+    assert dict(own.spf_actions) == {"fail": "reject", "temperror": "tempfail", "softfail": "tempfail"}
+    assert own.messages_per_minute == 9 and own.rspamd_fail_open
+    assert load(write(tmp_path, MINIMAL)).domains[0].filter is None
 
 
 def test_missing_file() -> None:

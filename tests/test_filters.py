@@ -14,10 +14,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
 from relayx.address import Mailbox
-from relayx.filters import ALLOW, Filter, FilterChain, Verdict, reversed_ip
+from relayx.filters import ALLOW, AddHeaders, Client, Decision, Filter, FilterChain, Verdict, reversed_ip
+from relayx.redis_server import free_port
 from relayx.reply import Reply
-from tests.dns import LoopbackDNS, a
-from tests.helpers import LoopbackSink, NodeCase, unique_prefix
+from tests.dns import LoopbackDNS, a, txt
+from tests.helpers import LoopbackSink, NodeCase, send, unique_prefix, wait_for
 from tests.test_queue_redis import deferred_test
 
 REFUSED = Reply(554, "5.7.1", "no")
@@ -27,32 +28,41 @@ class Fixed(Filter):
     def __init__(self, verdict: Verdict | Exception, calls: list[str], name: str) -> None:
         self.verdict, self.calls, self.name = verdict, calls, name
 
-    async def recipient(self, client: str, sender: str, recipient: Mailbox) -> Verdict:
+    async def recipient(self, client: Client, sender: str, recipient: Mailbox) -> Verdict:
         self.calls.append(self.name)
         if isinstance(self.verdict, Exception):
             raise self.verdict
         return self.verdict
 
 
-def run_chain(*filters: Filter) -> Reply | None:
-    result: list[Reply | None] = []
+def run_chain(*filters: Filter) -> Decision:
+    result: list[Decision] = []
     chain = FilterChain(filters)
-    Deferred.fromCoroutine(chain.recipient("192.0.2.1", "a@b.test", Mailbox.parse("x@y.test"))).addCallback(
-        result.append
-    )
+    client = Client("192.0.2.1", "client.test")
+    Deferred.fromCoroutine(chain.recipient(client, "a@b.test", Mailbox.parse("x@y.test"))).addCallback(result.append)
     return result[0]
 
 
 def test_chain_order_allow_and_failure() -> None:
     """When filters run, the first reply decides, ALLOW ends the chain, and a failing filter is skipped."""
     calls: list[str] = []
-    assert run_chain(Fixed(None, calls, "a"), Fixed(REFUSED, calls, "b"), Fixed(None, calls, "c")) == REFUSED
+    assert run_chain(Fixed(None, calls, "a"), Fixed(REFUSED, calls, "b"), Fixed(None, calls, "c")).reply == REFUSED
     assert calls == ["a", "b"]
     calls.clear()
-    assert run_chain(Fixed(ALLOW, calls, "a"), Fixed(REFUSED, calls, "b")) is None
+    assert run_chain(Fixed(ALLOW, calls, "a"), Fixed(REFUSED, calls, "b")) == Decision()
     assert calls == ["a"]
     calls.clear()
-    assert run_chain(Fixed(RuntimeError("dns down"), calls, "a"), Fixed(REFUSED, calls, "b")) == REFUSED
+    assert run_chain(Fixed(RuntimeError("dns down"), calls, "a"), Fixed(REFUSED, calls, "b")).reply == REFUSED
+
+
+def test_chain_collects_headers() -> None:
+    """When filters ask for header lines and then one allows or refuses, the lines so far are kept, each once."""
+    calls: list[str] = []
+    spf = AddHeaders(("Received-SPF: pass",))
+    score = AddHeaders(("X-Rspamd-Score: 1.00 / 15.00", "Received-SPF: pass"))
+    decision = run_chain(Fixed(spf, calls, "a"), Fixed(score, calls, "b"), Fixed(ALLOW, calls, "c"))
+    assert decision == Decision(None, ("Received-SPF: pass", "X-Rspamd-Score: 1.00 / 15.00"))
+    assert run_chain(Fixed(spf, calls, "a"), Fixed(REFUSED, calls, "b")) == Decision(REFUSED, ("Received-SPF: pass",))
 
 
 def test_reversed_ip() -> None:
@@ -143,3 +153,53 @@ class FilterTests(NodeCase):
         codes = [(await deferToThread(rcpt, port, "a@example.com")) for port in (port_a, port_a, port_b, port_b)]
         assert [c for c, _ in codes] == [250, 250, 250, 450]
         assert codes[3][1].startswith(b"4.7.1")
+
+    @deferred_test
+    async def test_domain_has_its_own_chain(self) -> None:
+        """When a domain has its own [domain.filter], its recipients get it and other domains get [filter]."""
+        dns = await self.dns({"bl.test": {"1.0.0.127.bl.test": [a("127.0.0.2")]}})
+        sink = LoopbackSink()
+        strict = {"name": "strict.test", "routes": [f"smtp://127.0.0.1:{sink.port}"], "recipients": "any"}
+        await self.start_node(
+            sink,
+            delivery={"nameservers": [dns.address]},
+            domains=[{**strict, "filter": {"dnsbl": ["bl.test"]}}],
+        )
+        code, text = await deferToThread(rcpt, self.smtp_port, "a@strict.test")
+        assert code == 554 and b"bl.test" in text
+        assert (await deferToThread(rcpt, self.smtp_port, "a@example.com"))[0] == 250
+
+    @deferred_test
+    async def test_spf_fail_refused_and_pass_recorded(self) -> None:
+        """When SPF fails for the sender's domain, RCPT gets 550 5.7.23; when it passes, the delivered message
+        carries Received-SPF and Authentication-Results."""
+        dns = await self.dns(
+            {
+                "good.test": {"good.test": [txt("v=spf1 ip4:127.0.0.0/8 -all")]},
+                "bad.test": {"bad.test": [txt("v=spf1 ip4:192.0.2.1 -all")]},
+            }
+        )
+        sink = LoopbackSink()
+        sink.start()
+        await self.start_node(sink, delivery={"nameservers": [dns.address]}, filters={"spf": True})
+        code, text = await deferToThread(rcpt, self.smtp_port, "a@example.com", "eve@bad.test")
+        assert code == 550 and text.startswith(b"5.7.23")
+        result = await send(self.smtp_port, "bob@good.test", ["a@example.com"], b"Subject: hi\r\n\r\nhello\r\n")
+        assert result == {}
+        await wait_for(lambda: len(sink.messages) == 1, 20, "delivery")
+        body = sink.messages[0].body
+        assert b"Received-SPF: pass (mx2.relayx.test: domain of bob@good.test designates 127.0.0.1" in body
+        assert b"Authentication-Results: mx2.relayx.test; spf=pass smtp.mailfrom=bob@good.test" in body
+        # the headers follow relayx's Received: line, ahead of the message's own
+        assert body.index(b"Received:") < body.index(b"Received-SPF:") < body.index(b"Subject: hi")
+
+    @deferred_test
+    async def test_rspamd_unreachable_fails_open_or_closed(self) -> None:
+        """When rspamd does not answer, the message is accepted by default and deferred with 451 when failing closed."""
+        closed = free_port()  # nothing listens there
+        sink = LoopbackSink()
+        await self.start_node(sink, filters={"rspamd_url": f"http://127.0.0.1:{closed}", "rspamd_timeout": "2s"})
+        assert await send(self.smtp_port, "bob@sender.test", ["a@example.com"], b"Subject: x\r\n\r\nx\r\n") == {}
+        await self.start_node(sink, filters={"rspamd_url": f"http://127.0.0.1:{closed}", "rspamd_failure": "tempfail"})
+        result = await send(self.smtp_port, "bob@sender.test", ["a@example.com"], b"Subject: x\r\n\r\nx\r\n")
+        assert result.smtp_code == 451 and result.smtp_error.startswith(b"4.7.1")

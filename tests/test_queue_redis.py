@@ -402,3 +402,75 @@ class RecipientCacheContract(QueueCase):
             await cache.remember("b@one.test", True, T0 + 1, 3600)
             assert await cache.recall("a@one.test") == (False, T0)
             assert await cache.recall("b@one.test") == (True, T0 + 1)
+
+
+class OperatorTests(QueueCase):
+    """
+    What an operator does through the admin API, at the queue: search,
+    one message's view, flush, requeue, delete, bounce, and the audit log.
+    """
+
+    @deferred_test
+    async def test_search_and_message_view(self) -> None:
+        """When jobs are searched, they come by state, sender, recipient and age, a page at a time, oldest first."""
+        q = await self.make_queue()
+        await q.hold("one.test", T0)
+        for n in range(5):
+            await q.enqueue(message(f"M{n}", f"u{n}@one.test", sender=f"s{n % 2}@sender.test", at=T0 + n))
+        await q.enqueue(message("T", "a@two.test", at=T0 + 10))
+        page = await q.jobs(["one.test", "two.test"], {}, 0, 2, T0 + 20)
+        assert page["total"] == 6 and page["states"] == {"held": 5, "ready": 1} and page["oldest"] == T0 * 1000
+        assert [j["qid"] for j in page["jobs"]] == ["M0", "M1"]
+        assert (await q.jobs(["one.test", "two.test"], {}, 4, 10, T0 + 20))["jobs"][-1]["qid"] == "T"
+        by_sender = await q.jobs(["one.test"], {"sender": "S1@"}, 0, 10, T0 + 20)
+        assert [j["qid"] for j in by_sender["jobs"]] == ["M1", "M3"]
+        assert [j["qid"] for j in (await q.jobs(["one.test"], {"recipient": "u4@"}, 0, 10, T0))["jobs"]] == ["M4"]
+        old = await q.jobs(["one.test"], {"before": int((T0 + 2) * 1000)}, 0, 10, T0 + 20)
+        assert [j["qid"] for j in old["jobs"]] == ["M0", "M1"]
+        assert (await q.jobs(["one.test"], {"state": "ready"}, 0, 10, T0))["total"] == 0
+        view = await q.message("M2")
+        assert view is not None and view["sender"] == "s0@sender.test"
+        assert view["header"].startswith("Subject:") and view["jobs"][0]["state"] == "held"
+        assert view["jobs"][0]["owed"] == ["u2@one.test"] and view["jobs"][0]["history"] == []
+        assert await q.message("NOPE") is None
+
+    @deferred_test
+    async def test_flush_and_requeue(self) -> None:
+        """When a domain waits for its failing destination, flush ends the wait; requeue retries a deferred job now."""
+        q = await self.make_queue()
+        await q.enqueue(message("M", "a@one.test", "b@one.test"))
+        [lease] = await take(q, "n", T0, 10)
+        deferred = (("b@one.test", Reply(452, "4.2.2", "mailbox full")),)
+        await q.settle(lease, Outcome(delivered=("a@one.test",), deferred=deferred), T0 + 1)
+        assert await take(q, "n", T0 + 2, 10) == []
+        view = await q.message("M")
+        assert view is not None and view["jobs"][0]["state"] == "deferred"
+        assert view["jobs"][0]["history"][0][1] == "452 4.2.2 mailbox full"
+        assert await q.requeue("M", T0 + 2, "ops") == 1
+        [again] = await take(q, "n", T0 + 2, 10)
+        assert again.recipients == ("b@one.test",)
+        await q.settle(again, Outcome(unreachable="connection refused"), T0 + 3)
+        assert await take(q, "n", T0 + 4, 10) == []
+        assert await q.flush("one.test", T0 + 4, "ops") == 0
+        [flushed] = await take(q, "n", T0 + 4, 10)
+        assert flushed.queue_id == "M"
+        actions = [(r["action"], r["who"]) for r in await q.audit(10)]
+        assert actions == [("flush", "ops"), ("requeue", "ops")]
+
+    @deferred_test
+    async def test_delete_and_bounce(self) -> None:
+        """When a message is deleted it is gone; when bounced, its owed recipients wait for their DSN as failed."""
+        q = await self.make_queue()
+        await q.hold("one.test", T0, who="ops")
+        await q.enqueue(message("D", "a@one.test"))
+        await q.enqueue(message("B", "b@one.test", "c@two.test"))
+        assert await q.drop("D", T0 + 1, "ops", bounce=False) == 1
+        assert await q.message("D") is None and await q.drop("D", T0 + 1, "ops", bounce=False) == 0
+        assert await q.drop("B", T0 + 2, "ops", bounce=True) == 2
+        [failed] = [j for j in await q.failed(10) if j.job_id == "B.1"]
+        assert failed.failures[0][:3] == ("b@one.test", 0, "5.0.0")
+        assert (await q.jobs(["one.test", "two.test"], {}, 0, 10, T0 + 3))["states"] == {"failed": 2}
+        assert await q.release("one.test", T0 + 3, who="ops") is True
+        assert await take(q, "n", T0 + 4, 10) == []
+        actions = [r["action"] for r in await q.audit(10)]
+        assert actions == ["release", "bounce", "delete", "hold"]

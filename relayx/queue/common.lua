@@ -55,7 +55,7 @@ local function enqueue_message(prefix, seq_key, domains_key, msg_key, qid, now, 
     return redis.error_reply('DUPLICATE queue id ' .. qid)
   end
   local njobs = #pairs / 2
-  redis.call('HSET', msg_key, 'sender', sender, 'body', body, 'received', now, 'jobs', njobs)
+  redis.call('HSET', msg_key, 'sender', sender, 'body', body, 'received', now, 'jobs', njobs, 'njobs', njobs)
   for i = 1, njobs do
     local domain, rcpts = pairs[2 * i - 1], pairs[2 * i]
     local jid = qid .. '.' .. i
@@ -68,4 +68,24 @@ local function enqueue_message(prefix, seq_key, domains_key, msg_key, qid, now, 
     redis.call('SADD', domains_key, domain)
   end
   return njobs
+end
+
+-- Record an operator's change (a JSON object) in the audit log, newest first,
+-- keeping the newest `keep`. Every script that changes what an operator can
+-- change calls this in the same step, so no change goes unrecorded.
+local function audit(key, record, keep)
+  redis.call('LPUSH', key, record)
+  redis.call('LTRIM', key, 0, tonumber(keep) - 1)
+end
+
+-- The job hashes of a message: <qid>.1 to <qid>.<n> as enqueue_message numbered
+-- them; those already done are gone.
+local function message_jobs(prefix, qid)
+  local jobs = {}
+  local total = tonumber(redis.call('HGET', prefix .. ':msg:' .. qid, 'njobs') or '100')
+  for i = 1, total do
+    local jid = qid .. '.' .. i
+    if redis.call('EXISTS', prefix .. ':job:' .. jid) == 1 then jobs[#jobs + 1] = jid end
+  end
+  return jobs
 end

@@ -14,7 +14,7 @@ import functools
 import hashlib
 import json
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from importlib.resources import files
 from typing import Any
 
@@ -77,6 +77,17 @@ def _ms(seconds: float) -> int:
 
 def _text(value: object) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _lists(job: dict[str, Any]) -> dict[str, Any]:
+    """
+    A job from a script's JSON answer, with its empty lists as lists: Lua's
+    cjson cannot tell an empty array from an empty object.
+    """
+    for name in ("rcpts", "owed", "failed", "history"):
+        if job.get(name) == {}:
+            job[name] = []
+    return job
 
 
 def _throttle(t: Throttle) -> str:
@@ -306,6 +317,11 @@ class RedisQueue:
     _BOUNCE = load_script("bounce.lua", prelude=True)
     _REROUTE = load_script("reroute.lua")
     _WARN = load_script("warn.lua", prelude=True)
+    _FLUSH = load_script("flush.lua", prelude=True)
+    _DROP = load_script("drop.lua", prelude=True)
+    _REQUEUE = load_script("requeue.lua", prelude=True)
+    _JOBS = load_script("jobs.lua")
+    _MESSAGE = load_script("message.lua", prelude=True)
 
     def __init__(
         self,
@@ -513,14 +529,79 @@ class RedisQueue:
 
     # -- operations (IQueueAdmin) ------------------------------------------
 
-    async def hold(self, domain: str, now: float, start: float | None = None, end: float | None = None) -> None:
-        keys = [self.key("dom", domain), self.key("held")]
-        args = [_ms(now), _ms(start or 0), _ms(end or 0), domain]
-        await self.redis.script(self._HOLD, keys, args)
+    def _audit_record(self, now: float, who: str, action: str, **what: object) -> str:
+        return json.dumps({"at": _ms(now), "who": who, "action": action, **what})
 
-    async def release(self, domain: str, now: float, rate: float = 0.0) -> bool:
-        keys = [self.key("dom", domain), self.key("held")]
-        return bool(int(await self.redis.script(self._RELEASE, keys, [_ms(now), rate, domain])))
+    async def hold(
+        self, domain: str, now: float, start: float | None = None, end: float | None = None, who: str = "relayx"
+    ) -> None:
+        keys = [self.key("dom", domain), self.key("held"), self.key("audit")]
+        record = self._audit_record(now, who, "hold", domain=domain, start=_ms(start or 0), end=_ms(end or 0))
+        args = [_ms(now), _ms(start or 0), _ms(end or 0), domain, record, AUDIT_KEPT]
+        await self._write(self._HOLD, keys, args, f"hold of {domain}", strict=True)
+
+    async def release(self, domain: str, now: float, rate: float = 0.0, who: str = "relayx") -> bool:
+        keys = [self.key("dom", domain), self.key("held"), self.key("audit")]
+        record = self._audit_record(now, who, "release", domain=domain, rate=rate)
+        args = [_ms(now), rate, domain, record, AUDIT_KEPT]
+        return bool(int(await self._write(self._RELEASE, keys, args, f"release of {domain}", strict=True)))
+
+    async def flush(self, queue: str, now: float, who: str) -> int:
+        keys = [
+            self.key("dom", queue),
+            self.key("paused"),
+            self.key("deferred"),
+            self.key("ready", queue),
+            self.key("domains"),
+            self.key("audit"),
+        ]
+        args = [self.prefix, queue, self._audit_record(now, who, "flush", domain=queue), AUDIT_KEPT]
+        return int(await self._write(self._FLUSH, keys, args, f"flush of {queue}", strict=True))
+
+    async def drop(self, queue_id: str, now: float, who: str, bounce: bool) -> int:
+        action = "bounce" if bounce else "delete"
+        keys = [
+            self.key("msg", queue_id),
+            self.key("leased"),
+            self.key("deferred"),
+            self.key("failed"),
+            self.key("delayed"),
+            self.key("audit"),
+        ]
+        record = self._audit_record(now, who, action, queue_id=queue_id)
+        args = [self.prefix, queue_id, _ms(now), action, record, AUDIT_KEPT]
+        return int(await self._write(self._DROP, keys, args, f"{action} of {queue_id}", strict=True))
+
+    async def requeue(self, queue_id: str, now: float, who: str) -> int:
+        keys = [
+            self.key("msg", queue_id),
+            self.key("deferred"),
+            self.key("failed"),
+            self.key("domains"),
+            self.key("audit"),
+        ]
+        record = self._audit_record(now, who, "requeue", queue_id=queue_id)
+        args = [self.prefix, queue_id, record, AUDIT_KEPT]
+        return int(await self._write(self._REQUEUE, keys, args, f"requeue of {queue_id}", strict=True))
+
+    async def jobs(
+        self, queues: Sequence[str], search: Mapping[str, object], offset: int, limit: int, now: float
+    ) -> dict[str, Any]:
+        keys = [self.key("deferred"), self.key("failed")]
+        args = [self.prefix, json.dumps(list(queues)), json.dumps(dict(search)), offset, limit, _ms(now)]
+        answer: dict[str, Any] = json.loads(_text(await self.redis.script(self._JOBS, keys, args)))
+        answer["jobs"] = [_lists(job) for job in answer["jobs"] or []]
+        answer["states"] = dict(answer["states"] or {})
+        return answer
+
+    async def message(self, queue_id: str) -> dict[str, Any] | None:
+        keys = [self.key("msg", queue_id), self.key("deferred"), self.key("failed"), self.key("leased")]
+        answer = _text(await self.redis.script(self._MESSAGE, keys, [self.prefix, queue_id]))
+        if not answer:
+            return None
+        found: dict[str, Any] = json.loads(answer)
+        found["jobs"] = [_lists(job) for job in found["jobs"] or []]
+        return found
 
     async def heartbeat(self, node: str, now: float, keep: float, info: Mapping[str, str]) -> None:
         keys = [self.key("nodes"), self.key("node", node)]

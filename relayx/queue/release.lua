@@ -2,9 +2,12 @@
 --
 -- KEYS[1]  <p>:dom:<domain>
 -- KEYS[2]  <p>:held
+-- KEYS[3]  <p>:audit
 -- ARGV[1]  now (ms)
 -- ARGV[2]  release rate, messages/s while the backlog drains (0: the domain's own)
 -- ARGV[3]  domain
+-- ARGV[4]  the audit record (JSON)
+-- ARGV[5]  how many audit records to keep
 --
 -- Invariant: as in common.lua; the time held so far is added to held_ms once.
 
@@ -14,5 +17,6 @@ redis.call('HSET', KEYS[1], 'held', 0, 'held_ms', total)
 redis.call('HDEL', KEYS[1], 'held_since', 'hold_start', 'hold_end', 'tokens', 'tokens_at')
 if rate > 0 then redis.call('HSET', KEYS[1], 'release_rate', rate) else redis.call('HDEL', KEYS[1], 'release_rate') end
 redis.call('SREM', KEYS[2], ARGV[3])
+audit(KEYS[3], ARGV[4], ARGV[5])
 if held then return 1 end
 return 0

@@ -44,6 +44,14 @@ redis.call('ZREM', KEYS[2], jid)
 redis.call('ZREM', KEYS[3], jid)
 redis.call('HSET', KEYS[1], 'token', 0, 'owner', '')
 
+-- the job's last attempts that did not end it, for an operator's message view
+local function remember(what)
+  local history = cjson.decode(redis.call('HGET', KEYS[1], 'history') or '[]')
+  history[#history + 1] = {now, what}
+  if #history > 10 then table.remove(history, 1) end
+  redis.call('HSET', KEYS[1], 'history', cjson.encode(history))
+end
+
 -- the destination answered: it is up, whatever it said about these recipients
 local function destination_up()
   if redis.call('HEXISTS', KEYS[8], 'failures') == 1 then
@@ -120,6 +128,7 @@ if unreachable ~= '' then
   redis.call('HDEL', KEYS[8], 'recovered_at')
   redis.call('ZADD', KEYS[10], until_ms, domain)
   redis.call('HSET', KEYS[1], 'error', unreachable)
+  remember('unreachable: ' .. unreachable)
   redis.call('ZADD', KEYS[6], redis.call('HGET', KEYS[1], 'seq'), jid)
   redis.call('SADD', KEYS[7], domain)
   -- jobs at the head of the queue that outlived their retention fail now
@@ -148,6 +157,7 @@ local deferred = cjson.decode(ARGV[6])
 local why = 'deferred'
 if #deferred > 0 then why = deferred[1][2] .. ' ' .. deferred[1][3] .. ' ' .. deferred[1][4] end
 redis.call('HSET', KEYS[1], 'error', why)
+remember(why)
 if expired(KEYS[1]) then
   return expire(KEYS[1], jid, owed, failed, why)
 end

@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relayx.address import AddressError, Mailbox, Path, normalize_domain, parse_path
-from relayx.filters import FilterChain
+from relayx.filters import Client, FilterChains
 from relayx.interfaces import IMessageStore, IncomingMessage, IRecipientPolicy, StoreUnavailable
 from relayx.metrics import Metrics
 from relayx.reply import Reply
@@ -104,6 +104,11 @@ class Envelope:
     #: the message so far when it comes in BDAT chunks (RFC 3030)
     chunks: bytearray | None = None
     overflow: bool = False
+    #: header lines the filters asked for (an SPF result, a spam score)
+    headers: list[str] = attrs.field(factory=list)
+
+    def add_headers(self, lines: tuple[str, ...]) -> None:
+        self.headers += [line for line in lines if line not in self.headers]
 
 
 @attrs.define
@@ -182,8 +187,11 @@ class SMTPServerProtocol(Protocol):
     def _banner(self) -> Reply:
         return Reply(220, "", f"{self.server.hostname} ESMTP relayx")
 
-    async def _greeting(self, filters: FilterChain) -> Reply:
-        return await filters.connection(self.session.peer_ip) or self._banner()
+    async def _greeting(self, filters: FilterChains) -> Reply:
+        return (await filters.default.connection(self.session.peer_ip)).reply or self._banner()
+
+    def _client(self) -> Client:
+        return Client(ip=self.session.peer_ip, helo=self.session.helo or "")
 
     def connectionLost(self, reason: Failure = _LOST) -> None:
         self._closing = True
@@ -420,10 +428,11 @@ class SMTPServerProtocol(Protocol):
         self._reply(MAIL_OK)
         return None
 
-    async def _mail_checked(self, filters: FilterChain, envelope: Envelope) -> Reply:
-        verdict = await filters.mail(self.session.peer_ip, str(envelope.sender))
-        if verdict is not None:
-            return verdict
+    async def _mail_checked(self, filters: FilterChains, envelope: Envelope) -> Reply:
+        decision = await filters.default.mail(self._client(), str(envelope.sender))
+        if decision.reply is not None:
+            return decision.reply
+        envelope.add_headers(decision.headers)
         self.envelope = envelope
         return MAIL_OK
 
@@ -451,7 +460,11 @@ class SMTPServerProtocol(Protocol):
         verdict = await self.server.policy.check(mailbox)
         filters = self.server.filters
         if verdict.positive and filters is not None:
-            verdict = await filters.recipient(self.session.peer_ip, str(envelope.sender), mailbox) or verdict
+            chain = filters.for_recipient(mailbox)
+            decision = await chain.recipient(self._client(), str(envelope.sender), mailbox)
+            if decision.reply is None:
+                envelope.add_headers(decision.headers)
+            verdict = decision.reply or verdict
         if verdict.positive:
             if mailbox not in envelope.recipients:
                 envelope.recipients.append(mailbox)
@@ -533,6 +546,12 @@ class SMTPServerProtocol(Protocol):
         now = factory.clock.seconds()
         queue_id = factory.new_queue_id()
         header = self._received_header(envelope, queue_id, now)
+        if factory.filters is not None:
+            refusal = await self._check_message(factory.filters, envelope, header + content)
+            if refusal is not None:
+                return refusal
+        if envelope.headers:
+            header += "".join(f"{line}\r\n" for line in envelope.headers).encode()
         message = IncomingMessage(
             queue_id=queue_id,
             sender=str(envelope.sender),
@@ -550,6 +569,24 @@ class SMTPServerProtocol(Protocol):
         self.session.queued.append(queue_id)
         self.server.metrics.accepted.inc()
         return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+    async def _check_message(self, filters: FilterChains, envelope: Envelope, content: bytes) -> Reply | None:
+        """
+        The end-of-DATA filters (a content scanner): a refusal, or ``None``
+        with their header lines added to the envelope's.
+        """
+        decision = await filters.message(self._client(), str(envelope.sender), envelope.recipients, content)
+        if decision.reply is None:
+            envelope.add_headers(decision.headers)
+            return None
+        self.server.metrics.refuse(decision.reply.code)
+        log.info(
+            "message from {peer} refused after DATA: {code} {reply}",
+            peer=self.session.peer_ip,
+            code=decision.reply.code,
+            reply=decision.reply.text,
+        )
+        return decision.reply
 
     def _received_header(self, envelope: Envelope, queue_id: str, now: float) -> bytes:
         protocol = ("UTF8SMTP" if envelope.utf8 else "ESMTP") if self.session.esmtp else "SMTP"
@@ -690,7 +727,7 @@ class SMTPServerFactory(ServerFactory):
         clock: IReactorTime,
         new_queue_id: Callable[[], str],
         tls: ReloadingTLS | None = None,
-        filters: FilterChain | None = None,
+        filters: FilterChains | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.hostname = normalize_domain(hostname) if "." in hostname else hostname

@@ -1,0 +1,354 @@
+"""
+The admin HTTP API (JSON over twisted.web), served by every node on
+``[admin] listen`` under ``/api/v1/``, for ``relayctl`` and the control panel.
+
+Every request carries ``Authorization: Bearer <token>``; a token is one of
+``[admin] tokens``, compared in constant time, and its name is what the
+audit log records for each change (with the client's address). Changes go
+through the queue's Lua scripts, which write the audit record in the same
+step as the change.
+
+    GET    /api/v1/cluster                      nodes, Redis, durability
+    GET    /api/v1/domains                      one summary per configured domain
+    GET    /api/v1/domains/<domain>             one domain's summary
+    POST   /api/v1/domains/<domain>/hold        {"start": epoch s, "end": epoch s} (both optional)
+    POST   /api/v1/domains/<domain>/release     {"rate": messages/s} (optional)
+    POST   /api/v1/domains/<domain>/flush       deliver now (ends the wait for a failing destination)
+    POST   /api/v1/domains/<domain>/route       {"routes": ["smtp://host:port", ...] or null: configured}
+    GET    /api/v1/messages?domain=&sender=&recipient=&state=&older_than=&newer_than=&offset=&limit=
+    GET    /api/v1/messages/<queue id>          envelope, header section, jobs and their history
+    DELETE /api/v1/messages/<queue id>          delete
+    POST   /api/v1/messages/<queue id>/bounce   return to the sender with a DSN
+    POST   /api/v1/messages/<queue id>/requeue  try deferred and failed recipients again now
+    GET    /api/v1/audit?limit=                 the newest changes
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from relayx.config import DomainConfig, parse_duration, parse_route
+from relayx.interfaces import IQueueAdmin, StoreUnavailable
+
+log = Logger()
+
+STATES = ("ready", "held", "deferred", "in_flight", "failed")
+MAX_PAGE = 500
+MAX_BODY = 64 * 1024
+
+
+class APIError(Exception):
+    """
+    A request the API refuses: the HTTP status and a one-line reason.
+    """
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@attrs.frozen
+class Cluster:
+    """
+    What the API reports about where it runs, beyond the queue.
+    """
+
+    node_id: str
+    durability: str
+    redis_where: str
+    redis_connected: Callable[[], bool]
+    #: how long a node may be silent and still be listed
+    node_silence: float
+
+
+def authenticate(header: bytes | None, tokens: Sequence[tuple[str, str]]) -> str | None:
+    """
+    The name of the token a request's ``Authorization`` header carries, or
+    ``None``. Every token is compared, each in constant time, so the answer
+    takes as long whichever token (or none) matched.
+    """
+    if header is None or not header.startswith(b"Bearer "):
+        return None
+    given = header[len(b"Bearer ") :].strip()
+    found = None
+    for name, token in tokens:
+        if hmac.compare_digest(given, token.encode()):
+            found = name
+    return found
+
+
+class AdminAPI(Resource):
+    """
+    ``/api/v1/...``: authentication, routing, JSON in and out; the work is
+    the queue's (``IQueueAdmin``).
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        *,
+        queue: IQueueAdmin,
+        domains: Sequence[DomainConfig],
+        tokens: Sequence[tuple[str, str]],
+        clock: IReactorTime,
+        cluster: Cluster,
+    ) -> None:
+        super().__init__()
+        self.queue = queue
+        self.domains = {d.name: d for d in domains}
+        self.tokens = tokens
+        self.clock = clock
+        self.cluster = cluster
+
+    def render(self, request: Request) -> int | bytes:
+        Deferred.fromCoroutine(self._answer(request))
+        return NOT_DONE_YET
+
+    async def _answer(self, request: Request) -> None:
+        peer = str(getattr(request.getClientAddress(), "host", "?"))
+        try:
+            if not self.tokens:
+                raise APIError(403, "the admin API is off: no [admin] tokens are configured")
+            name = authenticate(request.getHeader(b"authorization"), self.tokens)
+            if name is None:
+                request.setHeader(b"www-authenticate", b'Bearer realm="relayx"')
+                raise APIError(401, "a valid bearer token is required")
+            status, body = 200, await self._route(request, f"{name} ({peer})")
+        except APIError as e:
+            status, body = e.status, {"error": e.reason}
+        except StoreUnavailable as e:
+            log.warn("admin API: queue unavailable: {why}", why=str(e))
+            status, body = 503, {"error": "the queue (Redis) is unavailable, try again"}
+        except Exception:
+            log.failure("admin API: unexpected error on {path}", path=request.path.decode("latin-1"))
+            status, body = 500, {"error": "internal error, see the node's log"}
+        if request.finished or getattr(request, "_disconnected", False):
+            return
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        request.write(json.dumps(body).encode() + b"\n")
+        request.finish()
+
+    async def _route(self, request: Request, who: str) -> Any:
+        method = request.method.decode()
+        parts = [p.decode("utf-8", "replace") for p in request.postpath or [] if p]
+        if parts[:1] != ["v1"] or len(parts) < 2:
+            raise APIError(404, "no such endpoint; see /api/v1/domains")
+        kind, rest = parts[1], parts[2:]
+        now = self.clock.seconds()
+        if kind == "cluster" and not rest and method == "GET":
+            return await self._cluster(now)
+        if kind == "audit" and not rest and method == "GET":
+            return {"records": await self.queue.audit(_int_arg(request, "limit", 50, 1, 1000))}
+        if kind == "domains":
+            if not rest and method == "GET":
+                return {"domains": [await self._summary(d, now) for d in self.domains]}
+            domain = self._domain(rest[0])
+            if len(rest) == 1 and method == "GET":
+                return await self._summary(domain, now)
+            if len(rest) == 2 and method == "POST":
+                return await self._domain_change(domain, rest[1], _json_body(request), now, who)
+        if kind == "messages":
+            if not rest and method == "GET":
+                return await self._messages(request, now)
+            queue_id = rest[0]
+            if len(rest) == 1 and method == "GET":
+                found = await self.queue.message(queue_id)
+                if found is None:
+                    raise APIError(404, f"no message {queue_id} in the queue")
+                found["received"] /= 1000
+                for job in found["jobs"]:
+                    job["history"] = [[at / 1000, what] for at, what in job["history"]]
+                return {"queue_id": queue_id, **found}
+            if len(rest) == 1 and method == "DELETE":
+                return self._dropped(queue_id, await self.queue.drop(queue_id, now, who, bounce=False))
+            if len(rest) == 2 and rest[1] == "bounce" and method == "POST":
+                return self._dropped(queue_id, await self.queue.drop(queue_id, now, who, bounce=True))
+            if len(rest) == 2 and rest[1] == "requeue" and method == "POST":
+                return {"queue_id": queue_id, "requeued": await self.queue.requeue(queue_id, now, who)}
+        raise APIError(404 if method in ("GET", "POST", "DELETE") else 405, f"no {method} /api/{'/'.join(parts)}")
+
+    def _domain(self, name: str) -> str:
+        domain = name.lower()
+        if domain not in self.domains:
+            raise APIError(404, f"{name} is not a domain of this cluster")
+        return domain
+
+    @staticmethod
+    def _dropped(queue_id: str, jobs: int) -> dict[str, Any]:
+        if not jobs:
+            raise APIError(404, f"no message {queue_id} in the queue")
+        return {"queue_id": queue_id, "jobs": jobs}
+
+    async def _cluster(self, now: float) -> dict[str, Any]:
+        nodes = await self.queue.nodes(now, self.cluster.node_silence)
+        return {
+            "node": self.cluster.node_id,
+            "redis": {"where": self.cluster.redis_where, "connected": self.cluster.redis_connected()},
+            "durability": self.cluster.durability,
+            "nodes": [
+                {"node": n.node, "hostname": n.hostname, "last_seen": n.last_seen, "leases": len(n.leases)}
+                for n in nodes
+            ],
+        }
+
+    async def _summary(self, domain: str, now: float) -> dict[str, Any]:
+        config = self.domains[domain]
+        state = await self.queue.domain_state(domain, now)
+        counts = await self.queue.jobs(config.queues(), {}, 0, 0, now)
+        oldest = counts["oldest"] / 1000 if counts["oldest"] else None
+        override = await self.queue.route_override(domain)
+        return {
+            "domain": domain,
+            "queues": config.queues(),
+            "total": counts["total"],
+            "jobs": {s: counts["states"].get(s, 0) for s in STATES},
+            "held": state.held,
+            "hold_start": state.hold_start,
+            "hold_end": state.hold_end,
+            "paused_until": state.paused_until,
+            "last_error": state.last_error,
+            "release_rate": state.release_rate,
+            "oldest_age": round(now - oldest, 3) if oldest else None,
+            "routes": list(override) if override else [str(r) for r in config.routes],
+            "routes_overridden": bool(override),
+        }
+
+    async def _domain_change(
+        self, domain: str, action: str, body: Mapping[str, Any], now: float, who: str
+    ) -> dict[str, Any]:
+        if action == "hold":
+            start, end = _epoch(body, "start"), _epoch(body, "end")
+            if end is not None and end <= max(now, start or now):
+                raise APIError(400, "end: expected a time after the start of the hold")
+            await self.queue.hold(domain, now, start, end, who=who)
+            return {"domain": domain, "held": start is None or start <= now, "scheduled": bool(start and start > now)}
+        if action == "release":
+            rate = body.get("rate", 0)
+            if not isinstance(rate, int | float) or isinstance(rate, bool) or rate < 0:
+                raise APIError(400, "rate: expected messages per second, a number of 0 or more")
+            was_held = await self.queue.release(domain, now, float(rate), who=who)
+            return {"domain": domain, "was_held": was_held, "rate": rate}
+        if action == "flush":
+            moved = 0
+            for queue in self.domains[domain].queues():
+                moved += await self.queue.flush(queue, now, who)
+            return {"domain": domain, "deferred_jobs_due_now": moved}
+        if action == "route":
+            routes = body.get("routes", ...)
+            if routes is None:
+                await self.queue.set_routes(domain, None, now, who)
+                return {"domain": domain, "routes": [str(r) for r in self.domains[domain].routes]}
+            if not isinstance(routes, list) or not routes or not all(isinstance(r, str) for r in routes):
+                raise APIError(
+                    400, "routes: expected a list of smtp://host:port or mx, or null for the configured ones"
+                )
+            try:
+                parsed = tuple(str(parse_route(r)) for r in routes)
+            except ValueError as e:
+                raise APIError(400, f"routes: expected {e}") from None
+            await self.queue.set_routes(domain, parsed, now, who)
+            return {"domain": domain, "routes": list(parsed)}
+        raise APIError(404, f"no action {action!r}; expected hold, release, flush or route")
+
+    async def _messages(self, request: Request, now: float) -> dict[str, Any]:
+        args = {k.decode(): v[0].decode("utf-8", "replace") for k, v in (request.args or {}).items() if v}
+        unknown = set(args) - {"domain", "sender", "recipient", "state", "older_than", "newer_than", "offset", "limit"}
+        if unknown:
+            raise APIError(400, f"unknown parameter {sorted(unknown)[0]!r}")
+        if "domain" in args:
+            queues = self.domains[self._domain(args["domain"])].queues()
+        else:
+            queues = [q for d in self.domains.values() for q in d.queues()]
+        search: dict[str, object] = {}
+        for name in ("sender", "recipient"):
+            if args.get(name):
+                search[name] = args[name]
+        if "state" in args:
+            if args["state"] not in STATES:
+                raise APIError(400, f"state: expected one of {', '.join(STATES)}")
+            search["state"] = args["state"]
+        if "older_than" in args:
+            search["before"] = int((now - _seconds(args, "older_than")) * 1000)
+        if "newer_than" in args:
+            search["after"] = int((now - _seconds(args, "newer_than")) * 1000)
+        offset = _int_arg(request, "offset", 0, 0, 10**9)
+        limit = _int_arg(request, "limit", 50, 1, MAX_PAGE)
+        found = await self.queue.jobs(queues, search, offset, limit, now)
+        rows = [
+            {
+                "queue_id": job["qid"],
+                "job": job["jid"],
+                "domain": job["domain"],
+                "state": job["state"],
+                "sender": job["sender"],
+                "recipients": job["rcpts"],
+                "owed": job["owed"],
+                "received": job["created"] / 1000,
+                "age": round(now - job["created"] / 1000, 3),
+                "attempts": job["attempts"],
+                "error": job["error"],
+            }
+            for job in found["jobs"]
+        ]
+        following = offset + len(rows)
+        return {
+            "total": found["total"],
+            "offset": offset,
+            "messages": rows,
+            "next_offset": following if following < found["total"] else None,
+        }
+
+
+def _json_body(request: Request) -> Mapping[str, Any]:
+    content = request.content.read(MAX_BODY + 1) if request.content is not None else b""
+    if len(content) > MAX_BODY:
+        raise APIError(413, f"a request body of at most {MAX_BODY} bytes")
+    if not content.strip():
+        return {}
+    try:
+        body = json.loads(content)
+    except ValueError:
+        raise APIError(400, "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body: expected a JSON object")
+    return body
+
+
+def _int_arg(request: Request, name: str, default: int, low: int, high: int) -> int:
+    values = (request.args or {}).get(name.encode())
+    if not values:
+        return default
+    text = values[0].decode("utf-8", "replace")
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise APIError(400, f"{name}: expected a whole number from {low} to {high}, got {text!r}")
+    return int(text)
+
+
+def _seconds(args: Mapping[str, str], name: str) -> float:
+    try:
+        return parse_duration(args[name])
+    except ValueError:
+        raise APIError(400, f"{name}: expected a duration such as '30s', '5m', '2h' or '5d'") from None
+
+
+def _epoch(body: Mapping[str, Any], name: str) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+        raise APIError(400, f"{name}: expected a time in seconds since the epoch")
+    return float(value)

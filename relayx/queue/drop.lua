@@ -1,0 +1,47 @@
+-- drop.lua: take a message out of the queue for an operator: delete it, or
+-- bounce it (its undelivered recipients fail, and the bouncer sends the DSN).
+--
+-- KEYS[1]  <p>:msg:<qid>
+-- KEYS[2]  <p>:leased
+-- KEYS[3]  <p>:deferred
+-- KEYS[4]  <p>:failed    zset jid -> time, jobs waiting for their DSN
+-- KEYS[5]  <p>:delayed
+-- KEYS[6]  <p>:audit
+-- ARGV[1]  key prefix <p>
+-- ARGV[2]  queue id
+-- ARGV[3]  now (ms)
+-- ARGV[4]  "delete" or "bounce"
+-- ARGV[5]  the audit record (JSON)
+-- ARGV[6]  how many audit records to keep
+-- Returns the number of jobs dropped (0: no such message).
+--
+-- Invariant: as in enqueue.lua. A job being delivered loses its lease token, so
+-- the node delivering it cannot settle it (renew and settle refuse it); a
+-- bounced job goes to <p>:failed with every recipient still owed as failed.
+
+local prefix, qid, now, mode = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local jobs = message_jobs(prefix, qid)
+for _, jid in ipairs(jobs) do
+  local job = prefix .. ':job:' .. jid
+  local domain, owed, failed = unpack(redis.call('HMGET', job, 'domain', 'owed', 'failed'))
+  redis.call('ZREM', prefix .. ':ready:' .. domain, jid)
+  redis.call('ZREM', prefix .. ':inflight:' .. domain, jid)
+  redis.call('ZREM', KEYS[2], jid)
+  redis.call('ZREM', KEYS[3], jid)
+  redis.call('ZREM', KEYS[5], jid)
+  if mode == 'bounce' then
+    local failures = cjson.decode(failed)
+    for _, rcpt in ipairs(cjson.decode(owed)) do
+      failures[#failures + 1] = {rcpt, 0, '5.0.0', 'returned to the sender by the postmaster'}
+    end
+    redis.call('HSET', job, 'owed', '[]', 'failed', cjson.encode(failures), 'finished', now, 'token', 0, 'owner', '')
+    redis.call('ZADD', KEYS[4], now, jid)
+  else
+    redis.call('ZREM', KEYS[4], jid)
+    redis.call('DEL', job)
+  end
+end
+if mode ~= 'bounce' then redis.call('DEL', KEYS[1]) end
+audit(KEYS[6], ARGV[5], ARGV[6])
+return #jobs

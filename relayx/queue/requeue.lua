@@ -1,0 +1,42 @@
+-- requeue.lua: give a message's recipients another try now: its deferred jobs,
+-- and the recipients of failed jobs whose DSN has not been sent yet, go back
+-- to their place in their domain's queue with a fresh retry count.
+--
+-- KEYS[1]  <p>:msg:<qid>
+-- KEYS[2]  <p>:deferred
+-- KEYS[3]  <p>:failed
+-- KEYS[4]  <p>:domains
+-- KEYS[5]  <p>:audit
+-- ARGV[1]  key prefix <p>
+-- ARGV[2]  queue id
+-- ARGV[3]  the audit record (JSON)
+-- ARGV[4]  how many audit records to keep
+-- Returns the number of jobs requeued.
+--
+-- Invariant: as in enqueue.lua; recipients already accepted by the destination
+-- are never owed again, only those deferred or failed.
+
+local prefix, qid = ARGV[1], ARGV[2]
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local moved = 0
+for _, jid in ipairs(message_jobs(prefix, qid)) do
+  local job = prefix .. ':job:' .. jid
+  local domain, seq, owed, failed = unpack(redis.call('HMGET', job, 'domain', 'seq', 'owed', 'failed'))
+  local back = false
+  if redis.call('ZREM', KEYS[2], jid) == 1 then back = true end
+  if redis.call('ZREM', KEYS[3], jid) == 1 then
+    local again = cjson.decode(owed)
+    for _, entry in ipairs(cjson.decode(failed)) do again[#again + 1] = entry[1] end
+    redis.call('HSET', job, 'owed', cjson.encode(again), 'failed', '[]')
+    redis.call('HDEL', job, 'finished')
+    back = true
+  end
+  if back then
+    redis.call('HSET', job, 'attempts', 0)
+    redis.call('ZADD', prefix .. ':ready:' .. domain, seq, jid)
+    redis.call('SADD', KEYS[4], domain)
+    moved = moved + 1
+  end
+end
+audit(KEYS[5], ARGV[3], ARGV[4])
+return moved

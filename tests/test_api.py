@@ -1,0 +1,129 @@
+"""
+The admin HTTP API on a real node: bearer tokens, a domain held, searched,
+viewed, released and re-routed over HTTP, each change in the audit log.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+from twisted.internet.threads import deferToThread
+
+from relayx.api import authenticate
+from relayx.redis_server import free_port
+from tests.helpers import LoopbackSink, NodeCase, send, wait_for
+from tests.test_queue_redis import deferred_test
+
+TOKEN = "s3cret-token-for-the-tests"
+
+
+def test_authenticate() -> None:
+    """When a request carries a bearer token, the token's name is found only for an exact match."""
+    tokens = [("ops", TOKEN), ("ci", "another-token-0123456789")]
+    assert authenticate(f"Bearer {TOKEN}".encode(), tokens) == "ops"
+    assert authenticate(b"Bearer another-token-0123456789", tokens) == "ci"
+    assert authenticate(f"Bearer {TOKEN}x".encode(), tokens) is None
+    assert authenticate(TOKEN.encode(), tokens) is None
+    assert authenticate(None, tokens) is None
+
+
+def call(port: int, method: str, path: str, body: Any = None, token: str | None = TOKEN) -> tuple[int, Any]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/v1/{path}",
+        method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Authorization": f"Bearer {token}"} if token else {},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+class APITests(NodeCase):
+    async def start(self, sink: LoopbackSink, tokens: dict[str, str] | None = None) -> int:
+        port = free_port()
+        await self.start_node(
+            sink,
+            admin_listen=[f"tcp:{port}:interface=127.0.0.1"],
+            admin_tokens={"ops": TOKEN} if tokens is None else tokens,
+        )
+        return port
+
+    async def api(self, port: int, method: str, path: str, body: Any = None, token: str | None = TOKEN) -> Any:
+        return await deferToThread(call, port, method, path, body, token)
+
+    @deferred_test
+    async def test_tokens_required(self) -> None:
+        """When a request has no token or a wrong one, it gets 401; with no tokens configured the API is off (403)."""
+        port = await self.start(LoopbackSink())
+        assert (await self.api(port, "GET", "domains", token=None))[0] == 401
+        code, body = await self.api(port, "GET", "domains", token="wrong-token-0123456789")
+        assert code == 401 and body == {"error": "a valid bearer token is required"}
+        assert (await self.api(port, "GET", "domains"))[0] == 200
+        off = await self.start(LoopbackSink(), tokens={})
+        assert (await self.api(off, "GET", "domains"))[0] == 403
+
+    @deferred_test
+    async def test_hold_search_view_release(self) -> None:
+        """When a domain is held over the API, new mail shows as held, can be viewed, and is delivered on release;
+        every change is audited with the token's name."""
+        sink = LoopbackSink()
+        sink.start()
+        port = await self.start(sink)
+        assert (await self.api(port, "POST", "domains/example.com/hold", {}))[1]["held"] is True
+        body = b"Subject: held mail\r\n\r\nwait for it\r\n"
+        assert await send(self.smtp_port, "bob@sender.test", ["a@example.com"], body) == {}
+        code, page = await self.api(port, "GET", "messages?domain=example.com&state=held")
+        assert code == 200 and page["total"] == 1
+        [row] = page["messages"]
+        assert row["recipients"] == ["a@example.com"] and row["sender"] == "bob@sender.test"
+        code, summary = await self.api(port, "GET", "domains/example.com")
+        assert summary["held"] is True and summary["jobs"]["held"] == 1 and summary["oldest_age"] is not None
+        code, view = await self.api(port, "GET", f"messages/{row['queue_id']}")
+        assert code == 200 and "Subject: held mail" in view["header"] and view["jobs"][0]["state"] == "held"
+        assert (await self.api(port, "GET", "messages?sender=nobody"))[1]["total"] == 0
+        assert (await self.api(port, "POST", "domains/example.com/release", {"rate": 5}))[1]["was_held"] is True
+        await wait_for(lambda: len(sink.messages) == 1, 20, "delivery after release")
+        records = (await self.api(port, "GET", "audit"))[1]["records"]
+        assert [(r["action"], r["who"]) for r in records[:2]] == [
+            ("release", "ops (127.0.0.1)"),
+            ("hold", "ops (127.0.0.1)"),
+        ]
+
+    @deferred_test
+    async def test_bad_requests_get_clear_errors(self) -> None:
+        """When a request is wrong, the answer is a 4xx with a one-line reason, and nothing changes."""
+        port = await self.start(LoopbackSink())
+        cases = [
+            ("GET", "domains/nowhere.test", None, 404, "nowhere.test is not a domain of this cluster"),
+            ("POST", "domains/example.com/route", {"routes": ["ftp://x"]}, 400, "routes: expected"),
+            ("POST", "domains/example.com/release", {"rate": "fast"}, 400, "rate: expected messages per second"),
+            ("GET", "messages?state=lost", None, 400, "state: expected one of"),
+            ("GET", "messages?limit=100000", None, 400, "limit: expected a whole number from 1 to 500"),
+            ("GET", "messages?colour=red", None, 400, "unknown parameter 'colour'"),
+            ("GET", "messages/NOSUCHID", None, 404, "no message NOSUCHID in the queue"),
+            ("DELETE", "messages/NOSUCHID", None, 404, "no message NOSUCHID"),
+            ("POST", "domains/example.com/explode", {}, 404, "no action 'explode'"),
+        ]
+        for method, path, body, status, reason in cases:
+            code, answer = await self.api(port, method, path, body)
+            assert (code, reason in answer["error"]) == (status, True), (path, code, answer)
+        assert (await self.api(port, "GET", "audit"))[1]["records"] == []
+
+    @deferred_test
+    async def test_route_change_and_cluster(self) -> None:
+        """When a domain is re-routed over the API its summary shows the new routes; the cluster lists this node."""
+        port = await self.start(LoopbackSink())
+        code, answer = await self.api(port, "POST", "domains/example.com/route", {"routes": ["smtp://127.0.0.9:2525"]})
+        assert code == 200 and answer["routes"] == ["smtp://127.0.0.9:2525"]
+        summary = (await self.api(port, "GET", "domains/example.com"))[1]
+        assert summary["routes"] == ["smtp://127.0.0.9:2525"] and summary["routes_overridden"] is True
+        await self.api(port, "POST", "domains/example.com/route", {"routes": None})
+        assert (await self.api(port, "GET", "domains/example.com"))[1]["routes_overridden"] is False
+        cluster = (await self.api(port, "GET", "cluster"))[1]
+        assert cluster["node"] == "node-a" and cluster["redis"]["connected"] and cluster["durability"] == "aof"
