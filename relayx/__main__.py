@@ -24,13 +24,17 @@ def main(argv: list[str] | None = None) -> None:
     if args and args[0] in admin.COMMANDS:
         admin.main(args[0], args[1:])
         return
+    logger: list[str] = []
     if not any(a in ("-h", "--help") for a in args):
+        options = Options()
         try:
-            Options().parseOptions(args)
+            options.parseOptions(args)
         except usage.UsageError as e:
             print(f"relayx: {e}", file=sys.stderr)
             raise SystemExit(2) from None
-    sys.argv = ["twistd", "--nodaemon", "--pidfile=", "relayx", *args]
+        if options.loaded is not None and options.loaded.node.log_format == "json":
+            logger = ["--logger=relayx.logs.json_logger"]
+    sys.argv = ["twistd", "--nodaemon", "--pidfile=", *logger, "relayx", *args]
     run()
     from relayx.tap import NODES
 

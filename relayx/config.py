@@ -186,6 +186,8 @@ class NodeConfig:
     id: str
     hostname: str
     data_dir: Path
+    #: "text" (twistd's lines) or "json" (one JSON object per line, with the events' fields)
+    log_format: str = "text"
 
 
 @attrs.frozen
@@ -756,6 +758,7 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
         id=node.get("id", socket.gethostname(), _string),
         hostname=node.get("hostname", host, _string),
         data_dir=base / node.get("data_dir", "relayx-data", _string),
+        log_format=node.get("log_format", "text", _choice("text", "json")),
     )
     node.finish()
 

@@ -90,12 +90,14 @@ class Throttle:
 @attrs.frozen
 class Claim:
     """
-    The leases a claim took, and when a rate-limited domain will have room
-    again (``None``: no domain is waiting for its rate).
+    The leases a claim took, when a rate-limited domain will have room
+    again (``None``: no domain is waiting for its rate), and how many
+    expired leases of other nodes it took back.
     """
 
     leases: tuple[Lease, ...]
     wake: float | None = None
+    taken_over: int = 0
 
 
 @attrs.frozen

@@ -9,12 +9,15 @@ Metric names are stable; their labels never carry addresses.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web.resource import Resource
+from twisted.web.pages import notFound
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from relayx.interfaces import DomainState, StoreUnavailable
@@ -43,12 +46,41 @@ class Metrics:
         )
         self.delivery_seconds = Histogram("relayx_delivery_seconds", "Duration of a delivery attempt", registry=r)
         self.leases_lost = Counter("relayx_leases_lost", "Leases taken over before the delivery ended", registry=r)
-        self.queue = Gauge("relayx_queue_jobs", "Delivery jobs by domain and state", ["domain", "state"], registry=r)
+        self.lease_takeovers = Counter(
+            "relayx_lease_takeovers", "Expired leases of silent nodes taken back by this node", registry=r
+        )
+        self.throttle_waits = Counter(
+            "relayx_throttle_waits", "Claims that left work waiting for a domain's rate limit", registry=r
+        )
+        self.redis_seconds = Histogram(
+            "relayx_redis_seconds",
+            "Latency of Redis commands and scripts",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=r,
+        )
+        self.oldest = Gauge(
+            "relayx_queue_oldest_seconds", "Age of the oldest queued job by domain", ["domain"], registry=r
+        )
+        self.queue = Gauge(
+            "relayx_queue_jobs",
+            "Delivery jobs by domain and state (ready, held, deferred, in_flight, failed)",
+            ["domain", "state"],
+            registry=r,
+        )
         self.held = Gauge("relayx_domain_held", "1 while the domain is held", ["domain"], registry=r)
         self.redis_up = Gauge("relayx_redis_up", "1 while Redis is connected", registry=r)
 
     def refuse(self, code: int) -> None:
         self.refused.labels(reply=f"{code // 100}xx").inc()
+
+
+class _Root(Resource):
+    """
+    The admin tree's root: an unknown path is a plain 404.
+    """
+
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        return notFound()
 
 
 class _Text(Resource):
@@ -93,6 +125,8 @@ def admin_site(
     ready: Callable[[], str | None],
     domains: Sequence[str],
     domain_state: Callable[[str], Awaitable[DomainState]],
+    queue_jobs: Callable[[str], Awaitable[Mapping[str, Any]]],
+    clock: IReactorTime,
     redis_connected: Callable[[], bool],
     api: Resource | None = None,
     panel: Resource | None = None,
@@ -107,17 +141,20 @@ def admin_site(
         for domain in domains:
             try:
                 state = await domain_state(domain)
+                jobs = await queue_jobs(domain)
             except StoreUnavailable:
                 return
-            metrics.queue.labels(domain=domain, state="ready").set(state.ready)
-            metrics.queue.labels(domain=domain, state="in_flight").set(state.in_flight)
+            for name in ("ready", "held", "deferred", "in_flight", "failed"):
+                metrics.queue.labels(domain=domain, state=name).set(jobs["states"].get(name, 0))
+            oldest = jobs["oldest"] / 1000
+            metrics.oldest.labels(domain=domain).set(max(0.0, clock.seconds() - oldest) if oldest else 0)
             metrics.held.labels(domain=domain).set(1 if state.held else 0)
 
     def readiness() -> tuple[int, bytes]:
         why = ready()
         return (200, b"ready\n") if why is None else (503, f"not ready: {why}\n".encode())
 
-    root = Resource()
+    root = _Root()
     if panel is not None:
         root.putChild(b"", panel)
     if api is not None:

@@ -126,6 +126,7 @@ class RelayNode(Service):
                 raise StartupError(f"embedded Redis: {e}") from None
         port = self.embedded.port if self.embedded is not None else None
         self.redis = await open_redis(config.redis, reactor, port)
+        self.redis.observe = self.metrics.redis_seconds.observe
         if await self.redis.wait_connected(config.redis.timeout):
             log.info("connected to Redis at {where}", where=self.redis.where)
         else:
@@ -258,6 +259,8 @@ class RelayNode(Service):
                 ready=ready,
                 domains=[q for d in config.domains for q in d.queues()],
                 domain_state=lambda domain: queue.domain_state(domain, self.reactor.seconds()),
+                queue_jobs=lambda domain: queue.jobs([domain], {}, 0, 0, self.reactor.seconds()),
+                clock=self.reactor,
                 redis_connected=lambda: redis.connected,
                 api=AdminAPI(
                     queue=queue,

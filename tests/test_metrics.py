@@ -47,6 +47,11 @@ class MetricsTests(NodeCase):
         assert 'relayx_delivery_recipients_total{result="delivered"} 1.0' in lines
         assert 'relayx_queue_jobs{domain="example.com",state="ready"} 0.0' in lines
         assert "relayx_redis_up 1.0" in lines
+        assert 'relayx_queue_jobs{domain="example.com",state="held"} 0.0' in lines
+        assert 'relayx_queue_oldest_seconds{domain="example.com"} 0.0' in lines
+        assert "relayx_lease_takeovers_total 0.0" in lines and "relayx_throttle_waits_total 0.0" in lines
+        count = next(line for line in lines if line.startswith("relayx_redis_seconds_count"))
+        assert float(count.split()[1]) > 0
 
     @deferred_test
     async def test_health_and_readiness(self) -> None:

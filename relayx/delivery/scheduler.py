@@ -9,6 +9,7 @@ takes the jobs back (``claim.lua``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -198,11 +199,13 @@ class Scheduler:
         except StoreUnavailable as e:
             log.warn("cannot claim deliveries: {why}", why=str(e))
             return False
+        self.metrics.lease_takeovers.inc(claim.taken_over)
         for lease in claim.leases:
             d = Deferred.fromCoroutine(self._attempt(lease))
             self._active[lease.job_id] = d
             d.addBoth(self._ended, lease.job_id)
         if claim.wake is not None:
+            self.metrics.throttle_waits.inc()
             self._wake_at(claim.wake)
         return len(claim.leases) == room
 
@@ -251,11 +254,14 @@ class Scheduler:
         if outcome.unreachable:
             m.deliveries.labels(result="unreachable").inc(len(lease.recipients))
         await self._settle(current, outcome)
+        replies = [reply for _, reply in (*outcome.failed, *outcome.deferred)]
         log.info(
-            "job {job} of {queue_id} to {domain}: {delivered} delivered, {failed} failed, "
+            "job {job} of {queue_id} ({message_id}) to {domain}: {delivered} delivered, {failed} failed, "
             "{deferred} deferred{unreachable} in {seconds:.3f}s",
             job=lease.job_id,
             queue_id=lease.queue_id,
+            message_id=message_id(stored.body),
+            code=0 if outcome.unreachable else 250 if not replies else replies[0].code,
             domain=lease.domain,
             delivered=len(outcome.delivered),
             failed=len(outcome.failed),
@@ -281,6 +287,18 @@ class Scheduler:
                     log.error("job {job} not settled: {why}", job=lease.job_id, why=str(e))
                     return
                 await deferLater(self.clock, 1, lambda: None)
+
+
+_MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(<[^>\r\n]{1,250}>)", re.IGNORECASE | re.MULTILINE)
+
+
+def message_id(body: bytes) -> str:
+    """
+    The Message-ID of a stored message (its header section only), or "".
+    """
+    end = body.find(b"\r\n\r\n")
+    found = _MESSAGE_ID.search(body, 0, end if end >= 0 else min(len(body), 65536))
+    return found.group(1).decode("utf-8", "replace") if found else ""
 
 
 @dataclass

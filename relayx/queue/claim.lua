@@ -14,8 +14,9 @@
 -- ARGV[7]  JSON object domain -> throttle, for domains configured otherwise
 -- ARGV[8]  where to start in the domain list (random, for fairness)
 -- ARGV[9]  most deferred jobs and expired leases to move per call
--- Returns {leases, wake}: each lease {jid, token, expires, qid, domain, owed, attempts,
--- created}, and the earliest time (ms) a rate-limited domain gets its next token (0: none).
+-- Returns {leases, wake, taken_over}: each lease {jid, token, expires, qid, domain, owed,
+-- attempts, created}, the earliest time (ms) a rate-limited domain gets its next token
+-- (0: none), and how many expired leases this call took back.
 --
 -- Invariant (with enqueue.lua): a job is in exactly one of ready, deferred, leased
 -- or failed; a leased job has a token no earlier lease had, so settle.lua and
@@ -44,7 +45,9 @@ for _, jid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 
 end
 
 -- leases that ran out: the holder is dead or cut off; its token is void
+local taken_over = 0
 for _, jid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, batch)) do
+  taken_over = taken_over + 1
   redis.call('ZREM', KEYS[3], jid)
   redis.call('HSET', prefix .. ':job:' .. jid, 'token', 0, 'owner', '')
   local domain = requeue(jid)
@@ -117,4 +120,4 @@ for i = 0, n - 1 do
     end
   end
 end
-return {claimed, wake}
+return {claimed, wake, taken_over}

@@ -111,6 +111,8 @@ class RedisConnection:
         self._timeout = timeout
         self.where = where
         self._sentinel = sentinel
+        #: told each command's latency in seconds (the node's metrics)
+        self.observe: Callable[[float], None] = lambda seconds: None
 
     @property
     def connected(self) -> bool:
@@ -134,8 +136,10 @@ class RedisConnection:
 
         if not self.connected:
             raise StoreUnavailable(f"not connected to Redis at {self.where}")
+        started = self._clock.seconds()
         d: Deferred[Any] = getattr(self._pool, method)(*args, **kwargs)
         d.addTimeout(self._timeout, self._clock)
+        d.addBoth(self._observed, started)
         try:
             return await d
         except ResponseError as e:
@@ -176,6 +180,10 @@ class RedisConnection:
         except Exception as e:
             raise StoreUnavailable(f"Redis at {self.where}: {type(e).__name__}: {e}") from None
         return result, int(acked)
+
+    def _observed(self, result: Any, started: float) -> Any:
+        self.observe(self._clock.seconds() - started)
+        return result
 
     async def wait_connected(self, timeout: float) -> bool:
         """
@@ -424,7 +432,7 @@ class RedisQueue:
             self._batch,
         ]
         # replicated: a failover must not hand out the same fencing token twice
-        rows, wake = await self._write(self._CLAIM, keys, args, "claim", strict=True)
+        rows, wake, taken_over = await self._write(self._CLAIM, keys, args, "claim", strict=True)
         leases = tuple(
             Lease(
                 job_id=_text(jid),
@@ -438,7 +446,7 @@ class RedisQueue:
             )
             for jid, token, expires, qid, domain, owed, attempts, created in rows
         )
-        return Claim(leases, int(wake) / 1000 if int(wake) else None)
+        return Claim(leases, int(wake) / 1000 if int(wake) else None, int(taken_over))
 
     async def renew(self, lease: Lease, now: float) -> Lease:
         expires = now + self.lease

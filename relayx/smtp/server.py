@@ -87,6 +87,8 @@ class Session:
     tls: bool = False
     errors: int = 0
     started: float = 0.0
+    #: the last reply code sent (how the session ended, for its log line)
+    code: int = 0
     #: the queue ids of the messages accepted in this session
     queued: list[str] = attrs.field(factory=list)
 
@@ -200,7 +202,7 @@ class SMTPServerProtocol(Protocol):
         session = self.session
         log.info(
             "smtp session from {peer} ({helo}{tls}) ended after {seconds:.3f}s: "
-            "queued {count} [{queue_ids}], {errors} error(s)",
+            "queued {count} [{queue_ids}], {errors} error(s), last reply {code}",
             peer=session.peer_ip,
             helo=session.helo or "no HELO",
             tls=", TLS" if session.tls else "",
@@ -208,6 +210,7 @@ class SMTPServerProtocol(Protocol):
             count=len(session.queued),
             queue_ids=" ".join(session.queued),
             errors=session.errors,
+            code=session.code,
         )
 
     def dataReceived(self, data: bytes) -> None:
@@ -240,6 +243,7 @@ class SMTPServerProtocol(Protocol):
 
     def _reply(self, reply: Reply) -> None:
         if not self._closing:
+            self.session.code = reply.code
             self.transport.write(reply.encode())  # type: ignore[union-attr]
 
     def _close(self, reply: Reply) -> None:
