@@ -25,7 +25,7 @@ class CutoverTests(NodeCase):
         node = await self.start_node(old_tenant)
         queue = node.queue
         assert queue is not None
-        await queue.hold("example.com", time.time())
+        await queue.hold("example.com", time.time(), who="ops@test")
         for n in range(3):
             body = f"Subject: cutover {n}\r\n\r\nx\r\n".encode()
             assert await send(self.smtp_port, "bob@sender.test", [f"u{n}@example.com"], body) == {}
@@ -45,13 +45,15 @@ class CutoverTests(NodeCase):
             ["u2@example.com"],
         ]
         assert old_tenant.messages == []
-        [record] = await queue.audit(10)
+        records = await queue.audit(10)
+        assert [r["action"] for r in records] == ["release", "route", "hold"]
+        record = records[1]
         assert record["who"] == "ops@test" and record["action"] == "route" and record["domain"] == "example.com"
         assert record["routes"] == [f"smtp://127.0.0.1:{new_tenant.port}"] and record["previous"] == ""
         # and back to the configured route
         await queue.set_routes("example.com", None, time.time(), "ops@test")
         assert await queue.route_override("example.com") is None
-        assert len(await queue.audit(10)) == 2
+        assert [r["action"] for r in await queue.audit(10)] == ["route", "release", "route", "hold"]
 
     @deferred_test
     async def test_dual_delivery_to_old_and_new_tenant(self) -> None:
