@@ -207,13 +207,14 @@ class AdminAPI(Resource):
 
     async def _summary(self, domain: str, now: float) -> dict[str, Any]:
         config = self.domains[domain]
+        queues = config.queues()
         state = await self.queue.domain_state(domain, now)
-        counts = await self.queue.jobs(config.queues(), {}, 0, 0, now)
+        counts = await self.queue.jobs(queues, {}, 0, 0, now)
         oldest = counts["oldest"] / 1000 if counts["oldest"] else None
         override = await self.queue.route_override(domain)
         return {
             "domain": domain,
-            "queues": config.queues(),
+            "queues": queues,
             "total": counts["total"],
             "jobs": {s: counts["states"].get(s, 0) for s in STATES},
             "held": state.held,
@@ -238,7 +239,7 @@ class AdminAPI(Resource):
             return {"domain": domain, "held": start is None or start <= now, "scheduled": bool(start and start > now)}
         if action == "release":
             rate = body.get("rate", 0)
-            if not isinstance(rate, int | float) or isinstance(rate, bool) or rate < 0:
+            if not _is_number(rate) or rate < 0:
                 raise APIError(400, "rate: expected messages per second, a number of 0 or more")
             was_held = await self.queue.release(domain, now, float(rate), who=who)
             return {"domain": domain, "was_held": was_held, "rate": rate}
@@ -345,10 +346,14 @@ def _seconds(args: Mapping[str, str], name: str) -> float:
         raise APIError(400, f"{name}: expected a duration such as '30s', '5m', '2h' or '5d'") from None
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _epoch(body: Mapping[str, Any], name: str) -> float | None:
     value = body.get(name)
     if value is None:
         return None
-    if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+    if not _is_number(value) or value <= 0:
         raise APIError(400, f"{name}: expected a time in seconds since the epoch")
     return float(value)

@@ -65,6 +65,14 @@ class AddHeaders:
 Verdict = Reply | _Allow | AddHeaders | None
 
 
+def add_lines(headers: list[str], lines: Sequence[str]) -> None:
+    """
+    Append the header lines not already there: two filters (or a domain's
+    chain and the default) may ask for the same one.
+    """
+    headers += [line for line in lines if line not in headers]
+
+
 @attrs.frozen
 class Client:
     """
@@ -114,6 +122,8 @@ class FilterChain:
 
     def __init__(self, filters: Sequence[Filter]) -> None:
         self.filters = list(filters)
+        #: whether a filter looks at the message itself (end of DATA)
+        self.scans_content = any(type(f).message is not Filter.message for f in self.filters)
 
     async def _run(self, point: str, call: Callable[[Filter], Awaitable[Verdict]]) -> Decision:
         headers: list[str] = []
@@ -124,7 +134,7 @@ class FilterChain:
                 log.warn("filter {filter} skipped at {point}: {why}", filter=f.name, point=point, why=repr(e))
                 continue
             if isinstance(verdict, AddHeaders):
-                headers += [line for line in verdict.lines if line not in headers]
+                add_lines(headers, verdict.lines)
             elif verdict is ALLOW:
                 break
             elif isinstance(verdict, Reply):
@@ -156,6 +166,14 @@ class FilterChains:
     def for_recipient(self, recipient: Mailbox) -> FilterChain:
         return self.domains.get(recipient.domain, self.default)
 
+    @property
+    def scans_content(self) -> bool:
+        """
+        Whether any chain has an end-of-DATA filter: when none has, the
+        message is not assembled for them.
+        """
+        return self.default.scans_content or any(c.scans_content for c in self.domains.values())
+
     async def message(self, client: Client, sender: str, recipients: Sequence[Mailbox], content: bytes) -> Decision:
         """
         The end-of-DATA check of each chain the recipients' domains use: a
@@ -169,7 +187,7 @@ class FilterChains:
         headers: list[str] = []
         for chain in chains:
             decision = await chain.message(client, sender, recipients, content)
-            headers += [line for line in decision.headers if line not in headers]
+            add_lines(headers, decision.headers)
             if decision.reply is not None:
                 return Decision(decision.reply, tuple(headers))
         return Decision(None, tuple(headers))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import smtplib
 import socket
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -53,6 +54,17 @@ def test_chain_order_allow_and_failure() -> None:
     assert calls == ["a"]
     calls.clear()
     assert run_chain(Fixed(RuntimeError("dns down"), calls, "a"), Fixed(REFUSED, calls, "b")).reply == REFUSED
+
+
+class Scanner(Filter):
+    async def message(self, client: Client, sender: str, recipients: Sequence[Mailbox], content: bytes) -> Verdict:
+        return None
+
+
+def test_chain_knows_whether_it_scans_content() -> None:
+    """When no filter of a chain looks at the message, the chain says so, so DATA does not assemble it for them."""
+    assert not FilterChain([Fixed(None, [], "a")]).scans_content
+    assert FilterChain([Fixed(None, [], "a"), Scanner()]).scans_content
 
 
 def test_chain_collects_headers() -> None:

@@ -474,3 +474,17 @@ class OperatorTests(QueueCase):
         assert await take(q, "n", T0 + 4, 10) == []
         actions = [r["action"] for r in await q.audit(10)]
         assert actions == ["release", "bounce", "delete", "hold"]
+
+    @deferred_test
+    async def test_dropped_job_refuses_its_old_lease(self) -> None:
+        """When a message is deleted or bounced while a node delivers it, that node's renew and settle are refused."""
+        q = await self.make_queue()
+        for qid, bounce in (("D", False), ("B", True)):
+            await q.enqueue(message(qid, "a@one.test"))
+            [lease] = await take(q, "n", T0, 10)
+            assert await q.drop(qid, T0 + 1, "ops", bounce=bounce) == 1
+            with self.assertRaises(StaleLease):
+                await q.renew(lease, T0 + 2)
+            with self.assertRaises(StaleLease):
+                await q.settle(lease, Outcome(delivered=lease.recipients), T0 + 2)
+        assert [j.job_id for j in await q.failed(10)] == ["B.1"]

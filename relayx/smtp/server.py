@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relayx.address import AddressError, Mailbox, Path, normalize_domain, parse_path
-from relayx.filters import Client, FilterChains
+from relayx.filters import Client, FilterChains, add_lines
 from relayx.interfaces import IMessageStore, IncomingMessage, IRecipientPolicy, StoreUnavailable
 from relayx.metrics import Metrics
 from relayx.reply import Reply
@@ -110,7 +110,7 @@ class Envelope:
     headers: list[str] = attrs.field(factory=list)
 
     def add_headers(self, lines: tuple[str, ...]) -> None:
-        self.headers += [line for line in lines if line not in self.headers]
+        add_lines(self.headers, lines)
 
 
 @attrs.define
@@ -550,7 +550,7 @@ class SMTPServerProtocol(Protocol):
         now = factory.clock.seconds()
         queue_id = factory.new_queue_id()
         header = self._received_header(envelope, queue_id, now)
-        if factory.filters is not None:
+        if factory.filters is not None and factory.filters.scans_content:
             refusal = await self._check_message(factory.filters, envelope, header + content)
             if refusal is not None:
                 return refusal
