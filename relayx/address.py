@@ -7,6 +7,7 @@ these values; everything after it works with parsed, normalised addresses.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 import attrs
@@ -24,6 +25,22 @@ _QUOTED = re.compile(r'^"([\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"$')
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _LITERAL = re.compile(r"^\[[^\[\]\\\s]+\]$")
 _PARAM = re.compile(r"^([A-Za-z0-9][A-Za-z0-9-]*)(=([\x21-\x3c\x3e-\x7e\x80-\U0010ffff]+))?$")
+
+
+def client_ip(host: str) -> str:
+    """
+    A client's address as the checks and the ``Received:`` header see it:
+    an IPv4 client on an IPv6 socket (``::ffff:192.0.2.7``, RFC 4291
+    2.5.5.2) as the IPv4 address it is, so that SPF ``ip4:``, DNS lists,
+    greylisting networks and rate limits treat it as IPv4.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
 
 
 def normalize_domain(domain: str) -> str:

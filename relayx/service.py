@@ -13,6 +13,7 @@ import socket
 from typing import Any
 
 from twisted.application.service import Service
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import HostnameEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort
@@ -198,6 +199,48 @@ def build_delivery_loops(
     )
     return scheduler, prober, bouncer
 
+class _V6OnlyPort(tcp.Port):
+    """
+    A TCP port whose IPv6 socket takes IPv6 only (``IPV6_V6ONLY``), as
+    Postfix's are: ``tcp:25`` and ``tcp6:25:interface=\\:\\:`` then listen side
+    by side instead of the second failing with "address in use", whatever
+    the system's ``net.ipv6.bindv6only`` says.
+    """
+
+    def createInternetSocket(self) -> socket.socket:
+        sock: socket.socket = super().createInternetSocket()
+        if self.addressFamily == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        return sock
+
+
+class _ListeningReactor:
+    """
+    The reactor as the endpoint parser sees it: TCP listeners are
+    ``_V6OnlyPort``; everything else is the reactor's own.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> IListeningPort:
+        listening = _V6OnlyPort(port, factory, backlog, interface, self._reactor)
+        listening.startListening()
+        return listening
+
+
+async def listen(reactor: Any, description: str, factory: Any) -> IListeningPort:
+    """
+    Listen as an endpoint description says (``tcp:25``, ``tcp6:25:interface=\\:\\:``),
+    IPv6 sockets taking IPv6 only: a dual-stack node lists both.
+    """
+    port: IListeningPort = await serverFromString(_ListeningReactor(reactor), description).listen(factory)
+    return port
+
+
 class StartupError(Exception):
     """
     The node cannot start; ``str()`` is the one line to show.
@@ -292,7 +335,7 @@ class RelayNode(Service):
         config = self.config
         for description in config.smtp.listen:
             try:
-                port = await serverFromString(self.reactor, description).listen(self.smtp)
+                port = await listen(self.reactor, description, self.smtp)
             except Exception as e:
                 raise StartupError(f"{config.source}: smtp.listen: cannot listen on {description!r}: {e}") from None
             self.ports.append(port)
@@ -337,7 +380,7 @@ class RelayNode(Service):
         site.noisy = False
         for description in config.admin.listen:
             try:
-                port = await serverFromString(self.reactor, description).listen(site)
+                port = await listen(self.reactor, description, site)
             except Exception as e:
                 raise StartupError(f"{config.source}: admin.listen: cannot listen on {description!r}: {e}") from None
             self.ports.append(port)

@@ -27,7 +27,7 @@ from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relayx.address import AddressError, Mailbox, Path, normalize_domain, parse_path
+from relayx.address import AddressError, Mailbox, Path, client_ip, normalize_domain, parse_path
 from relayx.checks.chain import Client, FilterChains, add_lines
 from relayx.interfaces import IMessageStore, IncomingMessage, IRecipientPolicy, StoreUnavailable
 from relayx.metrics import Metrics
@@ -175,7 +175,7 @@ class SMTPServerProtocol(Protocol):
 
     def connectionMade(self) -> None:
         peer: IAddress = self.transport.getPeer()  # type: ignore[union-attr]
-        self.session = Session(peer_ip=str(getattr(peer, "host", "unknown")), started=self.server.clock.seconds())
+        self.session = Session(peer_ip=client_ip(str(getattr(peer, "host", "unknown"))), started=self.server.clock.seconds())
         refusal = self.server.admit(self)
         if refusal is not None:
             self._close(refusal)

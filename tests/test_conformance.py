@@ -1,0 +1,182 @@
+"""
+RFC conformance and interoperability on the wire (issue 15): each test
+locks down one behaviour listed in docs/conformance.md.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+
+from twisted.internet import reactor
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from relayx.address import Mailbox
+from relayx.checks.chain import Client, Filter, FilterChain, FilterChains, Verdict
+from relayx.checks.recipients import RecipientPolicy
+from relayx.checks.spf_filter import SPF, SPFCache
+from relayx.config import AnyRecipient, DomainConfig, SMTPRoute
+from relayx.interfaces import Throttle
+from relayx.service import listen
+from relayx.smtp.server import Limits, SMTPServerFactory, SMTPServerProtocol
+from tests.fakes import MemoryStore
+from tests.helpers import free_port
+
+LIMITS = Limits(
+    max_message_size=100_000,
+    max_recipients=3,
+    max_line_length=512,
+    max_errors=5,
+    max_hops=5,
+    command_timeout=300,
+    data_timeout=600,
+)
+
+DOMAINS = (
+    DomainConfig("example.com", (SMTPRoute("127.0.0.1", 2526),), AnyRecipient(), Throttle(1)),
+    DomainConfig("example.org", (SMTPRoute("127.0.0.1", 2526),), AnyRecipient(), Throttle(1)),
+)
+
+
+class Recorder(Filter):
+    """
+    Remembers the client address each point of the session was given.
+    """
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    async def connection(self, client: str) -> Verdict:
+        self.seen.append(client)
+        return None
+
+    async def mail(self, client: Client, sender: str) -> Verdict:
+        self.seen.append(client.ip)
+        return None
+
+    async def recipient(self, client: Client, sender: str, recipient: Mailbox) -> Verdict:
+        self.seen.append(client.ip)
+        return None
+
+    async def message(self, client: Client, sender: str, recipients: Sequence[Mailbox], content: bytes) -> Verdict:
+        self.seen.append(client.ip)
+        return None
+
+
+class Harness:
+    def __init__(
+        self,
+        limits: Limits = LIMITS,
+        peer: IPv4Address | IPv6Address | None = None,
+        filters: FilterChains | None = None,
+        domains: tuple[DomainConfig, ...] = DOMAINS,
+    ) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.store = MemoryStore()
+        ids = itertools.count(1)
+        self.factory = SMTPServerFactory(
+            hostname="mx2.example.net",
+            limits=limits,
+            policy=RecipientPolicy(domains),
+            store=self.store,
+            clock=self.clock,
+            new_queue_id=lambda: f"Q{next(ids)}",
+            filters=filters,
+        )
+        peer = peer or IPv4Address("TCP", "192.0.2.7", 40000)
+        self.transport = StringTransport(peerAddress=peer)
+        self.protocol = self.factory.buildProtocol(peer)
+        assert isinstance(self.protocol, SMTPServerProtocol)
+        self.protocol.makeConnection(self.transport)
+        self.banner = self.take()
+
+    def take(self) -> str:
+        value: str = self.transport.value().decode("utf-8")
+        self.transport.clear()
+        return value
+
+    def send(self, data: bytes | str) -> str:
+        self.protocol.dataReceived(data.encode("utf-8") if isinstance(data, str) else data)
+        return self.take()
+
+
+def spf_table(records: dict[tuple[str, str], list[str]]) -> SPFCache:
+    async def lookup(name: str, rdtype: str) -> list[str]:
+        return records.get((name.lower().rstrip("."), rdtype), [])
+
+    return SPFCache(lookup, Clock())
+
+
+# -- 1. IPv4 clients on an IPv6 socket ----------------------------------------
+
+
+def test_ipv4_mapped_client_is_ipv4_for_filters_and_received() -> None:
+    """When an IPv4 client arrives on a tcp6 socket as ::ffff:a.b.c.d, every filter, SPF and Received: see a.b.c.d."""
+    recorder = Recorder()
+    spf = SPF(
+        spf_table({("sender.test", "TXT"): ["v=spf1 ip4:192.0.2.0/24 -all"]}),
+        "mx2.example.net",
+        {"fail": "reject"},
+    )
+    h = Harness(
+        peer=IPv6Address("TCP", "::ffff:192.0.2.7", 40000),
+        filters=FilterChains(default=FilterChain([recorder, spf])),
+    )
+    assert h.banner.startswith("220 ")
+    h.send("EHLO client.test\r\n")
+    assert h.send("MAIL FROM:<bob@sender.test>\r\n").startswith("250 ")
+    assert h.send("RCPT TO:<alice@example.com>\r\n").startswith("250 ")
+    h.send("DATA\r\n")
+    assert h.send("Subject: x\r\n\r\nbody\r\n.\r\n").startswith("250 ")
+    assert recorder.seen == ["192.0.2.7"] * 4
+    [message] = h.store.messages
+    assert b"Received: from client.test ([192.0.2.7])" in message.body
+    assert b"Received-SPF: pass" in message.body
+    assert h.factory.per_ip == {"192.0.2.7": 1}
+
+
+def test_real_ipv6_client_is_unchanged() -> None:
+    """When a real IPv6 client connects, its address is kept (compressed form)."""
+    recorder = Recorder()
+    h = Harness(peer=IPv6Address("TCP", "2001:db8::7", 40000), filters=FilterChains(default=FilterChain([recorder])))
+    assert h.banner.startswith("220 ")
+    assert recorder.seen == ["2001:db8::7"]
+
+
+class DualStackListen(TestCase):
+    async def test_shipped_cluster_listen_serves_ipv4_and_ipv6(self) -> None:
+        """When the shipped cluster config's tcp and tcp6 listeners share a port, both start and both answer."""
+        config = tomllib.loads((Path(__file__).parent.parent / "deploy" / "relayx.cluster.toml").read_text())
+        descriptions: list[str] = config["smtp"]["listen"]
+        assert any(d.startswith("tcp6:") for d in descriptions) and any(d.startswith("tcp:") for d in descriptions)
+        port = free_port()
+
+        class Hello(Protocol):
+            def connectionMade(self) -> None:
+                assert self.transport is not None
+                self.transport.write(b"hi " + self.transport.getPeer().host.encode())  # type: ignore[attr-defined]
+                self.transport.loseConnection()
+
+        for description in descriptions:
+            listening = await listen(reactor, description.replace(":25", f":{port}", 1), Factory.forProtocol(Hello))
+            self.addCleanup(listening.stopListening)
+
+        def greet(family: socket.AddressFamily, host: str) -> bytes:
+            with socket.socket(family) as s:
+                s.settimeout(10)
+                s.connect((host, port))
+                return s.recv(100)
+
+        assert await deferToThread(greet, socket.AF_INET, "127.0.0.1") == b"hi 127.0.0.1"
+        assert await deferToThread(greet, socket.AF_INET6, "::1") == b"hi ::1"
