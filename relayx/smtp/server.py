@@ -175,7 +175,8 @@ class SMTPServerProtocol(Protocol):
 
     def connectionMade(self) -> None:
         peer: IAddress = self.transport.getPeer()  # type: ignore[union-attr]
-        self.session = Session(peer_ip=client_ip(str(getattr(peer, "host", "unknown"))), started=self.server.clock.seconds())
+        host = client_ip(str(getattr(peer, "host", "unknown")))
+        self.session = Session(peer_ip=host, started=self.server.clock.seconds())
         refusal = self.server.admit(self)
         if refusal is not None:
             self._close(refusal)
