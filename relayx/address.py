@@ -85,6 +85,25 @@ class Mailbox:
         return cls(local, normalize_domain(domain))
 
     @property
+    def unquoted_local(self) -> str:
+        """
+        The local part with its quotes and backslash escapes removed.
+        """
+        if self.local.startswith('"'):
+            return re.sub(r"\\(.)", r"\1", self.local[1:-1])
+        return self.local
+
+    @property
+    def routed(self) -> bool:
+        """
+        Whether the local part carries a route to another host:
+        ``user%other@dom``, ``other!user@dom`` (UUCP) or ``"user@other"@dom``.
+        A mail system behind a backup MX may act on them and relay the
+        message on to ``other`` (Postfix's ``allow_untrusted_routing``).
+        """
+        return any(c in self.unquoted_local for c in "@%!")
+
+    @property
     def canonical(self) -> str:
         """
         The form used to compare addresses: local parts are case-sensitive
@@ -113,6 +132,8 @@ class Path:
 
     mailbox: Mailbox | None
     params: dict[str, str | None] = attrs.field(factory=dict, hash=False)
+    #: the hosts of a source route (``<@a,@b:user@dom>``), dropped from the address
+    route: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         return "" if self.mailbox is None else str(self.mailbox)
@@ -122,9 +143,11 @@ def parse_path(argument: str, prefix: str, allow_null: bool, utf8: bool = False)
     """
     Parse ``FROM:<a@b> SIZE=10`` (``prefix`` ``FROM:``) into a ``Path``.
 
-    A source route (``<@relay:a@b>``) is accepted and dropped, as RFC 5321
-    section 4.1.1.3 asks. Non-ASCII addresses are accepted only with the
-    ``SMTPUTF8`` parameter, or ``utf8`` (for ``RCPT``, the transaction's MAIL had it).
+    A source route (``<@relay:a@b>``) is accepted and dropped from the
+    address, as RFC 5321 section 4.1.1.3 asks; its hosts are kept in
+    ``route`` so that a recipient with one can be refused (3.6.1 allows it).
+    Non-ASCII addresses are accepted only with the ``SMTPUTF8`` parameter,
+    or ``utf8`` (for ``RCPT``, the transaction's MAIL had it).
     """
     if not argument[: len(prefix)].upper() == prefix:
         raise AddressError(f"expected {prefix}<address>")
@@ -141,15 +164,17 @@ def parse_path(argument: str, prefix: str, allow_null: bool, utf8: bool = False)
         if not match:
             raise AddressError(f"bad parameter {word!r}")
         params[match.group(1).upper()] = match.group(3)
+    route: tuple[str, ...] = ()
     if inner.startswith("@"):
-        _, colon, inner = inner.partition(":")
+        hops, colon, inner = inner.partition(":")
         if not colon:
             raise AddressError("bad source route")
+        route = tuple(hop.lstrip("@") for hop in hops.split(","))
     if inner == "":
-        if not allow_null:
+        if not allow_null or route:
             raise AddressError("null address not allowed here")
         return Path(None, params)
-    return Path(Mailbox.parse(inner, utf8=utf8 or "SMTPUTF8" in params), params)
+    return Path(Mailbox.parse(inner, utf8=utf8 or "SMTPUTF8" in params), params, route)
 
 
 def _closing_bracket(text: str) -> int:

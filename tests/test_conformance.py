@@ -11,6 +11,7 @@ import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
+import attrs
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.protocol import Factory, Protocol
@@ -180,3 +181,39 @@ class DualStackListen(TestCase):
 
         assert await deferToThread(greet, socket.AF_INET, "127.0.0.1") == b"hi 127.0.0.1"
         assert await deferToThread(greet, socket.AF_INET6, "::1") == b"hi ::1"
+
+
+# -- 2. routing in addresses --------------------------------------------------
+
+
+def test_routed_local_parts_are_refused_like_postfix() -> None:
+    """When a recipient of a served domain routes on (%, !, quoted @, source route), it gets 550 5.7.1."""
+    h = Harness(limits=attrs.evolve(LIMITS, max_errors=20))
+    h.send("EHLO client.test\r\n")
+    h.send("MAIL FROM:<bob@sender.test>\r\n")
+    for address in (
+        "user%other.test@example.com",
+        "other.test!user@example.com",
+        '"user@other.test"@example.com',
+        '"user\\@other.test"@example.com',
+        '"user%other.test"@example.com',
+        "@other.test:user@example.com",
+        "@a.test,@b.test:user@example.com",
+    ):
+        reply = h.send(f"RCPT TO:<{address}>\r\n")
+        assert reply.startswith("550 5.7.1 "), (address, reply)
+    assert h.send("RCPT TO:<user.name+tag@example.com>\r\n").startswith("250 ")
+    assert h.send('RCPT TO:<"user name"@example.com>\r\n').startswith("250 ")
+
+
+def test_routed_mailbox_property() -> None:
+    """When a local part is checked for routing, only %, ! and @ (quoted or escaped) count."""
+    from relayx.address import parse_path
+
+    assert Mailbox.parse("a%b@example.com").routed
+    assert Mailbox.parse("b!a@example.com").routed
+    assert Mailbox.parse('"a@b"@example.com').routed
+    assert not Mailbox.parse("a.b-c+d@example.com").routed
+    assert not Mailbox.parse('"a b"@example.com').routed
+    assert parse_path("TO:<@x.test,@y.test:a@example.com>", "TO:", allow_null=False).route == ("x.test", "y.test")
+    assert parse_path("FROM:<@x.test:a@example.com>", "FROM:", allow_null=True).mailbox == Mailbox("a", "example.com")

@@ -53,6 +53,7 @@ TOO_MANY_HOPS = Reply(554, "5.4.6", "Error: too many hops, mail loop suspected")
 NUL_IN_MESSAGE = Reply(554, "5.6.0", "Error: message contains NUL characters")
 BARE_LF = Reply(550, "5.5.2", "Error: bare <LF> received, lines must end in <CR><LF>")
 BARE_LF_COMMAND = Reply(500, "5.5.2", "Error: bare <LF> received, lines must end in <CR><LF>")
+SOURCE_ROUTE = Reply(550, "5.7.1", "Relaying denied: source routes are not accepted")
 STORE_FAILED = Reply(451, "4.3.0", "Error: temporary queue failure, try again later")
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 
@@ -453,6 +454,12 @@ class SMTPServerProtocol(Protocol):
             return None
         if path.params:
             self._error(Reply(555, "5.5.4", "Error: unsupported RCPT parameter"))
+            return None
+        if path.route:
+            # RFC 5321 3.6.1 lets a server decline source routes; a primary
+            # that honoured one would relay to a host the sender chose
+            envelope.rejected += 1
+            self._error(SOURCE_ROUTE)
             return None
         if len(envelope.recipients) >= self.server.limits.max_recipients:
             self._error(TOO_MANY_RECIPIENTS)
