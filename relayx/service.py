@@ -159,6 +159,8 @@ def build_smtp_factory(
         store=queue,
         clock=reactor,
         new_queue_id=new_queue_id,
+        # RFC 5321 4.5.1: <Postmaster> without a domain is the first domain's
+        postmaster_domain=config.domains[0].name if config.domains else None,
     )
 
 

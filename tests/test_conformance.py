@@ -24,12 +24,12 @@ from relayx.address import Mailbox
 from relayx.checks.chain import Client, Filter, FilterChain, FilterChains, Verdict
 from relayx.checks.recipients import RecipientPolicy
 from relayx.checks.spf_filter import SPF, SPFCache
-from relayx.config import AnyRecipient, DomainConfig, SMTPRoute
+from relayx.config import AnyRecipient, DomainConfig, RecipientList, SMTPRoute
 from relayx.interfaces import Throttle
+from relayx.redis.embedded import free_port
 from relayx.service import listen
 from relayx.smtp.server import Limits, SMTPServerFactory, SMTPServerProtocol
 from tests.fakes import MemoryStore
-from tests.helpers import free_port
 
 LIMITS = Limits(
     max_message_size=100_000,
@@ -217,3 +217,60 @@ def test_routed_mailbox_property() -> None:
     assert not Mailbox.parse('"a b"@example.com').routed
     assert parse_path("TO:<@x.test,@y.test:a@example.com>", "TO:", allow_null=False).route == ("x.test", "y.test")
     assert parse_path("FROM:<@x.test:a@example.com>", "FROM:", allow_null=True).mailbox == Mailbox("a", "example.com")
+
+
+# -- 3. dialogue ----------------------------------------------------------------
+
+
+def test_bare_postmaster_is_accepted_for_the_primary_domain() -> None:
+    """When RCPT TO:<Postmaster> has no domain, it is accepted as postmaster of the first domain, any case."""
+    h = Harness(domains=(DOMAINS[0], attrs.evolve(DOMAINS[1], recipients=RecipientList(frozenset()))))
+    h.factory.postmaster_domain = "example.org"
+    h.send("EHLO client.test\r\n")
+    h.send("MAIL FROM:<bob@sender.test>\r\n")
+    assert h.send("RCPT TO:<Postmaster>\r\n").startswith("250 ")
+    assert h.send("RCPT TO: <POSTMASTER>\r\n").startswith("250 ")
+    assert h.send("RCPT TO:<postmaster@example.org>\r\n").startswith("550 5.1.1")
+    h.send("DATA\r\n")
+    assert h.send("Subject: x\r\n\r\nbody\r\n.\r\n").startswith("250 ")
+    [message] = h.store.messages
+    assert [str(r) for r in message.recipients] == ["postmaster@example.org"]
+
+
+def test_bare_postmaster_is_primary_domain_of_the_node() -> None:
+    """When the front door is built from the example config, <Postmaster> goes to its first [[domain]]."""
+    from typing import Any
+
+    from relayx.config import load
+    from relayx.metrics import Metrics
+    from relayx.service import build_smtp_factory
+
+    config = load(Path(__file__).parent.parent / "deploy" / "relayx.example.toml")
+    from types import SimpleNamespace
+
+    anything: Any = SimpleNamespace(verify=None)
+    factory = build_smtp_factory(config, Clock(), Metrics(), anything, anything, None)
+    assert factory.postmaster_domain == config.domains[0].name == "example.com"
+
+
+def test_vrfy_and_rset_syntax() -> None:
+    """When VRFY has no argument or RSET has one, the reply is 501; the normal forms still work."""
+    h = Harness()
+    h.send("EHLO client.test\r\n")
+    assert h.send("VRFY\r\n").startswith("501 5.5.4")
+    assert h.send("VRFY bob\r\n").startswith("252 ")
+    assert h.send("RSET foo\r\n").startswith("501 5.5.4")
+    assert h.send("RSET\r\n").startswith("250 ")
+
+
+def test_too_many_recipients_is_not_an_error() -> None:
+    """When a sender goes past max_recipients, each extra RCPT gets 452 4.5.3 and the session survives to DATA."""
+    h = Harness(limits=attrs.evolve(LIMITS, max_recipients=100, max_errors=10))
+    h.send("EHLO client.test\r\n")
+    h.send("MAIL FROM:<bob@sender.test>\r\n")
+    replies = [h.send(f"RCPT TO:<u{n}@example.com>\r\n") for n in range(130)]
+    assert all(r.startswith("250 ") for r in replies[:100])
+    assert all(r.startswith("452 4.5.3") for r in replies[100:])
+    h.send("DATA\r\n")
+    assert h.send("Subject: x\r\n\r\nbody\r\n.\r\n").startswith("250 ")
+    assert len(h.store.messages[0].recipients) == 100

@@ -53,6 +53,9 @@ TOO_MANY_HOPS = Reply(554, "5.4.6", "Error: too many hops, mail loop suspected")
 NUL_IN_MESSAGE = Reply(554, "5.6.0", "Error: message contains NUL characters")
 BARE_LF = Reply(550, "5.5.2", "Error: bare <LF> received, lines must end in <CR><LF>")
 BARE_LF_COMMAND = Reply(500, "5.5.2", "Error: bare <LF> received, lines must end in <CR><LF>")
+POSTMASTER_OK = Reply(250, "2.1.5", "Ok")
+#: 452s past max_recipients before they count as errors (Postfix's smtpd_recipient_overshoot_limit)
+RECIPIENT_OVERSHOOT = 1000
 SOURCE_ROUTE = Reply(550, "5.7.1", "Relaying denied: source routes are not accepted")
 STORE_FAILED = Reply(451, "4.3.0", "Error: temporary queue failure, try again later")
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
@@ -104,6 +107,9 @@ class Envelope:
     utf8: bool
     recipients: list[Mailbox] = attrs.field(factory=list)
     rejected: int = 0
+    #: RCPTs refused with 452 4.5.3 beyond max_recipients (not errors: the
+    #: sender retries them in another transaction)
+    overshoot: int = 0
     #: the message so far when it comes in BDAT chunks (RFC 3030)
     chunks: bytearray | None = None
     overflow: bool = False
@@ -144,6 +150,17 @@ _END = b"\r\n.\r\n"
 _LOST = Failure(ConnectionError("connection lost"))
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 _RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
+
+
+_POSTMASTER = re.compile(r"^TO: *<postmaster>( .*)?$", re.IGNORECASE)
+
+
+def _bare_postmaster(argument: str) -> str | None:
+    """
+    The parameters of ``TO:<Postmaster>`` (no domain, any case), else ``None``.
+    """
+    match = _POSTMASTER.match(argument)
+    return None if match is None else (match.group(1) or "").strip()
 
 
 def count_hops(content: bytes) -> int:
@@ -447,6 +464,9 @@ class SMTPServerProtocol(Protocol):
         if envelope is None:
             self._error(BAD_SEQUENCE_MAIL)
             return None
+        postmaster = _bare_postmaster(argument)
+        if postmaster is not None:
+            return self._postmaster(envelope, postmaster)
         try:
             path = parse_path(argument, "TO:", allow_null=False, utf8=envelope.utf8)
         except AddressError as e:
@@ -461,15 +481,45 @@ class SMTPServerProtocol(Protocol):
             envelope.rejected += 1
             self._error(SOURCE_ROUTE)
             return None
-        if len(envelope.recipients) >= self.server.limits.max_recipients:
-            self._error(TOO_MANY_RECIPIENTS)
+        if self._too_many(envelope):
             return None
         mailbox = path.mailbox
         assert mailbox is not None
         return self._check_recipient(envelope, mailbox)
 
-    async def _check_recipient(self, envelope: Envelope, mailbox: Mailbox) -> Reply:
-        verdict = await self.server.policy.check(mailbox)
+    def _too_many(self, envelope: Envelope) -> bool:
+        """
+        Answer ``452 4.5.3`` past ``max_recipients``; like Postfix, not an
+        error (the sender retries the rest later) until the overshoot is absurd.
+        """
+        if len(envelope.recipients) < self.server.limits.max_recipients:
+            return False
+        envelope.overshoot += 1
+        if envelope.overshoot > RECIPIENT_OVERSHOOT:
+            self._error(TOO_MANY_RECIPIENTS)
+        else:
+            self._reply(TOO_MANY_RECIPIENTS)
+        return True
+
+    def _postmaster(self, envelope: Envelope, params: str) -> Awaitable[Reply] | None:
+        """
+        ``RCPT TO:<Postmaster>`` without a domain, which RFC 5321 4.5.1 says
+        MUST be accepted: postmaster of the primary domain (the first one
+        configured), accepted whatever that domain's recipient rule says.
+        """
+        if params:
+            self._error(Reply(555, "5.5.4", "Error: unsupported RCPT parameter"))
+            return None
+        domain = self.server.postmaster_domain
+        if domain is None:
+            self._error(Reply(550, "5.1.1", "Error: no postmaster here"))
+            return None
+        if self._too_many(envelope):
+            return None
+        return self._check_recipient(envelope, Mailbox("postmaster", domain), postmaster=True)
+
+    async def _check_recipient(self, envelope: Envelope, mailbox: Mailbox, postmaster: bool = False) -> Reply:
+        verdict = POSTMASTER_OK if postmaster else await self.server.policy.check(mailbox)
         filters = self.server.filters
         if verdict.positive and filters is not None:
             chain = filters.for_recipient(mailbox)
@@ -683,6 +733,9 @@ class SMTPServerProtocol(Protocol):
         return True
 
     def do_RSET(self, argument: str) -> None:
+        if argument:
+            self._error(Reply(501, "5.5.4", "Syntax: RSET"))
+            return
         self.envelope = None
         self._reply(OK)
 
@@ -693,6 +746,9 @@ class SMTPServerProtocol(Protocol):
         self._close(Reply(221, "2.0.0", "Bye"))
 
     def do_VRFY(self, argument: str) -> None:
+        if not argument:
+            self._error(Reply(501, "5.5.4", "Syntax: VRFY address"))
+            return
         self._reply(Reply(252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery"))
 
     def do_HELP(self, argument: str) -> None:
@@ -741,6 +797,7 @@ class SMTPServerFactory(ServerFactory):
         tls: ReloadingTLS | None = None,
         filters: FilterChains | None = None,
         metrics: Metrics | None = None,
+        postmaster_domain: str | None = None,
     ) -> None:
         self.hostname = normalize_domain(hostname) if "." in hostname else hostname
         self.limits = limits
@@ -750,6 +807,8 @@ class SMTPServerFactory(ServerFactory):
         self.new_queue_id = new_queue_id
         self.tls = tls
         self.filters = filters
+        #: where ``RCPT TO:<Postmaster>`` (no domain) goes: the primary domain
+        self.postmaster_domain = postmaster_domain
         self.metrics = metrics or Metrics()
         self.sessions: set[SMTPServerProtocol] = set()
         self.per_ip: dict[str, int] = {}
