@@ -37,7 +37,7 @@ from relayx.delivery.bounce import Bouncer
 from relayx.delivery.routes import RouteTable, TLSPolicy
 from relayx.delivery.scheduler import Prober, Scheduler
 from relayx.delivery.smtp import SMTPDeliverer, Timeouts
-from relayx.dns import dns_lookup, dns_lookup_addresses, dns_lookup_mx
+from relayx.dns import ReverseNames, dns_lookup, dns_lookup_addresses, dns_lookup_mx
 from relayx.interfaces import StoreUnavailable
 from relayx.metrics import Metrics
 from relayx.ops.api import AdminAPI, Cluster
@@ -161,6 +161,11 @@ def build_smtp_factory(
         new_queue_id=new_queue_id,
         # RFC 5321 4.5.1: <Postmaster> without a domain is the first domain's
         postmaster_domain=config.domains[0].name if config.domains else None,
+        reverse_names=ReverseNames(
+            dns_lookup(config.delivery.nameservers, config.filter.dns_timeout),
+            reactor,
+            config.filter.dns_timeout,
+        ).name,
     )
 
 

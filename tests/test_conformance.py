@@ -5,15 +5,18 @@ locks down one behaviour listed in docs/conformance.md.
 
 from __future__ import annotations
 
+import email
+import email.policy
 import itertools
 import socket
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import attrs
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -25,6 +28,7 @@ from relayx.checks.chain import Client, Filter, FilterChain, FilterChains, Verdi
 from relayx.checks.recipients import RecipientPolicy
 from relayx.checks.spf_filter import SPF, SPFCache
 from relayx.config import AnyRecipient, DomainConfig, RecipientList, SMTPRoute
+from relayx.dns import ReverseNames
 from relayx.interfaces import Throttle
 from relayx.redis.embedded import free_port
 from relayx.service import listen
@@ -81,6 +85,7 @@ class Harness:
         peer: IPv4Address | IPv6Address | None = None,
         filters: FilterChains | None = None,
         domains: tuple[DomainConfig, ...] = DOMAINS,
+        reverse_names: Callable[[str], Awaitable[str | None]] | None = None,
     ) -> None:
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
@@ -94,6 +99,7 @@ class Harness:
             clock=self.clock,
             new_queue_id=lambda: f"Q{next(ids)}",
             filters=filters,
+            reverse_names=reverse_names,
         )
         peer = peer or IPv4Address("TCP", "192.0.2.7", 40000)
         self.transport = StringTransport(peerAddress=peer)
@@ -274,3 +280,140 @@ def test_too_many_recipients_is_not_an_error() -> None:
     h.send("DATA\r\n")
     assert h.send("Subject: x\r\n\r\nbody\r\n.\r\n").startswith("250 ")
     assert len(h.store.messages[0].recipients) == 100
+
+
+# -- 4. header hygiene ----------------------------------------------------------
+
+
+def test_forged_authentication_results_are_stripped() -> None:
+    """When a message carries Authentication-Results with relayx's authserv-id, they are removed; others stay."""
+    h = Harness()
+    h.send("EHLO client.test\r\nMAIL FROM:<bob@sender.test>\r\nRCPT TO:<alice@example.com>\r\nDATA\r\n")
+    h.send(
+        "Authentication-Results: MX2.example.net;\r\n\tspf=pass smtp.mailfrom=ceo@bank.test\r\n"
+        "Authentication-Results: (forged) mx2.example.net 1; dkim=pass\r\n"
+        "Authentication-Results: mx.sender.test; spf=pass\r\n"
+        "Subject: x\r\n\r\nAuthentication-Results: mx2.example.net; in the body\r\n.\r\n"
+    )
+    [message] = h.store.messages
+    fields = [line for line in message.body.split(b"\r\n\r\n")[0].split(b"\r\n") if b"Authentication" in line]
+    assert fields == [b"Authentication-Results: mx.sender.test; spf=pass"]
+    assert b"in the body" in message.body
+
+
+def test_spf_trace_fields_sit_above_received() -> None:
+    """When SPF adds Received-SPF and Authentication-Results, they come before this hop's Received: (RFC 7208 9.1)."""
+    spf = SPF(spf_table({("sender.test", "TXT"): ["v=spf1 ip4:192.0.2.0/24 -all"]}), "mx2.example.net", {})
+    h = Harness(filters=FilterChains(default=FilterChain([spf])))
+    h.send("EHLO client.test\r\nMAIL FROM:<bob@sender.test>\r\nRCPT TO:<alice@example.com>\r\nDATA\r\n")
+    h.send("Subject: x\r\n\r\nbody\r\n.\r\n")
+    [message] = h.store.messages
+    head = message.body.split(b"\r\n\r\n")[0].split(b"\r\n")
+    names = [line.split(b":")[0] for line in head if line[:1] not in b" \t"]
+    assert names == [b"Received-SPF", b"Authentication-Results", b"Received", b"Subject"]
+    parsed = email.message_from_bytes(message.body, policy=email.policy.default)
+    assert str(parsed["Authentication-Results"]).startswith("mx2.example.net; spf=pass")
+
+
+def test_control_characters_in_helo_never_reach_received_or_logs() -> None:
+    """When HELO carries control characters, Received: and the session log show them as '?'."""
+    events: list[dict[str, object]] = []
+    from twisted.logger import ILogObserver, globalLogPublisher
+    from zope.interface import implementer
+
+    @implementer(ILogObserver)
+    def observe(event: dict[str, object]) -> None:
+        events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        h = Harness()
+        h.send(b"EHLO evil\x1b[31m\x07\x7f\xc2\x85name\r\n")
+        h.send("MAIL FROM:<bob@sender.test>\r\nRCPT TO:<alice@example.com>\r\nDATA\r\nSubject: x\r\n\r\nb\r\n.\r\n")
+        h.protocol.connectionLost()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    [message] = h.store.messages
+    received = message.body.split(b"\r\n")[0]
+    assert received == b"Received: from evil?[31m???name ([192.0.2.7])"
+    [ended] = [e for e in events if "smtp session" in str(e.get("log_format", ""))]
+    assert ended["helo"] == "evil?[31m???name"
+
+
+def reverse_table(records: dict[tuple[str, str], list[str]]) -> Callable[[str, str], Awaitable[list[str]]]:
+    async def lookup(name: str, rdtype: str) -> list[str]:
+        return records.get((name, rdtype), [])
+
+    return lookup
+
+
+def test_reverse_name_in_received_when_forward_confirmed() -> None:
+    """When the client's PTR name resolves back to it, Received: says `from helo (name [ip])`."""
+    names = ReverseNames(
+        reverse_table(
+            {("7.2.0.192.in-addr.arpa", "PTR"): ["mail.client.test."], ("mail.client.test", "A"): ["192.0.2.7"]}
+        ),
+        Clock(),
+        2.0,
+    )
+    h = Harness(reverse_names=names.name)
+    h.send("EHLO client.test\r\nMAIL FROM:<bob@sender.test>\r\nRCPT TO:<alice@example.com>\r\n")
+    h.send("DATA\r\nSubject: x\r\n\r\nb\r\n.\r\n")
+    [message] = h.store.messages
+    assert message.body.startswith(b"Received: from client.test (mail.client.test [192.0.2.7])\r\n")
+
+
+def test_reverse_name_not_confirmed_or_slow_is_left_out() -> None:
+    """When the PTR name does not lead back, has bad characters or DNS hangs, no name is shown; answers are cached."""
+    calls: list[str] = []
+
+    async def lying(name: str, rdtype: str) -> list[str]:
+        calls.append(name)
+        if rdtype == "PTR":
+            return ["bank.test", "evil\x1bname.test"]
+        return ["203.0.113.1"] if name == "bank.test" else ["192.0.2.7"]
+
+    clock = Clock()
+    names = ReverseNames(lying, clock, 2.0)
+    assert _result(names.name("192.0.2.7")) is None
+    assert calls == ["7.2.0.192.in-addr.arpa", "bank.test"]
+    assert _result(names.name("192.0.2.7")) is None
+    assert len(calls) == 2  # cached
+
+    async def hanging(name: str, rdtype: str) -> list[str]:
+        await Deferred()
+        return []
+
+    slow = ReverseNames(hanging, clock, 2.0)
+    d = Deferred.fromCoroutine(slow.name("198.51.100.1"))
+    assert not d.called
+    clock.advance(2.1)
+    assert _result(d) is None
+    assert _result(slow.name("127.0.0.1")) is None
+
+
+def _result(work: Awaitable[str | None]) -> str | None:
+    d = work if isinstance(work, Deferred) else Deferred.fromCoroutine(work)  # type: ignore[arg-type]
+    results: list[str | None] = []
+    d.addCallback(results.append)
+    assert results, "not done"
+    return results[0]
+
+
+class ReverseNamesOverDNS(TestCase):
+    async def test_forward_confirmed_name_from_a_real_dns_server(self) -> None:
+        """When a DNS server on loopback serves PTR and A records, ReverseNames confirms the name through dnspython."""
+        from twisted.names import dns as names_dns
+
+        from relayx.dns import dns_lookup
+        from tests.dns import LoopbackDNS, a
+
+        server = LoopbackDNS(
+            {
+                "2.0.192.in-addr.arpa": {"7.2.0.192.in-addr.arpa": [names_dns.Record_PTR(b"mail.client.test")]},
+                "client.test": {"mail.client.test": [a("192.0.2.7")]},
+            }
+        )
+        self.addCleanup(server.stop)
+        names = ReverseNames(dns_lookup((("127.0.0.1", server.port),), 2.0), reactor, 2.0)
+        assert await names.name("192.0.2.7") == "mail.client.test"

@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 from relayx.address import AddressError, Mailbox, Path, client_ip, normalize_domain, parse_path
 from relayx.checks.chain import Client, FilterChains, add_lines
 from relayx.interfaces import IMessageStore, IncomingMessage, IRecipientPolicy, StoreUnavailable
+from relayx.message import strip_authentication_results
 from relayx.metrics import Metrics
 from relayx.reply import Reply
 from relayx.smtp.tls import ReloadingTLS, describe
@@ -87,6 +88,8 @@ class Session:
 
     peer_ip: str
     helo: str | None = None
+    #: the client's forward-confirmed reverse DNS name, once looked up
+    rdns: str | None = None
     esmtp: bool = False
     tls: bool = False
     errors: int = 0
@@ -163,6 +166,24 @@ def _bare_postmaster(argument: str) -> str | None:
     return None if match is None else (match.group(1) or "").strip()
 
 
+_TRACE = ("received-spf:", "authentication-results:")
+
+
+def _is_trace(line: str) -> bool:
+    """
+    Whether a filter's header line is a trace field of this hop.
+    """
+    return line[:24].lower().startswith(_TRACE)
+
+
+def printable(text: str, replacement: str = "?") -> str:
+    """
+    ``text`` with control and other non-printable characters replaced, as
+    Postfix's ``printable()`` does to a HELO name.
+    """
+    return "".join(c if c.isprintable() else replacement for c in text)
+
+
 def count_hops(content: bytes) -> int:
     """
     The number of ``Received:`` headers in the message's header section.
@@ -188,6 +209,7 @@ class SMTPServerProtocol(Protocol):
         self._closing = False
         self._discarding_line = False
         self._timer: IDelayedCall | None = None
+        self._reverse: Deferred[None] | None = None
 
     # -- connection ---------------------------------------------------------
 
@@ -199,11 +221,23 @@ class SMTPServerProtocol(Protocol):
         if refusal is not None:
             self._close(refusal)
             return
+        if self.server.reverse_names is not None:
+            self._reverse = Deferred.fromCoroutine(self._look_up_name(self.server.reverse_names))
         if self.server.filters is not None:
             self._wait_for(self._greeting(self.server.filters))
             return
         self._reply(self._banner())
         self._arm_timer(self.server.limits.command_timeout)
+
+    async def _look_up_name(self, reverse_names: Callable[[str], Awaitable[str | None]]) -> None:
+        """
+        The client's name for ``Received:``, looked up while it talks (the
+        look-up has its own timeout and never fails).
+        """
+        try:
+            self.session.rdns = await reverse_names(self.session.peer_ip)
+        except Exception as e:
+            log.debug("no reverse name for {peer}: {why}", peer=self.session.peer_ip, why=repr(e))
 
     def _banner(self) -> Reply:
         return Reply(220, "", f"{self.server.hostname} ESMTP relayx")
@@ -388,7 +422,8 @@ class SMTPServerProtocol(Protocol):
         if not name:
             self._error(Reply(501, "5.5.4", f"Syntax: {'EHLO' if esmtp else 'HELO'} hostname"))
             return
-        self.session.helo = name
+        # as Postfix does: control characters never reach Received: or the logs
+        self.session.helo = printable(name)
         self.session.esmtp = esmtp
         self.envelope = None
         hostname = self.server.hostname
@@ -605,6 +640,11 @@ class SMTPServerProtocol(Protocol):
         if count_hops(content) >= self.server.limits.max_hops:
             return TOO_MANY_HOPS
         factory = self.server
+        # RFC 8601 5: results claiming our authserv-id are forgeries
+        content = strip_authentication_results(content, factory.hostname)
+        if self._reverse is not None:
+            reverse, self._reverse = self._reverse, None
+            await reverse
         now = factory.clock.seconds()
         queue_id = factory.new_queue_id()
         header = self._received_header(envelope, queue_id, now)
@@ -613,7 +653,12 @@ class SMTPServerProtocol(Protocol):
             if refusal is not None:
                 return refusal
         if envelope.headers:
-            header += "".join(f"{line}\r\n" for line in envelope.headers).encode()
+            # trace fields of this hop above its Received: (RFC 7208 9.1), as
+            # Postfix places a policy service's PREPEND; others (a spam score) below
+            trace = [line for line in envelope.headers if _is_trace(line)]
+            other = [line for line in envelope.headers if not _is_trace(line)]
+            header = "".join(f"{line}\r\n" for line in trace).encode() + header
+            header += "".join(f"{line}\r\n" for line in other).encode()
         message = IncomingMessage(
             queue_id=queue_id,
             sender=str(envelope.sender),
@@ -659,10 +704,11 @@ class SMTPServerProtocol(Protocol):
             version, _, cipher = (describe(handle) or "TLS:unknown").partition(":")
             tls = f"\r\n\t(using {version} with cipher {cipher})"
         helo = self.session.helo or "unknown"
+        rdns = f"{self.session.rdns} " if self.session.rdns else ""
         stamp = format_datetime(datetime.fromtimestamp(now, UTC))
         recipient = f"\r\n\tfor <{envelope.recipients[0]}>" if len(envelope.recipients) == 1 else ""
         return (
-            f"Received: from {helo} ([{self.session.peer_ip}]){tls}\r\n"
+            f"Received: from {helo} ({rdns}[{self.session.peer_ip}]){tls}\r\n"
             f"\tby {self.server.hostname} (relayx) with {protocol} id {queue_id}"
             f"{recipient}; {stamp}\r\n"
         ).encode()
@@ -798,6 +844,7 @@ class SMTPServerFactory(ServerFactory):
         filters: FilterChains | None = None,
         metrics: Metrics | None = None,
         postmaster_domain: str | None = None,
+        reverse_names: Callable[[str], Awaitable[str | None]] | None = None,
     ) -> None:
         self.hostname = normalize_domain(hostname) if "." in hostname else hostname
         self.limits = limits
@@ -809,6 +856,8 @@ class SMTPServerFactory(ServerFactory):
         self.filters = filters
         #: where ``RCPT TO:<Postmaster>`` (no domain) goes: the primary domain
         self.postmaster_domain = postmaster_domain
+        #: the client's forward-confirmed reverse name, for Received:
+        self.reverse_names = reverse_names
         self.metrics = metrics or Metrics()
         self.sessions: set[SMTPServerProtocol] = set()
         self.per_ip: dict[str, int] = {}
