@@ -12,8 +12,10 @@ import socket
 import tomllib
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
+from flufl.bounce import all_failures, scan_message
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
@@ -28,6 +30,7 @@ from relayx.checks.chain import Client, Filter, FilterChain, FilterChains, Verdi
 from relayx.checks.recipients import RecipientPolicy
 from relayx.checks.spf_filter import SPF, SPFCache
 from relayx.config import AnyRecipient, DomainConfig, RecipientList, SMTPRoute
+from relayx.delivery.dsn import FailedRecipient, build_dsn
 from relayx.dns import ReverseNames
 from relayx.interfaces import Throttle
 from relayx.redis.embedded import free_port
@@ -245,7 +248,6 @@ def test_bare_postmaster_is_accepted_for_the_primary_domain() -> None:
 
 def test_bare_postmaster_is_primary_domain_of_the_node() -> None:
     """When the front door is built from the example config, <Postmaster> goes to its first [[domain]]."""
-    from typing import Any
 
     from relayx.config import load
     from relayx.metrics import Metrics
@@ -417,3 +419,84 @@ class ReverseNamesOverDNS(TestCase):
         self.addCleanup(server.stop)
         names = ReverseNames(dns_lookup((("127.0.0.1", server.port),), 2.0), reactor, 2.0)
         assert await names.name("192.0.2.7") == "mail.client.test"
+
+
+# -- 5. DSNs --------------------------------------------------------------------
+
+GMAIL_REPLY = (
+    "The email account that you tried to reach does not exist. Please try\n"
+    "double-checking the recipient's email address for typos or\n"
+    "unnecessary spaces. For more information, go to\n"
+    " https://support.google.com/mail/?p=NoSuchUser a1si123456"
+)
+
+
+def parts(message: Any) -> list[Any]:
+    payload = message.get_payload()
+    assert isinstance(payload, list)
+    return payload
+
+
+def _dsn(**overrides: Any) -> bytes:
+    arguments: dict[str, Any] = {
+        "reporting_mta": "mx2.relayx.test",
+        "message_id": "DSN1",
+        "queue_id": "Q1",
+        "sender": "bob@sender.test",
+        "arrival": 1_700_000_000.0,
+        "now": 1_700_000_060.0,
+        "failures": [FailedRecipient("gone@example.com", 550, "5.1.1", GMAIL_REPLY)],
+        "original": b"Subject: hello\r\nMessage-ID: <1@sender.test>\r\n\r\nbody\r\n",
+    }
+    arguments.update(overrides)
+    return build_dsn(**arguments)
+
+
+def test_multiline_reply_never_puts_bare_lf_in_a_dsn() -> None:
+    """When the primary's refusal is a multi-line reply, the DSN has CRLF only, lines under 998 and folded fields."""
+    raw = _dsn()
+    assert raw.count(b"\n") == raw.count(b"\r\n")
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 90
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    status = parts(parsed)[1]
+    [_, block] = parts(status)
+    diagnostic = " ".join(str(block["Diagnostic-Code"]).split())
+    assert diagnostic == "smtp; 550 5.1.1 " + " ".join(GMAIL_REPLY.split())
+    assert scan_message(email.message_from_bytes(raw)) == {b"gone@example.com"}
+
+
+def test_dsn_passes_flufl_bounce() -> None:
+    """When a failure DSN and a delay warning are read by flufl.bounce, they are a permanent and a temporary failure."""
+    failed = email.message_from_bytes(_dsn())
+    assert all_failures(failed) == (frozenset(), frozenset({b"gone@example.com"}))
+    delayed = email.message_from_bytes(
+        _dsn(failures=[FailedRecipient("slow@example.com", 0, "4.4.1", "connection refused")], delayed=True)
+    )
+    assert all_failures(delayed) == (frozenset({b"slow@example.com"}), frozenset())
+
+
+def test_delay_warning_says_still_trying() -> None:
+    """When a delay warning is built, its text says the mail is still being tried, never that relayx gave up."""
+    raw = _dsn(failures=[FailedRecipient("slow@example.com", 0, "4.4.1", "connection refused")], delayed=True)
+    text = raw.decode()
+    assert "gave up" not in text
+    assert "<slow@example.com>: still trying: connection refused" in text
+    assert "Action: delayed" in text and "Action: failed" not in text
+
+
+def test_smtputf8_bounce_uses_global_delivery_status() -> None:
+    """When the sender or original headers are UTF-8, the DSN is message/global-delivery-status (RFC 6533)."""
+    raw = _dsn(
+        sender="bøb@sender.test",
+        failures=[FailedRecipient("jörg@example.com", 550, "5.1.1", "no such user")],
+        original="Subject: grüße\r\nFrom: bøb@sender.test\r\n\r\nbody\r\n".encode(),
+    )
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    assert parsed.get_content_type() == "multipart/report"
+    _, status, headers = parts(parsed)
+    assert status.get_content_type() == "message/global-delivery-status"
+    assert headers.get_content_type() == "message/global-headers"
+    assert "Final-Recipient: utf-8; jörg@example.com".encode() in raw
+    assert "X-Original-Sender: utf-8; bøb@sender.test".encode() in raw
+    ascii_only = _dsn()
+    assert b"message/delivery-status" in ascii_only and b"text/rfc822-headers" in ascii_only
