@@ -36,7 +36,9 @@ from relayx.interfaces import Throttle
 from relayx.redis.embedded import free_port
 from relayx.service import listen
 from relayx.smtp.server import Limits, SMTPServerFactory, SMTPServerProtocol
+from tests.dns import LoopbackDNS, a, mx
 from tests.fakes import MemoryStore
+from tests.helpers import LoopbackSink, NodeCase, send, wait_for
 
 LIMITS = Limits(
     max_message_size=100_000,
@@ -500,3 +502,47 @@ def test_smtputf8_bounce_uses_global_delivery_status() -> None:
     assert "X-Original-Sender: utf-8; bøb@sender.test".encode() in raw
     ascii_only = _dsn()
     assert b"message/delivery-status" in ascii_only and b"text/rfc822-headers" in ascii_only
+
+
+# -- 6. MX ----------------------------------------------------------------------
+
+
+class UndeliverableMXTests(NodeCase):
+    async def test_null_mx_and_best_mx_left_fail_at_once_with_a_dsn(self) -> None:
+        """When a domain has a null MX or this node is its best MX, the sender gets a DSN (5.1.10, 5.4.4) at once."""
+        from twisted.names import dns as names_dns
+
+        mx_port = free_port()
+        senders_mx = LoopbackSink(mx_port, interface="127.0.0.2")
+        senders_mx.start()
+        self.addCleanup(lambda: Deferred.fromCoroutine(senders_mx.stop()))
+        dns = LoopbackDNS(
+            {
+                "sender.test": {"sender.test": [mx(10, "mx.sender.test")], "mx.sender.test": [a("127.0.0.2")]},
+                "nullmx.test": {"nullmx.test": [names_dns.Record_MX(0, b"")]},
+                "bestmx.test": {"bestmx.test": [mx(10, "mx2.relayx.test"), mx(20, "mx9.bestmx.test")]},
+            }
+        )
+        self.addCleanup(lambda: Deferred.fromCoroutine(dns.stop()))
+        sink = LoopbackSink()
+        await self.start_node(
+            sink,
+            delivery={"nameservers": [dns.address], "mx_port": mx_port},
+            domains=[
+                {"name": "nullmx.test", "routes": ["mx"], "recipients": "any"},
+                {"name": "bestmx.test", "routes": ["mx"], "recipients": "any"},
+            ],
+        )
+        body = b"Subject: doomed\r\nMessage-ID: <9@sender.test>\r\n\r\nbody\r\n"
+        assert await send(self.smtp_port, "bob@sender.test", ["a@nullmx.test"], body) == {}
+        assert await send(self.smtp_port, "bob@sender.test", ["b@bestmx.test"], body) == {}
+        await wait_for(lambda: len(senders_mx.messages) == 2, 30, "two DSNs at the sender's MX")
+        found = {}
+        for dsn in senders_mx.messages:
+            status = parts(parts(email.message_from_bytes(dsn.body))[1])[1]
+            found[status["Final-Recipient"]] = (status["Action"], status["Status"])
+            assert scan_message(email.message_from_bytes(dsn.body))
+        assert found == {
+            "rfc822; a@nullmx.test": ("failed", "5.1.10"),
+            "rfc822; b@bestmx.test": ("failed", "5.4.4"),
+        }

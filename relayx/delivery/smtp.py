@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from relayx.delivery.routes import Target
+from relayx.delivery.routes import Target, Undeliverable
 from relayx.interfaces import IDeliverer, Outcome
 from relayx.reply import Reply
 from relayx.smtp.client import ConversationError, SMTPClientProtocol, dot_stuff
@@ -84,7 +84,17 @@ class SMTPDeliverer:
             await self._park_or_quit(conn, target)
             return outcome
 
-        result = await self._first_answer(domain, transaction, reuse=True)
+        try:
+            result = await self._first_answer(domain, transaction, reuse=True)
+        except Undeliverable as e:
+            log.info(
+                "{domain}: {count} recipient(s) undeliverable: {reply}",
+                domain=domain,
+                count=len(recipients),
+                reply=str(e.reply),
+                code=e.reply.code,
+            )
+            return Outcome(failed=tuple((r, e.reply) for r in recipients))
         return Outcome(unreachable=result) if isinstance(result, str) else result
 
     async def _park_or_quit(self, conn: SMTPClientProtocol, target: Target) -> None:
@@ -139,7 +149,10 @@ class SMTPDeliverer:
             await self._quit(conn)
             return True
 
-        result = await self._first_answer(domain, hello)
+        try:
+            result = await self._first_answer(domain, hello)
+        except Undeliverable as e:
+            return str(e)
         return result if isinstance(result, str) else None
 
     async def verify(self, domain: str, address: str, timeout: float) -> bool | None:
@@ -176,6 +189,8 @@ class SMTPDeliverer:
         """
         try:
             targets = await self._targets(domain)
+        except Undeliverable:
+            raise
         except Exception as e:
             return f"no destination for {domain}: {e}"
         reasons = []
