@@ -9,6 +9,7 @@ import email
 import email.policy
 import itertools
 import socket
+import tempfile
 import tomllib
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -32,13 +33,17 @@ from relayx.checks.spf_filter import SPF, SPFCache
 from relayx.config import AnyRecipient, DomainConfig, RecipientList, SMTPRoute
 from relayx.delivery.dsn import FailedRecipient, build_dsn
 from relayx.dns import ReverseNames
-from relayx.interfaces import Throttle
+from relayx.interfaces import Outcome, Throttle
 from relayx.redis.embedded import free_port
 from relayx.service import listen
+from relayx.smtp.client import fold_long_lines
 from relayx.smtp.server import Limits, SMTPServerFactory, SMTPServerProtocol
+from relayx.smtp.tls import load_options
+from tests.certs import CA
 from tests.dns import LoopbackDNS, a, mx
 from tests.fakes import MemoryStore
 from tests.helpers import LoopbackSink, NodeCase, send, wait_for
+from tests.test_delivery import Scripted
 
 LIMITS = Limits(
     max_message_size=100_000,
@@ -410,7 +415,6 @@ class ReverseNamesOverDNS(TestCase):
         from twisted.names import dns as names_dns
 
         from relayx.dns import dns_lookup
-        from tests.dns import LoopbackDNS, a
 
         server = LoopbackDNS(
             {
@@ -546,3 +550,98 @@ class UndeliverableMXTests(NodeCase):
             "rfc822; a@nullmx.test": ("failed", "5.1.10"),
             "rfc822; b@bestmx.test": ("failed", "5.4.4"),
         }
+
+
+# -- 7. outbound ----------------------------------------------------------------
+
+EHLO_UTF8 = b"250-dest.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 SIZE 1000000\r\n"
+EHLO_8BIT = b"250-dest.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 1000000\r\n"
+ACCEPT_ALL = b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n354 go\r\n250 2.0.0 queued\r\n"
+
+
+def _deliver(ehlo: bytes, sender: str, recipient: str, body: bytes) -> tuple[Outcome, bytes]:
+    s = Scripted({"a": b"220 dest.test\r\n" + ehlo + ACCEPT_ALL + b"250 ok\r\n"})
+    d = Deferred.fromCoroutine(s.deliverer(["a"]).deliver("example.com", sender, (recipient,), body))
+    outcomes: list[Outcome] = []
+    d.addCallback(outcomes.append)
+    assert outcomes
+    return outcomes[0], s.transports["a"].value()
+
+
+UTF8_HEADERS = "Subject: Grüße\r\nFrom: Jörg <bob@sender.test>\r\n\r\nHallo\r\n".encode()
+
+
+def test_utf8_headers_relayed_with_smtputf8_when_offered() -> None:
+    """When a message has UTF-8 headers and the primary offers SMTPUTF8, MAIL FROM asks for it."""
+    outcome, sent = _deliver(EHLO_UTF8, "bob@sender.test", "a@example.com", UTF8_HEADERS)
+    assert outcome.delivered == ("a@example.com",)
+    mail = sent.split(b"\r\n")[1]
+    assert mail.startswith(b"MAIL FROM:<bob@sender.test>") and b" SMTPUTF8" in mail and b"BODY=8BITMIME" in mail
+
+
+def test_utf8_headers_without_smtputf8_go_as_8bitmime() -> None:
+    """When the primary lacks SMTPUTF8 and only headers are UTF-8, the message goes as 8BITMIME, not bounced."""
+    outcome, sent = _deliver(EHLO_8BIT, "bob@sender.test", "a@example.com", UTF8_HEADERS)
+    assert outcome.delivered == ("a@example.com",)
+    mail = sent.split(b"\r\n")[1]
+    assert b"SMTPUTF8" not in mail and b"BODY=8BITMIME" in mail
+
+
+def test_utf8_addresses_without_smtputf8_fail_567() -> None:
+    """When an address is UTF-8 and the primary lacks SMTPUTF8, the recipient fails with 5.6.7 (as Postfix)."""
+    outcome, sent = _deliver(EHLO_8BIT, "jörg@sender.test", "a@example.com", b"Subject: x\r\n\r\nb\r\n")
+    [(recipient, reply)] = outcome.failed
+    assert recipient == "a@example.com" and (reply.code, reply.status) == (553, "5.6.7")
+    assert b"MAIL FROM" not in sent
+
+
+def test_ascii_message_never_asks_for_smtputf8() -> None:
+    """When envelope and headers are ASCII, SMTPUTF8 is not asked for even if offered (Postfix's autodetect)."""
+    _, sent = _deliver(EHLO_UTF8, "bob@sender.test", "a@example.com", b"Subject: x\r\n\r\nb\r\n")
+    assert b"SMTPUTF8" not in sent.split(b"\r\n")[1]
+
+
+def test_long_lines_folded_at_998() -> None:
+    """When a message has 2,000- and 5,000-octet lines, no line sent exceeds 998 octets and unfolding restores it."""
+    header = b"X-Long: " + b"h" * 2000
+    line = b"".join(bytes([97 + n % 26]) for n in range(5000))
+    body = header + b"\r\nSubject: x\r\n\r\n" + line + b"\r\n.dot\r\n"
+    outcome, sent = _deliver(EHLO_8BIT, "bob@sender.test", "a@example.com", body)
+    assert outcome.delivered == ("a@example.com",)
+    data = sent.split(b"RCPT TO:<a@example.com>\r\nDATA\r\n", 1)[1]
+    assert max(len(x) for x in data.split(b"\r\n")) == 998
+    content = data[: data.index(b"\r\n.\r\n")].replace(b"\r\n..", b"\r\n.")
+    assert content.replace(b"\r\n ", b"") == body.rstrip(b"\r\n")
+    parsed = email.message_from_bytes(content + b"\r\n", policy=email.policy.default)
+    assert str(parsed["X-Long"]).replace(" ", "") == "h" * 2000
+    assert fold_long_lines(b"short\r\nlines\r\n") == b"short\r\nlines\r\n"
+
+
+class OpportunisticFallbackTests(NodeCase):
+    async def test_broken_tls_falls_back_to_plaintext(self) -> None:
+        """When the primary offers STARTTLS but only TLS 1.0, opportunistic delivery retries in the clear."""
+        from twisted.internet.ssl import CertificateOptions, TLSVersion
+
+        ca = CA()
+        directory = Path(tempfile.mkdtemp())
+        cert, key, _ = ca.issue(directory, "mx.broken.test")
+        good = load_options(cert, key)
+        destination = LoopbackSink()
+        destination.sink.tls = CertificateOptions(
+            privateKey=good.privateKey,
+            certificate=good.certificate,
+            insecurelyLowerMinimumTo=TLSVersion.TLSv1_0,
+            lowerMaximumSecurityTo=TLSVersion.TLSv1_0,
+        )
+        destination.start()
+        self.addCleanup(lambda: Deferred.fromCoroutine(destination.stop()))
+        domain = {
+            "name": "broken.test",
+            "routes": [f"smtp://127.0.0.1:{destination.port}"],
+            "recipients": "any",
+            "tls": "opportunistic",
+        }
+        await self.start_node(LoopbackSink(), domains=[domain])
+        assert await send(self.smtp_port, "bob@sender.test", ["a@broken.test"], b"Subject: s\r\n\r\nx\r\n") == {}
+        await wait_for(lambda: len(destination.messages) == 1, 30, "delivery in the clear")
+        assert not destination.messages[0].tls
