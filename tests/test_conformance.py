@@ -8,7 +8,9 @@ from __future__ import annotations
 import email
 import email.policy
 import itertools
+import smtplib
 import socket
+import ssl
 import tempfile
 import tomllib
 from collections.abc import Awaitable, Callable, Sequence
@@ -645,3 +647,62 @@ class OpportunisticFallbackTests(NodeCase):
         assert await send(self.smtp_port, "bob@sender.test", ["a@broken.test"], b"Subject: s\r\n\r\nx\r\n") == {}
         await wait_for(lambda: len(destination.messages) == 1, 30, "delivery in the clear")
         assert not destination.messages[0].tls
+
+
+# -- 8. TLS in ------------------------------------------------------------------
+
+
+class InboundTLSTests(NodeCase):
+    async def start_with_chain(self) -> Path:
+        """
+        A node whose certificate is issued by an intermediate CA, the file
+        holding the leaf then the intermediate; returns the root CA's file.
+        """
+        root = CA()
+        intermediate = CA(root, "relayx test intermediate")
+        directory = Path(tempfile.mkdtemp())
+        leaf, key, _ = intermediate.issue(directory, "mx2.relayx.test")
+        (directory / "fullchain.pem").write_bytes(leaf.read_bytes() + intermediate.pem())
+        (directory / "root.pem").write_bytes(root.pem())
+        await self.start_node(
+            LoopbackSink(),
+            smtp={"tls_certificate": str(directory / "fullchain.pem"), "tls_key": str(key)},
+        )
+        return directory / "root.pem"
+
+    def starttls(self, context: ssl.SSLContext) -> tuple[str, str | None, str]:
+        with smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=20) as client:
+            client.ehlo("client.test")
+            client.starttls(context=context)
+            assert isinstance(client.sock, ssl.SSLSocket)
+            version = client.sock.version() or ""
+            alpn = client.sock.selected_alpn_protocol()
+            code, _ = client.ehlo("client.test")
+            return version, alpn, str(code)
+
+    async def test_chain_sent_and_alpn_accepted(self) -> None:
+        """When a client trusting only the root offers ALPN, STARTTLS verifies through the intermediate, no alert."""
+        root = await self.start_with_chain()
+        context = ssl.create_default_context(cafile=str(root))
+        context.set_alpn_protocols(["h2", "http/1.1", "smtp"])
+        version, alpn, code = await deferToThread(self.starttls, context)
+        assert version == "TLSv1.3" and alpn is None and code == "250"
+
+    async def test_tls12_offers_only_ecdhe_aead(self) -> None:
+        """When a TLS 1.2 client offers only CBC or static-RSA suites, the handshake fails; ECDHE AES-GCM works."""
+        root = await self.start_with_chain()
+
+        def tls12(ciphers: str) -> tuple[str, str | None, str]:
+            context = ssl.create_default_context(cafile=str(root))
+            context.maximum_version = ssl.TLSVersion.TLSv1_2
+            context.set_ciphers(ciphers)
+            return self.starttls(context)
+
+        assert (await deferToThread(tls12, "ECDHE-ECDSA-AES128-GCM-SHA256"))[0] == "TLSv1.2"
+        for weak in ("ECDHE-ECDSA-AES128-SHA", "AES128-SHA256:AES256-SHA"):
+            try:
+                await deferToThread(tls12, weak)
+            except (ssl.SSLError, smtplib.SMTPException, ConnectionError) as e:
+                assert "handshake" in str(e).lower() or "alert" in str(e).lower() or isinstance(e, ConnectionError), e
+            else:
+                raise AssertionError(f"{weak} was accepted")
