@@ -11,6 +11,7 @@ import ipaddress
 import re
 
 import attrs
+import idna
 
 
 class AddressError(ValueError):
@@ -51,8 +52,12 @@ def normalize_domain(domain: str) -> str:
         return domain.lower()
     name = domain.rstrip(".")
     try:
-        ascii_name = name.encode("idna").decode("ascii").lower() if not name.isascii() else name.lower()
-    except UnicodeError as e:
+        # UTS 46 non-transitional (IDNA 2008), as browsers and current MTAs:
+        # Python's "idna" codec is IDNA 2003 and maps faß.de to fass.de
+        ascii_name = (
+            idna.encode(name, uts46=True, transitional=False).decode("ascii") if not name.isascii() else name
+        ).lower()
+    except (UnicodeError, idna.IDNAError) as e:
         raise AddressError(f"bad domain {domain!r}: {e}") from None
     labels = ascii_name.split(".")
     if len(ascii_name) > 253 or len(labels) < 2 or not all(_LABEL.match(label) for label in labels):

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import pytest
 from flufl.bounce import all_failures, scan_message
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -28,7 +29,7 @@ from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from relayx.address import Mailbox
+from relayx.address import AddressError, Mailbox, normalize_domain
 from relayx.checks.chain import Client, Filter, FilterChain, FilterChains, Verdict
 from relayx.checks.recipients import RecipientPolicy
 from relayx.checks.spf_filter import SPF, SPFCache
@@ -706,3 +707,26 @@ class InboundTLSTests(NodeCase):
                 assert "handshake" in str(e).lower() or "alert" in str(e).lower() or isinstance(e, ConnectionError), e
             else:
                 raise AssertionError(f"{weak} was accepted")
+
+
+# -- 9. IDNA --------------------------------------------------------------------
+
+
+def test_domains_are_uts46_nontransitional() -> None:
+    """When a UTF-8 domain is normalised, it follows UTS 46 non-transitional: faß.de is xn--fa-hia.de, not fass.de."""
+    assert normalize_domain("faß.de") == "xn--fa-hia.de"
+    assert normalize_domain("Bücher.Example") == "xn--bcher-kva.example"
+    assert normalize_domain("XN--FA-HIA.DE") == "xn--fa-hia.de"
+    assert Mailbox.parse("jörg@faß.de").domain == "xn--fa-hia.de"
+    for bad in ("a\u200db.de", "-bad.de", "xn--.de"):
+        with pytest.raises(AddressError):
+            normalize_domain(bad)
+
+
+def test_rcpt_to_utf8_domain_is_stored_as_a_label() -> None:
+    """When RCPT TO names faß.de with SMTPUTF8, it is matched against the configured xn--fa-hia.de."""
+    domains = (DomainConfig("xn--fa-hia.de", (SMTPRoute("127.0.0.1", 2526),), AnyRecipient(), Throttle(1)),)
+    h = Harness(domains=domains)
+    h.send("EHLO client.test\r\nMAIL FROM:<bob@sender.test> SMTPUTF8\r\n")
+    assert h.send("RCPT TO:<jörg@faß.de>\r\n").startswith("250 ")
+    assert h.send("RCPT TO:<jörg@fass.de>\r\n").startswith("550 5.7.1")
