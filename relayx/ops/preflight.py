@@ -63,7 +63,7 @@ def smtp_probe_blocking(host: str, port: int, helo: str, timeout: float) -> SMTP
     """
     with smtplib.SMTP(timeout=timeout, local_hostname=helo) as client:
         _, banner = client.connect(host, port)
-        client._host = host  # smtplib sets it only when given to the constructor; STARTTLS sends it as SNI
+        client._host = host  # type: ignore[attr-defined]  # smtplib sets it only when given to the constructor; STARTTLS sends it as SNI
         client.ehlo()
         if not client.has_extn("starttls"):
             return SMTPProbe(banner.decode("utf-8", "replace"), False)
