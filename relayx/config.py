@@ -9,6 +9,7 @@ ends up as an open relay or with a retention of zero.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import tomllib
@@ -188,6 +189,8 @@ class NodeConfig:
     data_dir: Path
     #: "text" (twistd's lines) or "json" (one JSON object per line, with the events' fields)
     log_format: str = "text"
+    #: processes taking SMTP (``relayx --config``; ``twistd -n relayx`` is always one)
+    processes: int = 1
 
 
 @attrs.frozen
@@ -465,6 +468,17 @@ def _port(value: object) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536:
         return value
     raise ValueError(f"a TCP port from 1 to 65535, got {value!r}")
+
+
+def _processes(value: object) -> int:
+    """
+    ``"auto"`` (one per core) or a whole number from 1 to 64.
+    """
+    if value == "auto":
+        return max(1, min(64, os.cpu_count() or 1))
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+        raise ValueError(f"expected \"auto\" or a whole number from 1 to 64, got {value!r}")
+    return value
 
 
 def _positive_int(value: object) -> int:
@@ -759,6 +773,7 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
         hostname=node.get("hostname", host, _string),
         data_dir=base / node.get("data_dir", "relayx-data", _string),
         log_format=node.get("log_format", "text", _choice("text", "json")),
+        processes=node.get("processes", _processes("auto"), _processes),
     )
     node.finish()
 
