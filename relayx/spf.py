@@ -95,7 +95,7 @@ class Verdict:
             Result.NEUTRAL: f"{self.ip} is neither permitted nor denied by domain of {self.sender}",
             Result.NONE: f"domain of {self.sender} does not publish SPF",
             Result.TEMPERROR: f"error in processing during lookup of {domain}",
-            Result.PERMERROR: f"permanent error in processing domain of {domain}: {self.reason}",
+            Result.PERMERROR: f"permanent error in processing domain of {domain}: {_comment_text(self.reason)}",
         }[self.result]
         envelope_from = self.sender if self.identity == "mailfrom" else ""
         return (
@@ -110,6 +110,15 @@ class Verdict:
         """
         prop = f"smtp.mailfrom={self.sender}" if self.identity == "mailfrom" else f"smtp.helo={self.helo}"
         return f"Authentication-Results: {receiver}; spf={self.result.value} {prop}"
+
+
+def _comment_text(text: str) -> str:
+    """
+    A reason, which quotes DNS data, made safe for a header comment: visible
+    ASCII without parentheses or backslashes, 100 characters at most.
+    """
+    safe = re.sub(r"[^\x20-\x7e]|[()\\]", "?", text)
+    return safe if len(safe) <= 100 else safe[:97] + "..."
 
 
 def _quote(value: str) -> str:

@@ -122,6 +122,14 @@ def test_ipv4_mapped_client_is_ipv4() -> None:
     assert (v.result, v.ip) == (Result.FAIL, "198.51.100.1")
 
 
+def test_permerror_reason_is_safe_in_header() -> None:
+    """When a record's syntax error quotes control or non-ASCII characters, Received-SPF carries them replaced."""
+    v = verdict("192.0.2.1", "bob@crlf.test")
+    assert v.result is Result.PERMERROR
+    received = v.received_spf("mx2.example.net")
+    assert received.split("\r\n")[0].endswith("domain of crlf.test: bad network in 'ip4:192.0.2.1?r?n')")
+
+
 def test_headers() -> None:
     """When a result is recorded, Received-SPF and Authentication-Results name the result, client and identity."""
     v = verdict("198.51.100.1", "bob@pass.test", helo="mail.sender.test")
