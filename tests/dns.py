@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.names import authority, common, dns, error, server
 from twisted.python.failure import Failure
 
-from relayx.redis_server import free_port
+from relayx.redis.embedded import free_port
 
 
 class MemoryAuthority(authority.FileAuthority):

@@ -20,20 +20,11 @@ from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
 from relayx.address import Mailbox
+from relayx.checks.chain import ALLOW, AddHeaders, Client, Decision, Filter, FilterChain, Verdict
+from relayx.checks.dnslists import DNSLists, reversed_ip
 from relayx.config import DNSList, parse_dnslist
-from relayx.filters import (
-    ALLOW,
-    AddHeaders,
-    Client,
-    Decision,
-    DNSLists,
-    Filter,
-    FilterChain,
-    Verdict,
-    reversed_ip,
-)
-from relayx.lookup import dns_lookup
-from relayx.redis_server import free_port
+from relayx.dns import dns_lookup
+from relayx.redis.embedded import free_port
 from relayx.reply import Reply
 from tests.dns import LoopbackDNS, a, txt
 from tests.helpers import LoopbackSink, NodeCase, send, unique_prefix, wait_for

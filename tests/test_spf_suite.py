@@ -3,13 +3,13 @@ The RFC 7208 test suite (``tests/data/rfc7208-tests.yml``: the openspf.org
 suite, release 2014.04 with the 2019.08 additions, as pyspf ships it: file
 ``test/rfc7208-tests.yml`` of github.com/sdgathman/pyspf, commit 4bf96ea;
 licence in ``rfc7208-tests.LICENSE``): each scenario's zone data served by a
-real DNS server on loopback, each case run through ``relayx.spf.check`` over
-``relayx.lookup.dns_lookup``.
+real DNS server on loopback, each case run through ``relayx.checks.spf.check`` over
+``relayx.dns.dns_lookup``.
 
 The suite's conventions (those of its drivers, e.g. pyspf's ``testspf.py``):
 an ``SPF`` record stands for a ``TXT`` record too unless the name has
 ``TXT`` records of its own; ``TXT: NONE`` means no ``TXT`` record; a
-``TIMEOUT`` entry makes every query of the name for a type listed before it
+``TIMEOUT`` entry makes every query of the name for a type not listed before it
 time out (here: SERVFAIL, which is as temporary and does not wait).
 """
 
@@ -23,8 +23,8 @@ import yaml
 from twisted.names import dns
 from twisted.trial.unittest import TestCase
 
-from relayx.lookup import dns_lookup
-from relayx.spf import check
+from relayx.checks.spf import check
+from relayx.dns import dns_lookup
 from tests.dns import LoopbackDNS, Table
 from tests.test_queue_redis import deferred_test
 

@@ -19,8 +19,9 @@ from typing import Any
 from twisted.internet.task import react
 
 from relayx.config import Config, ConfigError, load, parse_route
-from relayx.queue.redis import RedisQueue, open_redis
-from relayx.redis_server import EmbeddedRedis
+from relayx.queue.redis import RedisQueue
+from relayx.redis.connection import open_redis
+from relayx.redis.embedded import EmbeddedRedis
 
 COMMANDS = ("nodes", "status", "hold", "release", "route", "audit")
 
