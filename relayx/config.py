@@ -287,14 +287,70 @@ CLIENT_LIMITS = ("connections_per_minute", "messages_per_minute")
 
 
 @attrs.frozen
+class DNSList:
+    """
+    A DNS list zone and, optionally, the answers that count as a listing,
+    written as Postfix does: ``zen.spamhaus.org=127.0.0.[2..11]``, each
+    octet a number or ``[n;m..o]``. Whatever the pattern, only answers in
+    127.0.0.0/8 outside 127.255.255.0/24 (the lists' error codes) count.
+    """
+
+    zone: str
+    #: the values each octet of a counting answer may have (``None``: any)
+    octets: tuple[frozenset[int], ...] | None = None
+
+    def counts(self, answer: str) -> bool:
+        """
+        Whether an answer matches the pattern (any does without one).
+        """
+        if self.octets is None:
+            return True
+        parts = answer.split(".")
+        return len(parts) == 4 and all(p.isdigit() and int(p) in o for p, o in zip(parts, self.octets, strict=True))
+
+    def __str__(self) -> str:
+        return self.zone
+
+
+def parse_dnslist(value: object) -> DNSList:
+    """
+    A ``zone`` or ``zone=d.d.d.d`` entry of ``dnsbl`` or ``dnswl``.
+    """
+    text = _string(value)
+    zone, equals, pattern = text.partition("=")
+    if not equals:
+        return DNSList(_domain_name(zone))
+    octet = r"(\d+|\[[^\]]*\])"
+    parts = re.fullmatch(rf"{octet}\.{octet}\.{octet}\.{octet}", pattern)
+    octets: list[frozenset[int]] = []
+    for part in parts.groups() if parts is not None else ():
+        values: set[int] = set()
+        items = part[1:-1].split(";") if part.startswith("[") and part.endswith("]") else [part]
+        for item in items:
+            low, dots, high = item.partition("..")
+            well_formed = low.isdigit() and (high.isdigit() if dots else not high)
+            if not (well_formed and int(low) <= int(high or low) <= 255):
+                values.clear()  # refused below
+                break
+            values.update(range(int(low), int(high or low) + 1))
+        octets.append(frozenset(values))
+    if len(octets) != 4 or not all(octets):
+        raise ValueError(
+            f"a zone such as 'zen.spamhaus.org' or 'zen.spamhaus.org=127.0.0.[2..11]' (answers that count), "
+            f"got {value!r}"
+        )
+    return DNSList(_domain_name(zone), tuple(octets))
+
+
+@attrs.frozen
 class FilterConfig:
     """
     Filtering before the queue, all off by default: ``[filter]`` for every
     domain, and a domain's ``[domain.filter]`` over it.
     """
 
-    dnsbl: tuple[str, ...] = ()
-    dnswl: tuple[str, ...] = ()
+    dnsbl: tuple[DNSList, ...] = ()
+    dnswl: tuple[DNSList, ...] = ()
     dns_timeout: float = 2.0
     greylist_delay: float = 0.0
     greylist_expiry: float = 36 * 3600.0
@@ -447,6 +503,10 @@ def _zones(value: object) -> tuple[str, ...]:
     return tuple(_domain_name(v) for v in _strings(value))
 
 
+def _dnslists(value: object) -> tuple[DNSList, ...]:
+    return tuple(parse_dnslist(v) for v in _strings(value))
+
+
 def _networks(value: object) -> tuple[str, ...]:
     import ipaddress
 
@@ -544,8 +604,8 @@ def _filter(section: _Section, defaults: FilterConfig) -> FilterConfig:
     """
     d = defaults
     config = FilterConfig(
-        dnsbl=section.get("dnsbl", d.dnsbl, _zones),
-        dnswl=section.get("dnswl", d.dnswl, _zones),
+        dnsbl=section.get("dnsbl", d.dnsbl, _dnslists),
+        dnswl=section.get("dnswl", d.dnswl, _dnslists),
         dns_timeout=section.get("dns_timeout", d.dns_timeout, _positive_duration),
         greylist_delay=section.get("greylist_delay", d.greylist_delay, _duration_or_zero),
         greylist_expiry=section.get("greylist_expiry", d.greylist_expiry, _positive_duration),
