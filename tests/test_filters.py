@@ -155,6 +155,20 @@ class DNSListCodeTests(TestCase):
         assert [w["answer"] for w in warnings] == ["127.255.255.254", "192.0.2.80"]
 
     @deferred_test
+    async def test_allowlist_refusal_trusts_nobody(self) -> None:
+        """When a DNSWL answers 127.0.0.255 (dnswl.org: refused), the client is not allowed and is still checked."""
+        records = {"1.0.0.127.wl.test": [a("127.0.0.255")], "1.0.0.127.bl.test": [a("127.0.0.2")]}
+        server = LoopbackDNS({"wl.test": records, "bl.test": {}})
+        self.addCleanup(lambda: Deferred.fromCoroutine(server.stop()))
+        clock = Clock()
+        lookup = dns_lookup((("127.0.0.1", server.port),), 5.0)
+        lists = DNSLists([DNSList("bl.test")], [DNSList("wl.test")], lookup, clock, cache_for=0)
+        warnings = self.warnings()
+        verdict = await self.check(lists, "127.0.0.1")
+        assert isinstance(verdict, Reply) and verdict.code == 554, "the refusal did not allow the client"
+        assert [(w["zone"], w["answer"]) for w in warnings] == [("wl.test", "127.0.0.255")]
+
+    @deferred_test
     async def test_dns_list_return_codes(self) -> None:
         """When a DNSBL or DNSWL entry names its return codes, other answers in 127.0.0.0/8 do not count."""
         records = {

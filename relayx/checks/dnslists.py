@@ -38,6 +38,9 @@ def reversed_ip(client: str) -> str | None:
 #: 127.255.255.255 "over the free quota"), which would list every client
 LISTED_ANSWERS = ipaddress.IPv4Network("127.0.0.0/8")
 LIST_ERROR_ANSWERS = ipaddress.IPv4Network("127.255.255.0/24")
+#: an allow list's refusal (list.dnswl.org: 127.0.0.255 "query refused"): counting
+#: it as "allowed" would trust every client, so it never counts
+ALLOWLIST_REFUSED = ipaddress.IPv4Address("127.0.0.255")
 
 
 @attrs.define
@@ -72,7 +75,7 @@ class DNSLists(Filter):
         self._cache[client.ip] = (now + self.cache_for, verdict)
         return verdict
 
-    async def _listed(self, dnslist: DNSList, client: str, query: str) -> str | None:
+    async def _listed(self, dnslist: DNSList, client: str, query: str, allow: bool = False) -> str | None:
         """
         The answer that lists the client, or ``None``.
         """
@@ -86,7 +89,8 @@ class DNSLists(Filter):
                 address = ipaddress.IPv4Address(answer)
             except ValueError:
                 continue
-            if address in LISTED_ANSWERS and address not in LIST_ERROR_ANSWERS:
+            refused = address in LIST_ERROR_ANSWERS or (allow and address == ALLOWLIST_REFUSED)
+            if address in LISTED_ANSWERS and not refused:
                 if dnslist.counts(answer):
                     return answer
             else:
@@ -98,9 +102,10 @@ class DNSLists(Filter):
         if now < self._warned.get(zone, float("-inf")) + self.warn_every:
             return
         self._warned[zone] = now
+        address = ipaddress.IPv4Address(answer)
         meaning = (
             "an error code: the list refuses this resolver (a public one?) or its query quota is used up"
-            if ipaddress.IPv4Address(answer) in LIST_ERROR_ANSWERS
+            if address in LIST_ERROR_ANSWERS or address == ALLOWLIST_REFUSED
             else "not a listing code (a resolver that rewrites unknown names?)"
         )
         log.warn(
@@ -115,7 +120,7 @@ class DNSLists(Filter):
         if query is None:
             return None
         for dnslist in self.allowlists:
-            if await self._listed(dnslist, client, query) is not None:
+            if await self._listed(dnslist, client, query, allow=True) is not None:
                 return ALLOW
         for dnslist in self.blocklists:
             answer = await self._listed(dnslist, client, query)
