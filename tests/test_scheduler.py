@@ -4,16 +4,14 @@ The delivery scheduler and its lease keeper, on a Clock: no reactor runs.
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
 from zope.interface.verify import verifyObject
 
 from relayx.delivery.scheduler import Prober, Scheduler
 from relayx.interfaces import IDeliverer, IDeliveryQueue, Lease, Outcome, Throttle
 from relayx.reply import Reply
 from tests.fakes import ManualDeliverer, ScriptedQueue
+from tests.helpers import logged_events
 
 
 def lease(n: int, domain: str = "example.com") -> Lease:
@@ -160,15 +158,6 @@ def test_prober_resumes_a_recovered_domain() -> None:
     prober.stop()
 
 
-def capture() -> list[dict[str, Any]]:
-    """
-    The events logged from here on (removed at the end of the test run).
-    """
-    events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
-    return events
-
-
 def test_prober_logs_a_long_outage_sparingly() -> None:
     """When a destination stays down for an hour of 1 s probes, "still down" is logged 6 times, not 3,600."""
     clock = Clock()
@@ -176,8 +165,7 @@ def test_prober_logs_a_long_outage_sparingly() -> None:
     deliverer = ManualDeliverer()
     prober = Prober(owner="node-a", queue=queue, deliverer=deliverer, clock=clock, interval=1.0, resumed=lambda d: None)
     queue.failing = {"down.test"}
-    events = capture()
-    try:
+    with logged_events() as events:
         prober.start()
         for _ in range(3600):
             clock.advance(1)
@@ -185,8 +173,6 @@ def test_prober_logs_a_long_outage_sparingly() -> None:
         assert len(deliverer.probes) >= 3590
         assert len(lines) == 6
         assert lines[1]["failed"] >= 590 and lines[1]["domain"] == "down.test"
-    finally:
-        globalLogPublisher.removeObserver(events.append)
         prober.stop()
 
 
@@ -194,8 +180,7 @@ def test_attempt_line_names_recipients_destination_and_reply() -> None:
     """When a delivery ends, its log line carries the recipients, the host and its reply (with its queue id)."""
     _, queue, deliverer, scheduler = setup(workers=1)
     queue.ready = [lease(1)]
-    events = capture()
-    try:
+    with logged_events() as events:
         scheduler.start()
         accepted = Reply(250, "2.0.0", "Ok: queued as 4XyZ12")
         deliverer.finish(
@@ -205,5 +190,3 @@ def test_attempt_line_names_recipients_destination_and_reply() -> None:
         [line] = [e for e in events if e.get("job") == "Q1.1"]
         assert line["rcpt"] == "u1@example.com" and line["mx"] == "mx1.example.com [192.0.2.1]:25"
         assert line["code"] == 250 and "queued as 4XyZ12" in line["reply"]
-    finally:
-        globalLogPublisher.removeObserver(events.append)
