@@ -120,10 +120,11 @@ def accept(options: argparse.Namespace) -> dict[str, Any]:
         "count": options.count,
         "sizes": options.size,
         "redis_appendfsync": options.fsync,
+        "processes": options.processes,
         "machine": machine(),
     }
     redis = Redis(directory, options.fsync)
-    nodes = Nodes(directory, options.nodes, redis.port, primary)
+    nodes = Nodes(directory, options.nodes, redis.port, primary, processes=options.processes)
     try:
         memory = redis_memory(redis.port)
         pids = {f"relayx-{n}": pid for n, pid in enumerate(nodes.pids)} | {"redis": redis.process.pid}
@@ -279,6 +280,7 @@ def main() -> None:
     a.add_argument("--seconds", type=float, default=120, help="stop sending after this long")
     a.add_argument("--fsync", default="always", choices=["always", "everysec", "no"])
     a.add_argument("--no-postfix", action="store_true")
+    a.add_argument("--processes", type=int, default=1, help="SMTP processes per node ([node] processes)")
     r = sub.add_parser("replay", help="drain of a queue filled while the primary was down")
     r.add_argument("--nodes", type=int, default=2)
     r.add_argument("--count", type=int, default=1000)
