@@ -40,6 +40,7 @@ from relayx.dns import dns_lookup, dns_lookup_addresses, dns_lookup_mx
 from relayx.interfaces import StoreUnavailable
 from relayx.metrics import Metrics
 from relayx.ops.api import AdminAPI, Cluster
+from relayx.ops.bulk import BulkRunner
 from relayx.ops.http import admin_site
 from relayx.ops.panel import Panel
 from relayx.queue.redis import RedisQueue
@@ -68,7 +69,6 @@ class _Quiet(Factory):
     """
 
     noisy = False
-
 
 
 def build_routes(config: Config, reactor: Any, queue: RedisQueue) -> RouteTable:
@@ -198,6 +198,7 @@ def build_delivery_loops(
     )
     return scheduler, prober, bouncer
 
+
 class StartupError(Exception):
     """
     The node cannot start; ``str()`` is the one line to show.
@@ -222,6 +223,7 @@ class RelayNode(Service):
         self.deliverer: SMTPDeliverer | None = None
         self.bouncer: Bouncer | None = None
         self.heartbeat: LoopingCall | None = None
+        self.bulk: BulkRunner | None = None
         self.ports: list[IListeningPort] = []
         self.metrics = Metrics()
         self._stopped = False
@@ -259,12 +261,14 @@ class RelayNode(Service):
         )
         self.heartbeat = LoopingCall(self._heartbeat)
         self.heartbeat.clock = reactor
+        self.bulk = BulkRunner(self.queue, config.node.id, reactor)
         await self._listen_smtp()
         await self._listen_admin()
         self.heartbeat.start(config.queue.heartbeat, now=True)
         self.scheduler.start()
         self.prober.start()
         self.bouncer.start()
+        self.bulk.start()
         log.info("relayx node {node} started", node=config.node.id)
 
     async def _connect_redis(self) -> RedisConnection:
@@ -315,11 +319,12 @@ class RelayNode(Service):
                 ready=ready,
                 domains=[q for d in config.domains for q in d.queues()],
                 domain_state=lambda domain: queue.domain_state(domain, self.reactor.seconds()),
-                queue_jobs=lambda domain: queue.jobs([domain], {}, 0, 0, self.reactor.seconds()),
+                queue_jobs=lambda domain: queue.counts([domain], self.reactor.seconds()),
                 clock=self.reactor,
                 redis_connected=lambda: redis.connected,
                 api=AdminAPI(
                     queue=queue,
+                    bulk=queue,
                     domains=config.domains,
                     tokens=config.admin.tokens,
                     clock=self.reactor,
@@ -440,6 +445,8 @@ class RelayNode(Service):
                 session.shut_down(force=True)
         if self.heartbeat is not None and self.heartbeat.running:
             self.heartbeat.stop()
+        if self.bulk is not None:
+            self.bulk.stop()
         if self.prober is not None:
             self.prober.stop()
         if self.bouncer is not None:
