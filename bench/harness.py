@@ -133,6 +133,7 @@ class Nodes:
         concurrency: int = 1,
         retry: str = '"1h"',
         probe: str = "1h",
+        extra: str = "",
     ) -> None:
         self.ports = [free_port() for _ in range(count)]
         self.processes: list[subprocess.Popen[bytes]] = []
@@ -149,6 +150,7 @@ class Nodes:
                     retry=retry,
                     probe=probe,
                 )
+                + extra.format(n=n)
             )
             log = open(directory / f"node-{n}.log", "wb")
             self.processes.append(
