@@ -60,7 +60,7 @@ STATES = tuple(str(state) for state in JobState)
 MAX_PAGE = 500
 MAX_BODY = 64 * 1024
 #: most jobs one Redis call of a listing examines, and most such calls per request
-PAGE_BUDGET = 1000
+PAGE_BUDGET = 300
 PAGE_CALLS = 10
 #: the filter's names in a query string or a bulk action: exact ones, parts, the rest
 EXACT = ("sender", "recipient", "message_id")

@@ -83,7 +83,11 @@ end
 -- fetch up to `per` entries past the cursor from each source and merge them;
 -- only entries up to the horizon (the lowest last sequence of a source that
 -- gave a full batch) are certain to be in order with what was not fetched
+-- with nothing to check job by job, a source never needs more than `limit`
+local checks = filter.sender_has or filter.recipient_has or filter.subject_has or filter.before
+  or filter.after or #exact > 1 or (filter.state and (#exact > 0 or (filter.state ~= 'ready' and filter.state ~= 'held')))
 local per = math.max(1, math.floor(budget / math.max(1, #sources)))
+if not checks then per = math.min(per, limit) end
 local entries, horizon = {}, nil
 for _, key in ipairs(sources) do
   local from = cursor

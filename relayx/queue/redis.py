@@ -48,10 +48,10 @@ log = Logger()
 
 #: audit records kept in Redis
 AUDIT_KEPT = 10000
-#: most jobs one listing or search call to Redis examines
-PAGE_BUDGET = 1000
+#: most jobs one listing or search call to Redis examines (~20 us each: a few ms)
+PAGE_BUDGET = 300
 #: how far nodes' clocks may disagree (acceptance order is time order within this)
-CLOCK_SKEW = 60.0
+CLOCK_SKEW = 5.0
 #: bulk actions kept for operators to read (running ones are always kept)
 BULK_KEPT = 100
 
