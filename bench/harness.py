@@ -155,6 +155,7 @@ class Nodes:
         retry: str = '"1h"',
         probe: str = "1h",
         processes: int = 1,
+        extra: str = "",
     ) -> None:
         self.ports = [free_port() for _ in range(count)]
         self.processes: list[subprocess.Popen[bytes]] = []
@@ -172,6 +173,7 @@ class Nodes:
                     probe=probe,
                     processes=processes,
                 )
+                + extra.format(n=n)
             )
             log = open(directory / f"node-{n}.log", "wb")
             self.processes.append(

@@ -324,25 +324,36 @@ class IQueueAdmin(Interface):
         bring its deferred jobs back; returns how many were deferred.
         """
 
-    def drop(queue_id: str, now: float, who: str, bounce: bool) -> Awaitable[int]:
+    def drop(queue_id: str, now: float, who: str, bounce: bool, audited: bool = True) -> Awaitable[int]:
         """
         Delete a message, or bounce it (its undelivered recipients fail and
         the sender gets a DSN); returns how many jobs it had (0: none such).
+        ``audited=False``: one step of a bulk action, audited at its start.
         """
 
-    def requeue(queue_id: str, now: float, who: str) -> Awaitable[int]:
+    def requeue(queue_id: str, now: float, who: str, audited: bool = True) -> Awaitable[int]:
         """
         Try a message's deferred recipients, and failed ones not yet
         bounced, again now; returns how many jobs went back to the queue.
         """
 
-    def jobs(
-        queues: Sequence[str], search: Mapping[str, object], offset: int, limit: int, now: float
+    def page(
+        queues: Sequence[str], search: Mapping[str, object], cursor: int, limit: int, now: float, budget: int = 300
     ) -> Awaitable[dict[str, Any]]:
         """
-        A page of the jobs of ``queues`` matching ``search`` (sender,
-        recipient, state, before, after): ``jobs``, with ``total`` matches,
-        matches by state (``states``) and the oldest's arrival (``oldest``, ms).
+        The jobs of ``queues`` matching ``search`` in acceptance order, after
+        ``cursor`` (an acceptance sequence; 0: from the start), examining at
+        most ``budget`` jobs: ``jobs`` (at most ``limit``), ``cursor`` to
+        continue from and whether there is ``more``. Exact filters (from
+        indexes): ``sender``, ``recipient``, ``message_id``; examined one by
+        one: ``sender_has``, ``recipient_has``, ``subject_has``, ``state``,
+        ``before`` and ``after`` (ms).
+        """
+
+    def counts(queues: Sequence[str], now: float) -> Awaitable[dict[str, Any]]:
+        """
+        How many jobs ``queues`` hold (``total``, by state in ``states``) and
+        the oldest's arrival (``oldest``, ms; 0: none), without walking them.
         """
 
     def message(queue_id: str, now: float) -> Awaitable[dict[str, Any] | None]:
@@ -380,4 +391,54 @@ class IQueueAdmin(Interface):
     def audit(limit: int) -> Awaitable[list[dict[str, object]]]:
         """
         The newest ``limit`` audit records.
+        """
+
+
+class IBulkActions(Interface):
+    """
+    Bulk actions an operator starts (delete, bounce or requeue every message
+    matching a filter) and any node runs, a bounded step at a time, under a
+    lease; their cursor and progress live in the queue, so that another node
+    resumes one whose runner died.
+    """
+
+    def bulk_start(
+        action: str, queues: Sequence[str], search: Mapping[str, object], now: float, who: str
+    ) -> Awaitable[str]:
+        """
+        Record a running action (audited once, here, with its filter); returns its id.
+        """
+
+    def bulk(bulk_id: str) -> Awaitable[dict[str, Any] | None]:
+        """
+        One action and its progress (``examined``, ``matched``, ``acted``), or ``None``.
+        """
+
+    def bulks(limit: int) -> Awaitable[list[dict[str, Any]]]:
+        """
+        The newest actions, newest first.
+        """
+
+    def bulk_running() -> Awaitable[list[str]]:
+        """
+        The ids of the actions still running.
+        """
+
+    def bulk_take(bulk_id: str, owner: str, ttl: float) -> Awaitable[bool]:
+        """
+        Take or renew the lease on running ``bulk_id`` for ``ttl`` seconds;
+        ``False`` when another node holds it.
+        """
+
+    def bulk_step(
+        bulk_id: str, owner: str, cursor: int, examined: int, matched: int, acted: int, done: bool, now: float
+    ) -> Awaitable[str]:
+        """
+        Record one step's progress as the lease holder; returns the action's
+        state (``running``, ``done``, ``cancelled``); raises ``StaleLease`` when the lease was lost.
+        """
+
+    def bulk_cancel(bulk_id: str, now: float, who: str) -> Awaitable[bool]:
+        """
+        Stop a running action (audited); ``False`` when it was not running.
         """

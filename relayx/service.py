@@ -42,6 +42,7 @@ from relayx.dns import dns_lookup, dns_lookup_addresses, dns_lookup_mx
 from relayx.interfaces import StoreUnavailable
 from relayx.metrics import Metrics
 from relayx.ops.api import AdminAPI, Cluster
+from relayx.ops.bulk import BulkRunner
 from relayx.ops.http import admin_site
 from relayx.ops.panel import Panel
 from relayx.queue.redis import RedisQueue
@@ -72,7 +73,6 @@ class _Quiet(Factory):
     """
 
     noisy = False
-
 
 
 def build_routes(config: Config, reactor: Any, queue: RedisQueue) -> RouteTable:
@@ -202,6 +202,7 @@ def build_delivery_loops(
     )
     return scheduler, prober, bouncer
 
+
 class NodeRole(enum.Enum):
     """
     What a process of a node does: everything (the first, or the only one),
@@ -247,6 +248,7 @@ class RelayNode(Service):
         self.deliverer: SMTPDeliverer | None = None
         self.bouncer: Bouncer | None = None
         self.heartbeat: LoopingCall | None = None
+        self.bulk: BulkRunner | None = None
         self.ports: list[IListeningPort] = []
         #: the TCP ports bound with SO_REUSEPORT, as descriptions for the workers
         self.shared: list[str] = []
@@ -294,6 +296,7 @@ class RelayNode(Service):
         )
         self.heartbeat = LoopingCall(self._heartbeat)
         self.heartbeat.clock = reactor
+        self.bulk = BulkRunner(self.queue, config.node.id, reactor)
         await self._listen_smtp()
         await self._listen_admin()
         self._start_workers()
@@ -301,6 +304,7 @@ class RelayNode(Service):
         self.scheduler.start()
         self.prober.start()
         self.bouncer.start()
+        self.bulk.start()
         log.info("relayx node {node} started", node=config.node.id)
 
     async def _connect_redis(self) -> RedisConnection:
@@ -389,11 +393,12 @@ class RelayNode(Service):
                 ready=ready,
                 domains=[q for d in config.domains for q in d.queues()],
                 domain_state=lambda domain: queue.domain_state(domain, self.reactor.seconds()),
-                queue_jobs=lambda domain: queue.jobs([domain], {}, 0, 0, self.reactor.seconds()),
+                queue_jobs=lambda domain: queue.counts([domain], self.reactor.seconds()),
                 clock=self.reactor,
                 redis_connected=lambda: redis.connected,
                 api=AdminAPI(
                     queue=queue,
+                    bulk=queue,
                     domains=config.domains,
                     tokens=config.admin.tokens,
                     clock=self.reactor,
@@ -520,6 +525,8 @@ class RelayNode(Service):
             await workers_ended
         if self.heartbeat is not None and self.heartbeat.running:
             self.heartbeat.stop()
+        if self.bulk is not None:
+            self.bulk.stop()
         if self.prober is not None:
             self.prober.stop()
         if self.bouncer is not None:
