@@ -1,0 +1,490 @@
+"""
+The body stores: one contract every implementation passes (a directory, S3
+on a loopback S3 API server, Redis, and zstd around a directory), then what
+each one promises besides.
+
+The S3 store runs against moto's S3 API server on 127.0.0.1; no real object
+storage is involved.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import os
+import shutil
+import stat
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import zstandard
+from twisted.internet import reactor as _reactor
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from twisted.trial.unittest import TestCase
+from zope.interface.verify import verifyObject
+
+from relayx.bodies import shard
+from relayx.bodies.compressed import MAGIC, CompressedBodyStore
+from relayx.bodies.directory import DirectoryBodyStore
+from relayx.bodies.redis import RedisBodyStore
+from relayx.bodies.s3 import S3BodyStore
+from relayx.interfaces import BodyNotFound, BodyStoreUnavailable, IBodyStore, StoreUnavailable
+from relayx.queue.redis import connect
+from relayx.redis_server import free_port
+from tests.helpers import shared_redis, unique_prefix
+from tests.test_queue_redis import deferred_test
+
+#: the global reactor, as the thread-pool and clock interfaces the stores take
+reactor: Any = _reactor
+BODY = b"Received: from client.test\r\nSubject: hello\r\n\r\n" + b"line of text\r\n" * 200
+_names = itertools.count()
+
+
+def qid() -> str:
+    return f"{next(_names):04X}{os.urandom(6).hex().upper()}"
+
+
+class SynchronousThreadPool(ThreadPool):
+    """
+    Runs each call at once on the calling thread: blocking I/O in a test
+    happens in order, with nothing left running afterwards.
+    """
+
+    def callInThreadWithCallback(self, onResult: Any, func: Any, *args: Any, **kw: Any) -> None:
+        try:
+            result = func(*args, **kw)
+        except BaseException:
+            onResult(False, Failure())
+        else:
+            onResult(True, result)
+
+
+def scratch(case: TestCase) -> Path:
+    """
+    A fresh directory, removed after the test.
+    """
+    path = Path(tempfile.mkdtemp(prefix="relayx-bodies-"))
+    case.addCleanup(shutil.rmtree, path, True)
+    return path
+
+
+class BodyStoreContract:
+    """
+    What every ``IBodyStore`` does; a subclass says how to make one, and
+    how to make one whose storage is gone.
+    """
+
+    async def make_store(self) -> Any:
+        raise NotImplementedError
+
+    async def make_broken_store(self) -> Any:
+        raise NotImplementedError
+
+    @deferred_test
+    async def test_provides_interface(self) -> None:
+        """When a store is made, it provides IBodyStore."""
+        assert verifyObject(IBodyStore, await self.make_store())
+
+    @deferred_test
+    async def test_round_trip(self) -> None:
+        """When bodies are put, each reads back byte for byte by its reference, empty and 1 MiB ones too."""
+        store = await self.make_store()
+        bodies = {qid(): BODY, qid(): b"", qid(): os.urandom(1024 * 1024), qid(): b"\x00\xff\r\n.\r\n"}
+        refs = {q: await store.put(q, body) for q, body in bodies.items()}
+        assert len(set(refs.values())) == len(bodies)
+        for q, body in bodies.items():
+            assert isinstance(refs[q], str)
+            assert await store.get(refs[q]) == body
+
+    @deferred_test
+    async def test_put_again_replaces(self) -> None:
+        """When a queue id is put twice (a retry), the second body is the one read."""
+        store = await self.make_store()
+        q = qid()
+        await store.put(q, b"first")
+        ref = await store.put(q, b"second")
+        assert await store.get(ref) == b"second"
+
+    @deferred_test
+    async def test_delete_is_idempotent(self) -> None:
+        """When a body is deleted, reading it raises BodyNotFound, and deleting it again is no error."""
+        store = await self.make_store()
+        ref = await store.put(qid(), BODY)
+        await store.delete(ref)
+        with self.assertRaises(BodyNotFound):  # type: ignore[attr-defined]
+            await store.get(ref)
+        await store.delete(ref)
+
+    @deferred_test
+    async def test_missing_and_foreign_references(self) -> None:
+        """When a reference names nothing, another store's body or a path outside, get raises BodyNotFound."""
+        store = await self.make_store()
+        ref = await store.put(qid(), BODY)
+        kind = ref.partition(":")[0]
+        missing = qid()
+        for bad in [
+            f"{kind}:{shard(missing)}/{missing}" if kind != "redis" else f"redis:{missing}",
+            "other:00/ABC",
+            f"{kind}:../../etc/passwd",
+            f"{kind}:00/../../etc/passwd",
+            f"{kind}:",
+            "",
+        ]:
+            with self.assertRaises(BodyNotFound) as caught:  # type: ignore[attr-defined]
+                await store.get(bad)
+            assert isinstance(caught.exception, KeyError)
+            text = str(caught.exception)
+            assert text and "\n" not in text and not text.startswith("'"), text
+
+    @deferred_test
+    async def test_bad_queue_id_refused(self) -> None:
+        """When a queue id could escape the store's namespace, put refuses it."""
+        store = await self.make_store()
+        for bad in ["../x", "a/b", "", ".hidden", "x" * 200]:
+            with self.assertRaises(ValueError):  # type: ignore[attr-defined]
+                await store.put(bad, BODY)
+
+    @deferred_test
+    async def test_listing_pages_through_old_bodies(self) -> None:
+        """When the sweep lists bodies older than a cutoff, bounded pages find each once; newer ones are not listed."""
+        store = await self.make_store()
+        queue_ids = {qid() for _ in range(7)}
+        refs = {await store.put(q, BODY) for q in queue_ids}
+        found: list[Any] = []
+        cursor = None
+        # bounded: SCAN of the Redis store walks the test session's whole (small) keyspace
+        for _ in range(10000):
+            page = await store.list_older_than(time.time() + 3600, cursor, 3)
+            assert len(page.bodies) <= 3
+            found.extend(page.bodies)
+            cursor = page.cursor
+            if cursor is None:
+                break
+        assert cursor is None
+        assert {b.ref for b in found} >= refs
+        assert len(found) == len({b.ref for b in found})
+        mine = [b for b in found if b.ref in refs]
+        assert {b.queue_id for b in mine} == queue_ids
+        assert all(abs(b.stored_at - time.time()) < 120 for b in mine)
+        cursor = None
+        for _ in range(10000):
+            page = await store.list_older_than(time.time() - 3600, cursor, 50)
+            assert not {b.ref for b in page.bodies} & refs
+            cursor = page.cursor
+            if cursor is None:
+                break
+        assert cursor is None
+
+    @deferred_test
+    async def test_check_passes(self) -> None:
+        """When the storage is there, the start-up check passes and leaves no body behind."""
+        store = await self.make_store()
+        await store.check()
+        page = await store.list_older_than(time.time() + 3600, None, 1000)
+        assert page.bodies == ()
+
+    @deferred_test
+    async def test_unavailable_storage(self) -> None:
+        """When the storage is gone, every operation raises a one-line BodyStoreUnavailable (a StoreUnavailable)."""
+        store = await self.make_broken_store()
+        q = qid()
+        ref = f"{self.kind}:{shard(q)}/{q}" if self.kind != "redis" else f"redis:{q}"  # type: ignore[attr-defined]
+        calls = [
+            lambda: store.put(q, BODY),
+            lambda: store.get(ref),
+            lambda: store.delete(ref),
+            lambda: store.list_older_than(time.time(), None, 10),
+            store.check,
+        ]
+        for call in calls:
+            with self.assertRaises(BodyStoreUnavailable) as caught:  # type: ignore[attr-defined]
+                await call()
+            assert isinstance(caught.exception, StoreUnavailable)
+            text = str(caught.exception)
+            assert text and "\n" not in text and "Traceback" not in text, text
+
+
+class DirectoryBodyStoreTests(BodyStoreContract, TestCase):
+    kind = "file"
+
+    def root(self) -> Path:
+        return scratch(self) / "bodies"
+
+    async def make_store(self) -> DirectoryBodyStore:
+        root = self.root()
+        return DirectoryBodyStore(root, reactor, SynchronousThreadPool())
+
+    async def make_broken_store(self) -> DirectoryBodyStore:
+        # below a regular file: no directory can be made there, even by root
+        blocker = self.root().parent / "file"
+        blocker.write_bytes(b"")
+        return DirectoryBodyStore(blocker / "bodies", reactor, SynchronousThreadPool())
+
+    @deferred_test
+    async def test_durable_before_put_returns(self) -> None:
+        """When put resolves, the file is in place, was flushed before its rename, and its directory after."""
+        store = await self.make_store()
+        events: list[str] = []
+        real_fsync, real_replace = os.fsync, os.replace
+
+        def fsync(fd: int) -> None:
+            events.append("fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+            real_fsync(fd)
+
+        def replace(a: Any, b: Any) -> None:
+            events.append("rename")
+            real_replace(a, b)
+
+        self.patch(os, "fsync", fsync)
+        self.patch(os, "replace", replace)
+        await store.put(qid(), BODY)  # the first put also makes the root and the shard
+        events.clear()
+        q = "00AA" + qid()
+        ref = await store.put(q, BODY)
+        path = store.root / shard(q) / q
+        assert path.read_bytes() == BODY
+        assert ref == f"file:{shard(q)}/{q}"
+        assert events[-3:] == ["fsync file", "rename", "fsync dir"], events
+
+    @deferred_test
+    async def test_modes_and_no_leftovers(self) -> None:
+        """When bodies are written, files are 0600 and directories 0700, and no temporary file is left."""
+        store = await self.make_store()
+        q = qid()
+        await store.put(q, BODY)
+        assert stat.S_IMODE(store.root.stat().st_mode) == 0o700
+        assert stat.S_IMODE((store.root / shard(q)).stat().st_mode) == 0o700
+        assert stat.S_IMODE((store.root / shard(q) / q).stat().st_mode) == 0o600
+        assert os.listdir(store.root / shard(q)) == [q]
+
+    @deferred_test
+    async def test_listing_removes_stale_temporary_files(self) -> None:
+        """When a write never finished (a node died), the sweep's listing removes its temporary file once old."""
+        store = await self.make_store()
+        q = qid()
+        await store.put(q, BODY)
+        temp = store.root / shard(q) / f".tmp-{q}-dead"
+        temp.write_bytes(b"half a bod")
+        page = await store.list_older_than(time.time() - 3600, None, 100)
+        assert page.bodies == () and temp.exists()
+        page = await store.list_older_than(time.time() + 3600, None, 100)
+        assert [b.queue_id for b in page.bodies] == [q]
+        assert not temp.exists()
+
+    @deferred_test
+    async def test_check_refuses_open_directory(self) -> None:
+        """When the body directory lets other users in, the start-up check says so in one line."""
+        store = await self.make_store()
+        await store.check()
+        store.root.chmod(0o755)
+        with self.assertRaises(BodyStoreUnavailable) as caught:
+            await store.check()
+        assert "expected 700" in str(caught.exception)
+
+    @deferred_test
+    async def test_shared_by_two_nodes(self) -> None:
+        """When two nodes share the directory, each reads and deletes what the other wrote."""
+        a = await self.make_store()
+        b = DirectoryBodyStore(a.root, reactor, SynchronousThreadPool())
+        ref = await a.put(qid(), BODY)
+        assert await b.get(ref) == BODY
+        await b.delete(ref)
+        with self.assertRaises(BodyNotFound):
+            await a.get(ref)
+
+    @deferred_test
+    async def test_real_thread_pool(self) -> None:
+        """When the store runs in a real thread pool, bodies round-trip off the reactor thread."""
+        pool = ThreadPool(minthreads=0, maxthreads=2, name="bodies-test")
+        pool.start()
+        self.addCleanup(pool.stop)
+        store = DirectoryBodyStore(self.root(), reactor, pool)
+        refs = [await store.put(qid(), BODY + bytes([n])) for n in range(5)]
+        assert [await store.get(r) for r in refs] == [BODY + bytes([n]) for n in range(5)]
+
+
+class _MotoServer:
+    """
+    moto's S3 API server on a free loopback port, for the test session.
+    """
+
+    server: ClassVar[Any] = None
+    port: ClassVar[int] = 0
+
+    @classmethod
+    def endpoint(cls) -> str:
+        if cls.server is None:
+            cls.server, cls.port = start_moto()
+            atexit.register(cls.server.stop)
+        return f"http://127.0.0.1:{cls.port}"
+
+
+def start_moto() -> tuple[Any, int]:
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    return server, port
+
+
+_S3_KEYS: dict[str, Any] = {
+    "access_key": "testing",
+    "secret_key": "testing",
+    "region": "us-east-1",
+    "addressing_style": "path",
+}
+
+
+class S3BodyStoreTests(BodyStoreContract, TestCase):
+    kind = "s3"
+
+    def pool(self) -> ThreadPool:
+        pool = ThreadPool(minthreads=0, maxthreads=4, name="s3-test")
+        pool.start()
+        self.addCleanup(pool.stop)
+        return pool
+
+    def bucket(self, endpoint: str) -> str:
+        import boto3
+
+        name = f"relayx-{unique_prefix().lower()}"
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
+        client.create_bucket(Bucket=name)
+        return name
+
+    async def make_store(self) -> S3BodyStore:
+        endpoint = _MotoServer.endpoint()
+        return S3BodyStore(
+            self.bucket(endpoint), reactor, self.pool(), prefix="queue", endpoint_url=endpoint, **_S3_KEYS
+        )
+
+    async def make_broken_store(self) -> S3BodyStore:
+        server, port = start_moto()
+        endpoint = f"http://127.0.0.1:{port}"
+        bucket = self.bucket(endpoint)
+        server.stop()
+        return S3BodyStore(bucket, reactor, self.pool(), endpoint_url=endpoint, timeout=2.0, attempts=1, **_S3_KEYS)
+
+    @deferred_test
+    async def test_objects_under_prefix(self) -> None:
+        """When a body is put, it is one object named <prefix>/<shard>/<queue id>, there when put resolves."""
+        import boto3
+
+        store = await self.make_store()
+        q = qid()
+        ref = await store.put(q, BODY)
+        assert ref == f"s3:{shard(q)}/{q}"
+        client = boto3.client(
+            "s3",
+            endpoint_url=_MotoServer.endpoint(),
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
+        answer = client.get_object(Bucket=store.bucket, Key=f"queue/{shard(q)}/{q}")
+        assert answer["Body"].read() == BODY
+
+    @deferred_test
+    async def test_missing_bucket(self) -> None:
+        """When the bucket does not exist, the start-up check says so in one line."""
+        store = S3BodyStore("no-such-bucket", reactor, self.pool(), endpoint_url=_MotoServer.endpoint(), **_S3_KEYS)
+        with self.assertRaises(BodyStoreUnavailable) as caught:
+            await store.check()
+        assert "NoSuchBucket" in str(caught.exception)
+
+
+class RedisBodyStoreTests(BodyStoreContract, TestCase):
+    kind = "redis"
+
+    async def make_store(self) -> RedisBodyStore:
+        server = shared_redis()
+        redis = await connect("127.0.0.1", server.port, 0, None, reactor, 5.0, poolsize=1)
+        self.addCleanup(redis.disconnect)
+        assert await redis.wait_connected(5)
+        return RedisBodyStore(redis, unique_prefix(), reactor)
+
+    async def make_broken_store(self) -> RedisBodyStore:
+        redis = await connect("127.0.0.1", free_port(), 0, None, reactor, 1.0, poolsize=1)
+        self.addCleanup(redis.disconnect)
+        return RedisBodyStore(redis, unique_prefix(), reactor)
+
+    @deferred_test
+    async def test_key_layout(self) -> None:
+        """When a body is put, it is the hash <prefix>:body:<queue id> with the body and the time it was stored."""
+        store = await self.make_store()
+        q = qid()
+        assert await store.put(q, BODY) == f"redis:{q}"
+        stored = await store._redis.call("hgetall", f"{store.prefix}:body:{q}")
+        assert stored[b"body"] == BODY and abs(int(stored[b"at"]) / 1000 - time.time()) < 60
+
+
+class CompressedBodyStoreTests(BodyStoreContract, TestCase):
+    kind = "file"
+
+    async def make_store(self, level: int | None = 3) -> CompressedBodyStore:
+        root = scratch(self) / "bodies"
+        pool = SynchronousThreadPool()
+        return CompressedBodyStore(DirectoryBodyStore(root, reactor, pool), reactor, pool, level=level)
+
+    async def make_broken_store(self) -> CompressedBodyStore:
+        inner = await DirectoryBodyStoreTests.make_broken_store(self)  # type: ignore[arg-type]
+        return CompressedBodyStore(inner, reactor, SynchronousThreadPool())
+
+    def root(self) -> Path:
+        return scratch(self) / "bodies"
+
+    @deferred_test
+    async def test_stored_compressed(self) -> None:
+        """When compression is on, a text body is stored as a smaller zstd frame and reads back as it was."""
+        store = await self.make_store()
+        q = qid()
+        ref = await store.put(q, BODY)
+        raw = await store.inner.get(ref)
+        assert raw.startswith(MAGIC) and len(raw) < len(BODY) / 5
+        assert await store.get(ref) == BODY
+
+    @deferred_test
+    async def test_old_and_new_bodies_read_either_way(self) -> None:
+        """When compression is turned on or off with bodies queued, bodies stored either way still read."""
+        on = await self.make_store()
+        off = CompressedBodyStore(on.inner, reactor, SynchronousThreadPool(), level=None)
+        plain = await on.inner.put(qid(), BODY)
+        packed = await on.put(qid(), BODY)
+        kept = await off.put(qid(), BODY)
+        assert await on.inner.get(kept) == BODY
+        for store in (on, off):
+            for ref in (plain, packed, kept):
+                assert await store.get(ref) == BODY
+
+    @deferred_test
+    async def test_incompressible_and_magic_bodies(self) -> None:
+        """When a body would not shrink it is stored as it is; one starting with zstd's magic still round-trips."""
+        store = await self.make_store()
+        noise = os.urandom(4096)
+        ref = await store.put(qid(), noise)
+        assert await store.inner.get(ref) == noise
+        tricky = MAGIC + os.urandom(64)
+        ref = await store.put(qid(), tricky)
+        assert await store.get(ref) == tricky
+
+    @deferred_test
+    async def test_damaged_or_oversized_frames(self) -> None:
+        """When a stored frame is damaged or claims more than the limit, reading it is BodyStoreUnavailable."""
+        store = await self.make_store()
+        store.max_size = 1024 * 1024
+        frame = zstandard.ZstdCompressor().compress(BODY)
+        damaged = await store.inner.put(qid(), frame[:-8] + b"\x00" * 8)
+        huge = await store.inner.put(qid(), zstandard.ZstdCompressor().compress(b"\x00" * (2 * 1024 * 1024)))
+        for ref in (damaged, huge):
+            with self.assertRaises(BodyStoreUnavailable):
+                await store.get(ref)
