@@ -226,8 +226,9 @@ class IBodyStore(Interface):
     def list_older_than(cutoff: float, cursor: str | None, limit: int) -> Awaitable[BodyPage]:
         """
         A page of the bodies stored before ``cutoff`` (seconds since the
-        epoch), from ``cursor`` (``None``: the start), looking at no more
-        than about ``limit`` entries: the orphan sweep's walk, in bounded steps.
+        epoch), from ``cursor`` (``None``: the start), looking at about
+        ``limit`` entries (a store walking with Redis's ``SCAN`` may return
+        a few more): the orphan sweep's walk, in bounded steps.
         """
 
     def check() -> Awaitable[None]:

@@ -77,6 +77,9 @@ class BodyStoreContract:
     how to make one whose storage is gone.
     """
 
+    #: how many more bodies than asked a page may hold (Redis's SCAN COUNT is a hint)
+    page_slack = 0
+
     async def make_store(self) -> Any:
         raise NotImplementedError
 
@@ -158,7 +161,7 @@ class BodyStoreContract:
         # bounded: SCAN of the Redis store walks the test session's whole (small) keyspace
         for _ in range(10000):
             page = await store.list_older_than(time.time() + 3600, cursor, 3)
-            assert len(page.bodies) <= 3
+            assert len(page.bodies) <= 3 + self.page_slack
             found.extend(page.bodies)
             cursor = page.cursor
             if cursor is None:
@@ -405,6 +408,7 @@ class S3BodyStoreTests(BodyStoreContract, TestCase):
 
 class RedisBodyStoreTests(BodyStoreContract, TestCase):
     kind = "redis"
+    page_slack = 10
 
     async def make_store(self) -> RedisBodyStore:
         server = shared_redis()

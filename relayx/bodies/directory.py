@@ -17,7 +17,9 @@ import errno
 import os
 import secrets
 import stat
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
@@ -26,6 +28,8 @@ from zope.interface import implementer
 
 from relayx.bodies import body_name, off_thread, split_ref
 from relayx.interfaces import BodyNotFound, BodyPage, BodyStoreUnavailable, IBodyStore, StoredBody
+
+T = TypeVar("T")
 
 KIND = "file"
 _TEMP = ".tmp-"
@@ -57,23 +61,26 @@ class DirectoryBodyStore:
     def __repr__(self) -> str:
         return f"DirectoryBodyStore({str(self.root)!r})"
 
-    def put(self, queue_id: str, body: bytes) -> Deferred[str]:
+    def _run(self, f: Callable[..., T], *args: object) -> Deferred[T]:
+        return off_thread(self._reactor, self._pool, f"body directory {self.root}", f, *args)
+
+    async def put(self, queue_id: str, body: bytes) -> str:
         name = body_name(queue_id)
-        return off_thread(self._reactor, self._pool, f"body directory {self.root}", self._put, name, body)
+        return await self._run(self._put, name, body)
 
-    def get(self, ref: str) -> Deferred[bytes]:
+    async def get(self, ref: str) -> bytes:
         shard, queue_id = split_ref(KIND, ref)
-        return off_thread(self._reactor, self._pool, f"body directory {self.root}", self._get, shard, queue_id)
+        return await self._run(self._get, shard, queue_id)
 
-    def delete(self, ref: str) -> Deferred[None]:
+    async def delete(self, ref: str) -> None:
         shard, queue_id = split_ref(KIND, ref)
-        return off_thread(self._reactor, self._pool, f"body directory {self.root}", self._delete, shard, queue_id)
+        await self._run(self._delete, shard, queue_id)
 
-    def list_older_than(self, cutoff: float, cursor: str | None, limit: int) -> Deferred[BodyPage]:
-        return off_thread(self._reactor, self._pool, f"body directory {self.root}", self._list, cutoff, cursor, limit)
+    async def list_older_than(self, cutoff: float, cursor: str | None, limit: int) -> BodyPage:
+        return await self._run(self._list, cutoff, cursor, limit)
 
-    def check(self) -> Deferred[None]:
-        return off_thread(self._reactor, self._pool, f"body directory {self.root}", self._check)
+    async def check(self) -> None:
+        await self._run(self._check)
 
     # the blocking halves, run in the pool
 

@@ -20,7 +20,6 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
@@ -90,23 +89,23 @@ class S3BodyStore:
     def __repr__(self) -> str:
         return f"S3BodyStore({self.where}, prefix={self.prefix!r})"
 
-    def put(self, queue_id: str, body: bytes) -> Deferred[str]:
+    async def put(self, queue_id: str, body: bytes) -> str:
         name = body_name(queue_id)
-        return off_thread(self._reactor, self._pool, self.where, self._put, name, body)
+        return await off_thread(self._reactor, self._pool, self.where, self._put, name, body)
 
-    def get(self, ref: str) -> Deferred[bytes]:
+    async def get(self, ref: str) -> bytes:
         shard, queue_id = split_ref(KIND, ref)
-        return off_thread(self._reactor, self._pool, self.where, self._get, f"{shard}/{queue_id}")
+        return await off_thread(self._reactor, self._pool, self.where, self._get, f"{shard}/{queue_id}")
 
-    def delete(self, ref: str) -> Deferred[None]:
+    async def delete(self, ref: str) -> None:
         shard, queue_id = split_ref(KIND, ref)
-        return off_thread(self._reactor, self._pool, self.where, self._delete, f"{shard}/{queue_id}")
+        await off_thread(self._reactor, self._pool, self.where, self._delete, f"{shard}/{queue_id}")
 
-    def list_older_than(self, cutoff: float, cursor: str | None, limit: int) -> Deferred[BodyPage]:
-        return off_thread(self._reactor, self._pool, self.where, self._list, cutoff, cursor, limit)
+    async def list_older_than(self, cutoff: float, cursor: str | None, limit: int) -> BodyPage:
+        return await off_thread(self._reactor, self._pool, self.where, self._list, cutoff, cursor, limit)
 
-    def check(self) -> Deferred[None]:
-        return off_thread(self._reactor, self._pool, self.where, self._check)
+    async def check(self) -> None:
+        await off_thread(self._reactor, self._pool, self.where, self._check)
 
     # the blocking halves, run in the pool
 
