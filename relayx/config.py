@@ -618,6 +618,8 @@ def _bodies(section: _Section, node: NodeConfig, redis: RedisConfig, base: Path)
         threads=section.get("threads", 8, _positive_int),
         s3=_s3(section, backend == "s3", base),
     )
+    if config.backend == "redis" and config.compression != "none":
+        raise section.fail("compression", "'none' with backend = 'redis' (bodies stay in the message hashes whole)")
     waits = redis.timeout + (redis.replication_timeout if redis.durability == "replicated" else 0.0)
     least = max(60.0, 10 * waits)
     if config.orphan_age < least:

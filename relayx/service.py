@@ -20,11 +20,16 @@ from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 from twisted.web.client import Agent
 from twisted.web.server import Site
 
 from relayx import __version__
 from relayx.api import AdminAPI, Cluster
+from relayx.bodies.compressed import CompressedBodyStore
+from relayx.bodies.directory import DirectoryBodyStore
+from relayx.bodies.s3 import S3BodyStore
+from relayx.bodies.sweep import OrphanSweep
 from relayx.config import Config, FilterConfig
 from relayx.delivery.bounce import Bouncer
 from relayx.delivery.routes import RouteTable, TLSPolicy, dns_lookup_addresses, dns_lookup_mx
@@ -41,7 +46,7 @@ from relayx.filters import (
     Rspamd,
     SPFCache,
 )
-from relayx.interfaces import StoreUnavailable
+from relayx.interfaces import IBodyStore, StoreUnavailable
 from relayx.lookup import dns_lookup
 from relayx.metrics import Metrics, admin_site
 from relayx.panel import Panel
@@ -63,6 +68,39 @@ def new_queue_id() -> str:
     A queue id: 16 hex digits, random so that nodes never collide.
     """
     return secrets.token_hex(8).upper()
+
+
+def body_store(config: Config, reactor: Any, pool: ThreadPool) -> IBodyStore | None:
+    """
+    The body store ``[bodies]`` names; ``None`` for ``redis``: bodies stay
+    whole in the message hashes. Always read through the zstd wrapper, so
+    that bodies stored compressed still read after compression is turned off.
+    """
+    b = config.bodies
+    store: IBodyStore
+    if b.backend == "directory":
+        store = DirectoryBodyStore(b.directory, reactor, pool)
+    elif b.backend == "s3":
+        s3 = b.s3
+        assert s3.bucket is not None
+        store = S3BodyStore(
+            s3.bucket,
+            reactor,
+            pool,
+            prefix=s3.prefix,
+            endpoint_url=s3.endpoint_url,
+            region=s3.region,
+            access_key=s3.access_key,
+            secret_key=s3.secret_key,
+            addressing_style=s3.addressing_style,
+            timeout=s3.timeout,
+            attempts=s3.attempts,
+            ca_file=s3.ca_file,
+        )
+    else:
+        return None
+    level = b.compression_level if b.compression == "zstd" else None
+    return CompressedBodyStore(store, reactor, pool, level, max_size=2 * config.smtp.max_message_size + 1024**2)
 
 
 class _Quiet(Factory):
@@ -97,6 +135,9 @@ class RelayNode(Service):
         self.deliverer: SMTPDeliverer | None = None
         self.bouncer: Bouncer | None = None
         self.heartbeat: LoopingCall | None = None
+        self.bodies: IBodyStore | None = None
+        self.body_threads: ThreadPool | None = None
+        self.sweep: OrphanSweep | None = None
         self.ports: list[IListeningPort] = []
         self.metrics = Metrics()
         self._stopped = False
@@ -118,6 +159,7 @@ class RelayNode(Service):
 
     async def start(self) -> None:
         config, reactor = self.config, self.reactor
+        await self._open_bodies()
         if config.redis.embedded:
             self.embedded = EmbeddedRedis(reactor, reactor, config.node.data_dir)
             try:
@@ -132,7 +174,7 @@ class RelayNode(Service):
         else:
             log.warn("Redis at {where} is not answering; mail gets 451 until it does", where=self.redis.where)
         q = config.queue
-        self.queue = RedisQueue.configured(self.redis, config)
+        self.queue = RedisQueue.configured(self.redis, config, self.bodies)
         if self.redis.connected:
             for warning in await self.queue.persistence_warnings():
                 log.warn("{warning}", warning=warning)
@@ -240,7 +282,30 @@ class RelayNode(Service):
         self.scheduler.start()
         self.prober.start()
         self.bouncer.start()
+        if self.bodies is not None:
+            b = config.bodies
+            self.sweep = OrphanSweep(
+                self.bodies, self.queue.message_exists, reactor, b.orphan_age, b.sweep_interval, b.sweep_batch
+            )
+            self.sweep.start()
         log.info("relayx node {node} started", node=config.node.id)
+
+    async def _open_bodies(self) -> None:
+        """
+        The body store, checked: storage that cannot be written now stops the node.
+        """
+        pool = self.body_threads = ThreadPool(minthreads=0, maxthreads=self.config.bodies.threads, name="relayx-bodies")
+        pool.start()
+        self.bodies = body_store(self.config, self.reactor, pool)
+        if self.bodies is None:
+            return
+        try:
+            await self.bodies.check()
+        except StoreUnavailable as e:
+            pool.stop()
+            self.body_threads = None
+            raise StartupError(f"{self.config.source}: bodies: {e}") from None
+        log.info("message bodies in {store}", store=repr(self.bodies))
 
     async def _listen_admin(self) -> None:
         config, queue, redis = self.config, self.queue, self.redis
@@ -388,10 +453,14 @@ class RelayNode(Service):
             self.prober.stop()
         if self.bouncer is not None:
             self.bouncer.stop()
+        if self.sweep is not None:
+            self.sweep.stop()
         if self.scheduler is not None:
             await self.scheduler.stop()
         if self.deliverer is not None:
             self.deliverer.close_idle()
+        if self.body_threads is not None:
+            self.body_threads.stop()
         if self.redis is not None:
             await self.redis.disconnect()
         if self.embedded is not None:

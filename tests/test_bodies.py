@@ -21,6 +21,8 @@ from typing import Any, ClassVar
 
 import zstandard
 from twisted.internet import reactor as _reactor
+from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
@@ -31,10 +33,12 @@ from relayx.bodies.compressed import MAGIC, CompressedBodyStore
 from relayx.bodies.directory import DirectoryBodyStore
 from relayx.bodies.redis import RedisBodyStore
 from relayx.bodies.s3 import S3BodyStore
+from relayx.bodies.sweep import OrphanSweep
 from relayx.interfaces import BodyNotFound, BodyStoreUnavailable, IBodyStore, StoreUnavailable
 from relayx.queue.redis import connect
 from relayx.redis_server import free_port
-from tests.helpers import shared_redis, unique_prefix
+from relayx.service import StartupError
+from tests.helpers import LoopbackSink, NodeCase, eventually, send, shared_redis, unique_prefix, wait_for
 from tests.test_queue_redis import deferred_test
 
 #: the global reactor, as the thread-pool and clock interfaces the stores take
@@ -334,6 +338,7 @@ def start_moto() -> tuple[Any, int]:
     return server, port
 
 
+_CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
 _S3_KEYS: dict[str, Any] = {
     "access_key": "testing",
     "secret_key": "testing",
@@ -492,3 +497,143 @@ class CompressedBodyStoreTests(BodyStoreContract, TestCase):
         for ref in (damaged, huge):
             with self.assertRaises(BodyStoreUnavailable):
                 await store.get(ref)
+
+
+def body_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def mail(n: int) -> bytes:
+    return f"From: s{n}@sender.test\r\nSubject: body {n}\r\n\r\n".encode() + b"the same line again\r\n" * 500
+
+
+class OrphanSweepTests(TestCase):
+    """
+    The sweep, over a directory store, at explicit times.
+    """
+
+    async def stored(self, *queue_ids: str) -> tuple[DirectoryBodyStore, dict[str, str]]:
+        store = DirectoryBodyStore(scratch(self) / "bodies", reactor, SynchronousThreadPool())
+        return store, {q: await store.put(q, BODY) for q in queue_ids}
+
+    @deferred_test
+    async def test_removes_only_old_bodies_without_message(self) -> None:
+        """When the sweep runs, old bodies whose message is gone are removed; queued ones and young ones stay."""
+        gone, queued = qid(), qid()
+        store, refs = await self.stored(gone, queued)
+        clock = Clock()
+        clock.advance(time.time())
+
+        async def is_queued(queue_id: str) -> bool:
+            return queue_id == queued
+
+        sweep = OrphanSweep(store, is_queued, clock, orphan_age=3600, interval=60, batch=1)
+        for _ in range(4):
+            assert await sweep.step() == 0  # younger than an hour: nothing, however often
+        clock.advance(7200)
+        for _ in range(4):
+            await sweep.step()
+        assert sweep.removed == 1
+        with self.assertRaises(BodyNotFound):
+            await store.get(refs[gone])
+        assert await store.get(refs[queued]) == BODY
+
+    @deferred_test
+    async def test_doubt_keeps_bodies_and_the_loop_goes_on(self) -> None:
+        """When the queue cannot say whether a message exists, or the store fails, nothing is removed; steps go on."""
+        store, refs = await self.stored(qid())
+        clock = Clock()
+        clock.advance(time.time() + 7200)
+
+        async def unsure(queue_id: str) -> bool:
+            raise StoreUnavailable("Redis at 127.0.0.1:1: not connected")
+
+        sweep = OrphanSweep(store, unsure, clock, orphan_age=3600, interval=60)
+        sweep.start()
+        self.addCleanup(sweep.stop)
+        clock.advance(60)
+        clock.advance(60)
+        [ref] = refs.values()
+        assert await store.get(ref) == BODY
+        broken = DirectoryBodyStore(scratch(self) / "file", reactor, SynchronousThreadPool())
+        (broken.root).write_bytes(b"")
+        assert await OrphanSweep(broken, unsure, clock, 3600, 60).step() == 0
+
+
+class NodeBodiesTests(NodeCase):
+    """
+    A whole node with its bodies in a body store: SMTP in, the primary down
+    and back, bodies in the store and out of Redis, removed once delivered.
+    """
+
+    @deferred_test
+    async def test_directory_bodies_out_of_redis_and_removed_after_delivery(self) -> None:
+        """When mail is queued with a directory store, Redis holds stubs, delivery sends the bodies, then they go."""
+        sink = LoopbackSink()
+        root = scratch(self) / "bodies"
+        node = await self.start_node(
+            sink, bodies={"backend": "directory", "directory": str(root), "compression": "zstd"}
+        )
+        for n in range(3):
+            assert await send(self.smtp_port, f"s{n}@sender.test", [f"u{n}@example.com"], mail(n)) == {}
+        files = body_files(root)
+        assert len(files) == 3
+        assert all(f.read_bytes().startswith(MAGIC) for f in files)
+        assert node.queue is not None
+        [qid_] = [f.name for f in files if f.name == sorted(f.name for f in files)[0]]
+        stored = await node.queue.redis.call("hget", node.queue.key("msg", qid_), "body")
+        assert stored.startswith(b"\x00relayx-body file:") and len(stored) < 400, stored[:200]
+        view = await node.queue.message(qid_)
+        assert view is not None and view["size"] > 10000 and view["header"].startswith("Received: ")
+        sink.start()
+        await wait_for(lambda: len(sink.messages) >= 3, 30, "3 deliveries")
+        got = sorted(m.body.split(b"\r\n", 3)[3] for m in sink.messages)
+        assert got == sorted(mail(n) for n in range(3))
+        await wait_for(lambda: body_files(root) == [], 10, "bodies removed after delivery")
+
+    @deferred_test
+    async def test_store_failure_is_451_until_it_is_back(self) -> None:
+        """When the body directory cannot be written, DATA gets 451 4.3.0 and nothing is queued; once back, 250."""
+        sink = LoopbackSink()
+        root = scratch(self) / "bodies"
+        node = await self.start_node(sink, bodies={"backend": "directory", "directory": str(root)})
+        shutil.rmtree(root)
+        root.write_bytes(b"not a directory")
+        result = await send(self.smtp_port, "s@sender.test", ["u@example.com"], mail(1))
+        assert getattr(result, "smtp_code", None) == 451 and b"4.3.0" in result.smtp_error, result
+        assert node.queue is not None
+        assert await node.queue.redis.call("keys", f"{node.queue.prefix}:msg:*") == []
+        root.unlink()
+        assert await send(self.smtp_port, "s@sender.test", ["u@example.com"], mail(2)) == {}
+        sink.start()
+        await wait_for(lambda: len(sink.messages) == 1, 30, "the delivery")
+
+    @deferred_test
+    async def test_unusable_storage_stops_start_up(self) -> None:
+        """When the body store cannot be written at start-up, the node does not start, with one line saying why."""
+        blocker = scratch(self) / "file"
+        blocker.write_bytes(b"")
+        with self.assertRaises(StartupError) as caught:
+            await self.start_node(LoopbackSink(), bodies={"backend": "directory", "directory": str(blocker / "x")})
+        text = str(caught.exception)
+        assert "bodies: body directory" in text and "\n" not in text, text
+
+    @deferred_test
+    async def test_s3_bodies(self) -> None:
+        """When bodies go to S3 (moto on loopback), mail is queued, delivered whole, and its object removed."""
+        import boto3
+
+        endpoint = _MotoServer.endpoint()
+        bucket = S3BodyStoreTests.bucket(self, endpoint)  # type: ignore[arg-type]
+        sink = LoopbackSink()
+        s3 = {"bucket": bucket, "endpoint_url": endpoint, "access_key": "testing", "secret_key": "testing"}
+        await self.start_node(sink, bodies={"backend": "s3", "s3": s3})
+        assert await send(self.smtp_port, "s@sender.test", ["u@example.com"], mail(7)) == {}
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **_CREDENTIALS)
+        assert len(client.list_objects_v2(Bucket=bucket).get("Contents", [])) == 1
+        sink.start()
+        await wait_for(lambda: len(sink.messages) == 1, 30, "the delivery")
+        assert sink.messages[0].body.split(b"\r\n", 3)[3] == mail(7)
+        await eventually(
+            lambda: deferToThread(lambda: not client.list_objects_v2(Bucket=bucket).get("Contents")), 10, "removal"
+        )

@@ -212,6 +212,7 @@ def test_bodies_s3(tmp_path: Path) -> None:
         ("[bodies.s3]\nendpoint_url = 's3.example:9000'\n", "bodies.s3.endpoint_url: expected an http:// URL"),
         ("[bodies.s3]\nbuckett = 'x'\n", "bodies.s3.buckett: unknown key"),
         ("[bodies]\nbackends = 's3'\n", "bodies.backends: unknown key"),
+        ("[bodies]\nbackend = 'redis'\ncompression = 'zstd'\n", "bodies.compression: expected 'none' with backend"),
         ("[redis]\nurl = 'redis://10.0.0.5:6379/0'\n[bodies]\nbackend = 'directory'\n", "bodies.directory: expected"),
     ],
 )

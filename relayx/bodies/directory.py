@@ -185,10 +185,13 @@ class DirectoryBodyStore:
 
     def _check(self) -> None:
         """
-        Create the root if needed, then write, read and remove a probe file.
+        Create the root (and its parents) if needed, then write, read and
+        remove a probe file.
         """
         try:
-            self._mkdir(self.root)
+            if not self.root.is_dir():
+                os.makedirs(self.root.parent, exist_ok=True)
+                self._mkdir(self.root)
             mode = stat.S_IMODE(os.stat(self.root).st_mode)
             probe = self.root / f"{_TEMP}check-{secrets.token_hex(4)}"
             fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
