@@ -34,7 +34,7 @@ from bench.harness import (
     postfix_available,
     redis_memory,
 )
-from relayx.redis_server import free_port
+from relayx.redis.embedded import free_port
 
 RESULTS = ROOT / "bench" / "results"
 

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from relayx.redis_server import find_redis_server, free_port, redis_arguments
+from relayx.redis.embedded import find_redis_server, free_port, redis_arguments
 
 ROOT = Path(__file__).resolve().parent.parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     from relayx.tap import Options
 
     args = sys.argv[1:] if argv is None else argv
-    from relayx import admin
+    from relayx.ops import cli as admin
 
     if args and args[0] in admin.COMMANDS:
         admin.main(args[0], args[1:])

@@ -424,7 +424,7 @@ class IQueueAdmin(Interface):
         matches by state (``states``) and the oldest's arrival (``oldest``, ms).
         """
 
-    def message(queue_id: str) -> Awaitable[dict[str, Any] | None]:
+    def message(queue_id: str, now: float) -> Awaitable[dict[str, Any] | None]:
         """
         One message: envelope, header section, and its jobs with their
         state and last attempts; ``None`` when there is none.

@@ -25,34 +25,31 @@ from twisted.web.client import Agent
 from twisted.web.server import Site
 
 from relayx import __version__
-from relayx.api import AdminAPI, Cluster
 from relayx.bodies.compressed import CompressedBodyStore
 from relayx.bodies.directory import DirectoryBodyStore
 from relayx.bodies.s3 import S3BodyStore
 from relayx.bodies.sweep import OrphanSweep
+from relayx.checks.chain import Filter, FilterChain, FilterChains
+from relayx.checks.dnslists import DNSLists
+from relayx.checks.greylist import Greylist
+from relayx.checks.ratelimit import RateLimit
+from relayx.checks.recipients import RecipientPolicy
+from relayx.checks.rspamd import Rspamd
+from relayx.checks.spf_filter import SPF, SPFCache
 from relayx.config import Config, FilterConfig
 from relayx.delivery.bounce import Bouncer
-from relayx.delivery.routes import RouteTable, TLSPolicy, dns_lookup_addresses, dns_lookup_mx
+from relayx.delivery.routes import RouteTable, TLSPolicy
 from relayx.delivery.scheduler import Prober, Scheduler
 from relayx.delivery.smtp import SMTPDeliverer, Timeouts
-from relayx.filters import (
-    SPF,
-    DNSLists,
-    Filter,
-    FilterChain,
-    FilterChains,
-    Greylist,
-    RateLimit,
-    Rspamd,
-    SPFCache,
-)
+from relayx.dns import dns_lookup, dns_lookup_addresses, dns_lookup_mx
 from relayx.interfaces import IBodyStore, StoreUnavailable
-from relayx.lookup import dns_lookup
-from relayx.metrics import Metrics, admin_site
-from relayx.panel import Panel
-from relayx.policy import RecipientPolicy
-from relayx.queue.redis import RedisConnection, RedisQueue, open_redis
-from relayx.redis_server import EmbeddedRedis
+from relayx.metrics import Metrics
+from relayx.ops.api import AdminAPI, Cluster
+from relayx.ops.http import admin_site
+from relayx.ops.panel import Panel
+from relayx.queue.redis import RedisQueue
+from relayx.redis.connection import RedisConnection, open_redis
+from relayx.redis.embedded import EmbeddedRedis
 from relayx.smtp.client import SMTPClientProtocol
 from relayx.smtp.server import Limits, SMTPServerFactory
 from relayx.smtp.tls import ReloadingTLS, TLSFilesError, client_tls_factory
@@ -111,6 +108,134 @@ class _Quiet(Factory):
     noisy = False
 
 
+
+def build_routes(config: Config, reactor: Any, queue: RedisQueue) -> RouteTable:
+    """
+    Where each domain's mail goes: configured routes, run-time overrides
+    from the queue, or MX records through the configured DNS.
+    """
+    d = config.delivery
+    return RouteTable(
+        {domain.name: domain.routes for domain in config.domains},
+        lookup_mx=dns_lookup_mx(d.nameservers, d.connect_timeout),
+        lookup_addresses=dns_lookup_addresses(d.nameservers, d.connect_timeout),
+        own_names=frozenset({config.node.hostname, socket.getfqdn()}),
+        shuffle=random.shuffle,
+        mx_port=d.mx_port,
+        tls={
+            domain.name: TLSPolicy(domain.tls or d.tls, domain.tls_name)
+            for domain in config.domains
+            if domain.tls or domain.tls_name
+        },
+        default_tls=TLSPolicy(d.tls),
+        overrides=queue.route_override,
+        copies={domain.name: domain.copy_to for domain in config.domains if domain.copy_to},
+        clock=reactor,
+    )
+
+
+def build_deliverer(config: Config, reactor: Any, routes: RouteTable) -> SMTPDeliverer:
+    """
+    The SMTP client side: connects to a route's hosts in order.
+    """
+    d = config.delivery
+
+    async def connect_smtp(host: str, port: int) -> SMTPClientProtocol:
+        endpoint = HostnameEndpoint(reactor, host, port, timeout=d.connect_timeout)
+        protocol = SMTPClientProtocol(reactor)
+        await endpoint.connect(_Quiet.forProtocol(lambda: protocol))
+        return protocol
+
+    return SMTPDeliverer(
+        helo_name=d.helo_name,
+        targets=routes.targets,
+        connect=connect_smtp,
+        timeouts=Timeouts(command=d.command_timeout, data=d.data_timeout),
+        clock=reactor,
+        client_tls=client_tls_factory(d.tls_ca_file),
+    )
+
+
+def build_smtp_factory(
+    config: Config,
+    reactor: Any,
+    metrics: Metrics,
+    queue: RedisQueue,
+    deliverer: SMTPDeliverer,
+    filters: FilterChains | None,
+) -> SMTPServerFactory:
+    """
+    The front door: limits, TLS, the recipient policy (with callouts
+    through the deliverer) and the queue as the store.
+    """
+    s = config.smtp
+    tls = None
+    if s.tls_certificate is not None and s.tls_key is not None:
+        try:
+            tls = ReloadingTLS(s.tls_certificate, s.tls_key)
+        except TLSFilesError as e:
+            raise StartupError(f"{config.source}: smtp.tls_certificate: {e}") from None
+    return SMTPServerFactory(
+        metrics=metrics,
+        filters=filters,
+        hostname=config.node.hostname,
+        limits=Limits(
+            max_message_size=s.max_message_size,
+            max_recipients=s.max_recipients,
+            max_line_length=s.max_line_length,
+            max_errors=s.max_errors,
+            max_hops=s.max_hops,
+            command_timeout=s.command_timeout,
+            data_timeout=s.data_timeout,
+            max_connections=s.max_connections,
+            max_connections_per_ip=s.max_connections_per_ip,
+            reject_bare_lf=s.bare_lf == "reject",
+        ),
+        tls=tls,
+        policy=RecipientPolicy(config.domains, cache=queue, callout=deliverer.verify, clock=reactor),
+        store=queue,
+        clock=reactor,
+        new_queue_id=new_queue_id,
+    )
+
+
+def build_delivery_loops(
+    config: Config, reactor: Any, queue: RedisQueue, deliverer: SMTPDeliverer, metrics: Metrics
+) -> tuple[Scheduler, Prober, Bouncer]:
+    """
+    The loops that move the queue: the scheduler (claims and delivers),
+    the prober (finds a failing destination back) and the bouncer (DSNs).
+    """
+    q = config.queue
+    scheduler = Scheduler(
+        owner=config.node.id,
+        queue=queue,
+        deliverer=deliverer,
+        clock=reactor,
+        workers=q.workers,
+        poll_interval=q.poll_interval,
+        lease_duration=q.lease,
+        default=q.throttle,
+        throttles={name: domain.throttle for domain in config.domains for name in domain.queues()},
+        metrics=metrics,
+    )
+    prober = Prober(
+        owner=config.node.id,
+        queue=queue,
+        deliverer=deliverer,
+        clock=reactor,
+        interval=q.probe_interval,
+        resumed=lambda domain: scheduler.poll(),
+    )
+    bouncer = Bouncer(
+        queue=queue,
+        clock=reactor,
+        hostname=config.node.hostname,
+        new_queue_id=new_queue_id,
+        interval=max(1.0, 2 * q.poll_interval),
+    )
+    return scheduler, prober, bouncer
+
 class StartupError(Exception):
     """
     The node cannot start; ``str()`` is the one line to show.
@@ -158,127 +283,27 @@ class RelayNode(Service):
         Deferred.fromCoroutine(self.start()).addErrback(failed)
 
     async def start(self) -> None:
+        """
+        Build the node bottom-up (Redis, queue, delivery, front door),
+        then open its ports and start its loops.
+        """
         config, reactor = self.config, self.reactor
         await self._open_bodies()
-        if config.redis.embedded:
-            self.embedded = EmbeddedRedis(reactor, reactor, config.node.data_dir)
-            try:
-                await self.embedded.start()
-            except Exception as e:
-                raise StartupError(f"embedded Redis: {e}") from None
-        port = self.embedded.port if self.embedded is not None else None
-        self.redis = await open_redis(config.redis, reactor, port)
-        self.redis.observe = self.metrics.redis_seconds.observe
-        if await self.redis.wait_connected(config.redis.timeout):
-            log.info("connected to Redis at {where}", where=self.redis.where)
-        else:
-            log.warn("Redis at {where} is not answering; mail gets 451 until it does", where=self.redis.where)
-        q = config.queue
+        self.redis = await self._connect_redis()
         self.queue = RedisQueue.configured(self.redis, config, self.bodies)
         if self.redis.connected:
             for warning in await self.queue.persistence_warnings():
                 log.warn("{warning}", warning=warning)
-        d = config.delivery
-
-        async def connect_smtp(host: str, port: int) -> SMTPClientProtocol:
-            endpoint = HostnameEndpoint(reactor, host, port, timeout=d.connect_timeout)
-            protocol = SMTPClientProtocol(reactor)
-            await endpoint.connect(_Quiet.forProtocol(lambda: protocol))
-            return protocol
-
-        routes = RouteTable(
-            {domain.name: domain.routes for domain in config.domains},
-            lookup_mx=dns_lookup_mx(d.nameservers, d.connect_timeout),
-            lookup_addresses=dns_lookup_addresses(d.nameservers, d.connect_timeout),
-            own_names=frozenset({config.node.hostname, socket.getfqdn()}),
-            shuffle=random.shuffle,
-            mx_port=d.mx_port,
-            tls={
-                domain.name: TLSPolicy(domain.tls or d.tls, domain.tls_name)
-                for domain in config.domains
-                if domain.tls or domain.tls_name
-            },
-            default_tls=TLSPolicy(d.tls),
-            overrides=self.queue.route_override,
-            copies={domain.name: domain.copy_to for domain in config.domains if domain.copy_to},
-            clock=reactor,
-        )
-        deliverer = self.deliverer = SMTPDeliverer(
-            helo_name=d.helo_name,
-            targets=routes.targets,
-            connect=connect_smtp,
-            timeouts=Timeouts(command=d.command_timeout, data=d.data_timeout),
-            clock=reactor,
-            client_tls=client_tls_factory(d.tls_ca_file),
-        )
-        s = config.smtp
-        tls = None
-        if s.tls_certificate is not None and s.tls_key is not None:
-            try:
-                tls = ReloadingTLS(s.tls_certificate, s.tls_key)
-            except TLSFilesError as e:
-                raise StartupError(f"{config.source}: smtp.tls_certificate: {e}") from None
-        self.smtp = SMTPServerFactory(
-            metrics=self.metrics,
-            filters=self._filters(),
-            hostname=config.node.hostname,
-            limits=Limits(
-                max_message_size=s.max_message_size,
-                max_recipients=s.max_recipients,
-                max_line_length=s.max_line_length,
-                max_errors=s.max_errors,
-                max_hops=s.max_hops,
-                command_timeout=s.command_timeout,
-                data_timeout=s.data_timeout,
-                max_connections=s.max_connections,
-                max_connections_per_ip=s.max_connections_per_ip,
-                reject_bare_lf=s.bare_lf == "reject",
-            ),
-            tls=tls,
-            policy=RecipientPolicy(config.domains, cache=self.queue, callout=deliverer.verify, clock=reactor),
-            store=self.queue,
-            clock=reactor,
-            new_queue_id=new_queue_id,
-        )
-        self.scheduler = Scheduler(
-            owner=config.node.id,
-            queue=self.queue,
-            deliverer=deliverer,
-            clock=reactor,
-            workers=q.workers,
-            poll_interval=q.poll_interval,
-            lease_duration=q.lease,
-            default=q.throttle,
-            throttles={queue: domain.throttle for domain in config.domains for queue in domain.queues()},
-            metrics=self.metrics,
-        )
-        scheduler = self.scheduler
-        self.prober = Prober(
-            owner=config.node.id,
-            queue=self.queue,
-            deliverer=deliverer,
-            clock=reactor,
-            interval=q.probe_interval,
-            resumed=lambda domain: scheduler.poll(),
-        )
-        self.bouncer = Bouncer(
-            queue=self.queue,
-            clock=reactor,
-            hostname=config.node.hostname,
-            new_queue_id=new_queue_id,
-            interval=max(1.0, 2 * q.poll_interval),
+        self.deliverer = build_deliverer(config, reactor, build_routes(config, reactor, self.queue))
+        self.smtp = build_smtp_factory(config, reactor, self.metrics, self.queue, self.deliverer, self._filters())
+        self.scheduler, self.prober, self.bouncer = build_delivery_loops(
+            config, reactor, self.queue, self.deliverer, self.metrics
         )
         self.heartbeat = LoopingCall(self._heartbeat)
         self.heartbeat.clock = reactor
-        for description in config.smtp.listen:
-            try:
-                port_ = await serverFromString(reactor, description).listen(self.smtp)
-            except Exception as e:
-                raise StartupError(f"{config.source}: smtp.listen: cannot listen on {description!r}: {e}") from None
-            self.ports.append(port_)
-            log.info("SMTP listening on {address}", address=str(port_.getHost()))
+        await self._listen_smtp()
         await self._listen_admin()
-        self.heartbeat.start(q.heartbeat, now=True)
+        self.heartbeat.start(config.queue.heartbeat, now=True)
         self.scheduler.start()
         self.prober.start()
         self.bouncer.start()
@@ -294,8 +319,9 @@ class RelayNode(Service):
         """
         The body store, checked: storage that cannot be written now stops the node.
         """
-        pool = self.body_threads = ThreadPool(minthreads=0, maxthreads=self.config.bodies.threads, name="relayx-bodies")
+        pool = ThreadPool(minthreads=0, maxthreads=self.config.bodies.threads, name="relayx-bodies")
         pool.start()
+        self.body_threads = pool
         self.bodies = body_store(self.config, self.reactor, pool)
         if self.bodies is None:
             return
@@ -306,6 +332,37 @@ class RelayNode(Service):
             self.body_threads = None
             raise StartupError(f"{self.config.source}: bodies: {e}") from None
         log.info("message bodies in {store}", store=repr(self.bodies))
+
+    async def _connect_redis(self) -> RedisConnection:
+        """
+        The configured Redis, or the embedded one started first; a Redis
+        that does not answer yet is not fatal (mail gets 451 until it does).
+        """
+        config, reactor = self.config, self.reactor
+        if config.redis.embedded:
+            self.embedded = EmbeddedRedis(reactor, reactor, config.node.data_dir)
+            try:
+                await self.embedded.start()
+            except Exception as e:
+                raise StartupError(f"embedded Redis: {e}") from None
+        port = self.embedded.port if self.embedded is not None else None
+        redis = await open_redis(config.redis, reactor, port)
+        redis.observe = self.metrics.redis_seconds.observe
+        if await redis.wait_connected(config.redis.timeout):
+            log.info("connected to Redis at {where}", where=redis.where)
+        else:
+            log.warn("Redis at {where} is not answering; mail gets 451 until it does", where=redis.where)
+        return redis
+
+    async def _listen_smtp(self) -> None:
+        config = self.config
+        for description in config.smtp.listen:
+            try:
+                port = await serverFromString(self.reactor, description).listen(self.smtp)
+            except Exception as e:
+                raise StartupError(f"{config.source}: smtp.listen: cannot listen on {description!r}: {e}") from None
+            self.ports.append(port)
+            log.info("SMTP listening on {address}", address=str(port.getHost()))
 
     async def _listen_admin(self) -> None:
         config, queue, redis = self.config, self.queue, self.redis

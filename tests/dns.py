@@ -12,7 +12,7 @@ from twisted.internet.defer import maybeDeferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.names import authority, dns, server
 
-from relayx.redis_server import free_port
+from relayx.redis.embedded import free_port
 
 
 class MemoryAuthority(authority.FileAuthority):

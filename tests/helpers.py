@@ -27,7 +27,7 @@ from twisted.trial.unittest import TestCase
 
 from bench.sink import Received, Sink
 from relayx.config import parse
-from relayx.redis_server import find_redis_server, free_port, redis_arguments
+from relayx.redis.embedded import find_redis_server, free_port, redis_arguments
 from relayx.service import RelayNode
 
 _prefixes = itertools.count()

@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 from unittest import SkipTest
 
-from relayx.redis_server import free_port
+from relayx.redis.embedded import free_port
 
 CONFIG = """
 .include "$CONFDIR/common.conf"

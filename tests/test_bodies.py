@@ -35,8 +35,8 @@ from relayx.bodies.redis import RedisBodyStore
 from relayx.bodies.s3 import S3BodyStore
 from relayx.bodies.sweep import OrphanSweep
 from relayx.interfaces import BodyNotFound, BodyStoreUnavailable, IBodyStore, StoreUnavailable
-from relayx.queue.redis import connect
-from relayx.redis_server import free_port
+from relayx.redis.connection import connect
+from relayx.redis.embedded import free_port
 from relayx.service import StartupError
 from tests.helpers import LoopbackSink, NodeCase, eventually, send, shared_redis, unique_prefix, wait_for
 from tests.test_queue_redis import deferred_test
@@ -583,7 +583,7 @@ class NodeBodiesTests(NodeCase):
         [qid_] = [f.name for f in files if f.name == sorted(f.name for f in files)[0]]
         stored = await node.queue.redis.call("hget", node.queue.key("msg", qid_), "body")
         assert stored.startswith(b"\x00relayx-body file:") and len(stored) < 400, stored[:200]
-        view = await node.queue.message(qid_)
+        view = await node.queue.message(qid_, time.time())
         assert view is not None and view["size"] > 10000 and view["header"].startswith("Received: ")
         sink.start()
         await wait_for(lambda: len(sink.messages) >= 3, 30, "3 deliveries")

@@ -16,7 +16,7 @@ from twisted.internet.threads import deferToThread
 from relayx.delivery.bounce import Bouncer
 from relayx.delivery.dsn import FailedRecipient, build_dsn
 from relayx.interfaces import Outcome, Throttle
-from relayx.redis_server import free_port
+from relayx.redis.embedded import free_port
 from relayx.reply import Reply
 from tests.dns import LoopbackDNS, a, mx
 from tests.helpers import LoopbackSink, NodeCase, send, wait_for

@@ -11,8 +11,8 @@ import socket
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
-from relayx.queue.redis import connect
-from relayx.redis_server import free_port
+from relayx.redis.connection import connect
+from relayx.redis.embedded import free_port
 from tests.helpers import LoopbackSink, NodeCase, eventually, send, shared_redis, wait_for
 from tests.test_queue_redis import deferred_test
 

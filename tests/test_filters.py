@@ -15,8 +15,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
 from relayx.address import Mailbox
-from relayx.filters import ALLOW, AddHeaders, Client, Decision, Filter, FilterChain, Verdict, reversed_ip
-from relayx.redis_server import free_port
+from relayx.checks.chain import ALLOW, AddHeaders, Client, Decision, Filter, FilterChain, Verdict
+from relayx.checks.dnslists import reversed_ip
+from relayx.redis.embedded import free_port
 from relayx.reply import Reply
 from tests.dns import LoopbackDNS, a, txt
 from tests.helpers import LoopbackSink, NodeCase, send, unique_prefix, wait_for

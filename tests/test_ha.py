@@ -18,8 +18,9 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from relayx.interfaces import StoreUnavailable
-from relayx.queue.redis import RedisQueue, Replication, connect
-from relayx.redis_server import free_port
+from relayx.queue.redis import RedisQueue, Replication
+from relayx.redis.connection import connect
+from relayx.redis.embedded import free_port
 from tests.helpers import LoopbackSink, RedisProcess, wait_for
 from tests.test_cluster import Cluster, subject
 from tests.test_queue_redis import T0, deferred_test, message
@@ -37,7 +38,7 @@ def sentinel(master: RedisProcess, directory: Path) -> tuple[Any, int]:
     """
     import subprocess
 
-    from relayx.redis_server import find_redis_server
+    from relayx.redis.embedded import find_redis_server
 
     port = free_port()
     config = directory / f"sentinel-{port}.conf"

@@ -9,7 +9,7 @@ import urllib.request
 
 from twisted.internet.threads import deferToThread
 
-from relayx.redis_server import free_port
+from relayx.redis.embedded import free_port
 from tests.helpers import LoopbackSink, NodeCase, send, wait_for
 from tests.test_queue_redis import deferred_test
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from bench.harness import wait_port
-from relayx.redis_server import free_port
+from relayx.redis.embedded import free_port
 
 CONFIG = """
 [node]

@@ -12,7 +12,7 @@ from unittest import SkipTest
 
 from twisted.internet.threads import deferToThread
 
-from relayx.redis_server import free_port
+from relayx.redis.embedded import free_port
 from tests.helpers import LoopbackSink, NodeCase
 from tests.test_queue_redis import deferred_test
 

@@ -12,9 +12,9 @@ from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from relayx.address import Mailbox
+from relayx.checks.recipients import ACCEPT, RELAY_DENIED, UNKNOWN_USER, UNVERIFIED, RecipientPolicy
 from relayx.config import DomainConfig, RecipientPattern, RecipientVerify, SMTPRoute
 from relayx.interfaces import IRecipientCache, Throttle
-from relayx.policy import ACCEPT, RELAY_DENIED, UNKNOWN_USER, UNVERIFIED, RecipientPolicy
 from relayx.reply import Reply
 from tests.fakes import MemoryRecipientCache
 

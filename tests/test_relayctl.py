@@ -11,8 +11,8 @@ from typing import Any
 
 from twisted.internet.threads import deferToThread
 
-from relayx.redis_server import free_port
-from relayx.relayctl import Client, main, watch
+from relayx.ops.relayctl import Client, main, watch
+from relayx.redis.embedded import free_port
 from tests.helpers import LoopbackSink, NodeCase, send, wait_for
 from tests.test_queue_redis import deferred_test
 

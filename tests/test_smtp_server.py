@@ -12,9 +12,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from zope.interface.verify import verifyObject
 
+from relayx.checks.recipients import RecipientPolicy
 from relayx.config import AnyRecipient, DomainConfig, RecipientList, SMTPRoute
 from relayx.interfaces import IMessageStore, IRecipientPolicy, Throttle
-from relayx.policy import RecipientPolicy
 from relayx.smtp.server import Limits, SMTPServerFactory, SMTPServerProtocol
 from tests.fakes import MemoryStore
 

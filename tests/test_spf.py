@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 from twisted.internet.defer import Deferred
 
-from relayx.lookup import LookupFailed
-from relayx.spf import Result, Verdict, check
+from relayx.checks.spf import Result, Verdict, check
+from relayx.dns import LookupFailed
 
 #: (name, type) -> records; a name in FAILING makes the look-up fail
 ZONE: dict[tuple[str, str], list[str]] = {

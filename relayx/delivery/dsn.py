@@ -13,6 +13,8 @@ from email.utils import format_datetime
 
 import attrs
 
+from relayx.message import header_section
+
 
 @attrs.frozen
 class FailedRecipient:
@@ -29,14 +31,6 @@ class FailedRecipient:
 
 def _date(timestamp: float) -> str:
     return format_datetime(datetime.fromtimestamp(timestamp, UTC))
-
-
-def header_section(message: bytes) -> bytes:
-    """
-    The message's header section, ending in CRLF.
-    """
-    end = message.find(b"\r\n\r\n")
-    return message if end < 0 else message[: end + 2]
 
 
 def build_dsn(

@@ -9,22 +9,14 @@ backups never hand mail back and forth.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.threads import deferToThread
 
 from relayx.config import MXRoute, Route, parse_route
-
-MXRecords = Sequence[tuple[int, str]]
-#: a domain's MX records and how long they may be kept (their TTL), in seconds
-LookupMX = Callable[[str], Awaitable[tuple[MXRecords, float]]]
-
-#: how long "no MX records" is kept
-NEGATIVE_TTL = 60.0
-LookupAddresses = Callable[[str], Awaitable[Sequence[str]]]
+from relayx.dns import LookupAddresses, LookupFailed, LookupMX, MXRecords
+from relayx.ttlcache import TTLCache
 
 
 @attrs.frozen
@@ -85,7 +77,7 @@ class RouteTable:
         self._overrides = overrides
         self._copies = dict(copies or {})
         self._clock = clock
-        self._mx_cache: dict[str, tuple[float, MXRecords]] = {}
+        self._mx_cache: TTLCache[str, MXRecords] | None = TTLCache(clock) if clock is not None else None
 
     async def targets(self, domain: str) -> list[Target]:
         """
@@ -109,7 +101,7 @@ class RouteTable:
         for host in hosts:
             try:
                 addresses = await self._lookup_addresses(host)
-            except NoRoute:
+            except (NoRoute, LookupFailed):
                 continue
             targets += [target(address, self._mx_port, host) for address in addresses]
         if not targets:
@@ -132,13 +124,15 @@ class RouteTable:
         """
         The domain's MX records, from the cache while their TTL lasts.
         """
-        now = self._clock.seconds() if self._clock is not None else None
-        cached = self._mx_cache.get(domain)
-        if cached is not None and now is not None and now < cached[0]:
-            return cached[1]
-        records, ttl = await self._lookup_mx(domain)
-        if now is not None:
-            self._mx_cache[domain] = (now + ttl, records)
+        cached = self._mx_cache.get(domain) if self._mx_cache is not None else None
+        if cached is not None:
+            return cached
+        try:
+            records, ttl = await self._lookup_mx(domain)
+        except LookupFailed as e:
+            raise NoRoute(str(e)) from None
+        if self._mx_cache is not None:
+            self._mx_cache.put(domain, records, ttl)
         return records
 
     async def mx_hosts(self, domain: str) -> list[str]:
@@ -159,72 +153,3 @@ class RouteTable:
         if not hosts:
             raise NoRoute(f"this node is the most preferred MX of {domain}")
         return hosts
-
-
-def dns_lookup_mx(nameservers: tuple[tuple[str, int], ...], timeout: float) -> LookupMX:
-    """
-    MX records through dnspython's resolver, in a thread so the reactor
-    never waits; an empty answer or a missing name gives no records.
-    """
-    import dns.exception
-    import dns.resolver
-
-    resolver = make_resolver(nameservers, timeout)
-
-    def lookup(domain: str) -> tuple[MXRecords, float]:
-        try:
-            answer = resolver.resolve(domain, "MX")
-        except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
-            return [], NEGATIVE_TTL
-        except dns.exception.DNSException as e:
-            raise NoRoute(f"MX lookup for {domain} failed: {e}") from None
-        records = [(r.preference, r.exchange.to_text(omit_final_dot=True)) for r in answer]
-        return records, float(answer.rrset.ttl if answer.rrset is not None else NEGATIVE_TTL)
-
-    async def lookup_async(domain: str) -> tuple[MXRecords, float]:
-        return await deferToThread(lookup, domain)
-
-    return lookup_async
-
-
-def dns_lookup_addresses(nameservers: tuple[tuple[str, int], ...], timeout: float) -> LookupAddresses:
-    """
-    A host's IPv4 and IPv6 addresses through dnspython, in a thread.
-    """
-    import ipaddress
-
-    import dns.exception
-    import dns.resolver
-
-    resolver = make_resolver(nameservers, timeout)
-
-    def lookup(host: str) -> list[str]:
-        try:
-            return [str(ipaddress.ip_address(host.strip("[]")))]
-        except ValueError:
-            pass
-        found: list[str] = []
-        for kind in ("A", "AAAA"):
-            try:
-                found += [r.to_text() for r in resolver.resolve(host, kind)]
-            except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
-                continue
-            except dns.exception.DNSException as e:
-                raise NoRoute(f"address lookup for {host} failed: {e}") from None
-        return found
-
-    async def lookup_async(host: str) -> list[str]:
-        return await deferToThread(lookup, host)
-
-    return lookup_async
-
-
-def make_resolver(nameservers: tuple[tuple[str, int], ...], timeout: float) -> Any:
-    import dns.resolver
-
-    resolver = dns.resolver.Resolver(configure=not nameservers)
-    if nameservers:
-        resolver.nameservers = [host for host, _ in nameservers]
-        resolver.port = nameservers[0][1]
-    resolver.lifetime = timeout
-    return resolver

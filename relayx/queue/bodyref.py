@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import attrs
 
-from relayx.delivery.dsn import header_section
+from relayx.message import header_section
 
 MARKER = b"\x00relayx-body "
 

@@ -17,6 +17,27 @@ local function base_domain(queue)
   return string.match(queue, '^([^#]+)')
 end
 
+-- The one definition of "held" for a reader (changes nothing): an operator's
+-- hold not yet past its end, or a scheduled hold whose start has come and
+-- whose end has not. held_clock below applies the same rule and records it.
+-- Mirrored once in Python (relayx/queue/states.py).
+local function held_at(dom, now)
+  local s = redis.call('HMGET', dom, 'held', 'hold_start', 'hold_end')
+  local start, stop = tonumber(s[2] or '0'), tonumber(s[3] or '0')
+  if stop > 0 and stop <= now then return false end
+  return s[1] == '1' or (start > 0 and start <= now)
+end
+
+-- The one definition of a job's state (for views and counts): in_flight,
+-- deferred, failed, held or ready. Mirrored by relayx.queue.states.JobState.
+local function job_state(prefix, jid, queue, now)
+  if redis.call('ZSCORE', prefix .. ':leased', jid) then return 'in_flight' end
+  if redis.call('ZSCORE', prefix .. ':deferred', jid) then return 'deferred' end
+  if redis.call('ZSCORE', prefix .. ':failed', jid) then return 'failed' end
+  if held_at(prefix .. ':dom:' .. base_domain(queue), now) then return 'held' end
+  return 'ready'
+end
+
 -- Whether the domain is held at `now`, and its total held time (ms) up to `now`.
 -- A scheduled hold whose start or end has come is applied here, by whichever
 -- script looks first.

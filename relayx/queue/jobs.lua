@@ -50,8 +50,7 @@ for _, jid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do elsewhere[jid] = '
 for _, jid in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do elsewhere[jid] = 'failed' end
 
 for _, domain in ipairs(queues) do
-  local base = string.match(domain, '^([^#]+)')
-  local held = redis.call('HGET', prefix .. ':dom:' .. base, 'held') == '1'
+  local held = held_at(prefix .. ':dom:' .. base_domain(domain), now)
   for _, jid in ipairs(redis.call('ZRANGE', prefix .. ':inflight:' .. domain, 0, -1)) do
     consider(jid, domain, 'in_flight')
   end

@@ -7,12 +7,13 @@
 -- KEYS[4]  <p>:leased
 -- ARGV[1]  key prefix <p>
 -- ARGV[2]  queue id
+-- ARGV[3]  now (ms)
 -- Returns JSON {sender, received, size, header, jobs: [{jid, domain, state, rcpts, owed,
 -- failed, attempts, error, history, owner}]}, or "" when there is no such message.
 --
 -- Invariant: none changed.
 
-local prefix, qid = ARGV[1], ARGV[2]
+local prefix, qid, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 if redis.call('EXISTS', KEYS[1]) == 0 then return '' end
 local sender, received, body = unpack(redis.call('HMGET', KEYS[1], 'sender', 'received', 'body'))
 local cut = string.find(body, '\r\n\r\n', 1, true)
@@ -23,12 +24,7 @@ for _, jid in ipairs(message_jobs(prefix, qid)) do
   local job = prefix .. ':job:' .. jid
   local domain, rcpts, owed, failed, attempts, err, history, owner = unpack(redis.call('HMGET', job,
     'domain', 'rcpts', 'owed', 'failed', 'attempts', 'error', 'history', 'owner'))
-  local state = 'ready'
-  if redis.call('ZSCORE', KEYS[4], jid) then state = 'in_flight'
-  elseif redis.call('ZSCORE', KEYS[2], jid) then state = 'deferred'
-  elseif redis.call('ZSCORE', KEYS[3], jid) then state = 'failed'
-  elseif redis.call('HGET', prefix .. ':dom:' .. string.match(domain, '^([^#]+)'), 'held') == '1' then state = 'held'
-  end
+  local state = job_state(prefix, jid, domain, now)
   jobs[#jobs + 1] = {jid = jid, domain = domain, state = state, rcpts = cjson.decode(rcpts),
     owed = cjson.decode(owed), failed = cjson.decode(failed), attempts = tonumber(attempts or '0'),
     error = err or '', history = cjson.decode(history or '[]'), owner = owner or ''}

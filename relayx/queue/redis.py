@@ -10,23 +10,16 @@ the same code runs under a test's ``Clock``.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import random
 from collections.abc import Callable, Mapping, Sequence
-from importlib.resources import files
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from relayx.config import Config, RedisConfig
-from relayx.delivery.dsn import header_section
+from relayx.config import Config
 from relayx.interfaces import (
     BodyNotFound,
     Claim,
@@ -42,12 +35,15 @@ from relayx.interfaces import (
     Lease,
     NodeStatus,
     Outcome,
-    StaleLease,
     StoredMessage,
     StoreUnavailable,
     Throttle,
 )
+from relayx.message import header_section
 from relayx.queue.bodyref import make_stub, read_stub
+from relayx.queue.states import held_at
+from relayx.redis.connection import RedisConnection
+from relayx.redis.scripts import Script, load_script
 from relayx.reply import Reply
 
 log = Logger()
@@ -56,24 +52,6 @@ log = Logger()
 AUDIT_KEPT = 10000
 #: body references remembered from load to settle (a bound in case leases are lost)
 REFS_KEPT = 10000
-
-
-@attrs.frozen
-class Script:
-    source: bytes = attrs.field(repr=False)
-    sha: str
-
-
-@functools.cache
-def load_script(name: str, prelude: bool = False) -> Script:
-    """
-    A script; with ``prelude``, after the shared helpers of ``common.lua``.
-    """
-    folder = files("relayx.queue")
-    source = folder.joinpath(name).read_bytes()
-    if prelude:
-        source = folder.joinpath("common.lua").read_bytes() + b"\n" + source
-    return Script(source, hashlib.sha1(source).hexdigest())
 
 
 def _ms(seconds: float) -> int:
@@ -111,205 +89,6 @@ def _failures(entries: tuple[tuple[str, Reply], ...]) -> str:
     return json.dumps([[rcpt, r.code, r.status, r.text] for rcpt, r in entries])
 
 
-class RedisConnection:
-    """
-    A txredisapi connection pool that fails fast: a command while no
-    connection is up, or one Redis does not answer in time, raises
-    ``StoreUnavailable`` instead of waiting for a reconnection.
-    """
-
-    def __init__(self, pool: Any, clock: IReactorTime, timeout: float, where: str, sentinel: Any = None) -> None:
-        self._pool = pool
-        self._clock = clock
-        self._timeout = timeout
-        self.where = where
-        self._sentinel = sentinel
-        #: told each command's latency in seconds (the node's metrics)
-        self.observe: Callable[[float], None] = lambda seconds: None
-
-    @property
-    def connected(self) -> bool:
-        # txredisapi keeps the live connection count on the handler's factory
-        return bool(getattr(getattr(self._pool, "_factory", None), "size", 0))
-
-    async def script(self, script: Script, keys: list[str], args: list[Any]) -> Any:
-        """
-        Run a Lua script by its hash, loading it first when Redis does not
-        have it (a restart, a failover to a replica that never saw it).
-        """
-        try:
-            return await self.call("evalsha", script.sha, keys, args)
-        except StoreUnavailable as e:
-            if "NOSCRIPT" not in str(e) and "No script matching" not in str(e):
-                raise
-        return await self.call("eval", script.source, keys, args)
-
-    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        from txredisapi import ResponseError
-
-        if not self.connected:
-            raise StoreUnavailable(f"not connected to Redis at {self.where}")
-        started = self._clock.seconds()
-        d: Deferred[Any] = getattr(self._pool, method)(*args, **kwargs)
-        d.addTimeout(self._timeout, self._clock)
-        d.addBoth(self._observed, started)
-        try:
-            return await d
-        except ResponseError as e:
-            text = str(e)
-            if text.startswith("STALE"):
-                raise StaleLease(text) from None
-            raise StoreUnavailable(f"Redis at {self.where} refused {method}: {text}") from None
-        except Exception as e:
-            raise StoreUnavailable(f"Redis at {self.where}: {type(e).__name__}: {e}") from None
-
-    async def script_then_wait(
-        self, script: Script, keys: list[str], args: list[Any], replicas: int, timeout: float
-    ) -> tuple[Any, int]:
-        """
-        Run a script and ``WAIT`` for ``replicas`` replicas on the same
-        connection, so the wait covers that write; the script's result and
-        how many replicas confirmed it.
-        """
-        from twisted.internet.defer import FirstError
-        from txredisapi import ResponseError
-
-        if not self.connected:
-            raise StoreUnavailable(f"not connected to Redis at {self.where}")
-        try:
-            taken: Deferred[Any] = self._pool.pipeline()
-            taken.addTimeout(self._timeout, self._clock)
-            pipe = await taken
-            pipe.execute_command("EVAL", script.source, len(keys), *keys, *args)
-            pipe.execute_command("WAIT", replicas, _ms(timeout))
-            done: Deferred[Any] = pipe.execute_pipeline()
-            done.addTimeout(self._timeout + timeout, self._clock)
-            result, acked = await done
-        except FirstError as e:
-            error = e.subFailure.value
-            if isinstance(error, ResponseError) and str(error).startswith("STALE"):
-                raise StaleLease(str(error)) from None
-            raise StoreUnavailable(f"Redis at {self.where}: {error}") from None
-        except Exception as e:
-            raise StoreUnavailable(f"Redis at {self.where}: {type(e).__name__}: {e}") from None
-        return result, int(acked)
-
-    def _observed(self, result: Any, started: float) -> Any:
-        self.observe(self._clock.seconds() - started)
-        return result
-
-    async def wait_connected(self, timeout: float) -> bool:
-        """
-        Whether a connection comes up within ``timeout`` seconds.
-        """
-        waited = 0.0
-        while not self.connected and waited < timeout:
-            await deferLater(self._clock, 0.05, lambda: None)
-            waited += 0.05
-        return self.connected
-
-    async def disconnect(self) -> None:
-        await self._pool.disconnect()
-        if self._sentinel is not None:
-            await self._sentinel.disconnect()
-
-
-async def connect(
-    host: str, port: int, db: int, password: str | None, clock: IReactorTime, timeout: float, poolsize: int = 8
-) -> RedisConnection:
-    """
-    A pool to ``host:port`` that reconnects by itself after an outage.
-    """
-    import txredisapi
-
-    pool = txredisapi.lazyConnectionPool(
-        host=host,
-        port=port,
-        dbid=db,
-        poolsize=poolsize,
-        reconnect=True,
-        charset=None,
-        password=password,
-        connectTimeout=timeout,
-        replyTimeout=timeout,
-        convertNumbers=False,
-    )
-    # after an outage, reconnect within two seconds of Redis being back
-    pool._factory.maxDelay = 2
-    return RedisConnection(pool, clock, timeout, f"{host}:{port}")
-
-
-async def connect_sentinel(
-    sentinels: tuple[tuple[str, int], ...],
-    master_name: str,
-    db: int,
-    password: str | None,
-    clock: IReactorTime,
-    timeout: float,
-    poolsize: int = 8,
-) -> RedisConnection:
-    """
-    A pool to the master that the Sentinels name; after a failover it
-    reconnects to the new master by itself.
-    """
-    import txredisapi
-
-    class BytesSentinelProtocol(txredisapi.SentinelRedisProtocol):  # type: ignore[misc]
-        """
-        txredisapi checks a master's ROLE as text; with ``charset=None`` it
-        is bytes, and every connection would be dropped as "not a master".
-        """
-
-        def connectionMade(self) -> Any:
-            def check_role(role: list[Any]) -> Any:
-                if self.factory.is_master and _text(role[0]) != "master":
-                    self.transport.loseConnection()
-                    return None
-                return txredisapi.RedisProtocol.connectionMade(self)
-
-            if self.password is not None:
-                self.auth(self.password, self.username)
-            return self.role().addCallback(check_role)
-
-    class BytesSentinelFactory(txredisapi.SentinelConnectionFactory):  # type: ignore[misc]
-        protocol = BytesSentinelProtocol
-        noisy = False
-        # look for the new master often: a failover takes a second or two
-        maxDelay = 2
-
-    sentinel = txredisapi.Sentinel(list(sentinels), connectTimeout=timeout, replyTimeout=timeout)
-    # while the old master is down the Sentinels name none; ask again soon
-    sentinel.discovery_timeout = 1
-    pool = sentinel.master_for(
-        master_name,
-        factory_class=BytesSentinelFactory,
-        dbid=db,
-        poolsize=poolsize,
-        charset=None,
-        password=password,
-        replyTimeout=timeout,
-        convertNumbers=False,
-    )
-    where = f"master {master_name!r} of Sentinels " + ",".join(f"{h}:{p}" for h, p in sentinels)
-    return RedisConnection(pool, clock, timeout, where, sentinel)
-
-
-async def open_redis(
-    config: RedisConfig, clock: IReactorTime, embedded_port: int | None = None, poolsize: int = 8
-) -> RedisConnection:
-    """
-    The connection ``[redis]`` describes: the embedded Redis on
-    ``embedded_port``, the Sentinels' master, or the URL.
-    """
-    r = config
-    if r.embedded:
-        assert embedded_port is not None
-        return await connect("127.0.0.1", embedded_port, 0, None, clock, r.timeout, poolsize)
-    if r.sentinels:
-        return await connect_sentinel(r.sentinels, r.master_name, r.db, r.password, clock, r.timeout, poolsize)
-    return await connect(r.host, r.port, r.db, r.password, clock, r.timeout, poolsize)
-
-
 @attrs.frozen
 class Replication:
     """
@@ -327,22 +106,22 @@ class RedisQueue:
     Messages, jobs and leases under ``prefix`` in one Redis database.
     """
 
-    _ENQUEUE = load_script("enqueue.lua", prelude=True)
-    _CLAIM = load_script("claim.lua", prelude=True)
-    _RENEW = load_script("renew.lua")
-    _SETTLE = load_script("settle.lua", prelude=True)
-    _HOLD = load_script("hold.lua", prelude=True)
-    _RELEASE = load_script("release.lua", prelude=True)
-    _RESUME = load_script("resume.lua")
-    _HEARTBEAT = load_script("heartbeat.lua")
-    _BOUNCE = load_script("bounce.lua", prelude=True)
-    _REROUTE = load_script("reroute.lua")
-    _WARN = load_script("warn.lua", prelude=True)
-    _FLUSH = load_script("flush.lua", prelude=True)
-    _DROP = load_script("drop.lua", prelude=True)
-    _REQUEUE = load_script("requeue.lua", prelude=True)
-    _JOBS = load_script("jobs.lua")
-    _MESSAGE = load_script("message.lua", prelude=True)
+    _ENQUEUE = load_script("relayx.queue", "enqueue.lua", prelude=True)
+    _CLAIM = load_script("relayx.queue", "claim.lua", prelude=True)
+    _RENEW = load_script("relayx.queue", "renew.lua")
+    _SETTLE = load_script("relayx.queue", "settle.lua", prelude=True)
+    _HOLD = load_script("relayx.queue", "hold.lua", prelude=True)
+    _RELEASE = load_script("relayx.queue", "release.lua", prelude=True)
+    _RESUME = load_script("relayx.queue", "resume.lua")
+    _HEARTBEAT = load_script("relayx.queue", "heartbeat.lua")
+    _BOUNCE = load_script("relayx.queue", "bounce.lua", prelude=True)
+    _REROUTE = load_script("relayx.queue", "reroute.lua")
+    _WARN = load_script("relayx.queue", "warn.lua", prelude=True)
+    _FLUSH = load_script("relayx.queue", "flush.lua", prelude=True)
+    _DROP = load_script("relayx.queue", "drop.lua", prelude=True)
+    _REQUEUE = load_script("relayx.queue", "requeue.lua", prelude=True)
+    _JOBS = load_script("relayx.queue", "jobs.lua", prelude=True)
+    _MESSAGE = load_script("relayx.queue", "message.lua", prelude=True)
 
     def __init__(
         self,
@@ -661,9 +440,9 @@ class RedisQueue:
         answer["states"] = dict(answer["states"] or {})
         return answer
 
-    async def message(self, queue_id: str) -> dict[str, Any] | None:
+    async def message(self, queue_id: str, now: float) -> dict[str, Any] | None:
         keys = [self.key("msg", queue_id), self.key("deferred"), self.key("failed"), self.key("leased")]
-        answer = _text(await self.redis.script(self._MESSAGE, keys, [self.prefix, queue_id]))
+        answer = _text(await self.redis.script(self._MESSAGE, keys, [self.prefix, queue_id, _ms(now)]))
         if not answer:
             return None
         found: dict[str, Any] = json.loads(answer)
@@ -718,7 +497,7 @@ class RedisQueue:
             domain=domain,
             ready=int(ready),
             in_flight=int(inflight),
-            held=state.get("held") == "1" or 0 < start <= now,
+            held=held_at(state, _ms(now)),
             hold_start=start or None,
             hold_end=float(state.get("hold_end", 0)) / 1000 or None,
             paused_until=float(state.get("paused_until", 0)) / 1000 or None,

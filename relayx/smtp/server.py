@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relayx.address import AddressError, Mailbox, Path, normalize_domain, parse_path
-from relayx.filters import Client, FilterChains, add_lines
+from relayx.checks.chain import Client, FilterChains, add_lines
 from relayx.interfaces import IMessageStore, IncomingMessage, IRecipientPolicy, StoreUnavailable
 from relayx.metrics import Metrics
 from relayx.reply import Reply

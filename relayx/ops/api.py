@@ -39,10 +39,11 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from relayx.config import DomainConfig, parse_duration, parse_route
 from relayx.interfaces import IQueueAdmin, StoreUnavailable
+from relayx.queue.states import JobState
 
 log = Logger()
 
-STATES = ("ready", "held", "deferred", "in_flight", "failed")
+STATES = tuple(str(state) for state in JobState)
 MAX_PAGE = 500
 MAX_BODY = 64 * 1024
 
@@ -166,7 +167,7 @@ class AdminAPI(Resource):
                 return await self._messages(request, now)
             queue_id = rest[0]
             if len(rest) == 1 and method == "GET":
-                found = await self.queue.message(queue_id)
+                found = await self.queue.message(queue_id, self.clock.seconds())
                 if found is None:
                     raise APIError(404, f"no message {queue_id} in the queue")
                 found["received"] /= 1000

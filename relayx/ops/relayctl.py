@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, TextIO
 
+from relayx.queue.states import JobState
+
 DEFAULT_URL = "http://127.0.0.1:8025"
 
 
@@ -179,7 +181,7 @@ def _parser() -> argparse.ArgumentParser:
     messages.add_argument("--domain")
     messages.add_argument("--sender", help="part of the sender's address")
     messages.add_argument("--recipient", help="part of a recipient's address")
-    messages.add_argument("--state", choices=("ready", "held", "deferred", "in_flight", "failed"))
+    messages.add_argument("--state", choices=[str(state) for state in JobState])
     messages.add_argument("--older-than", help="e.g. 2h")
     messages.add_argument("--newer-than", help="e.g. 30m")
     messages.add_argument("--offset", type=int, default=0)

@@ -22,7 +22,7 @@ import urllib.parse
 
 import attrs
 
-from relayx.lookup import Lookup, LookupFailed
+from relayx.dns import Lookup, LookupFailed, ptr_name
 
 MAX_LOOKUPS = 10
 MAX_NAMES = 10
@@ -291,9 +291,7 @@ class _Check:
         return answer
 
     def _reverse_name(self) -> str:
-        if self.ip.version == 4:
-            return ".".join(reversed(str(self.ip).split("."))) + ".in-addr.arpa"
-        return ".".join(reversed(self.ip.exploded.replace(":", ""))) + ".ip6.arpa"
+        return ptr_name(self.ip)
 
     def _expand(self, spec: str, domain: str) -> str:
         """
