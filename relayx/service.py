@@ -29,6 +29,7 @@ from relayx.bodies.compressed import CompressedBodyStore
 from relayx.bodies.directory import DirectoryBodyStore
 from relayx.bodies.s3 import S3BodyStore
 from relayx.bodies.sweep import OrphanSweep
+from relayx.bodies.watched import WatchedBodyStore
 from relayx.checks.chain import Filter, FilterChain, FilterChains
 from relayx.checks.dnslists import DNSLists
 from relayx.checks.greylist import Greylist
@@ -67,11 +68,12 @@ def new_queue_id() -> str:
     return secrets.token_hex(8).upper()
 
 
-def body_store(config: Config, reactor: Any, pool: ThreadPool) -> IBodyStore | None:
+def body_store(config: Config, reactor: Any, pool: ThreadPool) -> WatchedBodyStore | None:
     """
     The body store ``[bodies]`` names; ``None`` for ``redis``: bodies stay
     whole in the message hashes. Always read through the zstd wrapper, so
-    that bodies stored compressed still read after compression is turned off.
+    that bodies stored compressed still read after compression is turned
+    off, and watched for the node's readiness.
     """
     b = config.bodies
     store: IBodyStore
@@ -97,7 +99,8 @@ def body_store(config: Config, reactor: Any, pool: ThreadPool) -> IBodyStore | N
     else:
         return None
     level = b.compression_level if b.compression == "zstd" else None
-    return CompressedBodyStore(store, reactor, pool, level, max_size=2 * config.smtp.max_message_size + 1024**2)
+    max_size = 2 * config.smtp.max_message_size + 1024**2
+    return WatchedBodyStore(CompressedBodyStore(store, reactor, pool, level, max_size=max_size))
 
 
 class _Quiet(Factory):
@@ -260,7 +263,7 @@ class RelayNode(Service):
         self.deliverer: SMTPDeliverer | None = None
         self.bouncer: Bouncer | None = None
         self.heartbeat: LoopingCall | None = None
-        self.bodies: IBodyStore | None = None
+        self.bodies: WatchedBodyStore | None = None
         self.body_threads: ThreadPool | None = None
         self.sweep: OrphanSweep | None = None
         self.ports: list[IListeningPort] = []
@@ -373,6 +376,8 @@ class RelayNode(Service):
                 return f"Redis at {redis.where} not connected"
             if not self.ports:
                 return "not listening for SMTP"
+            if self.bodies is not None and self.bodies.failing:
+                return f"body store failing: {self.bodies.failing}"
             return None
 
         site = Site(

@@ -34,11 +34,13 @@ from relayx.bodies.directory import DirectoryBodyStore
 from relayx.bodies.redis import RedisBodyStore
 from relayx.bodies.s3 import S3BodyStore
 from relayx.bodies.sweep import OrphanSweep
+from relayx.bodies.watched import WatchedBodyStore
 from relayx.interfaces import BodyNotFound, BodyStoreUnavailable, IBodyStore, StoreUnavailable
 from relayx.redis.connection import connect
 from relayx.redis.embedded import free_port
 from relayx.service import StartupError
 from tests.helpers import LoopbackSink, NodeCase, eventually, send, shared_redis, unique_prefix, wait_for
+from tests.test_metrics import get
 from tests.test_queue_redis import deferred_test
 
 #: the global reactor, as the thread-pool and clock interfaces the stores take
@@ -593,18 +595,27 @@ class NodeBodiesTests(NodeCase):
 
     @deferred_test
     async def test_store_failure_is_451_until_it_is_back(self) -> None:
-        """When the body directory cannot be written, DATA gets 451 4.3.0 and nothing is queued; once back, 250."""
+        """When the body directory cannot be written, DATA gets 451 4.3.0, nothing is queued and /readyz is 503."""
         sink = LoopbackSink()
         root = scratch(self) / "bodies"
-        node = await self.start_node(sink, bodies={"backend": "directory", "directory": str(root)})
+        admin = free_port()
+        node = await self.start_node(
+            sink,
+            bodies={"backend": "directory", "directory": str(root)},
+            admin_listen=[f"tcp:{admin}:interface=127.0.0.1"],
+        )
+        assert await deferToThread(get, admin, "/readyz") == (200, "ready\n")
         shutil.rmtree(root)
         root.write_bytes(b"not a directory")
         result = await send(self.smtp_port, "s@sender.test", ["u@example.com"], mail(1))
         assert getattr(result, "smtp_code", None) == 451 and b"4.3.0" in result.smtp_error, result
         assert node.queue is not None
         assert await node.queue.redis.call("keys", f"{node.queue.prefix}:msg:*") == []
+        status, text = await deferToThread(get, admin, "/readyz")
+        assert status == 503 and "body store failing: body directory" in text, text
         root.unlink()
         assert await send(self.smtp_port, "s@sender.test", ["u@example.com"], mail(2)) == {}
+        assert await deferToThread(get, admin, "/readyz") == (200, "ready\n")
         sink.start()
         await wait_for(lambda: len(sink.messages) == 1, 30, "the delivery")
 
@@ -637,3 +648,36 @@ class NodeBodiesTests(NodeCase):
         await eventually(
             lambda: deferToThread(lambda: not client.list_objects_v2(Bucket=bucket).get("Contents")), 10, "removal"
         )
+
+
+class WatchedBodyStoreTests(BodyStoreContract, TestCase):
+    kind = "file"
+
+    async def make_store(self) -> WatchedBodyStore:
+        return WatchedBodyStore(await DirectoryBodyStoreTests.make_store(self))  # type: ignore[arg-type]
+
+    async def make_broken_store(self) -> WatchedBodyStore:
+        return WatchedBodyStore(await DirectoryBodyStoreTests.make_broken_store(self))  # type: ignore[arg-type]
+
+    def root(self) -> Path:
+        return scratch(self) / "bodies"
+
+    @deferred_test
+    async def test_failing_until_success(self) -> None:
+        """When an operation fails, the store says why until the next one succeeds; a missing body is no failure."""
+        store = await self.make_store()
+        assert store.failing is None
+        inner = store.inner
+        assert isinstance(inner, DirectoryBodyStore)
+        inner.root.parent.joinpath("blocked").write_bytes(b"")
+        store.inner = DirectoryBodyStore(inner.root.parent / "blocked" / "x", reactor, SynchronousThreadPool())
+        with self.assertRaises(BodyStoreUnavailable):
+            await store.put(qid(), BODY)
+        assert store.failing is not None and "body directory" in store.failing
+        store.inner = inner
+        ref = await store.put(qid(), BODY)
+        assert store.failing is None
+        await store.delete(ref)
+        with self.assertRaises(BodyNotFound):
+            await store.get(ref)
+        assert store.failing is None
