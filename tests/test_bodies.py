@@ -681,3 +681,63 @@ class WatchedBodyStoreTests(BodyStoreContract, TestCase):
         with self.assertRaises(BodyNotFound):
             await store.get(ref)
         assert store.failing is None
+
+
+def test_stub_keeps_a_bounded_header_section() -> None:
+    """When a stub is made, it keeps the reference, size and header section, at most 64 KiB of it, whole lines."""
+    from relayx.queue.bodyref import HEADERS_KEPT, make_stub, read_stub
+
+    stub = read_stub(make_stub("file:ab/Q1", BODY))
+    assert stub is not None and (stub.ref, stub.size) == ("file:ab/Q1", len(BODY))
+    assert stub.headers == b"Received: from client.test\r\nSubject: hello\r\n"
+    all_header = b"".join(b"X-Filler-%d: %s\r\n" % (n, b"x" * 60) for n in range(5000))
+    kept = read_stub(make_stub("file:ab/Q2", all_header))
+    assert kept is not None and len(kept.headers) <= HEADERS_KEPT and kept.headers.endswith(b"\r\n")
+    assert read_stub(BODY) is None
+
+
+class QueueWithBodiesTests(TestCase):
+    """
+    The Redis queue holding a body store: stubs in, bodies out.
+    """
+
+    async def queues(self) -> tuple[Any, Any, DirectoryBodyStore]:
+        from relayx.queue.redis import RedisQueue
+
+        server = shared_redis()
+        redis = await connect("127.0.0.1", server.port, 0, None, reactor, 5.0, poolsize=1)
+        self.addCleanup(redis.disconnect)
+        assert await redis.wait_connected(5)
+        store = DirectoryBodyStore(scratch(self) / "bodies", reactor, SynchronousThreadPool())
+        prefix = unique_prefix()
+        options: dict[str, Any] = {"lease": 60, "retention": 3600, "retry_schedule": (60,), "randrange": lambda n: 0}
+        return RedisQueue(redis, prefix, **options), RedisQueue(redis, prefix, bodies=store, **options), store
+
+    @deferred_test
+    async def test_stubs_old_messages_and_failures(self) -> None:
+        """When a queue gains a body store, old messages still load, new ones load from the store, failures are 451s."""
+        from relayx.address import Mailbox
+        from relayx.interfaces import IncomingMessage, Throttle
+
+        plain, stored, store = await self.queues()
+
+        def message(queue_id: str) -> IncomingMessage:
+            return IncomingMessage(queue_id, "s@sender.test", (Mailbox.parse("u@one.test"),), time.time(), BODY)
+
+        await plain.enqueue(message("OLD"))
+        await stored.enqueue(message("NEW"))
+        claim = await stored.claim("n", time.time(), 10, {"one.test": Throttle(5)}, Throttle(5))
+        loaded = {lease.queue_id: await stored.load(lease) for lease in claim.leases}
+        assert {q: m.body for q, m in loaded.items()} == {"OLD": BODY, "NEW": BODY}
+        [new] = [lease for lease in claim.leases if lease.queue_id == "NEW"]
+        with self.assertRaises(StoreUnavailable) as caught:
+            await plain.load(new)
+        assert "none is set" in str(caught.exception)
+        await store.delete(f"file:{shard('NEW')}/NEW")
+        with self.assertRaises(StoreUnavailable):
+            await stored.load(new)
+        store.root = store.root.parent / "gone" / "deeper"
+        with self.assertRaises(StoreUnavailable):
+            await stored.enqueue(message("LOST"))
+        assert await stored.message_exists("LOST") is False
+        assert await stored.message_exists("NEW") is True

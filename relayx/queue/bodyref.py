@@ -14,6 +14,9 @@ import attrs
 from relayx.message import header_section
 
 MARKER = b"\x00relayx-body "
+#: the most of a header section a stub keeps (a message that is all header
+#: must not bring its whole body back into Redis)
+HEADERS_KEPT = 65536
 
 
 @attrs.frozen
@@ -26,7 +29,10 @@ class BodyStub:
 def make_stub(ref: str, body: bytes) -> bytes:
     if any(c in ref for c in " \r\n"):
         raise ValueError(f"a body reference without spaces or line breaks, got {ref!r}")
-    return MARKER + f"{ref} {len(body)}".encode("ascii") + b"\r\n" + header_section(body)
+    headers = header_section(body)
+    if len(headers) > HEADERS_KEPT:
+        headers = headers[: headers.rfind(b"\r\n", 0, HEADERS_KEPT) + 2]
+    return MARKER + f"{ref} {len(body)}".encode("ascii") + b"\r\n" + headers
 
 
 def read_stub(stored: bytes) -> BodyStub | None:
