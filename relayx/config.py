@@ -9,6 +9,7 @@ ends up as an open relay or with a retention of zero.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import tomllib
@@ -188,6 +189,8 @@ class NodeConfig:
     data_dir: Path
     #: "text" (twistd's lines) or "json" (one JSON object per line, with the events' fields)
     log_format: str = "text"
+    #: processes taking SMTP (``relayx --config``; ``twistd -n relayx`` is always one)
+    processes: int = 1
 
 
 @attrs.frozen
@@ -284,14 +287,70 @@ CLIENT_LIMITS = ("connections_per_minute", "messages_per_minute")
 
 
 @attrs.frozen
+class DNSList:
+    """
+    A DNS list zone and, optionally, the answers that count as a listing,
+    written as Postfix does: ``zen.spamhaus.org=127.0.0.[2..11]``, each
+    octet a number or ``[n;m..o]``. Whatever the pattern, only answers in
+    127.0.0.0/8 outside 127.255.255.0/24 (the lists' error codes) count.
+    """
+
+    zone: str
+    #: the values each octet of a counting answer may have (``None``: any)
+    octets: tuple[frozenset[int], ...] | None = None
+
+    def counts(self, answer: str) -> bool:
+        """
+        Whether an answer matches the pattern (any does without one).
+        """
+        if self.octets is None:
+            return True
+        parts = answer.split(".")
+        return len(parts) == 4 and all(p.isdigit() and int(p) in o for p, o in zip(parts, self.octets, strict=True))
+
+    def __str__(self) -> str:
+        return self.zone
+
+
+def parse_dnslist(value: object) -> DNSList:
+    """
+    A ``zone`` or ``zone=d.d.d.d`` entry of ``dnsbl`` or ``dnswl``.
+    """
+    text = _string(value)
+    zone, equals, pattern = text.partition("=")
+    if not equals:
+        return DNSList(_domain_name(zone))
+    octet = r"(\d+|\[[^\]]*\])"
+    parts = re.fullmatch(rf"{octet}\.{octet}\.{octet}\.{octet}", pattern)
+    octets: list[frozenset[int]] = []
+    for part in parts.groups() if parts is not None else ():
+        values: set[int] = set()
+        items = part[1:-1].split(";") if part.startswith("[") and part.endswith("]") else [part]
+        for item in items:
+            low, dots, high = item.partition("..")
+            well_formed = low.isdigit() and (high.isdigit() if dots else not high)
+            if not (well_formed and int(low) <= int(high or low) <= 255):
+                values.clear()  # refused below
+                break
+            values.update(range(int(low), int(high or low) + 1))
+        octets.append(frozenset(values))
+    if len(octets) != 4 or not all(octets):
+        raise ValueError(
+            f"a zone such as 'zen.spamhaus.org' or 'zen.spamhaus.org=127.0.0.[2..11]' (answers that count), "
+            f"got {value!r}"
+        )
+    return DNSList(_domain_name(zone), tuple(octets))
+
+
+@attrs.frozen
 class FilterConfig:
     """
     Filtering before the queue, all off by default: ``[filter]`` for every
     domain, and a domain's ``[domain.filter]`` over it.
     """
 
-    dnsbl: tuple[str, ...] = ()
-    dnswl: tuple[str, ...] = ()
+    dnsbl: tuple[DNSList, ...] = ()
+    dnswl: tuple[DNSList, ...] = ()
     dns_timeout: float = 2.0
     greylist_delay: float = 0.0
     greylist_expiry: float = 36 * 3600.0
@@ -488,6 +547,10 @@ def _zones(value: object) -> tuple[str, ...]:
     return tuple(_domain_name(v) for v in _strings(value))
 
 
+def _dnslists(value: object) -> tuple[DNSList, ...]:
+    return tuple(parse_dnslist(v) for v in _strings(value))
+
+
 def _networks(value: object) -> tuple[str, ...]:
     import ipaddress
 
@@ -509,6 +572,17 @@ def _port(value: object) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536:
         return value
     raise ValueError(f"a TCP port from 1 to 65535, got {value!r}")
+
+
+def _processes(value: object) -> int:
+    """
+    ``"auto"`` (one per core) or a whole number from 1 to 64.
+    """
+    if value == "auto":
+        return max(1, min(64, os.cpu_count() or 1))
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+        raise ValueError(f"expected \"auto\" or a whole number from 1 to 64, got {value!r}")
+    return value
 
 
 def _positive_int(value: object) -> int:
@@ -574,8 +648,8 @@ def _filter(section: _Section, defaults: FilterConfig) -> FilterConfig:
     """
     d = defaults
     config = FilterConfig(
-        dnsbl=section.get("dnsbl", d.dnsbl, _zones),
-        dnswl=section.get("dnswl", d.dnswl, _zones),
+        dnsbl=section.get("dnsbl", d.dnsbl, _dnslists),
+        dnswl=section.get("dnswl", d.dnswl, _dnslists),
         dns_timeout=section.get("dns_timeout", d.dns_timeout, _positive_duration),
         greylist_delay=section.get("greylist_delay", d.greylist_delay, _duration_or_zero),
         greylist_expiry=section.get("greylist_expiry", d.greylist_expiry, _positive_duration),
@@ -893,6 +967,7 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
         hostname=node.get("hostname", host, _string),
         data_dir=base / node.get("data_dir", "relayx-data", _string),
         log_format=node.get("log_format", "text", _choice("text", "json")),
+        processes=node.get("processes", _processes("auto"), _processes),
     )
     node.finish()
 

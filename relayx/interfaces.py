@@ -138,6 +138,10 @@ class Outcome:
     failed: tuple[tuple[str, Reply], ...] = ()
     deferred: tuple[tuple[str, Reply], ...] = ()
     unreachable: str | None = None
+    #: the host that answered (``name [address]:port``) and its reply to the
+    #: message when it took it: the proof of delivery, with its queue id
+    destination: str = ""
+    accepted: Reply | None = None
 
 
 @attrs.frozen

@@ -5,11 +5,13 @@ sources of time and randomness, and connects them.
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import os
 import random
 import secrets
 import socket
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.application.service import Service
@@ -51,9 +53,11 @@ from relayx.ops.panel import Panel
 from relayx.queue.redis import RedisQueue
 from relayx.redis.connection import RedisConnection, open_redis
 from relayx.redis.embedded import EmbeddedRedis
+from relayx.reuseport import listen_shared, parse_tcp
 from relayx.smtp.client import SMTPClientProtocol
 from relayx.smtp.server import Limits, SMTPServerFactory
 from relayx.smtp.tls import ReloadingTLS, TLSFilesError, client_tls_factory
+from relayx.workers import WorkerSupervisor, worker_command
 
 log = Logger()
 
@@ -239,6 +243,16 @@ def build_delivery_loops(
     )
     return scheduler, prober, bouncer
 
+class NodeRole(enum.Enum):
+    """
+    What a process of a node does: everything (the first, or the only one),
+    or take SMTP on the node's shared ports.
+    """
+
+    NODE = "node"
+    SMTP_WORKER = "smtp-worker"
+
+
 class StartupError(Exception):
     """
     The node cannot start; ``str()`` is the one line to show.
@@ -251,9 +265,20 @@ class RelayNode(Service):
     Redis connection (and the embedded Redis when none is configured).
     """
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        role: NodeRole = NodeRole.NODE,
+        worker_args: Sequence[str] | None = None,
+    ) -> None:
         self.config = config
         self.reactor = reactor
+        self.role = role
+        #: the configuration arguments for SMTP workers; ``None``: this process
+        #: takes SMTP alone whatever ``[node] processes`` says (``twistd -n relayx``)
+        self.worker_args = worker_args
+        self.supervisor: WorkerSupervisor | None = None
         self.embedded: EmbeddedRedis | None = None
         self.redis: RedisConnection | None = None
         self.queue: RedisQueue | None = None
@@ -267,6 +292,8 @@ class RelayNode(Service):
         self.body_threads: ThreadPool | None = None
         self.sweep: OrphanSweep | None = None
         self.ports: list[IListeningPort] = []
+        #: the TCP ports bound with SO_REUSEPORT, as descriptions for the workers
+        self.shared: list[str] = []
         self.metrics = Metrics()
         self._stopped = False
         #: set when start-up failed, so that ``relayx`` exits with status 1
@@ -294,6 +321,14 @@ class RelayNode(Service):
         await self._open_bodies()
         self.redis = await self._connect_redis()
         self.queue = RedisQueue.configured(self.redis, config, self.bodies)
+        if self.role is NodeRole.SMTP_WORKER:
+            # takes mail, nothing more: delivery, the admin listener, the
+            # heartbeat and the orphan sweep are the first process's
+            self.deliverer = build_deliverer(config, reactor, build_routes(config, reactor, self.queue))
+            self.smtp = build_smtp_factory(config, reactor, self.metrics, self.queue, self.deliverer, self._filters())
+            await self._listen_smtp()
+            log.info("relayx node {node}: SMTP worker ready", node=config.node.id)
+            return
         if self.redis.connected:
             for warning in await self.queue.persistence_warnings():
                 log.warn("{warning}", warning=warning)
@@ -306,6 +341,7 @@ class RelayNode(Service):
         self.heartbeat.clock = reactor
         await self._listen_smtp()
         await self._listen_admin()
+        self._start_workers()
         self.heartbeat.start(config.queue.heartbeat, now=True)
         self.scheduler.start()
         self.prober.start()
@@ -342,13 +378,18 @@ class RelayNode(Service):
         that does not answer yet is not fatal (mail gets 451 until it does).
         """
         config, reactor = self.config, self.reactor
-        if config.redis.embedded:
+        port = None
+        if config.redis.embedded and self.role is NodeRole.SMTP_WORKER:
+            port = EmbeddedRedis.recorded_port(config.node.data_dir)
+            if port is None:
+                raise StartupError(f"no embedded Redis running under {config.node.data_dir}")
+        elif config.redis.embedded:
             self.embedded = EmbeddedRedis(reactor, reactor, config.node.data_dir)
             try:
                 await self.embedded.start()
             except Exception as e:
                 raise StartupError(f"embedded Redis: {e}") from None
-        port = self.embedded.port if self.embedded is not None else None
+            port = self.embedded.port
         redis = await open_redis(config.redis, reactor, port)
         redis.observe = self.metrics.redis_seconds.observe
         if await redis.wait_connected(config.redis.timeout):
@@ -357,15 +398,48 @@ class RelayNode(Service):
             log.warn("Redis at {where} is not answering; mail gets 451 until it does", where=redis.where)
         return redis
 
+    @property
+    def _shares_ports(self) -> bool:
+        return self.role is NodeRole.SMTP_WORKER or (
+            self.worker_args is not None and self.config.node.processes > 1
+        )
+
     async def _listen_smtp(self) -> None:
+        """
+        Listen on ``[smtp] listen``; with several processes, the TCP ports
+        are bound with SO_REUSEPORT by each of them (``self.shared``).
+        """
         config = self.config
         for description in config.smtp.listen:
+            shared = parse_tcp(description) if self._shares_ports else None
             try:
-                port = await serverFromString(self.reactor, description).listen(self.smtp)
+                if shared is not None:
+                    port = listen_shared(self.reactor, shared, self.smtp)  # type: ignore[arg-type]
+                    self.shared.append(shared.description(port.getHost().port))  # type: ignore[attr-defined]
+                elif self.role is NodeRole.SMTP_WORKER:
+                    continue  # a unix socket or TLS port stays with the first process
+                else:
+                    port = await serverFromString(self.reactor, description).listen(self.smtp)
             except Exception as e:
                 raise StartupError(f"{config.source}: smtp.listen: cannot listen on {description!r}: {e}") from None
             self.ports.append(port)
             log.info("SMTP listening on {address}", address=str(port.getHost()))
+
+    def _start_workers(self) -> None:
+        """
+        The node's other SMTP processes, on the ports just bound.
+        """
+        count = self.config.node.processes - 1
+        if self.worker_args is None or count < 1 or not self.shared:
+            return
+        self.supervisor = WorkerSupervisor(
+            self.reactor,
+            self.reactor,
+            worker_command(self.config.source, self.worker_args, self.shared),
+            count,
+            on_exit=_process_ended,
+        )
+        self.supervisor.start()
 
     async def _listen_admin(self) -> None:
         config, queue, redis = self.config, self.queue, self.redis
@@ -497,6 +571,10 @@ class RelayNode(Service):
         if self._stopped:
             return
         self._stopped = True
+        workers_ended = None
+        if self.supervisor is not None:
+            # the workers shut down (421, grace) alongside this process
+            workers_ended = Deferred.fromCoroutine(self.supervisor.stop(self.config.smtp.shutdown_grace + 10))
         await DeferredList([Deferred.fromCoroutine(_stop_listening(p)) for p in self.ports])
         self.ports = []
         if self.smtp is not None:
@@ -509,6 +587,8 @@ class RelayNode(Service):
             for session in busy:
                 # the grace period is over: no 250 was sent, so the client keeps the message
                 session.shut_down(force=True)
+        if workers_ended is not None:
+            await workers_ended
         if self.heartbeat is not None and self.heartbeat.running:
             self.heartbeat.stop()
         if self.prober is not None:
@@ -527,6 +607,16 @@ class RelayNode(Service):
             await self.redis.disconnect()
         if self.embedded is not None:
             await self.embedded.stop()
+
+
+def _process_ended(pid: int) -> None:
+    """
+    A worker ended: its live gauges no longer count (multi-process metrics).
+    """
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
 
 
 async def _stop_listening(port: IListeningPort) -> None:

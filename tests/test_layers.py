@@ -24,7 +24,7 @@ ALLOWED: dict[str, set[str]] = {
     "wiring": {"redis", "bodies", "queue", "checks", "smtp", "delivery", "ops"},
 }
 
-WIRING = {"service", "tap", "__main__"}
+WIRING = {"service", "tap", "__main__", "workers"}
 
 
 def room(module: str) -> str:

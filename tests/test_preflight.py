@@ -6,7 +6,9 @@ served over HTTPS with a certificate of the test CA.
 
 from __future__ import annotations
 
+import shutil
 import ssl
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +82,8 @@ def mx(preference: int, host: str, ttl: int) -> Any:
 class PreflightTests(TestCase):
     def setUp(self) -> None:
         self.ca = CA()
-        directory = Path(self.mktemp())
-        directory.mkdir()
+        directory = Path(tempfile.mkdtemp(prefix="relayx-preflight-"))
+        self.addCleanup(shutil.rmtree, directory, True)
         cert, key, _ = self.ca.issue(directory, "primary.example.test", stem="smtp")
         factory = Factory.forProtocol(Primary)
         factory.tls = tls_options(cert, key)  # type: ignore[attr-defined]
