@@ -23,6 +23,24 @@ class StoreUnavailable(Exception):
     """
 
 
+class BodyStoreUnavailable(StoreUnavailable):
+    """
+    The body store could not confirm an operation (a directory not
+    writable, object storage unreachable or refusing our credentials).
+    Always temporary: the SMTP reply is ``451 4.3.0``, a delivery is retried.
+    """
+
+
+class BodyNotFound(KeyError):
+    """
+    No body is stored under the reference (deleted, swept, or never
+    written). ``str()`` is a one-line explanation.
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "no such body"
+
+
 class StaleLease(Exception):
     """
     The lease's fencing token is no longer current: the job was reclaimed
@@ -156,6 +174,71 @@ class IMessageStore(Interface):
         """
         Store the message and one job per destination domain, all or nothing.
         Raises ``StoreUnavailable`` when that cannot be confirmed.
+        """
+
+
+@attrs.frozen
+class StoredBody:
+    """
+    One body found by a listing: its reference, the queue id it was stored
+    for, and when it was stored (seconds since the epoch).
+    """
+
+    ref: str
+    queue_id: str
+    stored_at: float
+
+
+@attrs.frozen
+class BodyPage:
+    """
+    One page of a listing, and the cursor to the next (``None``: the end).
+    A page may hold fewer bodies than asked, even none, and still go on.
+    """
+
+    bodies: tuple[StoredBody, ...]
+    cursor: str | None
+
+
+class IBodyStore(Interface):
+    """
+    Where message bodies live, apart from the queue's metadata: a directory,
+    object storage, or Redis itself. A body is written once per queue id
+    and read until the last job of its message retires.
+
+    Every method raises ``BodyStoreUnavailable`` when the store cannot
+    confirm it; none blocks the reactor.
+    """
+
+    def put(queue_id: str, body: bytes) -> Awaitable[str]:
+        """
+        Store ``body`` for ``queue_id``; the reference to read it with.
+        It is durable when this resolves (written and flushed as the store
+        allows). A second put of the same queue id replaces it whole.
+        """
+
+    def get(ref: str) -> Awaitable[bytes]:
+        """
+        The body stored under ``ref``; raises ``BodyNotFound`` when there is none.
+        """
+
+    def delete(ref: str) -> Awaitable[None]:
+        """
+        Remove the body; deleting one that is gone is not an error.
+        """
+
+    def list_older_than(cutoff: float, cursor: str | None, limit: int) -> Awaitable[BodyPage]:
+        """
+        A page of the bodies stored before ``cutoff`` (seconds since the
+        epoch), from ``cursor`` (``None``: the start), looking at about
+        ``limit`` entries (a store walking with Redis's ``SCAN`` may return
+        a few more): the orphan sweep's walk, in bounded steps.
+        """
+
+    def check() -> Awaitable[None]:
+        """
+        Whether the store can be written, read and deleted from now (the
+        start-up check); raises ``BodyStoreUnavailable`` with one line saying why not.
         """
 
 

@@ -22,10 +22,16 @@ from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 from twisted.web.client import Agent
 from twisted.web.server import Site
 
 from relayx import __version__
+from relayx.bodies.compressed import CompressedBodyStore
+from relayx.bodies.directory import DirectoryBodyStore
+from relayx.bodies.s3 import S3BodyStore
+from relayx.bodies.sweep import OrphanSweep
+from relayx.bodies.watched import WatchedBodyStore
 from relayx.checks.chain import Filter, FilterChain, FilterChains
 from relayx.checks.dnslists import DNSLists
 from relayx.checks.greylist import Greylist
@@ -39,7 +45,7 @@ from relayx.delivery.routes import RouteTable, TLSPolicy
 from relayx.delivery.scheduler import Prober, Scheduler
 from relayx.delivery.smtp import SMTPDeliverer, Timeouts
 from relayx.dns import dns_lookup, dns_lookup_addresses, dns_lookup_mx
-from relayx.interfaces import StoreUnavailable
+from relayx.interfaces import IBodyStore, StoreUnavailable
 from relayx.metrics import Metrics
 from relayx.ops.api import AdminAPI, Cluster
 from relayx.ops.bulk import BulkRunner
@@ -65,6 +71,41 @@ def new_queue_id() -> str:
     A queue id: 16 hex digits, random so that nodes never collide.
     """
     return secrets.token_hex(8).upper()
+
+
+def body_store(config: Config, reactor: Any, pool: ThreadPool) -> WatchedBodyStore | None:
+    """
+    The body store ``[bodies]`` names; ``None`` for ``redis``: bodies stay
+    whole in the message hashes. Always read through the zstd wrapper, so
+    that bodies stored compressed still read after compression is turned
+    off, and watched for the node's readiness.
+    """
+    b = config.bodies
+    store: IBodyStore
+    if b.backend == "directory":
+        store = DirectoryBodyStore(b.directory, reactor, pool)
+    elif b.backend == "s3":
+        s3 = b.s3
+        assert s3.bucket is not None
+        store = S3BodyStore(
+            s3.bucket,
+            reactor,
+            pool,
+            prefix=s3.prefix,
+            endpoint_url=s3.endpoint_url,
+            region=s3.region,
+            access_key=s3.access_key,
+            secret_key=s3.secret_key,
+            addressing_style=s3.addressing_style,
+            timeout=s3.timeout,
+            attempts=s3.attempts,
+            ca_file=s3.ca_file,
+        )
+    else:
+        return None
+    level = b.compression_level if b.compression == "zstd" else None
+    max_size = 2 * config.smtp.max_message_size + 1024**2
+    return WatchedBodyStore(CompressedBodyStore(store, reactor, pool, level, max_size=max_size))
 
 
 class _Quiet(Factory):
@@ -249,6 +290,9 @@ class RelayNode(Service):
         self.bouncer: Bouncer | None = None
         self.heartbeat: LoopingCall | None = None
         self.bulk: BulkRunner | None = None
+        self.bodies: WatchedBodyStore | None = None
+        self.body_threads: ThreadPool | None = None
+        self.sweep: OrphanSweep | None = None
         self.ports: list[IListeningPort] = []
         #: the TCP ports bound with SO_REUSEPORT, as descriptions for the workers
         self.shared: list[str] = []
@@ -276,11 +320,12 @@ class RelayNode(Service):
         then open its ports and start its loops.
         """
         config, reactor = self.config, self.reactor
+        await self._open_bodies()
         self.redis = await self._connect_redis()
-        self.queue = RedisQueue.configured(self.redis, config)
+        self.queue = RedisQueue.configured(self.redis, config, self.bodies)
         if self.role is NodeRole.SMTP_WORKER:
-            # takes mail, nothing more: delivery, the admin listener and the
-            # heartbeat are the first process's
+            # takes mail, nothing more: delivery, the admin listener, the
+            # heartbeat and the orphan sweep are the first process's
             self.deliverer = build_deliverer(config, reactor, build_routes(config, reactor, self.queue))
             self.smtp = build_smtp_factory(config, reactor, self.metrics, self.queue, self.deliverer, self._filters())
             await self._listen_smtp()
@@ -305,7 +350,31 @@ class RelayNode(Service):
         self.prober.start()
         self.bouncer.start()
         self.bulk.start()
+        if self.bodies is not None:
+            b = config.bodies
+            self.sweep = OrphanSweep(
+                self.bodies, self.queue.message_exists, reactor, b.orphan_age, b.sweep_interval, b.sweep_batch
+            )
+            self.sweep.start()
         log.info("relayx node {node} started", node=config.node.id)
+
+    async def _open_bodies(self) -> None:
+        """
+        The body store, checked: storage that cannot be written now stops the node.
+        """
+        pool = ThreadPool(minthreads=0, maxthreads=self.config.bodies.threads, name="relayx-bodies")
+        pool.start()
+        self.body_threads = pool
+        self.bodies = body_store(self.config, self.reactor, pool)
+        if self.bodies is None:
+            return
+        try:
+            await self.bodies.check()
+        except StoreUnavailable as e:
+            pool.stop()
+            self.body_threads = None
+            raise StartupError(f"{self.config.source}: bodies: {e}") from None
+        log.info("message bodies in {store}", store=repr(self.bodies))
 
     async def _connect_redis(self) -> RedisConnection:
         """
@@ -385,6 +454,8 @@ class RelayNode(Service):
                 return f"Redis at {redis.where} not connected"
             if not self.ports:
                 return "not listening for SMTP"
+            if self.bodies is not None and self.bodies.failing:
+                return f"body store failing: {self.bodies.failing}"
             return None
 
         site = Site(
@@ -531,10 +602,14 @@ class RelayNode(Service):
             self.prober.stop()
         if self.bouncer is not None:
             self.bouncer.stop()
+        if self.sweep is not None:
+            self.sweep.stop()
         if self.scheduler is not None:
             await self.scheduler.stop()
         if self.deliverer is not None:
             self.deliverer.close_idle()
+        if self.body_threads is not None:
+            self.body_threads.stop()
         if self.redis is not None:
             await self.redis.disconnect()
         if self.embedded is not None:

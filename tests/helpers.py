@@ -193,6 +193,7 @@ class NodeCase(TestCase):
         node_id: str = "node-a",
         admin_listen: list[str] | None = None,
         admin_tokens: dict[str, str] | None = None,
+        bodies: dict[str, Any] | None = None,
         **queue: Any,
     ) -> RelayNode:
         port = free_port()
@@ -206,6 +207,7 @@ class NodeCase(TestCase):
             },
             "filter": filters or {},
             "admin": {"listen": admin_listen or [], "tokens": admin_tokens or {}},
+            "bodies": bodies or {},
             "queue": {"retry_schedule": ["1s"], "poll_interval": "100ms", "lease": "10s", **queue},
             "delivery": {"connect_timeout": "2s", "command_timeout": "10s", **(delivery or {})},
             "domain": [

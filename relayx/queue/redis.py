@@ -21,9 +21,11 @@ from zope.interface import implementer
 
 from relayx.config import Config
 from relayx.interfaces import (
+    BodyNotFound,
     Claim,
     DomainState,
     FailedJob,
+    IBodyStore,
     IBulkActions,
     IDeliveryQueue,
     IFailedJobs,
@@ -39,6 +41,7 @@ from relayx.interfaces import (
     Throttle,
 )
 from relayx.message import header_section, search_fields
+from relayx.queue.bodyref import make_stub, read_stub
 from relayx.queue.states import held_at
 from relayx.redis.connection import RedisConnection
 from relayx.redis.scripts import Script, load_script
@@ -54,6 +57,8 @@ PAGE_BUDGET = 300
 CLOCK_SKEW = 5.0
 #: bulk actions kept for operators to read (running ones are always kept)
 BULK_KEPT = 100
+#: body references remembered from load to settle (a bound in case leases are lost)
+REFS_KEPT = 10000
 
 
 def _ms(seconds: float) -> int:
@@ -73,6 +78,14 @@ def _lists(job: dict[str, Any]) -> dict[str, Any]:
         if job.get(name) == {}:
             job[name] = []
     return job
+
+
+def _headers(stored: bytes) -> bytes:
+    """
+    The header section of a message hash's ``body`` field: a body's, or a stub's.
+    """
+    stub = read_stub(stored)
+    return header_section(stored) if stub is None else stub.headers
 
 
 def _throttle(t: Throttle) -> str:
@@ -134,6 +147,7 @@ class RedisQueue:
         replication: Replication | None = None,
         copies: Mapping[str, int] | None = None,
         delay_warning: float = 0.0,
+        bodies: IBodyStore | None = None,
     ) -> None:
         self.redis = redis
         self.prefix = prefix
@@ -145,9 +159,13 @@ class RedisQueue:
         self.replication = replication
         self.copies = dict(copies or {})
         self.delay_warning = delay_warning
+        #: where bodies go (``None``: in the message hashes, as before body stores)
+        self.bodies = bodies
+        #: the body reference of each job loaded and not yet settled
+        self._refs: dict[str, str] = {}
 
     @classmethod
-    def configured(cls, redis: RedisConnection, config: Config) -> RedisQueue:
+    def configured(cls, redis: RedisConnection, config: Config, bodies: IBodyStore | None = None) -> RedisQueue:
         """
         The queue as ``[redis]`` and ``[queue]`` describe it.
         """
@@ -162,18 +180,24 @@ class RedisQueue:
             replication=Replication(r.replicas, r.replication_timeout) if r.durability == "replicated" else None,
             copies={d.name: len(d.copy_to) for d in config.domains if d.copy_to},
             delay_warning=q.delay_warning,
+            bodies=bodies,
         )
 
     def key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
 
     async def enqueue(self, message: IncomingMessage) -> None:
+        body = message.body
+        if self.bodies is not None:
+            # the body is durable before its message can be: a failure after
+            # this leaves an orphan for the sweep, never a message without a body
+            body = make_stub(await self.bodies.put(message.queue_id, body), body)
         args: list[object] = [
             self.prefix,
             message.queue_id,
             _ms(message.received_at),
             message.sender,
-            message.body,
+            body,
             *search_fields(message.body),
         ]
         for domain, rcpts in message.by_domain().items():
@@ -251,7 +275,38 @@ class RedisQueue:
         sender, body = await self.redis.call("hmget", self.key("msg", lease.queue_id), ["sender", "body"])
         if body is None:
             raise StoreUnavailable(f"message {lease.queue_id} has no body in Redis")
-        return StoredMessage(sender=_text(sender), body=bytes(body))
+        stub = read_stub(bytes(body))
+        if stub is None:
+            return StoredMessage(sender=_text(sender), body=bytes(body))
+        if self.bodies is None:
+            raise StoreUnavailable(f"message {lease.queue_id}: its body is in a body store ({stub.ref}), none is set")
+        try:
+            content = await self.bodies.get(stub.ref)
+        except BodyNotFound as e:
+            raise StoreUnavailable(f"message {lease.queue_id}: {e}") from None
+        if len(self._refs) >= REFS_KEPT:
+            self._refs.pop(next(iter(self._refs)))
+        self._refs[lease.job_id] = stub.ref
+        return StoredMessage(sender=_text(sender), body=content)
+
+    async def _retire_body(self, queue_id: str, ref: str | None) -> None:
+        """
+        Delete the body of a message whose last job just retired; a failure
+        (or no reference) leaves it to the orphan sweep.
+        """
+        if ref is None or self.bodies is None:
+            return
+        try:
+            if not await self.message_exists(queue_id):
+                await self.bodies.delete(ref)
+        except StoreUnavailable as e:
+            log.warn("body of {queue_id} left for the sweep: {why}", queue_id=queue_id, why=str(e))
+
+    async def message_exists(self, queue_id: str) -> bool:
+        """
+        Whether ``queue_id`` is queued (the orphan sweep's question).
+        """
+        return bool(int(await self.redis.call("exists", self.key("msg", queue_id))))
 
     async def settle(self, lease: Lease, outcome: Outcome, now: float) -> str:
         keys = [
@@ -280,8 +335,12 @@ class RedisQueue:
             self.prefix,
             _ms(self.delay_warning),
         ]
+        ref = self._refs.pop(lease.job_id, None)
         # replicated too, so that a failover does not forget a delivery and send it again
-        return _text(await self._write(self._SETTLE, keys, args, f"settling {lease.job_id}", strict=False))
+        fate = _text(await self._write(self._SETTLE, keys, args, f"settling {lease.job_id}", strict=False))
+        if fate == "done":
+            await self._retire_body(lease.queue_id, ref)
+        return fate
 
     async def persistence_warnings(self) -> list[str]:
         """
@@ -420,6 +479,10 @@ class RedisQueue:
             return None
         found: dict[str, Any] = json.loads(answer)
         found["jobs"] = [_lists(job) for job in found["jobs"] or []]
+        stub = read_stub(str(found.get("header", "")).encode("utf-8", "surrogateescape"))
+        if stub is not None:
+            found["size"] = stub.size
+            found["header"] = stub.headers.decode("utf-8", "replace")
         return found
 
     async def heartbeat(self, node: str, now: float, keep: float, info: Mapping[str, str]) -> None:
@@ -594,7 +657,7 @@ class RedisQueue:
                     sender=_text(sender or b""),
                     arrival=int(received or 0) / 1000,
                     failures=tuple((str(r), int(c), str(s), str(t)) for r, c, s, t in failures),
-                    headers=header_section(bytes(body or b"")),
+                    headers=_headers(bytes(body or b"")),
                 )
             )
         return jobs
