@@ -31,6 +31,7 @@ from twisted.trial.unittest import TestCase
 
 from relayx.address import AddressError, Mailbox, normalize_domain
 from relayx.checks.chain import Client, Filter, FilterChain, FilterChains, Verdict
+from relayx.checks.greylist import Greylist, sender_key
 from relayx.checks.recipients import RecipientPolicy
 from relayx.checks.spf_filter import SPF, SPFCache
 from relayx.config import AnyRecipient, DomainConfig, RecipientList, SMTPRoute
@@ -38,6 +39,7 @@ from relayx.delivery.dsn import FailedRecipient, build_dsn
 from relayx.dns import ReverseNames
 from relayx.interfaces import Outcome, Throttle
 from relayx.redis.embedded import free_port
+from relayx.reply import Reply
 from relayx.service import listen
 from relayx.smtp.client import fold_long_lines
 from relayx.smtp.server import Limits, SMTPServerFactory, SMTPServerProtocol
@@ -730,3 +732,53 @@ def test_rcpt_to_utf8_domain_is_stored_as_a_label() -> None:
     h.send("EHLO client.test\r\nMAIL FROM:<bob@sender.test> SMTPUTF8\r\n")
     assert h.send("RCPT TO:<jörg@faß.de>\r\n").startswith("250 ")
     assert h.send("RCPT TO:<jörg@fass.de>\r\n").startswith("550 5.7.1")
+
+
+# -- filters: greylisting keys ------------------------------------------------------
+
+
+class FakeRedis:
+    """
+    The three commands greylisting uses, in memory.
+    """
+
+    def __init__(self) -> None:
+        self.data: dict[str, object] = {}
+
+    async def call(self, command: str, *args: Any) -> object:
+        if command == "set":
+            key, value, _, _, only_new = args
+            if only_new and key in self.data:
+                return None
+            self.data[key] = value
+            return True
+        if command == "get":
+            return self.data.get(args[0])
+        return 1
+
+
+def test_greylisting_passes_batv_srs_and_verp_retries() -> None:
+    """When a sender retries with a fresh BATV tag, SRS hash or VERP number, the retry after the delay passes."""
+    clock = Clock()
+    clock.advance(1_700_000_000)
+    grey = Greylist(FakeRedis(), "t", 60.0, 86400.0, clock)
+    client = Client("192.0.2.7", "client.test")
+    rcpt = Mailbox("alice", "example.com")
+
+    def verdict(sender: str) -> object:
+        d = Deferred.fromCoroutine(grey.recipient(client, sender, rcpt))
+        results: list[object] = []
+        d.addCallback(results.append)
+        return results[0]
+
+    for first, retry in (
+        ("prvs=1234abcdef=bob@sender.test", "prvs=5678fedcba=bob@sender.test"),
+        ("SRS0=hhh=T1=orig.test=bob@fwd.test", "SRS0=kkk=T2=orig.test=bob@fwd.test"),
+        ("bounce-1001-alice=example.com@lists.test", "bounce-1002-alice=example.com@lists.test"),
+    ):
+        refused = verdict(first)
+        assert isinstance(refused, Reply) and refused.code == 450
+        clock.advance(61)
+        assert verdict(retry) is None, (first, retry)
+    assert isinstance(verdict("carol@sender.test"), Reply)
+    assert sender_key("Bob+News@Sender.TEST") == "bob@sender.test"
