@@ -8,14 +8,17 @@ from __future__ import annotations
 import email
 import email.policy
 import itertools
+import shutil
 import smtplib
 import socket
 import ssl
+import subprocess
 import tempfile
 import tomllib
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
+from unittest import SkipTest
 
 import attrs
 import pytest
@@ -690,6 +693,42 @@ class InboundTLSTests(NodeCase):
         context.set_alpn_protocols(["h2", "http/1.1", "smtp"])
         version, alpn, code = await deferToThread(self.starttls, context)
         assert version == "TLSv1.3" and alpn is None and code == "250"
+
+    async def test_openssl_s_client_verifies_the_chain_with_alpn(self) -> None:
+        """When openssl s_client starts TLS with ALPN and only the root CA, it verifies the chain; no alert."""
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            raise SkipTest("no openssl command")
+        root = await self.start_with_chain()
+
+        def s_client() -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [
+                    openssl,
+                    "s_client",
+                    "-connect",
+                    f"127.0.0.1:{self.smtp_port}",
+                    "-starttls",
+                    "smtp",
+                    "-alpn",
+                    "h2,smtp",
+                    "-CAfile",
+                    str(root),
+                    "-verify_return_error",
+                    "-verify_hostname",
+                    "mx2.relayx.test",
+                ],
+                input="QUIT\n",
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+
+        result = await deferToThread(s_client)
+        output = result.stdout + result.stderr
+        assert "Verify return code: 0 (ok)" in output, output
+        assert "alert" not in output.lower() and "No ALPN negotiated" in output
+        assert "depth=1 CN = relayx test intermediate" in output
 
     async def test_tls12_offers_only_ecdhe_aead(self) -> None:
         """When a TLS 1.2 client offers only CBC or static-RSA suites, the handshake fails; ECDHE AES-GCM works."""
