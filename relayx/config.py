@@ -206,6 +206,11 @@ class SMTPConfig:
     bare_lf: str
     tls_certificate: Path | None
     tls_key: Path | None
+    #: a message larger than this is written to node.data_dir/spool while it comes in
+    spool_threshold: int = 1024 * 1024
+    #: bytes/s a message must average once data_rate_grace has passed (0: no minimum)
+    min_data_rate: int = 500
+    data_rate_grace: float = 30.0
 
 
 @attrs.frozen
@@ -328,6 +333,8 @@ class AdminConfig:
     listen: tuple[str, ...] = ()
     #: bearer tokens of the admin API by the name audited for changes made with them
     tokens: tuple[tuple[str, str], ...] = attrs.field(default=(), repr=False)
+    #: whether /metrics, like the API, needs one of the tokens
+    metrics_token_required: bool = False
 
 
 @attrs.frozen
@@ -771,18 +778,23 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
         max_errors=smtp.get("max_errors", 10, _positive_int),
         max_hops=smtp.get("max_hops", 50, _positive_int),
         command_timeout=smtp.get("command_timeout", 300.0, _positive_duration),
-        data_timeout=smtp.get("data_timeout", 600.0, _positive_duration),
+        data_timeout=smtp.get("data_timeout", 1800.0, _positive_duration),
         max_connections=smtp.get("max_connections", 1000, _positive_int),
         max_connections_per_ip=smtp.get("max_connections_per_ip", 50, _positive_int),
         shutdown_grace=smtp.get("shutdown_grace", 30.0, _positive_duration),
         bare_lf=smtp.get("bare_lf", "normalize", _choice("normalize", "reject")),
         tls_certificate=smtp.get("tls_certificate", None, _file(base)),
         tls_key=smtp.get("tls_key", None, _file(base)),
+        spool_threshold=smtp.get("spool_threshold", 1024 * 1024, parse_size),
+        min_data_rate=smtp.get("min_data_rate", 500, _count),
+        data_rate_grace=smtp.get("data_rate_grace", 30.0, _positive_duration),
     )
     if (smtp_config.tls_certificate is None) != (smtp_config.tls_key is None):
         raise smtp.fail("tls_key", "tls_certificate and tls_key together, or neither")
     if smtp_config.max_line_length < 512:
         raise smtp.fail("max_line_length", "at least 512 (RFC 5321, section 4.5.3.1.4)")
+    if smtp_config.data_rate_grace >= smtp_config.data_timeout:
+        raise smtp.fail("data_rate_grace", f"less than smtp.data_timeout ({smtp_config.data_timeout:g}s)")
     smtp.finish()
 
     redis = root.sub("redis")
@@ -840,7 +852,10 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
     admin_config = AdminConfig(
         listen=admin.get("listen", (), _listen_or_none),
         tokens=admin.get("tokens", (), _tokens),
+        metrics_token_required=admin.get("metrics_token_required", False, _boolean),
     )
+    if admin_config.metrics_token_required and not admin_config.tokens:
+        raise admin.fail("metrics_token_required", "[admin.tokens] to check the token against, or false")
     admin.finish()
 
     root.used.add("domain")

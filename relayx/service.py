@@ -21,7 +21,6 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent
-from twisted.web.server import Site
 
 from relayx import __version__
 from relayx.checks.chain import Filter, FilterChain, FilterChains
@@ -40,7 +39,7 @@ from relayx.dns import dns_lookup, dns_lookup_addresses, dns_lookup_mx
 from relayx.interfaces import StoreUnavailable
 from relayx.metrics import Metrics
 from relayx.ops.api import AdminAPI, Cluster
-from relayx.ops.http import admin_site
+from relayx.ops.http import admin_http, admin_site
 from relayx.ops.panel import Panel
 from relayx.queue.redis import RedisQueue
 from relayx.redis.connection import RedisConnection, open_redis
@@ -48,6 +47,7 @@ from relayx.redis.embedded import EmbeddedRedis
 from relayx.smtp.client import SMTPClientProtocol
 from relayx.smtp.server import Limits, SMTPServerFactory
 from relayx.smtp.tls import ReloadingTLS, TLSFilesError, client_tls_factory
+from relayx.spool import Spool
 
 log = Logger()
 
@@ -137,7 +137,13 @@ def build_smtp_factory(
             tls = ReloadingTLS(s.tls_certificate, s.tls_key)
         except TLSFilesError as e:
             raise StartupError(f"{config.source}: smtp.tls_certificate: {e}") from None
+    spool = Spool(config.node.data_dir / "spool", threshold=s.spool_threshold)
+    try:
+        spool.prepare()
+    except OSError as e:
+        raise StartupError(f"{config.source}: node.data_dir: no SMTP spool at {spool.directory}: {e}") from None
     return SMTPServerFactory(
+        spool=spool,
         metrics=metrics,
         filters=filters,
         hostname=config.node.hostname,
@@ -152,6 +158,8 @@ def build_smtp_factory(
             max_connections=s.max_connections,
             max_connections_per_ip=s.max_connections_per_ip,
             reject_bare_lf=s.bare_lf == "reject",
+            min_data_rate=s.min_data_rate,
+            data_rate_grace=s.data_rate_grace,
         ),
         tls=tls,
         policy=RecipientPolicy(config.domains, cache=queue, callout=deliverer.verify, clock=reactor),
@@ -309,7 +317,7 @@ class RelayNode(Service):
                 return "not listening for SMTP"
             return None
 
-        site = Site(
+        site = admin_http(
             admin_site(
                 self.metrics,
                 ready=ready,
@@ -332,9 +340,9 @@ class RelayNode(Service):
                     ),
                 ),
                 panel=Panel(),
+                metrics_tokens=config.admin.tokens if config.admin.metrics_token_required else None,
             )
         )
-        site.noisy = False
         for description in config.admin.listen:
             try:
                 port = await serverFromString(self.reactor, description).listen(site)
