@@ -33,8 +33,8 @@ from twisted.internet.defer import Deferred, succeed
 #: how spool files are named, so that ``prepare`` removes only ours
 PREFIX = "msg-"
 DEFAULT_THRESHOLD = 1024 * 1024
-DEFAULT_MEMORY = 64 * 1024 * 1024
-DEFAULT_READ_BACK = 64 * 1024 * 1024
+DEFAULT_MEMORY = 32 * 1024 * 1024
+DEFAULT_READ_BACK = 16 * 1024 * 1024
 
 
 class Spool:
