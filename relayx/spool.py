@@ -62,20 +62,31 @@ class Spool:
 
     def prepare(self) -> None:
         """
-        Make the directory (0700) and remove files left by an earlier run.
-        Raises ``OSError`` when it cannot be made or secured.
+        Make the directory (0700) and this process's folder in it, and
+        remove what was left by processes that are gone (a node's SMTP
+        processes share the directory, each writing in a folder named by
+        its process id). Raises ``OSError`` when it cannot be done.
         """
-        directory = self._directory()
-        for entry in directory.iterdir():
-            if entry.name.startswith(PREFIX) and entry.is_file():
-                entry.unlink(missing_ok=True)
+        own = self._directory()
+        assert self.directory is not None
+        for entry in self.directory.iterdir():
+            if entry == own:
+                _empty(entry)
+            elif entry.is_dir() and entry.name.isdigit() and not _alive(int(entry.name)):
+                _empty(entry)
+                entry.rmdir()
 
     def _directory(self) -> Path:
+        """
+        This process's folder of the spool, made if need be.
+        """
         if self.directory is None:
             self.directory = Path(tempfile.mkdtemp(prefix="relayx-spool-"))
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.directory, 0o700)
-        return self.directory
+        own = self.directory / str(os.getpid())
+        for folder in (self.directory, own):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(folder, 0o700)
+        return own
 
     def new(self) -> SpooledMessage:
         """
@@ -84,11 +95,11 @@ class Spool:
         return SpooledMessage(self)
 
     def _spill(self) -> tuple[BinaryIO, Path]:
-        directory = self.directory
-        if directory is None or not directory.is_dir():
-            directory = self._directory()
+        own = None if self.directory is None else self.directory / str(os.getpid())
+        if own is None or not own.is_dir():
+            own = self._directory()
         # mkstemp: O_EXCL, mode 0600
-        fd, name = tempfile.mkstemp(prefix=PREFIX, dir=directory)
+        fd, name = tempfile.mkstemp(prefix=PREFIX, dir=own)
         self.files += 1
         return os.fdopen(fd, "w+b"), Path(name)
 
@@ -210,6 +221,22 @@ class SpooledMessage:
             self.path.unlink(missing_ok=True)
 
     close = discard
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _empty(folder: Path) -> None:
+    for entry in folder.iterdir():
+        if entry.name.startswith(PREFIX) and entry.is_file():
+            entry.unlink(missing_ok=True)
 
 
 class _Budget:

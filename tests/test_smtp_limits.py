@@ -92,7 +92,7 @@ class Node:
         return Session(self, ip)
 
     def spool_files(self) -> list[Path]:
-        return sorted(self.spool.directory.iterdir()) if self.spool.directory else []
+        return sorted(p for p in self.spool.directory.rglob("*") if p.is_file()) if self.spool.directory else []
 
 
 class Session:
@@ -143,6 +143,7 @@ def test_large_message_spooled_private_and_removed(tmp_path: Path) -> None:
         assert s.send(content[start : start + 4096]) == ""
     [file] = node.spool_files()
     assert stat.S_IMODE(os.stat(node.spool.directory or "").st_mode) == 0o700
+    assert stat.S_IMODE(file.parent.stat().st_mode) == 0o700
     assert stat.S_IMODE(file.stat().st_mode) == 0o600
     assert node.spool.in_memory == 0
     assert s.send(".\r\n").startswith("250 2.0.0")
@@ -264,6 +265,19 @@ def test_read_back_a_few_at_a_time(tmp_path: Path) -> None:
         node.store.open()
     assert [s.take()[:3] for s in sessions] == ["250"] * 4
     assert node.spool.reading == 0 and node.spool_files() == []
+
+
+def test_prepare_clears_what_dead_processes_left(tmp_path: Path) -> None:
+    """When the spool is prepared, files of this process's earlier run and of dead processes go; live ones stay."""
+    base = tmp_path / "spool"
+    gone, alive = base / "999999999", base / str(os.getppid())
+    for folder in (gone, alive, base / str(os.getpid())):
+        folder.mkdir(parents=True)
+        (folder / "msg-left").write_bytes(b"x")
+    Spool(base).prepare()
+    assert sorted(str(p.relative_to(base)) for p in base.rglob("*")) == sorted(
+        [str(os.getpid()), str(os.getppid()), f"{os.getppid()}/msg-left"]
+    )
 
 
 # -- back-pressure ----------------------------------------------------------------

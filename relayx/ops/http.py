@@ -147,7 +147,7 @@ class _MetricsPage(Resource):
             await self._refresh()
         except Exception as e:
             log.warn("metrics refresh failed: {why}", why=repr(e))
-        body = generate_latest(self._metrics.registry)
+        body = generate_latest(self._metrics.exposition)
         waiting, self._waiting = self._waiting, []
         for request in waiting:
             if request.finished or getattr(request, "_disconnected", False):
