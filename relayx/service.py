@@ -300,6 +300,7 @@ class RelayNode(Service):
             raise StartupError(why)
         else:
             log.warn("Redis at {where} is not answering; mail gets 451 until it does", where=redis.where)
+        redis.report_refusals()
         return redis
 
     async def _listen_smtp(self) -> None:

@@ -97,9 +97,11 @@ class _Link:
     refused: str | None = None
     #: the last maxmemory-policy read, or None before the first answer
     policy: str | None = None
+    #: whether to log refusals (at start-up, the node shows them as its one line instead)
+    loud: bool = False
 
     def refuse(self, why: str) -> None:
-        if why != self.refused:
+        if why != self.refused and self.loud:
             log.error("{why}", why=why)
         self.refused = why
 
@@ -294,6 +296,15 @@ class RedisConnection:
         ):
             return f"Redis at {self.where} has not answered for {now - self.answered_at:.0f}s"
         return None
+
+    def report_refusals(self) -> None:
+        """
+        From now on, log each new reason Redis refuses this node (before,
+        whoever starts the node shows ``refused`` as its one line).
+        """
+        self._link.loud = True
+        if self._link.refused is not None:
+            log.error("{why}", why=self._link.refused)
 
     def watch(self) -> None:
         """

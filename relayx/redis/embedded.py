@@ -29,6 +29,7 @@ from pathlib import Path
 
 import attrs
 from twisted.internet.defer import Deferred
+from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IProcessTransport, IReactorProcess, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
@@ -232,7 +233,8 @@ class _RedisProcess(ProcessProtocol):
 
     def outReceived(self, data: bytes) -> None:
         self.output = (self.output + data)[-4096:]
-        if not self.ready.called and b"Ready to accept connections" in self.output:
+        # "Ready to accept connections" (TCP), "ready to accept connections at <socket>" (unix only)
+        if not self.ready.called and b"eady to accept connections" in self.output:
             self.ready.callback(None)
 
     errReceived = outReceived
@@ -300,7 +302,12 @@ class EmbeddedRedis:
             path=str(self.directory),
         )
         process.ready.addTimeout(timeout, self._clock)
-        await process.ready
+        try:
+            await process.ready
+        except DeferredTimeout:
+            tail = process.output.decode("utf-8", "replace").strip().splitlines()[-1:]
+            await self.stop()
+            raise RuntimeError(f"redis-server not ready within {timeout:g}s: {' '.join(tail) or 'no output'}") from None
         _private_file(self.directory / "password", self.password + "\n")
         log.info(
             "embedded redis-server {version} on {socket}, data in {dir}",
