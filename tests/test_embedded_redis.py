@@ -6,6 +6,7 @@ directory, no TCP port, a password, 0600 files; it prefers a
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import stat
@@ -49,7 +50,7 @@ def test_falls_back_to_the_only_one(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     """When only an older redis-server exists, it is chosen (and the node warns)."""
     old = _fake_server(tmp_path / "old", "6.2.14")
     monkeypatch.setenv("PATH", str(old.parent))
-    monkeypatch.setattr(embedded.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     assert choose_redis_server().path == str(old)
 
 

@@ -100,7 +100,7 @@ def _build_lease_keeper() -> TypeMachine[LeaseKeeper, _LeaseCore]:
             else:
                 keeper.renewed(lease)
 
-        Deferred.fromCoroutine(renew())
+        logged(Deferred.fromCoroutine(renew()), f"renewal of lease {core.lease.job_id}")
 
     @renewing.upon(LeaseKeeper.renewed).to(holding)
     def _renewed(keeper: LeaseKeeper, core: _LeaseCore, lease: Lease) -> None:

@@ -190,6 +190,10 @@ def _unusable(protocol: Any, failure: Failure) -> None:
     """
     Drop a connection whose handshake failed; its slot tries again.
     """
+    from txredisapi import RedisError
+
+    if not failure.check(RedisError, StoreUnavailable, ConnectionError, TimeoutError):
+        log.failure("Redis handshake: unexpected error", failure)
     transport = protocol.transport
     if transport is not None:
         transport.abortConnection()
