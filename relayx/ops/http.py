@@ -67,7 +67,7 @@ class _MetricsPage(Resource):
             if request.finished or request.channel is None:
                 return  # the client went away while Redis was asked
             try:
-                body = generate_latest(self._metrics.registry)
+                body = generate_latest(self._metrics.exposition)
             except Exception:
                 log.failure("metrics page failed")
                 request.setResponseCode(500)

@@ -25,6 +25,7 @@ if ARGV[4] ~= '' then
     {ARGV[7], cjson.encode({ARGV[6]})})
   if type(r) == 'table' and r.err then return r end
 end
+unindex_job(ARGV[1], ARGV[2])
 redis.call('DEL', KEYS[2])
 if redis.call('HINCRBY', KEYS[3], 'jobs', -1) <= 0 then redis.call('DEL', KEYS[3]) end
 return 1

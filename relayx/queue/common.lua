@@ -67,16 +67,49 @@ local function held_clock(dom, now)
   return false, total
 end
 
+-- Search indexes, kept for every job while its hash exists (all zsets jid -> seq):
+--   <p>:q:<queue>          every job of a delivery queue, in acceptance order
+--   <p>:ix:from:<sender>   jobs by their message's sender (lower case; "" for <>)
+--   <p>:ix:rcpt:<address>  jobs by each of their recipients (lower case)
+--   <p>:ix:mid:<id>        jobs by their message's Message-ID (lower case, no <>)
+-- index_job adds a job (enqueue); unindex_job removes it and must be called
+-- just before its hash is deleted (it reads the job and its message).
+-- Cost: one ZADD/ZREM per recipient of the job, plus three.
+local function index_job(prefix, jid, seq, queue, sender, mid, rcpts)
+  redis.call('ZADD', prefix .. ':q:' .. queue, seq, jid)
+  redis.call('ZADD', prefix .. ':ix:from:' .. string.lower(sender), seq, jid)
+  if mid and mid ~= '' then redis.call('ZADD', prefix .. ':ix:mid:' .. mid, seq, jid) end
+  for _, rcpt in ipairs(cjson.decode(rcpts)) do
+    redis.call('ZADD', prefix .. ':ix:rcpt:' .. string.lower(rcpt), seq, jid)
+  end
+end
+
+local function unindex_job(prefix, jid)
+  local job = redis.call('HMGET', prefix .. ':job:' .. jid, 'domain', 'rcpts', 'qid')
+  if not job[1] then return end
+  local msg = redis.call('HMGET', prefix .. ':msg:' .. job[3], 'sender', 'mid')
+  redis.call('ZREM', prefix .. ':q:' .. job[1], jid)
+  redis.call('ZREM', prefix .. ':ix:from:' .. string.lower(msg[1] or ''), jid)
+  if msg[2] and msg[2] ~= '' then redis.call('ZREM', prefix .. ':ix:mid:' .. msg[2], jid) end
+  for _, rcpt in ipairs(cjson.decode(job[2])) do
+    redis.call('ZREM', prefix .. ':ix:rcpt:' .. string.lower(rcpt), jid)
+  end
+end
+
 -- Store a message and one delivery job per destination domain (pairs: domain,
 -- JSON array of recipients, ...). Each job records its domain's held time at
 -- acceptance (held_base), so that time held later does not count against its
--- retention. Returns the number of jobs, or an error if the queue id is taken.
-local function enqueue_message(prefix, seq_key, domains_key, msg_key, qid, now, sender, body, pairs)
+-- retention. `mid` and `subject` (optional) are the header's Message-ID (lower
+-- case, no <>) and Subject, for search. Returns the number of jobs, or an
+-- error if the queue id is taken.
+local function enqueue_message(prefix, seq_key, domains_key, msg_key, qid, now, sender, body, pairs, mid, subject)
   if redis.call('EXISTS', msg_key) == 1 then
     return redis.error_reply('DUPLICATE queue id ' .. qid)
   end
   local njobs = #pairs / 2
   redis.call('HSET', msg_key, 'sender', sender, 'body', body, 'received', now, 'jobs', njobs, 'njobs', njobs)
+  if mid and mid ~= '' then redis.call('HSET', msg_key, 'mid', mid) end
+  if subject and subject ~= '' then redis.call('HSET', msg_key, 'subject', subject) end
   for i = 1, njobs do
     local domain, rcpts = pairs[2 * i - 1], pairs[2 * i]
     local jid = qid .. '.' .. i
@@ -87,14 +120,17 @@ local function enqueue_message(prefix, seq_key, domains_key, msg_key, qid, now, 
       'seq', seq, 'created', now, 'held_base', held_base, 'attempts', 0, 'token', 0)
     redis.call('ZADD', prefix .. ':ready:' .. domain, seq, jid)
     redis.call('SADD', domains_key, domain)
+    index_job(prefix, jid, seq, domain, sender, mid, rcpts)
   end
   return njobs
 end
 
 -- Record an operator's change (a JSON object) in the audit log, newest first,
 -- keeping the newest `keep`. Every script that changes what an operator can
--- change calls this in the same step, so no change goes unrecorded.
+-- change calls this in the same step, so no change goes unrecorded; a bulk
+-- action's steps pass "" (its one record is written when it starts).
 local function audit(key, record, keep)
+  if record == '' then return end  -- one step of a bulk action, audited once at its start
   redis.call('LPUSH', key, record)
   redis.call('LTRIM', key, 0, tonumber(keep) - 1)
 end

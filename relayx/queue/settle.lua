@@ -77,6 +77,7 @@ local function finish(job, jobid, failures)
     return 'failed'
   end
   local qid = redis.call('HGET', job, 'qid')
+  unindex_job(prefix, jobid)
   redis.call('DEL', job)
   local msg = prefix .. ':msg:' .. qid
   if redis.call('HINCRBY', msg, 'jobs', -1) <= 0 then redis.call('DEL', msg) end
