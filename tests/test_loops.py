@@ -239,3 +239,27 @@ def test_bouncer_waits_out_an_unavailable_store() -> None:
         clock.advance(1)
     bouncer.stop()
     assert queue.bounced == ["J1.1"]
+
+
+def test_bulk_runner_keeps_going_after_an_unexpected_error() -> None:
+    """When listing bulk actions raises unexpectedly, it is logged and the next tick asks again."""
+    from relayx.ops.bulk import BulkRunner
+
+    class Queue:
+        asked = 0
+
+        async def bulk_running(self) -> list[str]:
+            Queue.asked += 1
+            if Queue.asked == 1:
+                raise RuntimeError("injected into bulk_running")
+            return []
+
+    # a bare runner: only its tick is under test (the constructor wants a whole queue admin)
+    runner = BulkRunner.__new__(BulkRunner)
+    runner.queue = Queue()  # type: ignore[assignment]
+    runner._busy = False
+    runner._stopping = False
+    with _Captured() as log:
+        Deferred.fromCoroutine(runner.tick())
+        Deferred.fromCoroutine(runner.tick())
+    assert Queue.asked == 2 and log.failures() == ["injected into bulk_running"]

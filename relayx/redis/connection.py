@@ -68,6 +68,14 @@ def is_refusal(text: str) -> bool:
     return text.startswith(_REFUSALS)
 
 
+def _passing(text: str) -> bool:
+    """
+    Whether a Redis error reply is one that waiting cures (busy with a
+    script, loading its data, a replica without its master).
+    """
+    return text.startswith(("BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN"))
+
+
 def eviction_problem(policy: str, where: str) -> str | None:
     """
     The one line to show when ``policy`` lets Redis drop keys, else ``None``.
@@ -127,14 +135,14 @@ async def _eviction_policy(protocol: Any, where: str) -> str:
             if line.startswith("maxmemory_policy:"):
                 return line.split(":", 1)[1].strip()
     except ResponseError as e:
-        if not is_refusal(str(e)):
+        if _passing(str(e)):
             raise
     try:
         reply = await protocol.execute_command("CONFIG", "GET", "maxmemory-policy")
         if isinstance(reply, list) and len(reply) == 2:
             return _text(reply[1])
     except ResponseError as e:
-        if not is_refusal(str(e)):
+        if _passing(str(e)):
             raise
     raise RedisRefused(
         f"Redis at {where} does not let relayx read maxmemory-policy: allow its user INFO (or CONFIG GET)"
