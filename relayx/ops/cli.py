@@ -116,7 +116,7 @@ def describe(record: dict[str, object]) -> str:
     return f"{line}: {details}" if details else line
 
 
-async def _queue(reactor: Any, config: Config) -> RedisQueue:
+async def _queue(reactor: Any, config: Config, diagnose: bool = False) -> RedisQueue:
     embedded = None
     if config.redis.embedded:
         embedded = EmbeddedRedis.recorded(config.node.data_dir)
@@ -124,7 +124,8 @@ async def _queue(reactor: Any, config: Config) -> RedisQueue:
             raise ConfigError(
                 f"{config.source}: no [redis] url and no embedded Redis running under {config.node.data_dir}"
             )
-    redis = await open_redis(config.redis, reactor, embedded, poolsize=1)
+    # ``relayx check`` reads an evicting Redis to report it with everything else
+    redis = await open_redis(config.redis, reactor, embedded, poolsize=1, evicting_ok=diagnose)
     if not await redis.wait_connected(config.redis.timeout):
         why = redis.refused or f"Redis at {redis.where} is not answering"
         await redis.disconnect()
@@ -141,7 +142,7 @@ async def _check(reactor: Any, options: argparse.Namespace, config: Config) -> N
         findings.append(check.Finding(check.Level.OK, "redis", "embedded Redis: started by the node (AOF always)"))
     else:
         try:
-            queue = await _queue(reactor, config)
+            queue = await _queue(reactor, config, diagnose=True)
         except ConfigError as e:
             findings.append(check.Finding(check.Level.ERROR, "redis", str(e), "start Redis, or fix [redis]"))
         else:

@@ -107,6 +107,8 @@ class _Link:
     policy: str | None = None
     #: whether to log refusals (at start-up, the node shows them as its one line instead)
     loud: bool = False
+    #: use an evicting Redis anyway (``relayx check``, which reports it among everything else)
+    evicting_ok: bool = False
 
     def refuse(self, why: str) -> None:
         if why != self.refused and self.loud:
@@ -177,7 +179,7 @@ async def _handshake(protocol: Any, link: _Link | None, want_master: bool = Fals
         raise
     problem = eviction_problem(policy, where)
     if link is not None:
-        if problem is not None:
+        if problem is not None and not link.evicting_ok:
             link.refuse(problem)
             raise RedisRefused(problem)
         link.accept(policy)
@@ -360,7 +362,7 @@ class RedisConnection:
             if policy is None:
                 return
             problem = eviction_problem(policy, self.where)
-            if problem is not None:
+            if problem is not None and not self._link.evicting_ok:
                 self._link.refuse(problem)
                 self._drop_all()
             else:
@@ -556,6 +558,7 @@ async def connect(
     *,
     username: str | None = None,
     tls: Any = None,
+    evicting_ok: bool = False,
 ) -> RedisConnection:
     """
     A pool to ``host:port`` (over ``tls``, client TLS options, when given)
@@ -565,7 +568,7 @@ async def connect(
     from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 
     where = f"{host}:{port}"
-    link = _Link(where)
+    link = _Link(where, evicting_ok=evicting_ok)
     endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
     if tls is not None:
         endpoint = wrapClientTLS(tls, endpoint)
@@ -579,7 +582,12 @@ async def connect(
 
 
 async def connect_unix(
-    path: Path, password: str | None, clock: IReactorTime, timeout: float, poolsize: int = 8
+    path: Path,
+    password: str | None,
+    clock: IReactorTime,
+    timeout: float,
+    poolsize: int = 8,
+    evicting_ok: bool = False,
 ) -> RedisConnection:
     """
     A pool to the Redis listening on the unix socket ``path``.
@@ -588,7 +596,7 @@ async def connect_unix(
     from twisted.internet.endpoints import UNIXClientEndpoint
 
     where = f"unix:{path}"
-    link = _Link(where)
+    link = _Link(where, evicting_ok=evicting_ok)
     endpoint = UNIXClientEndpoint(reactor, str(path), timeout=timeout)
 
     def make_pool() -> Any:
@@ -608,6 +616,7 @@ async def connect_sentinel(
     timeout: float,
     poolsize: int = 8,
     username: str | None = None,
+    evicting_ok: bool = False,
 ) -> RedisConnection:
     """
     A pool to the master that the Sentinels name; after a failover it
@@ -617,7 +626,7 @@ async def connect_sentinel(
 
     _, protocol = _protocol_classes()
     where = f"master {master_name!r} of Sentinels " + ",".join(f"{h}:{p}" for h, p in sentinels)
-    link = _Link(where)
+    link = _Link(where, evicting_ok=evicting_ok)
 
     class SentinelFactory(txredisapi.SentinelConnectionFactory):  # type: ignore[misc]
         noisy = False
@@ -650,19 +659,36 @@ async def connect_sentinel(
 
 
 async def open_redis(
-    config: RedisConfig, clock: IReactorTime, embedded: EmbeddedAddress | None = None, poolsize: int = 8
+    config: RedisConfig,
+    clock: IReactorTime,
+    embedded: EmbeddedAddress | None = None,
+    poolsize: int = 8,
+    evicting_ok: bool = False,
 ) -> RedisConnection:
     """
     The connection ``[redis]`` describes: the embedded Redis at
     ``embedded``, the Sentinels' master, or the URL (TLS for ``rediss://``).
+    ``evicting_ok`` is for diagnostics only: a node never writes to a Redis
+    that may evict.
     """
     r = config
     if r.embedded:
         assert embedded is not None
-        return await connect_unix(embedded.socket, embedded.password, clock, r.timeout, poolsize)
+        return await connect_unix(embedded.socket, embedded.password, clock, r.timeout, poolsize, evicting_ok)
     if r.sentinels:
         return await connect_sentinel(
-            r.sentinels, r.master_name, r.db, r.password, clock, r.timeout, poolsize, username=r.username
+            r.sentinels, r.master_name, r.db, r.password, clock, r.timeout, poolsize, r.username, evicting_ok
         )
     tls = tls_options(r.host, r.tls_ca_file) if r.tls else None
-    return await connect(r.host, r.port, r.db, r.password, clock, r.timeout, poolsize, username=r.username, tls=tls)
+    return await connect(
+        r.host,
+        r.port,
+        r.db,
+        r.password,
+        clock,
+        r.timeout,
+        poolsize,
+        username=r.username,
+        tls=tls,
+        evicting_ok=evicting_ok,
+    )
