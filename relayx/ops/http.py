@@ -1,8 +1,9 @@
 """
 The admin HTTP tree (twisted.web) on ``[admin] listen``: ``/metrics``,
-``/healthz`` (the process answers) and ``/readyz`` (it can take mail: Redis
-connected and SMTP listening, so a load balancer takes a node without Redis
-out), the admin API under ``/api`` and the control panel at ``/``.
+``/healthz`` (the process answers) and ``/readyz`` (it can take and deliver
+mail: Redis connected, answering, not evicting, accepting its credentials,
+and SMTP listening, so a load balancer takes such a node out), the admin
+API under ``/api`` and the control panel at ``/``.
 
 Served by ``admin_http``: a request body over ``MAX_BODY`` is refused with
 ``413`` as it arrives (chunked or not), before any token is looked at and
@@ -26,6 +27,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from relayx.interfaces import DomainState, StoreUnavailable
+from relayx.loops import logged
 from relayx.metrics import Metrics
 from relayx.ops.api import MAX_BODY, authenticate
 from relayx.queue.states import JobState
@@ -139,7 +141,7 @@ class _MetricsPage(Resource):
             return b"a valid bearer token is required\n"
         self._waiting.append(request)
         if len(self._waiting) == 1:
-            Deferred.fromCoroutine(self._render())
+            logged(Deferred.fromCoroutine(self._render()), "metrics page")
         return NOT_DONE_YET
 
     async def _render(self) -> None:
@@ -147,11 +149,17 @@ class _MetricsPage(Resource):
             await self._refresh()
         except Exception as e:
             log.warn("metrics refresh failed: {why}", why=repr(e))
-        body = generate_latest(self._metrics.exposition)
+        code = 200
+        try:
+            body = generate_latest(self._metrics.exposition)
+        except Exception:
+            log.failure("metrics page failed")
+            code, body = 500, b"metrics unavailable\n"
         waiting, self._waiting = self._waiting, []
         for request in waiting:
-            if request.finished or getattr(request, "_disconnected", False):
-                continue
+            if request.finished or request.channel is None or getattr(request, "_disconnected", False):
+                continue  # the client went away while Redis was asked
+            request.setResponseCode(code)
             request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
             request.write(body)
             request.finish()
