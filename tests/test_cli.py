@@ -107,7 +107,7 @@ class BothTransports(NodeCase):
 class VerbTests(BothTransports):
     @deferred_test
     async def test_unknown_domain_refused_by_every_verb(self) -> None:
-        """When a verb names a domain the cluster does not have, both transports exit 2 with one line and change nothing."""
+        """When a verb names a domain the cluster lacks, both transports exit 2 with one line and change nothing."""
         await self.setup(LoopbackSink())
         for argv in (
             ("hold", "exmaple.com"),
@@ -199,8 +199,10 @@ class VerbTests(BothTransports):
             "delete", "bounce", "requeue", "route", "hold", "hold", "release", "release", "hold", "hold",
         ]  # fmt: skip
         assert len(lines) == 11 and f"  delete   {qid}" in lines[1] and f"  bounce   {qid}" in lines[2]
-        assert lines[4].endswith(f"smtp://127.0.0.1:2 (before: configured routes)")
-        assert lines[5].endswith("held until released (before: scheduled from 2099-01-01T00:00:00+00:00 until released)")
+        assert lines[4].endswith("smtp://127.0.0.1:2 (before: configured routes)")
+        assert lines[5].endswith(
+            "held until released (before: scheduled from 2099-01-01T00:00:00+00:00 until released)"
+        )  # noqa: E501
         assert lines[7].endswith("was not held (before: not held)")
         assert lines[8].endswith(f"scheduled hold cancelled (before: scheduled {window})")
         assert records[3]["previous"] is None and records[3]["routes"] == ["smtp://127.0.0.1:2"]
@@ -251,11 +253,13 @@ class VerbTests(BothTransports):
         assert mbox.count(b"\n>From here\n") == 5 and mbox.count(b"\r") == 0
         path = self.config.parent / "out.mbox"
         path.write_bytes(mbox)
-        box = mailbox.mbox(str(path))
+        box = list(mailbox.mbox(str(path)))
         assert [m["Subject"] for m in box] == [f"m{n}" for n in range(5)]
         assert box[0].get_from().startswith("bob@sender.test ")
         target = self.config.parent / "out.tar"
-        code, out, _, _ = await self.direct("export", "example.com", "--format", "tar", "--output", str(target), "--json")
+        code, out, _, _ = await self.direct(
+            "export", "example.com", "--format", "tar", "--output", str(target), "--json"
+        )
         assert code == 0 and json.loads(out)["messages"] == 5
         with tarfile.open(target) as tar:
             names = tar.getnames()
@@ -287,7 +291,8 @@ class HoldScriptTests(QueueCase):
         assert before.held and before.end == T0 + 900 and before.start is None
         records = await q.audit(10)
         assert [r["action"] for r in records] == ["release", "hold", "hold", "hold"]
-        assert records[2]["previous"] == {"held": False, "start": round((T0 + 100) * 1000), "end": round((T0 + 200) * 1000)}
+        start, end = round((T0 + 100) * 1000), round((T0 + 200) * 1000)
+        assert records[2]["previous"] == {"held": False, "start": start, "end": end}
 
     @deferred_test
     async def test_qshape_counts_by_age_with_bisection(self) -> None:
@@ -391,9 +396,7 @@ def test_audit_lines_read_any_record() -> None:
 def test_mbox_quotes_from_lines() -> None:
     """When a message has lines starting with From or >From, the mbox entry quotes them once more (mboxrd)."""
     entry = mbox_entry("", 0.0, b"Subject: x\r\n\r\nFrom me\r\n>From you\r\nFromage\r\n")
-    assert entry == (
-        b"From MAILER-DAEMON Thu Jan  1 00:00:00 1970\nSubject: x\n\n>From me\n>>From you\nFromage\n\n"
-    )
+    assert entry == (b"From MAILER-DAEMON Thu Jan  1 00:00:00 1970\nSubject: x\n\n>From me\n>>From you\nFromage\n\n")
 
 
 class PipeTests(QueueCase):

@@ -236,7 +236,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def _common(program: str) -> argparse.ArgumentParser:
+def _common(program: str) -> _Parser:
     """
     The options every verb takes, before or after it.
     """
