@@ -57,9 +57,14 @@ def operate(args: list[str], program: str) -> int:
     admin API over the cluster's Redis and body store without a node.
     """
     from relayx.ops import cli
-    from relayx.service import operator_api
 
-    return cli.main(args, program=program, open_local=operator_api)
+    async def open_local(config: Any, reactor: Any) -> Any:
+        # the node's wiring (and its body store's libraries) only when --config asks for it
+        from relayx.service import operator_api
+
+        return await operator_api(config, reactor)
+
+    return cli.main(args, program=program, open_local=open_local)
 
 
 def _verb_after_options(args: list[str]) -> bool:
