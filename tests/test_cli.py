@@ -202,7 +202,7 @@ class VerbTests(BothTransports):
         assert lines[4].endswith("smtp://127.0.0.1:2 (before: configured routes)")
         assert lines[5].endswith(
             "held until released (before: scheduled from 2099-01-01T00:00:00+00:00 until released)"
-        )  # noqa: E501
+        )
         assert lines[7].endswith("was not held (before: not held)")
         assert lines[8].endswith(f"scheduled hold cancelled (before: scheduled {window})")
         assert records[3]["previous"] is None and records[3]["routes"] == ["smtp://127.0.0.1:2"]
