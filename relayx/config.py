@@ -16,7 +16,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import attrs
 
@@ -209,6 +209,11 @@ class SMTPConfig:
     bare_lf: str
     tls_certificate: Path | None
     tls_key: Path | None
+    #: a message larger than this is written to node.data_dir/spool while it comes in
+    spool_threshold: int = 1024 * 1024
+    #: bytes/s a message must average once data_rate_grace has passed (0: no minimum)
+    min_data_rate: int = 500
+    data_rate_grace: float = 30.0
 
 
 @attrs.frozen
@@ -229,6 +234,8 @@ class RedisConfig:
     durability: str = "aof"
     replicas: int = 1
     replication_timeout: float = 2.0
+    #: for ``rediss://``: the CA certificates (PEM) that sign the server's, or None: the system's
+    tls_ca_file: Path | None = None
 
     @property
     def embedded(self) -> bool:
@@ -248,8 +255,28 @@ class RedisConfig:
         return int(path) if path else 0
 
     @property
+    def username(self) -> str | None:
+        """
+        The ACL user of ``redis://user:password@host``, URL-decoded, or None
+        (the default user).
+        """
+        name = urlsplit(self.url or "").username
+        return unquote(name) if name else None
+
+    @property
     def password(self) -> str | None:
-        return urlsplit(self.url or "").password
+        """
+        The password of the URL, URL-decoded (``%40`` is ``@``), or None.
+        """
+        password = urlsplit(self.url or "").password
+        return unquote(password) if password is not None else None
+
+    @property
+    def tls(self) -> bool:
+        """
+        Whether the URL asks for TLS (``rediss://``).
+        """
+        return urlsplit(self.url or "").scheme == "rediss"
 
 
 @attrs.frozen
@@ -387,6 +414,8 @@ class AdminConfig:
     listen: tuple[str, ...] = ()
     #: bearer tokens of the admin API by the name audited for changes made with them
     tokens: tuple[tuple[str, str], ...] = attrs.field(default=(), repr=False)
+    #: whether /metrics, like the API, needs one of the tokens
+    metrics_token_required: bool = False
 
 
 BODY_BACKENDS = ("directory", "s3", "redis")
@@ -618,9 +647,13 @@ def _redis_url(value: object) -> str:
             port_ok = parts.port is None or 0 < parts.port < 65536
         except ValueError:
             port_ok = False
-        if parts.scheme == "redis" and parts.hostname and port_ok and (path == "" or path.isdigit()):
+        if parts.scheme in ("redis", "rediss") and parts.hostname and port_ok and (path == "" or path.isdigit()):
             return value
-    raise ValueError(f"a URL such as 'redis://127.0.0.1:6379/0', got {value!r}")
+    # the URL may hold a password: show it without
+    shown = re.sub(r"//[^@/]*@", "//***@", value) if isinstance(value, str) else value
+    raise ValueError(
+        f"a URL such as 'redis://127.0.0.1:6379/0' or 'rediss://user:password@redis.example:6380/0', got {shown!r}"
+    )
 
 
 def _listen(value: object) -> tuple[str, ...]:
@@ -980,18 +1013,23 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
         max_errors=smtp.get("max_errors", 10, _positive_int),
         max_hops=smtp.get("max_hops", 50, _positive_int),
         command_timeout=smtp.get("command_timeout", 300.0, _positive_duration),
-        data_timeout=smtp.get("data_timeout", 600.0, _positive_duration),
+        data_timeout=smtp.get("data_timeout", 1800.0, _positive_duration),
         max_connections=smtp.get("max_connections", 1000, _positive_int),
         max_connections_per_ip=smtp.get("max_connections_per_ip", 50, _positive_int),
         shutdown_grace=smtp.get("shutdown_grace", 30.0, _positive_duration),
         bare_lf=smtp.get("bare_lf", "normalize", _choice("normalize", "reject")),
         tls_certificate=smtp.get("tls_certificate", None, _file(base)),
         tls_key=smtp.get("tls_key", None, _file(base)),
+        spool_threshold=smtp.get("spool_threshold", 1024 * 1024, parse_size),
+        min_data_rate=smtp.get("min_data_rate", 500, _count),
+        data_rate_grace=smtp.get("data_rate_grace", 30.0, _positive_duration),
     )
     if (smtp_config.tls_certificate is None) != (smtp_config.tls_key is None):
         raise smtp.fail("tls_key", "tls_certificate and tls_key together, or neither")
     if smtp_config.max_line_length < 512:
         raise smtp.fail("max_line_length", "at least 512 (RFC 5321, section 4.5.3.1.4)")
+    if smtp_config.data_rate_grace >= smtp_config.data_timeout:
+        raise smtp.fail("data_rate_grace", f"less than smtp.data_timeout ({smtp_config.data_timeout:g}s)")
     smtp.finish()
 
     redis = root.sub("redis")
@@ -1004,7 +1042,10 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
         durability=redis.get("durability", "aof", _choice("aof", "replicated")),
         replicas=redis.get("replicas", 1, _positive_int),
         replication_timeout=redis.get("replication_timeout", 2.0, _positive_duration),
+        tls_ca_file=redis.get("tls_ca_file", None, _file(base)),
     )
+    if redis_config.tls_ca_file is not None and not redis_config.tls:
+        raise redis.fail("tls_ca_file", "a 'rediss://' url (TLS) to go with it")
     replicated = redis_config.durability == "replicated"
     if replicated and redis_config.replication_timeout >= redis_config.timeout:
         raise redis.fail("replication_timeout", f"less than redis.timeout ({redis_config.timeout:g}s)")
@@ -1049,7 +1090,10 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
     admin_config = AdminConfig(
         listen=admin.get("listen", (), _listen_or_none),
         tokens=admin.get("tokens", (), _tokens),
+        metrics_token_required=admin.get("metrics_token_required", False, _boolean),
     )
+    if admin_config.metrics_token_required and not admin_config.tokens:
+        raise admin.fail("metrics_token_required", "[admin.tokens] to check the token against, or false")
     admin.finish()
 
     bodies = root.sub("bodies")

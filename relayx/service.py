@@ -20,11 +20,11 @@ from twisted.internet.endpoints import HostnameEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web.client import Agent
-from twisted.web.server import Site
 
 from relayx import __version__
 from relayx.bodies.compressed import CompressedBodyStore
@@ -46,18 +46,20 @@ from relayx.delivery.scheduler import Prober, Scheduler
 from relayx.delivery.smtp import SMTPDeliverer, Timeouts
 from relayx.dns import dns_lookup, dns_lookup_addresses, dns_lookup_mx
 from relayx.interfaces import IBodyStore, StoreUnavailable
+from relayx.loops import steady_loop
 from relayx.metrics import Metrics
 from relayx.ops.api import AdminAPI, Cluster
 from relayx.ops.bulk import BulkRunner
-from relayx.ops.http import admin_site
+from relayx.ops.http import admin_http, admin_site
 from relayx.ops.panel import Panel
 from relayx.queue.redis import RedisQueue
-from relayx.redis.connection import RedisConnection, open_redis
+from relayx.redis.connection import RedisConnection, RedisRefused, open_redis
 from relayx.redis.embedded import EmbeddedRedis
 from relayx.reuseport import listen_shared, parse_tcp
 from relayx.smtp.client import SMTPClientProtocol
 from relayx.smtp.server import Limits, SMTPServerFactory
 from relayx.smtp.tls import ReloadingTLS, TLSFilesError, client_tls_factory
+from relayx.spool import Spool
 from relayx.workers import WorkerSupervisor, worker_command
 
 log = Logger()
@@ -116,7 +118,7 @@ class _Quiet(Factory):
     noisy = False
 
 
-def build_routes(config: Config, reactor: Any, queue: RedisQueue) -> RouteTable:
+def build_routes(config: Config, reactor: Any, queue: RedisQueue, fqdn: str) -> RouteTable:
     """
     Where each domain's mail goes: configured routes, run-time overrides
     from the queue, or MX records through the configured DNS.
@@ -126,7 +128,7 @@ def build_routes(config: Config, reactor: Any, queue: RedisQueue) -> RouteTable:
         {domain.name: domain.routes for domain in config.domains},
         lookup_mx=dns_lookup_mx(d.nameservers, d.connect_timeout),
         lookup_addresses=dns_lookup_addresses(d.nameservers, d.connect_timeout),
-        own_names=frozenset({config.node.hostname, socket.getfqdn()}),
+        own_names=frozenset({config.node.hostname, fqdn}),
         shuffle=random.shuffle,
         mx_port=d.mx_port,
         tls={
@@ -182,7 +184,13 @@ def build_smtp_factory(
             tls = ReloadingTLS(s.tls_certificate, s.tls_key)
         except TLSFilesError as e:
             raise StartupError(f"{config.source}: smtp.tls_certificate: {e}") from None
+    spool = Spool(config.node.data_dir / "spool", threshold=s.spool_threshold)
+    try:
+        spool.prepare()
+    except OSError as e:
+        raise StartupError(f"{config.source}: node.data_dir: no SMTP spool at {spool.directory}: {e}") from None
     return SMTPServerFactory(
+        spool=spool,
         metrics=metrics,
         filters=filters,
         hostname=config.node.hostname,
@@ -197,6 +205,8 @@ def build_smtp_factory(
             max_connections=s.max_connections,
             max_connections_per_ip=s.max_connections_per_ip,
             reject_bare_lf=s.bare_lf == "reject",
+            min_data_rate=s.min_data_rate,
+            data_rate_grace=s.data_rate_grace,
         ),
         tls=tls,
         policy=RecipientPolicy(config.domains, cache=queue, callout=deliverer.verify, clock=reactor),
@@ -326,7 +336,8 @@ class RelayNode(Service):
         if self.role is NodeRole.SMTP_WORKER:
             # takes mail, nothing more: delivery, the admin listener, the
             # heartbeat and the orphan sweep are the first process's
-            self.deliverer = build_deliverer(config, reactor, build_routes(config, reactor, self.queue))
+            fqdn = await self._fqdn()
+            self.deliverer = build_deliverer(config, reactor, build_routes(config, reactor, self.queue, fqdn))
             self.smtp = build_smtp_factory(config, reactor, self.metrics, self.queue, self.deliverer, self._filters())
             await self._listen_smtp()
             log.info("relayx node {node}: SMTP worker ready", node=config.node.id)
@@ -334,18 +345,23 @@ class RelayNode(Service):
         if self.redis.connected:
             for warning in await self.queue.persistence_warnings():
                 log.warn("{warning}", warning=warning)
-        self.deliverer = build_deliverer(config, reactor, build_routes(config, reactor, self.queue))
+            try:
+                # the first heartbeat is a real write: missing rights show now, not as 451s
+                await self._beat()
+            except RedisRefused as e:
+                await self.redis.disconnect()
+                raise StartupError(str(e)) from None
+        fqdn = await self._fqdn()
+        self.deliverer = build_deliverer(config, reactor, build_routes(config, reactor, self.queue, fqdn))
         self.smtp = build_smtp_factory(config, reactor, self.metrics, self.queue, self.deliverer, self._filters())
         self.scheduler, self.prober, self.bouncer = build_delivery_loops(
             config, reactor, self.queue, self.deliverer, self.metrics
         )
-        self.heartbeat = LoopingCall(self._heartbeat)
-        self.heartbeat.clock = reactor
         self.bulk = BulkRunner(self.queue, config.node.id, reactor)
         await self._listen_smtp()
         await self._listen_admin()
         self._start_workers()
-        self.heartbeat.start(config.queue.heartbeat, now=True)
+        self.heartbeat = steady_loop("heartbeat", self._heartbeat, reactor, config.queue.heartbeat, now=True)
         self.scheduler.start()
         self.prober.start()
         self.bouncer.start()
@@ -382,10 +398,10 @@ class RelayNode(Service):
         that does not answer yet is not fatal (mail gets 451 until it does).
         """
         config, reactor = self.config, self.reactor
-        port = None
+        address = None
         if config.redis.embedded and self.role is NodeRole.SMTP_WORKER:
-            port = EmbeddedRedis.recorded_port(config.node.data_dir)
-            if port is None:
+            address = EmbeddedRedis.recorded(config.node.data_dir)
+            if address is None:
                 raise StartupError(f"no embedded Redis running under {config.node.data_dir}")
         elif config.redis.embedded:
             self.embedded = EmbeddedRedis(reactor, reactor, config.node.data_dir)
@@ -393,13 +409,21 @@ class RelayNode(Service):
                 await self.embedded.start()
             except Exception as e:
                 raise StartupError(f"embedded Redis: {e}") from None
-            port = self.embedded.port
-        redis = await open_redis(config.redis, reactor, port)
+            address = self.embedded.address
+        redis = await open_redis(config.redis, reactor, address)
         redis.observe = self.metrics.redis_seconds.observe
         if await redis.wait_connected(config.redis.timeout):
             log.info("connected to Redis at {where}", where=redis.where)
+        elif redis.refused is not None:
+            # wrong credentials, missing rights, an evicting Redis: waiting will not help
+            why = redis.refused
+            await redis.disconnect()
+            if self.embedded is not None:
+                await self.embedded.stop()
+            raise StartupError(why)
         else:
             log.warn("Redis at {where} is not answering; mail gets 451 until it does", where=redis.where)
+        redis.report_refusals()
         return redis
 
     @property
@@ -450,15 +474,18 @@ class RelayNode(Service):
         assert queue is not None and redis is not None
 
         def ready() -> str | None:
-            if not redis.connected:
-                return f"Redis at {redis.where} not connected"
+            if self._stopped:
+                return "shutting down"
+            why = redis.problem()
+            if why is not None:
+                return why
             if not self.ports:
                 return "not listening for SMTP"
             if self.bodies is not None and self.bodies.failing:
                 return f"body store failing: {self.bodies.failing}"
             return None
 
-        site = Site(
+        site = admin_http(
             admin_site(
                 self.metrics,
                 ready=ready,
@@ -466,7 +493,7 @@ class RelayNode(Service):
                 domain_state=lambda domain: queue.domain_state(domain, self.reactor.seconds()),
                 queue_jobs=lambda domain: queue.counts([domain], self.reactor.seconds()),
                 clock=self.reactor,
-                redis_connected=lambda: redis.connected,
+                redis_connected=lambda: redis.problem() is None,
                 api=AdminAPI(
                     queue=queue,
                     bulk=queue,
@@ -482,9 +509,9 @@ class RelayNode(Service):
                     ),
                 ),
                 panel=Panel(),
+                metrics_tokens=config.admin.tokens if config.admin.metrics_token_required else None,
             )
         )
-        site.noisy = False
         for description in config.admin.listen:
             try:
                 port = await serverFromString(self.reactor, description).listen(site)
@@ -553,20 +580,36 @@ class RelayNode(Service):
             )
         return FilterChain(chain)
 
-    def _heartbeat(self) -> Deferred[None]:
-        async def beat() -> None:
-            assert self.queue is not None
-            try:
-                await self.queue.heartbeat(
-                    self.config.node.id,
-                    self.reactor.seconds(),
-                    NODE_SILENCE * self.config.queue.heartbeat,
-                    {"hostname": self.config.node.hostname, "pid": str(os.getpid()), "version": __version__},
-                )
-            except StoreUnavailable as e:
-                log.warn("heartbeat not recorded: {why}", why=str(e))
+    async def _fqdn(self) -> str:
+        """
+        This host's fully qualified name (a DNS look-up, so in a thread), or
+        ``[node] hostname`` when the look-up fails or takes over 5 seconds.
+        """
+        reactor = self.reactor
+        try:
+            d: Deferred[str] = deferToThreadPool(reactor, reactor.getThreadPool(), socket.getfqdn)
+            d.addTimeout(5, reactor)
+            return await d
+        except Exception as e:
+            log.warn(
+                "cannot look up this host's name ({why}); using {name}", why=repr(e), name=self.config.node.hostname
+            )
+            return self.config.node.hostname
 
-        return Deferred.fromCoroutine(beat())
+    async def _beat(self) -> None:
+        assert self.queue is not None
+        await self.queue.heartbeat(
+            self.config.node.id,
+            self.reactor.seconds(),
+            NODE_SILENCE * self.config.queue.heartbeat,
+            {"hostname": self.config.node.hostname, "pid": str(os.getpid()), "version": __version__},
+        )
+
+    async def _heartbeat(self) -> None:
+        try:
+            await self._beat()
+        except StoreUnavailable as e:
+            log.warn("heartbeat not recorded: {why}", why=str(e))
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -654,10 +697,10 @@ async def operator_api(config: Config, reactor: Any) -> OperatorAPI:
     recorded) and open the body store; ``StartupError`` in one line when
     either cannot be reached.
     """
-    port = None
+    embedded = None
     if config.redis.embedded:
-        port = EmbeddedRedis.recorded_port(config.node.data_dir)
-        if port is None:
+        embedded = EmbeddedRedis.recorded(config.node.data_dir)
+        if embedded is None:
             raise StartupError(
                 f"{config.source}: no [redis] url and no embedded Redis running under {config.node.data_dir}"
             )
@@ -667,12 +710,13 @@ async def operator_api(config: Config, reactor: Any) -> OperatorAPI:
         pool = ThreadPool(minthreads=0, maxthreads=config.bodies.threads, name="relayx-bodies")
         pool.start()
         bodies = body_store(config, reactor, pool)
-    redis = await open_redis(config.redis, reactor, port, poolsize=1)
+    redis = await open_redis(config.redis, reactor, embedded, poolsize=1)
     if not await redis.wait_connected(config.redis.timeout):
+        why = redis.refused or f"Redis at {redis.where} is not answering"
         await redis.disconnect()
         if pool is not None:
             pool.stop()
-        raise StartupError(f"{config.source}: Redis at {redis.where} is not answering")
+        raise StartupError(f"{config.source}: {why}")
     queue = RedisQueue.configured(redis, config, bodies)
     api = AdminAPI(
         queue=queue,

@@ -21,11 +21,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
+from relayx.config import load
 from relayx.ops import cli
-from relayx.ops.cli import VERBS, audit_line, main, mbox_entry
+from relayx.ops.cli import VERBS, UsageError, audit_line, configured_domain, main, mbox_entry
 from relayx.redis.connection import connect
 from relayx.redis.embedded import free_port
 from relayx.service import operator_api
@@ -34,6 +36,7 @@ from tests.test_queue_redis import T0, QueueCase, deferred_test, message
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "cli-token-0123456789abcdef"
+KNOWN = "(its domains: example.com, example.org, verify.test)"
 
 
 def config_file(redis_url: str, prefix: str, sink_port: int = 9) -> Path:
@@ -121,7 +124,7 @@ class VerbTests(BothTransports):
         ):
             for program, (code, out, err, _) in zip(("relayctl", "relayx"), await self.both(*argv), strict=True):
                 assert (code, out) == (2, ""), argv
-                assert err == f"{program}: exmaple.com is not a domain of this cluster\n", argv
+                assert err == f"{program}: exmaple.com is not a domain of this cluster {KNOWN}\n", argv
         code, out, _, _ = await self.direct("audit")
         assert out.splitlines()[1:] == []
 
@@ -425,3 +428,52 @@ class PipeTests(QueueCase):
         code, first, errors = await deferToThread(run)
         assert first.split() == [b"WHEN", b"WHO", b"ACTION", b"ON", b"DETAIL"]
         assert (code, errors) == (141, b"")
+
+
+UNREACHABLE = """
+[redis]
+url = "redis://127.0.0.1:1/0"
+
+[[domain]]
+name = "example.com"
+routes = ["smtp://127.0.0.1:2526"]
+copy_to = ["smtp://127.0.0.1:2527"]
+recipients = "any"
+"""
+
+
+@pytest.fixture
+def unreachable(tmp_path: Path) -> Path:
+    path = tmp_path / "relayx.toml"
+    path.write_text(UNREACHABLE)
+    return path
+
+
+def test_configured_domain_is_normalised(unreachable: Path) -> None:
+    """When a configured domain is named in capitals or with a final dot, it is accepted in its normal form."""
+    config = load(unreachable)
+    assert configured_domain(config, "Example.COM.") == "example.com"
+    assert configured_domain(config, "example.com#1") == "example.com#1"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("exmaple.com", "exmaple.com is not a domain of this cluster"),
+        ("not a domain", "is not a domain name"),
+        ("example.com#2", "not a domain of"),
+    ],
+)
+def test_unknown_or_bad_domain_is_refused(unreachable: Path, text: str, expected: str) -> None:
+    """When the domain is misspelt, malformed or not configured, UsageError says which and lists the domains."""
+    with pytest.raises(UsageError, match=expected):
+        configured_domain(load(unreachable), text)
+
+
+@pytest.mark.parametrize("verb", ["hold", "release", "status", "route", "flush", "qshape", "export"])
+def test_typo_exits_2_before_redis(unreachable: Path, verb: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """When `relayx hold exmaple.com --config` has a typo, it exits 2 with one line, before asking Redis anything."""
+    argv = [verb, "--config", str(unreachable), "exmaple.com", *(["mx"] if verb == "route" else [])]
+    assert main(argv, program="relayx", open_local=operator_api) == 2
+    err = capsys.readouterr().err
+    assert err == "relayx: exmaple.com is not a domain of this cluster (its domains: example.com)\n"

@@ -58,6 +58,9 @@ def test_defaults(tmp_path: Path) -> None:
     assert config.domains[0].name == "example.com"
     assert config.domains[0].recipients == AnyRecipient()
     assert config.node.data_dir == tmp_path / "relayx-data"
+    assert (config.smtp.spool_threshold, config.smtp.min_data_rate, config.smtp.data_rate_grace) == (1024**2, 500, 30)
+    assert (config.smtp.command_timeout, config.smtp.data_timeout) == (300, 1800)
+    assert config.admin.metrics_token_required is False
 
 
 def test_recipient_file_and_overrides(tmp_path: Path) -> None:
@@ -82,6 +85,12 @@ def test_recipient_file_and_overrides(tmp_path: Path) -> None:
         ("[smtp]\nmax_message_size = 'big'\n" + MINIMAL, "smtp.max_message_size: expected a size in bytes"),
         ("[smtp]\nlisten = ['2525']\n" + MINIMAL, "smtp.listen: expected Twisted endpoint strings"),
         ("[smtp]\nmax_line_length = 100\n" + MINIMAL, "smtp.max_line_length: expected at least 512"),
+        ("[smtp]\nspool_threshold = 'lots'\n" + MINIMAL, "smtp.spool_threshold: expected a size in bytes"),
+        ("[smtp]\nmin_data_rate = -1\n" + MINIMAL, "smtp.min_data_rate: expected a whole number, 0 for no limit"),
+        ("[smtp]\ndata_rate_grace = '0s'\n" + MINIMAL, "smtp.data_rate_grace: expected"),
+        ("[smtp]\ndata_rate_grace = '40m'\n" + MINIMAL, "smtp.data_rate_grace: expected less than smtp.data_timeout"),
+        ("[admin]\nmetrics_token_required = 'yes'\n" + MINIMAL, "admin.metrics_token_required: expected true or"),
+        ("[admin]\nmetrics_token_required = true\n" + MINIMAL, "admin.metrics_token_required: expected [admin.tokens]"),
         ("[redis]\nurl = 'http://x'\n" + MINIMAL, "redis.url: expected a URL such as 'redis://"),
         ("[redis]\nkey_prefix = 'a b'\n" + MINIMAL, "redis.key_prefix: expected letters, digits"),
         ("[smtp]\nlisen = ['tcp:25']\n" + MINIMAL, "smtp.lisen: unknown key"),
@@ -167,6 +176,42 @@ def test_replicated_needs_a_real_redis(tmp_path: Path) -> None:
     """When replicated durability is asked of the embedded Redis, the error says it has no replicas."""
     with pytest.raises(ConfigError, match=r"redis\.durability: expected 'aof' for an embedded Redis"):
         load(write(tmp_path, "[redis]\ndurability = 'replicated'\n" + MINIMAL))
+
+
+def test_redis_url_user_and_password_are_decoded(tmp_path: Path) -> None:
+    """When the URL has an ACL user and a URL-encoded password, both are read decoded."""
+    url = "redis://relay%2Bx:p%40ss%2Fw%3Ard@10.0.0.5:6380/2"
+    config = load(write(tmp_path, f"[redis]\nurl = '{url}'\n" + MINIMAL))
+    r = config.redis
+    assert (r.username, r.password, r.host, r.port, r.db, r.tls) == ("relay+x", "p@ss/w:rd", "10.0.0.5", 6380, 2, False)
+    assert "p@ss" not in repr(r) and "p%40ss" not in repr(r)
+
+
+def test_redis_url_password_only_is_the_default_user(tmp_path: Path) -> None:
+    """When the URL has a password and no user, the user is the default one (None)."""
+    config = load(write(tmp_path, "[redis]\nurl = 'redis://:secret@127.0.0.1/0'\n" + MINIMAL))
+    assert (config.redis.username, config.redis.password) == (None, "secret")
+
+
+def test_rediss_with_ca_file(tmp_path: Path) -> None:
+    """When the URL is rediss:// with a CA file, TLS is on and the file is kept."""
+    (tmp_path / "ca.pem").write_text("x")
+    config = load(write(tmp_path, "[redis]\nurl = 'rediss://u:p@redis.test:6380'\ntls_ca_file = 'ca.pem'\n" + MINIMAL))
+    assert config.redis.tls and config.redis.tls_ca_file == tmp_path / "ca.pem"
+
+
+def test_ca_file_without_tls_is_an_error(tmp_path: Path) -> None:
+    """When tls_ca_file is given with a redis:// URL, the error says it needs rediss://."""
+    (tmp_path / "ca.pem").write_text("x")
+    with pytest.raises(ConfigError, match=r"redis\.tls_ca_file: expected a 'rediss://' url"):
+        load(write(tmp_path, "[redis]\nurl = 'redis://redis.test'\ntls_ca_file = 'ca.pem'\n" + MINIMAL))
+
+
+def test_bad_redis_url_hides_the_password(tmp_path: Path) -> None:
+    """When the URL is refused, the one-line error does not show its password."""
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, "[redis]\nurl = 'http://u:topsecret@redis.test'\n" + MINIMAL))
+    assert "topsecret" not in str(caught.value) and "redis.url" in str(caught.value)
 
 
 def test_bodies_defaults(tmp_path: Path) -> None:

@@ -57,6 +57,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from relayx.address import AddressError, normalize_domain
 from relayx.config import DomainConfig, parse_duration, parse_route
 from relayx.interfaces import HoldWindow, IBulkActions, IQueueAdmin, StoreUnavailable
 from relayx.ops.bulk import ACTIONS
@@ -269,9 +270,12 @@ class AdminAPI(Resource):
         raise APIError(404 if method in ("GET", "POST", "DELETE") else 405, f"no {method} /api/{'/'.join(parts)}")
 
     def _domain(self, name: str) -> str:
-        domain = name.lower()
+        try:
+            domain = normalize_domain(name)
+        except AddressError:
+            raise APIError(404, f"{name!r} is not a domain name") from None
         if domain not in self.domains:
-            raise APIError(404, f"{name} is not a domain of this cluster")
+            raise APIError(404, unknown_domain(domain, list(self.domains)))
         return domain
 
     @staticmethod
@@ -540,6 +544,14 @@ class AdminAPI(Resource):
         raise APIError(
             404 if method in ("GET", "POST", "DELETE") else 405, f"no {method} /api/v1/bulk/{'/'.join(rest)}"
         )
+
+
+def unknown_domain(name: str, known: Sequence[str]) -> str:
+    """
+    The one answer to a domain the cluster does not have, naming a few it has.
+    """
+    listed = ", ".join(known[:10]) + (f" and {len(known) - 10} more" if len(known) > 10 else "")
+    return f"{name} is not a domain of this cluster (its domains: {listed or 'none'})"
 
 
 def _window(window: HoldWindow) -> dict[str, Any]:

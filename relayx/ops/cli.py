@@ -47,10 +47,11 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import IO, Any, Protocol, TextIO
 
+from relayx.address import AddressError, normalize_domain
 from relayx.config import Config, ConfigError, load, parse_duration, parse_route
 from relayx.dns import dns_lookup, dns_lookup_mx
 from relayx.ops import check, preflight
-from relayx.ops.api import APIError, RawBody
+from relayx.ops.api import APIError, RawBody, unknown_domain
 from relayx.queue.redis import RedisQueue
 from relayx.queue.states import JobState
 from relayx.redis.connection import open_redis
@@ -880,17 +881,20 @@ def _export(options: argparse.Namespace, api: Transport, out: TextIO, binary: IO
 # -- check and preflight (the configuration itself) ---------------------------
 
 
-async def _queue(reactor: Any, config: Config) -> RedisQueue:
-    port = None
+async def _queue(reactor: Any, config: Config, diagnose: bool = False) -> RedisQueue:
+    embedded = None
     if config.redis.embedded:
-        port = EmbeddedRedis.recorded_port(config.node.data_dir)
-        if port is None:
+        embedded = EmbeddedRedis.recorded(config.node.data_dir)
+        if embedded is None:
             raise ConfigError(
                 f"{config.source}: no [redis] url and no embedded Redis running under {config.node.data_dir}"
             )
-    redis = await open_redis(config.redis, reactor, port, poolsize=1)
+    # ``relayx check`` reads an evicting Redis to report it with everything else
+    redis = await open_redis(config.redis, reactor, embedded, poolsize=1, evicting_ok=diagnose)
     if not await redis.wait_connected(config.redis.timeout):
-        raise ConfigError(f"{config.source}: Redis at {redis.where} is not answering")
+        why = redis.refused or f"Redis at {redis.where} is not answering"
+        await redis.disconnect()
+        raise ConfigError(f"{config.source}: {why}")
     return RedisQueue.configured(redis, config)
 
 
@@ -899,11 +903,11 @@ async def _check(reactor: Any, as_json: bool, config: Config, out: TextIO) -> in
     ``check``: the findings, and exit status 1 when any is an error.
     """
     findings = check.check_files(config, datetime.now(UTC), os.geteuid() == 0)
-    if config.redis.embedded and EmbeddedRedis.recorded_port(config.node.data_dir) is None:
+    if config.redis.embedded and EmbeddedRedis.recorded(config.node.data_dir) is None:
         findings.append(check.Finding(check.Level.OK, "redis", "embedded Redis: started by the node (AOF always)"))
     else:
         try:
-            queue = await _queue(reactor, config)
+            queue = await _queue(reactor, config, diagnose=True)
         except ConfigError as e:
             findings.append(check.Finding(check.Level.ERROR, "redis", str(e), "start Redis, or fix [redis]"))
         else:
@@ -948,6 +952,34 @@ async def _preflight(reactor: Any, name: str, as_json: bool, config: Config, out
 
 
 # -- the program --------------------------------------------------------------
+
+
+class UsageError(Exception):
+    """
+    The command line names something the configuration does not have.
+    """
+
+
+def configured_domain(config: Config, text: str) -> str:
+    """
+    ``text`` as a domain (or copy queue, ``example.org#1``) of the
+    configuration, normalised; ``UsageError`` naming the problem otherwise,
+    in the admin API's words.
+    """
+    name, hash_, copy = text.partition("#")
+    try:
+        domain = normalize_domain(name) + hash_ + copy
+    except AddressError:
+        raise UsageError(f"{text!r} is not a domain name") from None
+    known = [queue for d in config.domains for queue in d.queues()]
+    if domain not in known:
+        raise UsageError(unknown_domain(domain, [d.name for d in config.domains]))
+    return domain
+
+
+def _domains_named(options: argparse.Namespace) -> list[str]:
+    named = [getattr(options, "domain", None), *getattr(options, "domains", [])]
+    return [d for d in named if d]
 
 
 def _operator() -> str:
@@ -1038,6 +1070,12 @@ def _main(
             runner.stop()
     if config_path:
         config = _config(options)
+        try:
+            # before Redis is asked anything
+            for name in _domains_named(options):
+                configured_domain(config, name)
+        except UsageError as e:
+            raise Failure(str(e), 2) from None
         if open_local is None:
             raise Failure("--config works with relayx (the node's program); relayctl needs --url", 2)
         runner = _Reactor(reactor)
