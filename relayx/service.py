@@ -720,3 +720,65 @@ def _process_ended(pid: int) -> None:
 
 async def _stop_listening(port: IListeningPort) -> None:
     await maybeDeferred(port.stopListening)
+
+
+class OperatorAPI:
+    """
+    The admin API over a configuration's Redis and body store, without a
+    node or HTTP: what ``relayx VERB --config FILE`` runs its verbs through,
+    so that they work whichever nodes are up.
+    """
+
+    def __init__(self, api: AdminAPI, redis: RedisConnection, pool: ThreadPool | None) -> None:
+        self.api = api
+        self.redis = redis
+        self.pool = pool
+
+    async def close(self) -> None:
+        await self.redis.disconnect()
+        if self.pool is not None:
+            self.pool.stop()
+
+
+async def operator_api(config: Config, reactor: Any) -> OperatorAPI:
+    """
+    Connect to the cluster's Redis (for an embedded one, the port its node
+    recorded) and open the body store; ``StartupError`` in one line when
+    either cannot be reached.
+    """
+    embedded = None
+    if config.redis.embedded:
+        embedded = EmbeddedRedis.recorded(config.node.data_dir)
+        if embedded is None:
+            raise StartupError(
+                f"{config.source}: no [redis] url and no embedded Redis running under {config.node.data_dir}"
+            )
+    pool: ThreadPool | None = None
+    bodies = None
+    if config.bodies.backend != "redis":
+        pool = ThreadPool(minthreads=0, maxthreads=config.bodies.threads, name="relayx-bodies")
+        pool.start()
+        bodies = body_store(config, reactor, pool)
+    redis = await open_redis(config.redis, reactor, embedded, poolsize=1)
+    if not await redis.wait_connected(config.redis.timeout):
+        why = redis.refused or f"Redis at {redis.where} is not answering"
+        await redis.disconnect()
+        if pool is not None:
+            pool.stop()
+        raise StartupError(f"{config.source}: {why}")
+    queue = RedisQueue.configured(redis, config, bodies)
+    api = AdminAPI(
+        queue=queue,
+        bulk=queue,
+        domains=config.domains,
+        tokens=(),
+        clock=reactor,
+        cluster=Cluster(
+            node_id=f"{config.node.id} (direct)",
+            durability=config.redis.durability,
+            redis_where=redis.where,
+            redis_connected=lambda: redis.connected,
+            node_silence=NODE_SILENCE * config.queue.heartbeat,
+        ),
+    )
+    return OperatorAPI(api, redis, pool)
