@@ -173,6 +173,9 @@ class DomainConfig:
     copy_to: tuple[SMTPRoute, ...] = ()
     #: this domain's own filtering ([filter] with its [domain.filter] over it), or None: [filter]
     filter: FilterConfig | None = None
+    #: this domain's quota (0: none), by default [queue] domain_quota_*
+    quota_messages: int = 0
+    quota_bytes: int = 0
 
     def queues(self) -> list[str]:
         """
@@ -290,6 +293,15 @@ class QueueConfig:
     heartbeat: float
     throttle: Throttle
     delay_warning: float
+    #: cluster-wide and per-domain quotas (0: none); past one, mail gets 452 4.3.1
+    quota_messages: int = 0
+    quota_bytes: int = 0
+    domain_quota_messages: int = 0
+    domain_quota_bytes: int = 0
+    #: the share of Redis's maxmemory kept free for delivery, settling and bounces
+    memory_headroom: float = 0.1
+    #: a quota this full is logged (once) as a warning
+    quota_warning: float = 0.8
 
 
 @attrs.frozen
@@ -589,6 +601,15 @@ def _networks(value: object) -> tuple[str, ...]:
         except ValueError:
             raise ValueError(f"networks such as '192.0.2.0/24', got {entry!r}") from None
     return _strings(value)
+
+
+def _fraction(low: float, high: float) -> Callable[[object], float]:
+    def convert(value: object) -> float:
+        if isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high:
+            return float(value)
+        raise ValueError(f"a fraction from {low:g} to {high:g} (e.g. 0.1 for 10 %), got {value!r}")
+
+    return convert
 
 
 def _count(value: object) -> int:
@@ -1064,6 +1085,12 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
         heartbeat=queue.get("heartbeat", 5.0, _positive_duration),
         throttle=_throttle(queue, Throttle(concurrency=1, rate=0.0, ramp_up=30.0)),
         delay_warning=queue.get("delay_warning", 0.0, _duration_or_zero),
+        quota_messages=queue.get("quota_messages", 0, _count),
+        quota_bytes=queue.get("quota_bytes", 0, parse_size),
+        domain_quota_messages=queue.get("domain_quota_messages", 0, _count),
+        domain_quota_bytes=queue.get("domain_quota_bytes", 0, parse_size),
+        memory_headroom=queue.get("memory_headroom", 0.1, _fraction(0.01, 0.5)),
+        quota_warning=queue.get("quota_warning", 0.8, _fraction(0.1, 1.0)),
     )
     if queue_config.lease < 3:
         raise queue.fail("lease", "at least '3s', so that it can be renewed in time")
@@ -1120,6 +1147,8 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
                 tls_name=section.get("tls_name", None, _domain_name),
                 copy_to=section.get("copy_to", (), _copy_routes),
                 filter=_domain_filter(section, filter_config),
+                quota_messages=section.get("quota_messages", queue_config.domain_quota_messages, _count),
+                quota_bytes=section.get("quota_bytes", queue_config.domain_quota_bytes, parse_size),
             )
         )
         section.finish()

@@ -693,6 +693,10 @@ class SMTPServerProtocol(Protocol):
             else:
                 self._error(Reply(555, "5.5.4", f"Error: unsupported parameter {name}"))
                 return None
+        room = self.server.room(None, int(params.get("SIZE") or 0)) if self.server.room is not None else None
+        if room is not None:
+            self._reply(room)  # the queue is full: temporary, and not the client's error
+            return None
         envelope = Envelope(sender=path, utf8="SMTPUTF8" in params)
         if self.server.filters is not None:
             return self._mail_checked(self.server.filters, envelope)
@@ -734,6 +738,10 @@ class SMTPServerProtocol(Protocol):
             return None
         mailbox = path.mailbox
         assert mailbox is not None
+        room = self.server.room(mailbox.domain, 0) if self.server.room is not None else None
+        if room is not None:
+            self._reply(room)
+            return None
         return self._check_recipient(envelope, mailbox)
 
     def _too_many(self, envelope: Envelope) -> bool:
@@ -897,6 +905,11 @@ class SMTPServerProtocol(Protocol):
             body=header + content,
         )
         del content
+        if factory.room is not None:
+            for domain in incoming.by_domain():
+                room = factory.room(domain, len(incoming.body))
+                if room is not None:
+                    return room
         try:
             await factory.store.enqueue(incoming)
         except StoreUnavailable as e:
@@ -1087,8 +1100,11 @@ class SMTPServerFactory(ServerFactory):
         postmaster_domain: str | None = None,
         reverse_names: Callable[[str], Awaitable[str | None]] | None = None,
         spool: Spool | None = None,
+        room: Callable[[str | None, int], Reply | None] | None = None,
     ) -> None:
         self.hostname = normalize_domain(hostname) if "." in hostname else hostname
+        #: the queue's quotas: a refusal (452 4.3.1) for a domain (None: any) and size, or None
+        self.room = room
         self.limits = limits
         self.policy = policy
         self.store = store
