@@ -56,6 +56,12 @@ class Metrics:
             registry=r,
         )
         self.held = Gauge("relayx_domain_held", "1 while the domain is held", ["domain"], registry=r)
+        self.queue_bytes = Gauge(
+            "relayx_queue_bytes",
+            "Bytes of the messages queued by domain (each job counts its message)",
+            ["domain"],
+            registry=r,
+        )
         self.redis_up = Gauge("relayx_redis_up", "1 while Redis is connected", registry=r)
 
     def refuse(self, code: int) -> None:

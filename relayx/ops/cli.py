@@ -1,5 +1,6 @@
 """
-``relayx nodes|status|hold|release``: operate the cluster's queue from a shell.
+``relayx nodes|status|hold|release|route|audit|check-queue``: operate the
+cluster's queue from a shell.
 
 These talk to the queue's Redis directly (the node's configuration says
 where; for an embedded Redis, the port its node recorded in the data
@@ -19,11 +20,12 @@ from typing import Any
 from twisted.internet.task import react
 
 from relayx.config import Config, ConfigError, load, parse_route
-from relayx.queue.redis import RedisQueue
+from relayx.interfaces import QueueCounts
+from relayx.queue.redis import CheckReport, RedisQueue
 from relayx.redis.connection import open_redis
 from relayx.redis.embedded import EmbeddedRedis
 
-COMMANDS = ("nodes", "status", "hold", "release", "route", "audit")
+COMMANDS = ("nodes", "status", "hold", "release", "route", "audit", "check-queue")
 
 
 def _when(text: str) -> float:
@@ -54,6 +56,12 @@ def _parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--reset", action="store_true", help="go back to the configured routes")
     if command == "audit":
         parser.add_argument("--limit", type=int, default=20)
+    if command == "check-queue":
+        parser.add_argument(
+            "--repair",
+            action="store_true",
+            help="mend locations and indexes and set each wrong counter to its recount",
+        )
     if command == "hold":
         parser.add_argument("--from", dest="start", type=_when, help="start of a scheduled hold (ISO 8601)")
         parser.add_argument("--until", dest="end", type=_when, help="end of the hold (ISO 8601)")
@@ -87,10 +95,14 @@ async def _run(reactor: Any, command: str, options: argparse.Namespace, config: 
                 print(f"{node.node:<20} {node.hostname:<30} {now - node.last_seen:>7.1f}s {len(node.leases):>6}")
         elif command == "status":
             s = await queue.domain_state(options.domain, now)
+            queues = _queues(config, options.domain)
+            counts = sum((await queue.queue_summary(queues, now)).values(), QueueCounts())
             print(f"domain        {s.domain}")
-            print(f"ready         {s.ready}")
-            print(f"in flight     {s.in_flight}")
-            print(f"held          {'yes' if s.held else 'no'}")
+            for state, n in counts.by_state().items():
+                print(f"{state.replace('_', ' '):<14}{n}")
+            print(f"bytes         {counts.bytes}")
+            print(f"oldest        {f'{now - counts.oldest:.0f}s' if counts.oldest else '-'}")
+            print(f"on hold       {'yes' if s.held else 'no'}")
             if s.hold_start or s.hold_end:
                 start = datetime.fromtimestamp(s.hold_start).isoformat() if s.hold_start else "now"
                 end = datetime.fromtimestamp(s.hold_end).isoformat() if s.hold_end else "until released"
@@ -99,6 +111,11 @@ async def _run(reactor: Any, command: str, options: argparse.Namespace, config: 
                 print(f"failing       retry by {datetime.fromtimestamp(s.paused_until).isoformat()}: {s.last_error}")
             if s.release_rate:
                 print(f"release rate  {s.release_rate:g} msg/s")
+        elif command == "check-queue":
+            report = await queue.check_queue([q for d in config.domains for q in d.queues()], options.repair)
+            _print_check(report, options.repair)
+            if not report.consistent and (not options.repair or report.busy):
+                raise SystemExit(1)
         elif command == "hold":
             await queue.hold(options.domain, now, options.start, options.end, who=_operator())
             print(f"{options.domain}: held" + (" (scheduled)" if options.start and options.start > now else ""))
@@ -122,6 +139,32 @@ async def _run(reactor: Any, command: str, options: argparse.Namespace, config: 
             print(f"{options.domain}: released{rate}" if was_held else f"{options.domain}: was not held")
     finally:
         await queue.redis.disconnect()
+
+
+def _queues(config: Config, domain: str) -> list[str]:
+    """
+    A domain's delivery queues: its own and its copy destinations'.
+    """
+    for d in config.domains:
+        if d.name == domain.lower():
+            return list(d.queues())
+    return [domain.lower()]
+
+
+def _print_check(report: CheckReport, repair: bool) -> None:
+    print(f"checked {report.queues} queue(s), {report.walked} entries")
+    for queue, field, counter, recount in report.differences:
+        print(f"{queue:<30} {field:<10} counter {counter}, recount {recount}")
+    for name, n in report.problems.items():
+        print(f"{name:<30} {n} entr{'y' if n == 1 else 'ies'}" + (" mended" if repair else ""))
+    for queue in report.repaired:
+        print(f"{queue}: counters set to the recount")
+    for queue in report.busy:
+        print(f"{queue}: changed during the check, not repaired; run again (or hold the domain first)")
+    if report.consistent:
+        print("consistent")
+    elif not repair:
+        print("inconsistent: run again with --repair to mend")
 
 
 def main(command: str, argv: list[str]) -> None:

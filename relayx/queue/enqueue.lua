@@ -14,7 +14,11 @@
 -- <p>:deferred, <p>:leased (and <p>:inflight:<domain>) or <p>:failed, and the
 -- message's "jobs" field counts the job hashes that still exist. A job records
 -- its domain's held time at acceptance (held_base), so that time held later
--- does not count against its retention.
+-- does not count against its retention. Each job enters through add_job
+-- (common.lua), which keeps the counters, the queue's <p>:q:<queue> and the totals.
+--
+-- Cost bound: O(1) keys per destination queue of the message (its domains and
+-- their copies), O(log n) writes; independent of the queue's depth.
 -- Per-domain keys are built from the prefix: standalone or Sentinel Redis, not Redis Cluster.
 
 local pairs_ = {}
