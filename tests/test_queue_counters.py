@@ -13,7 +13,10 @@ instead of the node's Twisted one, so each rule is a plain call: nothing in
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 import redis
@@ -324,5 +327,77 @@ def test_repair_skips_a_queue_that_moved() -> None:
         report = done(machine.q.check_queue(QUEUES, repair=True))
         assert "two.test" in report.busy and "two.test" not in report.repaired
         assert int(r.hget(f"{p}:count:two.test", "ready") or 0) == 7
+    finally:
+        machine.teardown()
+
+
+def test_summary_reads_counters() -> None:
+    """When a domain is held, its ready jobs count as held, with their bytes and the oldest's arrival."""
+    machine = QueueCounters()
+    try:
+        machine.enqueue(["two.test"], 10)
+        machine.now += 5
+        machine.enqueue(["two.test", "three.test"], 20)
+        q, now = machine.q, machine.now
+        counts = done(q.queue_summary(["two.test", "three.test"], now))
+        assert counts["two.test"].ready == 2 and counts["two.test"].oldest == T0
+        assert counts["three.test"].oldest == T0 + 5
+        size = len(b"Subject: x\r\n\r\n")
+        assert counts["two.test"].bytes == 2 * size + 30
+        done(q.hold("two.test", now))
+        held = done(q.queue_summary(["two.test"], now))["two.test"]
+        assert (held.ready, held.held, held.on_hold) == (0, 2, True)
+        totals = done(q.totals())
+        assert (totals.messages, totals.jobs, totals.bytes) == (2, 3, 2 * size + 30)
+    finally:
+        machine.teardown()
+
+
+def test_flush_in_batches() -> None:
+    """When a queue has more deferred jobs than one flush step moves, flush brings all back, audited once."""
+    machine = QueueCounters()
+    machine.q.flush_batch = 2
+    try:
+        for _ in range(5):
+            machine.enqueue(["two.test"], 1)
+        machine.deliver(["deferred"] * 5)  # a concurrency of 3: three now,
+        machine.deliver(["deferred"] * 5)  # two then
+        assert done(machine.q.queue_summary(["two.test"], machine.now))["two.test"].deferred == 5
+        assert done(machine.q.flush("two.test", machine.now, "test")) == 5
+        assert done(machine.q.queue_summary(["two.test"], machine.now))["two.test"].ready == 5
+        assert [r["action"] for r in done(machine.q.audit(10))] == ["flush"]
+        machine.counters_equal_a_recount()
+    finally:
+        machine.teardown()
+
+
+def test_check_queue_command(tmp_path: Path) -> None:
+    """When `relayx check-queue` finds a wrong counter it exits 1 and names it; with --repair it mends it."""
+    machine = QueueCounters()
+    try:
+        machine.enqueue(["two.test"], 10)
+        machine.redis.r.hincrby(f"{machine.q.prefix}:count:two.test", "ready", 3)
+        config = tmp_path / "relayx.toml"
+        config.write_text(
+            f'[redis]\nurl = "redis://127.0.0.1:{shared_redis().port}/0"\nkey_prefix = "{machine.q.prefix}"\n'
+            '[[domain]]\nname = "two.test"\nroutes = ["smtp://127.0.0.1:2526"]\nrecipients = "any"\n'
+        )
+
+        def relayx(*args: str, verb: str = "check-queue") -> subprocess.CompletedProcess[str]:
+            command = [sys.executable, "-m", "relayx", verb, "--config", str(config), *args]
+            return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+        found = relayx()
+        assert found.returncode == 1, found.stderr
+        assert "two.test" in found.stdout and "counter 4, recount 1" in found.stdout
+        assert "--repair" in found.stdout
+        mended = relayx("--repair")
+        assert mended.returncode == 0, mended.stderr
+        assert "two.test: counters set to the recount" in mended.stdout
+        again = relayx()
+        assert again.returncode == 0 and again.stdout.strip().endswith("consistent")
+        status = relayx("two.test", verb="status").stdout.splitlines()
+        assert "ready         1" in status and "held          0" in status
+        assert "bytes         24" in status and "on hold       no" in status
     finally:
         machine.teardown()

@@ -11,7 +11,8 @@
 -- ARGV[6]  how many audit records to keep
 --
 -- Invariant: as in common.lua; a hold already in force keeps its held_since, so
--- the held time is counted once.
+-- the held time is counted once. Moves no job: held is read from the domain (common.lua).
+-- Cost bound: three keys.
 
 local now, start, stop = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local held = held_clock(KEYS[1], now)

@@ -52,7 +52,7 @@ AUDIT_KEPT = 10000
 #: jobs one flush.lua call brings back (the rest in further calls)
 FLUSH_BATCH = 500
 #: entries one step of the consistency check looks at (tally.lua: ~5 keys each)
-CHECK_BATCH = 200
+CHECK_BATCH = 100
 #: the counted fields of a queue's <p>:count:<q>, as common.lua defines them
 COUNTED = ("ready", "in_flight", "deferred", "failed", "bytes")
 
@@ -155,6 +155,7 @@ class RedisQueue:
         replication: Replication | None = None,
         copies: Mapping[str, int] | None = None,
         delay_warning: float = 0.0,
+        flush_batch: int = FLUSH_BATCH,
     ) -> None:
         self.redis = redis
         self.prefix = prefix
@@ -166,6 +167,7 @@ class RedisQueue:
         self.replication = replication
         self.copies = dict(copies or {})
         self.delay_warning = delay_warning
+        self.flush_batch = flush_batch
 
     @classmethod
     def configured(cls, redis: RedisConnection, config: Config) -> RedisQueue:
@@ -378,7 +380,7 @@ class RedisQueue:
         record = self._audit_record(now, who, "flush", domain=queue)
         total = 0
         while True:
-            args = [self.prefix, queue, record, AUDIT_KEPT, FLUSH_BATCH]
+            args = [self.prefix, queue, record, AUDIT_KEPT, self.flush_batch]
             moved, left = await self._write(self._FLUSH, keys, args, f"flush of {queue}", strict=True)
             total += int(moved)
             record = ""

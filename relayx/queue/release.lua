@@ -10,6 +10,8 @@
 -- ARGV[5]  how many audit records to keep
 --
 -- Invariant: as in common.lua; the time held so far is added to held_ms once.
+-- Moves no job: the ready jobs count as ready again (common.lua).
+-- Cost bound: three keys.
 
 local now, rate = tonumber(ARGV[1]), tonumber(ARGV[2])
 local held, total = held_clock(KEYS[1], now)

@@ -26,7 +26,7 @@
 --
 -- Invariant: without repair, none changed; with it, every job is in exactly one
 -- location and in the indexes of its queue (common.lua).
--- Cost bound: ARGV[4] entries (the caller passes at most 200), each about five
+-- Cost bound: ARGV[4] entries (the caller passes 100 by default), each about five
 -- O(1) or O(log n) reads: ~1,000 keys, whatever the depth.
 
 local prefix, kind, offset, count = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
