@@ -8,6 +8,11 @@ backup MX for the same domain when it is installed.
 ``python -m bench replay``: fill the queue while the primary is down, bring a
 recording sink up, and measure the drain against the configured throttle.
 
+``python -m bench depth``: fill the queue to given depths (through the
+queue's enqueue path) and measure, per depth, accept rate and p99, Redis
+memory per queued message, each operator call and the longest Redis command
+during it, and the drain rate (``bench/depth.py``).
+
 Every run writes ``bench/results/<kind>-<time>.json`` and a PNG plot beside it.
 """
 
@@ -120,10 +125,11 @@ def accept(options: argparse.Namespace) -> dict[str, Any]:
         "count": options.count,
         "sizes": options.size,
         "redis_appendfsync": options.fsync,
+        "processes": options.processes,
         "machine": machine(),
     }
     redis = Redis(directory, options.fsync)
-    nodes = Nodes(directory, options.nodes, redis.port, primary)
+    nodes = Nodes(directory, options.nodes, redis.port, primary, processes=options.processes)
     try:
         memory = redis_memory(redis.port)
         pids = {f"relayx-{n}": pid for n, pid in enumerate(nodes.pids)} | {"redis": redis.process.pid}
@@ -279,6 +285,7 @@ def main() -> None:
     a.add_argument("--seconds", type=float, default=120, help="stop sending after this long")
     a.add_argument("--fsync", default="always", choices=["always", "everysec", "no"])
     a.add_argument("--no-postfix", action="store_true")
+    a.add_argument("--processes", type=int, default=1, help="SMTP processes per node ([node] processes)")
     r = sub.add_parser("replay", help="drain of a queue filled while the primary was down")
     r.add_argument("--nodes", type=int, default=2)
     r.add_argument("--count", type=int, default=1000)
@@ -288,12 +295,26 @@ def main() -> None:
     r.add_argument("--probe", default="5s")
     r.add_argument("--seconds", type=float, default=120)
     r.add_argument("--no-postfix", action="store_true")
-    for command in (a, r):
+    d = sub.add_parser("depth", help="operator calls, accept and drain against queue depth")
+    d.add_argument("--depth", type=int, action="append", help="queue depth to measure (repeat; 0 is always measured)")
+    d.add_argument("--size", type=int, default=1024)
+    d.add_argument("--burst", type=int, default=1000, help="messages sent through SMTP at each depth")
+    d.add_argument("--sessions", type=int, default=10)
+    d.add_argument("--concurrency", type=int, default=20, help="the domain's delivery concurrency (drain)")
+    d.add_argument("--drain-seconds", type=float, default=5.0)
+    d.add_argument("--seconds", type=float, default=120, help="most time for each SMTP burst")
+    d.add_argument("--no-postfix", action="store_true", help="(no Postfix comparison in this benchmark)")
+    for command in (a, r, d):
         command.add_argument("--results", type=Path, default=RESULTS, help="where to write the JSON and PNG")
     options = parser.parse_args()
     if options.kind == "accept":
         options.size = options.size or [1024]
         result = accept(options)
+    elif options.kind == "depth":
+        from bench.depth import depth
+
+        options.depth = options.depth or [10000]
+        result = depth(options)
     else:
         result = replay(options)
     options.results.mkdir(parents=True, exist_ok=True)
@@ -315,6 +336,8 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
     def strip(value: Any) -> Any:
         if isinstance(value, dict):
             return {k: strip(v) for k, v in value.items() if k not in ("per_second", "latency_series", "arrivals")}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
         return value
 
     return {k: strip(v) for k, v in result.items() if k not in ("per_second", "arrivals")}

@@ -36,11 +36,31 @@ def wait_port(port: int, process: subprocess.Popen[bytes] | None = None, timeout
 
 def cpu_seconds(pid: int) -> float:
     """
-    User and system CPU time of a process and its reaped children.
+    User and system CPU time of a process, its reaped children and its
+    live ones (a node's SMTP workers).
     """
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     utime, stime, cutime, cstime = (int(f) for f in fields[11:15])
-    return (utime + stime + cutime + cstime) / CLOCK_TICKS
+    total = (utime + stime + cutime + cstime) / CLOCK_TICKS
+    for child in children(pid):
+        try:
+            total += cpu_seconds(child)
+        except OSError:
+            continue  # it ended meanwhile
+    return total
+
+
+def children(pid: int) -> list[int]:
+    """
+    The live child processes of ``pid``.
+    """
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            found += [int(c) for c in task.read_text().split()]
+        except OSError:
+            continue
+    return found
 
 
 def redis_command(port: int, *args: str) -> bytes:
@@ -95,6 +115,7 @@ NODE = """
 id = "bench-{n}"
 hostname = "bench-{n}.relayx.test"
 data_dir = "data-{n}"
+processes = {processes}
 
 [smtp]
 listen = ["tcp:{port}:interface=127.0.0.1"]
@@ -133,6 +154,8 @@ class Nodes:
         concurrency: int = 1,
         retry: str = '"1h"',
         probe: str = "1h",
+        processes: int = 1,
+        extra: str = "",
     ) -> None:
         self.ports = [free_port() for _ in range(count)]
         self.processes: list[subprocess.Popen[bytes]] = []
@@ -148,7 +171,9 @@ class Nodes:
                     concurrency=concurrency,
                     retry=retry,
                     probe=probe,
+                    processes=processes,
                 )
+                + extra.format(n=n)
             )
             log = open(directory / f"node-{n}.log", "wb")
             self.processes.append(

@@ -17,7 +17,10 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    if result["kind"] == "accept":
+    if result["kind"] == "depth":
+        _depth(plt, result)
+        figure = plt.gcf()
+    elif result["kind"] == "accept":
         figure, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
         for name in ("relayx", "postfix"):
             run = result.get(name)
@@ -62,3 +65,34 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
     figure.savefig(path, dpi=90)
     plt.close(figure)
     return path
+
+
+def _depth(plt: Any, result: dict[str, Any]) -> None:
+    """
+    Four panels against queue depth: operator call times, the longest Redis
+    command during each, accept rate and p99, memory per message and drain rate.
+    """
+    points = result["points"]
+    depths = [max(1, p["depth"]) for p in points]
+    figure, ((calls, block), (accept, memory)) = plt.subplots(2, 2, figsize=(12, 8))
+    for name in points[0]["calls"]:
+        calls.plot(depths, [p["calls"][name]["ms"] for p in points], marker="o", label=name)
+        block.plot(depths, [p["calls"][name]["redis_longest_ms"] for p in points], marker="o", label=name)
+    calls.axhline(100, color="red", linestyle=":", label="goal 100 ms")
+    block.axhline(10, color="red", linestyle=":", label="goal 10 ms")
+    calls.set_ylabel("operator call (ms)")
+    block.set_ylabel("longest Redis command meanwhile (ms)")
+    accept.plot(depths, [p["accept"]["msg_per_s"] for p in points], marker="o", label="accept msg/s")
+    accept.plot(depths, [p["drain"]["msg_per_s"] or 0 for p in points], marker="s", label="drain msg/s")
+    twin = accept.twinx()
+    twin.plot(depths, [p["accept"]["latency_ms"]["p99"] for p in points], color="tab:red", marker="^", label="p99")
+    twin.set_ylabel("accept p99 (ms)")
+    accept.set_ylabel("messages per second")
+    memory.plot(depths, [p["redis_bytes_per_msg"] or 0 for p in points], marker="o", label="bytes per message")
+    memory.axhline(600, color="red", linestyle=":", label="goal 600 B (bodies out of Redis)")
+    memory.set_ylabel("Redis memory per queued message (B)")
+    for axis in (calls, block, accept, memory):
+        axis.set_xscale("log")
+        axis.set_xlabel("queued messages (0 drawn at 1)")
+        axis.legend(fontsize=7)
+    figure.suptitle(f"depth: {result['size']} B messages, burst {result['burst']}, {result['machine']['cpus']} CPUs")

@@ -8,7 +8,11 @@ line naming the file, the key and what was expected, not twistd's usage text.
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+from pathlib import Path
+from typing import Any
 
 from twisted.python import usage
 
@@ -24,6 +28,9 @@ def main(argv: list[str] | None = None) -> None:
     if args and args[0] in admin.COMMANDS:
         admin.main(args[0], args[1:])
         return
+    if args and args[0] == "worker":
+        run_worker(args[1:])
+        return
     logger: list[str] = []
     if not any(a in ("-h", "--help") for a in args):
         options = Options()
@@ -34,12 +41,74 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(2) from None
         if options.loaded is not None and options.loaded.node.log_format == "json":
             logger = ["--logger=relayx.logs.json_logger"]
+        if options.loaded is not None and options.loaded.node.processes > 1:
+            _shared_metrics(options.loaded.node.data_dir)
+            args = ["--supervise", *args]
     sys.argv = ["twistd", "--nodaemon", "--pidfile=", *logger, "relayx", *args]
     run()
     from relayx.tap import NODES
 
     if any(node.failed_to_start for node in NODES):
         raise SystemExit(1)
+
+
+def _shared_metrics(data_dir: Path) -> None:
+    """
+    Metrics added up over the node's processes: prometheus_client's
+    multi-process mode, in a fresh folder of the data directory.
+    """
+    folder = data_dir / "metrics"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, mode=0o700)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+
+
+def run_worker(argv: list[str]) -> None:
+    """
+    ``relayx worker --index N --config FILE --smtp-listen ...``: one SMTP
+    worker of a node, started by the node's first process (not by hand).
+    """
+    from twisted.internet.defer import Deferred
+    from twisted.internet.task import react
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    from relayx.logs import json_logger
+    from relayx.service import NodeRole, RelayNode, StartupError
+    from relayx.tap import Options
+    from relayx.workers import watch_parent
+
+    if len(argv) < 2 or argv[0] != "--index" or not argv[1].isdigit():
+        print("relayx worker: started by the node itself (relayx --config FILE)", file=sys.stderr)
+        raise SystemExit(2)
+    index = int(argv[1])
+    options = Options()
+    try:
+        options.parseOptions(argv[2:])
+    except usage.UsageError as e:
+        print(f"relayx worker {index}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    config = options.loaded
+    assert config is not None
+    observer = json_logger() if config.node.log_format == "json" else textFileLogObserver(sys.stdout)
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+    async def run(reactor: Any) -> None:
+        node = RelayNode(config, reactor, role=NodeRole.SMTP_WORKER)
+        gone: Deferred[None] = Deferred()
+        try:
+            await node.start()
+        except StartupError as e:
+            print(f"relayx worker {index}: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
+        reactor.addSystemEventTrigger("before", "shutdown", lambda: Deferred.fromCoroutine(node.stop()))
+        def parent_gone() -> None:
+            if not gone.called:
+                gone.callback(None)
+
+        watch_parent(reactor, parent_gone)
+        await gone
+
+    react(lambda reactor: Deferred.fromCoroutine(run(reactor)))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ ends up as an open relay or with a retention of zero.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import tomllib
@@ -188,6 +189,8 @@ class NodeConfig:
     data_dir: Path
     #: "text" (twistd's lines) or "json" (one JSON object per line, with the events' fields)
     log_format: str = "text"
+    #: processes taking SMTP (``relayx --config``; ``twistd -n relayx`` is always one)
+    processes: int = 1
 
 
 @attrs.frozen
@@ -284,14 +287,70 @@ CLIENT_LIMITS = ("connections_per_minute", "messages_per_minute")
 
 
 @attrs.frozen
+class DNSList:
+    """
+    A DNS list zone and, optionally, the answers that count as a listing,
+    written as Postfix does: ``zen.spamhaus.org=127.0.0.[2..11]``, each
+    octet a number or ``[n;m..o]``. Whatever the pattern, only answers in
+    127.0.0.0/8 outside 127.255.255.0/24 (the lists' error codes) count.
+    """
+
+    zone: str
+    #: the values each octet of a counting answer may have (``None``: any)
+    octets: tuple[frozenset[int], ...] | None = None
+
+    def counts(self, answer: str) -> bool:
+        """
+        Whether an answer matches the pattern (any does without one).
+        """
+        if self.octets is None:
+            return True
+        parts = answer.split(".")
+        return len(parts) == 4 and all(p.isdigit() and int(p) in o for p, o in zip(parts, self.octets, strict=True))
+
+    def __str__(self) -> str:
+        return self.zone
+
+
+def parse_dnslist(value: object) -> DNSList:
+    """
+    A ``zone`` or ``zone=d.d.d.d`` entry of ``dnsbl`` or ``dnswl``.
+    """
+    text = _string(value)
+    zone, equals, pattern = text.partition("=")
+    if not equals:
+        return DNSList(_domain_name(zone))
+    octet = r"(\d+|\[[^\]]*\])"
+    parts = re.fullmatch(rf"{octet}\.{octet}\.{octet}\.{octet}", pattern)
+    octets: list[frozenset[int]] = []
+    for part in parts.groups() if parts is not None else ():
+        values: set[int] = set()
+        items = part[1:-1].split(";") if part.startswith("[") and part.endswith("]") else [part]
+        for item in items:
+            low, dots, high = item.partition("..")
+            well_formed = low.isdigit() and (high.isdigit() if dots else not high)
+            if not (well_formed and int(low) <= int(high or low) <= 255):
+                values.clear()  # refused below
+                break
+            values.update(range(int(low), int(high or low) + 1))
+        octets.append(frozenset(values))
+    if len(octets) != 4 or not all(octets):
+        raise ValueError(
+            f"a zone such as 'zen.spamhaus.org' or 'zen.spamhaus.org=127.0.0.[2..11]' (answers that count), "
+            f"got {value!r}"
+        )
+    return DNSList(_domain_name(zone), tuple(octets))
+
+
+@attrs.frozen
 class FilterConfig:
     """
     Filtering before the queue, all off by default: ``[filter]`` for every
     domain, and a domain's ``[domain.filter]`` over it.
     """
 
-    dnsbl: tuple[str, ...] = ()
-    dnswl: tuple[str, ...] = ()
+    dnsbl: tuple[DNSList, ...] = ()
+    dnswl: tuple[DNSList, ...] = ()
     dns_timeout: float = 2.0
     greylist_delay: float = 0.0
     greylist_expiry: float = 36 * 3600.0
@@ -330,6 +389,49 @@ class AdminConfig:
     tokens: tuple[tuple[str, str], ...] = attrs.field(default=(), repr=False)
 
 
+BODY_BACKENDS = ("directory", "s3", "redis")
+
+
+@attrs.frozen
+class S3Config:
+    """
+    S3-compatible object storage for bodies (``[bodies.s3]``): ``bucket``
+    under ``endpoint_url`` (``None``: AWS), keys starting with ``prefix``.
+    Without ``access_key`` botocore's usual credential chain applies.
+    """
+
+    bucket: str | None = None
+    prefix: str = "relayx/"
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    access_key: str | None = attrs.field(default=None, repr=False)
+    secret_key: str | None = attrs.field(default=None, repr=False)
+    addressing_style: str = "auto"
+    timeout: float = 30.0
+    attempts: int = 3
+    ca_file: Path | None = None
+
+
+@attrs.frozen
+class BodiesConfig:
+    """
+    Where message bodies live (``[bodies]``): ``directory`` (files under
+    ``directory``), ``s3`` or ``redis`` (in the queue's message hashes, as
+    before body stores). ``orphan_age``: how old a body with no message
+    must be before the sweep removes it.
+    """
+
+    backend: str = "redis"
+    directory: Path = Path("relayx-data/bodies")
+    compression: str = "none"
+    compression_level: int = 3
+    orphan_age: float = 3600.0
+    sweep_interval: float = 60.0
+    sweep_batch: int = 500
+    threads: int = 8
+    s3: S3Config = S3Config()
+
+
 @attrs.frozen
 class Config:
     source: str
@@ -341,6 +443,7 @@ class Config:
     domains: tuple[DomainConfig, ...]
     filter: FilterConfig = FilterConfig()
     admin: AdminConfig = AdminConfig()
+    bodies: BodiesConfig = BodiesConfig()
 
     def domain(self, name: str) -> DomainConfig | None:
         for domain in self.domains:
@@ -444,6 +547,10 @@ def _zones(value: object) -> tuple[str, ...]:
     return tuple(_domain_name(v) for v in _strings(value))
 
 
+def _dnslists(value: object) -> tuple[DNSList, ...]:
+    return tuple(parse_dnslist(v) for v in _strings(value))
+
+
 def _networks(value: object) -> tuple[str, ...]:
     import ipaddress
 
@@ -465,6 +572,17 @@ def _port(value: object) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536:
         return value
     raise ValueError(f"a TCP port from 1 to 65535, got {value!r}")
+
+
+def _processes(value: object) -> int:
+    """
+    ``"auto"`` (one per core) or a whole number from 1 to 64.
+    """
+    if value == "auto":
+        return max(1, min(64, os.cpu_count() or 1))
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+        raise ValueError(f"expected \"auto\" or a whole number from 1 to 64, got {value!r}")
+    return value
 
 
 def _positive_int(value: object) -> int:
@@ -530,8 +648,8 @@ def _filter(section: _Section, defaults: FilterConfig) -> FilterConfig:
     """
     d = defaults
     config = FilterConfig(
-        dnsbl=section.get("dnsbl", d.dnsbl, _zones),
-        dnswl=section.get("dnswl", d.dnswl, _zones),
+        dnsbl=section.get("dnsbl", d.dnsbl, _dnslists),
+        dnswl=section.get("dnswl", d.dnswl, _dnslists),
         dns_timeout=section.get("dns_timeout", d.dns_timeout, _positive_duration),
         greylist_delay=section.get("greylist_delay", d.greylist_delay, _duration_or_zero),
         greylist_expiry=section.get("greylist_expiry", d.greylist_expiry, _positive_duration),
@@ -549,6 +667,96 @@ def _filter(section: _Section, defaults: FilterConfig) -> FilterConfig:
         == "accept",
     )
     return config
+
+
+def _bodies(section: _Section, node: NodeConfig, redis: RedisConfig, base: Path) -> BodiesConfig:
+    """
+    ``[bodies]``: the default backend is a directory under the data
+    directory with the embedded Redis (one node), Redis itself otherwise:
+    a node's own disk is not shared with the other nodes, so with an
+    external Redis a directory must be named explicitly (a shared filesystem).
+    """
+    backend = section.get("backend", "directory" if redis.embedded else "redis", _choice(*BODY_BACKENDS))
+    if backend == "directory" and not redis.embedded and "directory" not in section.table:
+        raise section.fail(
+            "directory", "a directory all nodes share (backend = 'directory' with an external Redis), or backend = 's3'"
+        )
+    config = BodiesConfig(
+        backend=backend,
+        directory=node.data_dir / section.get("directory", "bodies", _string),
+        compression=section.get("compression", "none", _choice("none", "zstd")),
+        compression_level=section.get("compression_level", 3, _zstd_level),
+        orphan_age=section.get("orphan_age", 3600.0, _positive_duration),
+        sweep_interval=section.get("sweep_interval", 60.0, _positive_duration),
+        sweep_batch=section.get("sweep_batch", 500, _sweep_batch),
+        threads=section.get("threads", 8, _positive_int),
+        s3=_s3(section, backend == "s3", base),
+    )
+    if config.backend == "redis" and config.compression != "none":
+        raise section.fail("compression", "'none' with backend = 'redis' (bodies stay in the message hashes whole)")
+    waits = redis.timeout + (redis.replication_timeout if redis.durability == "replicated" else 0.0)
+    least = max(60.0, 10 * waits)
+    if config.orphan_age < least:
+        raise section.fail(
+            "orphan_age",
+            f"at least '{least:g}s' (a body is written before its message is queued), got {config.orphan_age:g}s",
+        )
+    return config
+
+
+def _s3(bodies: _Section, wanted: bool, base: Path) -> S3Config:
+    if "s3" not in bodies.table:
+        bodies.used.add("s3")
+        if wanted:
+            raise bodies.fail("s3", "a [bodies.s3] table with at least bucket, for backend = 's3'")
+        return S3Config()
+    section = bodies.sub("s3")
+    endpoint = section.get("endpoint_url", None, _http_url)
+    config = S3Config(
+        bucket=section.require("bucket", _bucket) if wanted else section.get("bucket", None, _bucket),
+        prefix=section.get("prefix", "relayx/", _s3_prefix),
+        endpoint_url=endpoint,
+        region=section.get("region", "us-east-1", _string),
+        access_key=section.get("access_key", None, _string),
+        secret_key=section.get("secret_key", None, _string),
+        addressing_style=section.get(
+            "addressing_style", "path" if endpoint else "auto", _choice("auto", "path", "virtual")
+        ),
+        timeout=section.get("timeout", 30.0, _positive_duration),
+        attempts=section.get("attempts", 3, _positive_int),
+        ca_file=section.get("ca_file", None, _file(base)),
+    )
+    if (config.access_key is None) != (config.secret_key is None):
+        raise section.fail("secret_key", "access_key and secret_key together, or neither (botocore's credential chain)")
+    section.finish()
+    return config
+
+
+def _zstd_level(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 19:
+        return value
+    raise ValueError(f"a zstd level from 1 (fastest) to 19, got {value!r}")
+
+
+def _sweep_batch(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 1000:
+        return value
+    raise ValueError(f"a whole number from 1 to 1000, got {value!r}")
+
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+def _bucket(value: object) -> str:
+    if isinstance(value, str) and _BUCKET.match(value):
+        return value
+    raise ValueError(f"a bucket name (3 to 63 lower-case letters, digits, '.' and '-'), got {value!r}")
+
+
+def _s3_prefix(value: object) -> str:
+    if isinstance(value, str) and (value == "" or (re.match(r"^[A-Za-z0-9!_.*'()/-]+$", value) and "//" not in value)):
+        return value if not value or value.endswith("/") else value + "/"
+    raise ValueError(f"a key prefix such as 'relayx/' (letters, digits, '/', '-', '_', '.'), got {value!r}")
 
 
 def _domain_filter(domain: _Section, defaults: FilterConfig) -> FilterConfig | None:
@@ -759,6 +967,7 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
         hostname=node.get("hostname", host, _string),
         data_dir=base / node.get("data_dir", "relayx-data", _string),
         log_format=node.get("log_format", "text", _choice("text", "json")),
+        processes=node.get("processes", _processes("auto"), _processes),
     )
     node.finish()
 
@@ -843,6 +1052,10 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
     )
     admin.finish()
 
+    bodies = root.sub("bodies")
+    bodies_config = _bodies(bodies, node_config, redis_config, base)
+    bodies.finish()
+
     root.used.add("domain")
     raw_domains = data.get("domain", [])
     if not isinstance(raw_domains, list):
@@ -878,4 +1091,5 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
         domains=tuple(domains),
         filter=filter_config,
         admin=admin_config,
+        bodies=bodies_config,
     )

@@ -23,6 +23,24 @@ class StoreUnavailable(Exception):
     """
 
 
+class BodyStoreUnavailable(StoreUnavailable):
+    """
+    The body store could not confirm an operation (a directory not
+    writable, object storage unreachable or refusing our credentials).
+    Always temporary: the SMTP reply is ``451 4.3.0``, a delivery is retried.
+    """
+
+
+class BodyNotFound(KeyError):
+    """
+    No body is stored under the reference (deleted, swept, or never
+    written). ``str()`` is a one-line explanation.
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "no such body"
+
+
 class StaleLease(Exception):
     """
     The lease's fencing token is no longer current: the job was reclaimed
@@ -120,6 +138,10 @@ class Outcome:
     failed: tuple[tuple[str, Reply], ...] = ()
     deferred: tuple[tuple[str, Reply], ...] = ()
     unreachable: str | None = None
+    #: the host that answered (``name [address]:port``) and its reply to the
+    #: message when it took it: the proof of delivery, with its queue id
+    destination: str = ""
+    accepted: Reply | None = None
 
 
 @attrs.frozen
@@ -211,6 +233,71 @@ class IMessageStore(Interface):
         """
         Store the message and one job per destination domain, all or nothing.
         Raises ``StoreUnavailable`` when that cannot be confirmed.
+        """
+
+
+@attrs.frozen
+class StoredBody:
+    """
+    One body found by a listing: its reference, the queue id it was stored
+    for, and when it was stored (seconds since the epoch).
+    """
+
+    ref: str
+    queue_id: str
+    stored_at: float
+
+
+@attrs.frozen
+class BodyPage:
+    """
+    One page of a listing, and the cursor to the next (``None``: the end).
+    A page may hold fewer bodies than asked, even none, and still go on.
+    """
+
+    bodies: tuple[StoredBody, ...]
+    cursor: str | None
+
+
+class IBodyStore(Interface):
+    """
+    Where message bodies live, apart from the queue's metadata: a directory,
+    object storage, or Redis itself. A body is written once per queue id
+    and read until the last job of its message retires.
+
+    Every method raises ``BodyStoreUnavailable`` when the store cannot
+    confirm it; none blocks the reactor.
+    """
+
+    def put(queue_id: str, body: bytes) -> Awaitable[str]:
+        """
+        Store ``body`` for ``queue_id``; the reference to read it with.
+        It is durable when this resolves (written and flushed as the store
+        allows). A second put of the same queue id replaces it whole.
+        """
+
+    def get(ref: str) -> Awaitable[bytes]:
+        """
+        The body stored under ``ref``; raises ``BodyNotFound`` when there is none.
+        """
+
+    def delete(ref: str) -> Awaitable[None]:
+        """
+        Remove the body; deleting one that is gone is not an error.
+        """
+
+    def list_older_than(cutoff: float, cursor: str | None, limit: int) -> Awaitable[BodyPage]:
+        """
+        A page of the bodies stored before ``cutoff`` (seconds since the
+        epoch), from ``cursor`` (``None``: the start), looking at about
+        ``limit`` entries (a store walking with Redis's ``SCAN`` may return
+        a few more): the orphan sweep's walk, in bounded steps.
+        """
+
+    def check() -> Awaitable[None]:
+        """
+        Whether the store can be written, read and deleted from now (the
+        start-up check); raises ``BodyStoreUnavailable`` with one line saying why not.
         """
 
 
@@ -379,25 +466,37 @@ class IQueueAdmin(Interface):
         bring its deferred jobs back; returns how many were deferred.
         """
 
-    def drop(queue_id: str, now: float, who: str, bounce: bool) -> Awaitable[int]:
+    def drop(queue_id: str, now: float, who: str, bounce: bool, audited: bool = True) -> Awaitable[int]:
         """
         Delete a message, or bounce it (its undelivered recipients fail and
         the sender gets a DSN); returns how many jobs it had (0: none such).
+        ``audited=False``: one step of a bulk action, audited at its start.
         """
 
-    def requeue(queue_id: str, now: float, who: str) -> Awaitable[int]:
+    def requeue(queue_id: str, now: float, who: str, audited: bool = True) -> Awaitable[int]:
         """
         Try a message's deferred recipients, and failed ones not yet
         bounced, again now; returns how many jobs went back to the queue.
         """
 
-    def jobs(
-        queues: Sequence[str], search: Mapping[str, object], offset: int, limit: int, now: float
+    def page(
+        queues: Sequence[str], search: Mapping[str, object], cursor: int, limit: int, now: float, budget: int = 300
     ) -> Awaitable[dict[str, Any]]:
         """
-        A page of the jobs of ``queues`` matching ``search`` (sender,
-        recipient, state, before, after): ``jobs``, with ``total`` matches,
-        matches by state (``states``) and the oldest's arrival (``oldest``, ms).
+        The jobs of ``queues`` matching ``search`` in acceptance order, after
+        ``cursor`` (an acceptance sequence; 0: from the start), examining at
+        most ``budget`` jobs: ``jobs`` (at most ``limit``), ``cursor`` to
+        continue from and whether there is ``more``. Exact filters (from
+        indexes): ``sender``, ``recipient``, ``message_id``; examined one by
+        one: ``sender_has``, ``recipient_has``, ``subject_has``, ``state``,
+        ``before`` and ``after`` (ms).
+        """
+
+    def counts(queues: Sequence[str], now: float) -> Awaitable[dict[str, Any]]:
+        """
+        How many jobs ``queues`` hold (``total``, by state in ``states``) and
+        the oldest's arrival (``oldest``, ms; 0: none), without walking them:
+        ``queue_summary`` added up.
         """
 
     def message(queue_id: str, now: float) -> Awaitable[dict[str, Any] | None]:
@@ -446,4 +545,54 @@ class IQueueAdmin(Interface):
     def audit(limit: int) -> Awaitable[list[dict[str, object]]]:
         """
         The newest ``limit`` audit records.
+        """
+
+
+class IBulkActions(Interface):
+    """
+    Bulk actions an operator starts (delete, bounce or requeue every message
+    matching a filter) and any node runs, a bounded step at a time, under a
+    lease; their cursor and progress live in the queue, so that another node
+    resumes one whose runner died.
+    """
+
+    def bulk_start(
+        action: str, queues: Sequence[str], search: Mapping[str, object], now: float, who: str
+    ) -> Awaitable[str]:
+        """
+        Record a running action (audited once, here, with its filter); returns its id.
+        """
+
+    def bulk(bulk_id: str) -> Awaitable[dict[str, Any] | None]:
+        """
+        One action and its progress (``examined``, ``matched``, ``acted``), or ``None``.
+        """
+
+    def bulks(limit: int) -> Awaitable[list[dict[str, Any]]]:
+        """
+        The newest actions, newest first.
+        """
+
+    def bulk_running() -> Awaitable[list[str]]:
+        """
+        The ids of the actions still running.
+        """
+
+    def bulk_take(bulk_id: str, owner: str, ttl: float) -> Awaitable[bool]:
+        """
+        Take or renew the lease on running ``bulk_id`` for ``ttl`` seconds;
+        ``False`` when another node holds it.
+        """
+
+    def bulk_step(
+        bulk_id: str, owner: str, cursor: int, examined: int, matched: int, acted: int, done: bool, now: float
+    ) -> Awaitable[str]:
+        """
+        Record one step's progress as the lease holder; returns the action's
+        state (``running``, ``done``, ``cancelled``); raises ``StaleLease`` when the lease was lost.
+        """
+
+    def bulk_cancel(bulk_id: str, now: float, who: str) -> Awaitable[bool]:
+        """
+        Stop a running action (audited); ``False`` when it was not running.
         """

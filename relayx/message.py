@@ -5,6 +5,9 @@ operator views and the DSNs.
 
 from __future__ import annotations
 
+import email.header
+import re
+
 
 def header_section(message: bytes) -> bytes:
     """
@@ -12,3 +15,47 @@ def header_section(message: bytes) -> bytes:
     """
     end = message.find(b"\r\n\r\n")
     return message if end < 0 else message[: end + 2]
+
+
+#: the Message-ID and Subject fields of a header section, folded lines included
+_SEARCHED = re.compile(rb"^(message-id|subject)[ \t]*:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)", re.IGNORECASE | re.MULTILINE)
+
+
+def search_fields(message: bytes) -> tuple[str, str]:
+    """
+    The header's Message-ID (lower case, without its angle brackets) and
+    Subject (decoded, one line), each cut to 256 characters, for the queue's
+    search; ``""`` for a field that is absent or cannot be read.
+
+    A regular expression over the header section, not the ``email``
+    package's parser: this runs for every accepted message, and only an
+    encoded Subject (RFC 2047) needs decoding.
+    """
+    mid = subject = None
+    for match in _SEARCHED.finditer(header_section(message), 0, 65536):
+        value = match.group(2)
+        if match.group(1).lower() == b"message-id":
+            if mid is None:
+                mid = value
+        elif subject is None:
+            subject = value
+    return _message_id(mid), _subject(subject)
+
+
+def _message_id(raw: bytes | None) -> str:
+    if raw is None:
+        return ""
+    text = " ".join(raw.decode("utf-8", "replace").split())
+    return text.strip().strip("<>").strip().lower()[:256]
+
+
+def _subject(raw: bytes | None) -> str:
+    if raw is None:
+        return ""
+    text = raw.decode("utf-8", "replace")
+    if "=?" in text:
+        try:
+            text = str(email.header.make_header(email.header.decode_header(text)))
+        except Exception:  # a malformed encoded word is searched as it stands
+            pass
+    return " ".join(text.split())[:256]

@@ -7,7 +7,9 @@ Metric names are stable; their labels never carry addresses.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from twisted.logger import Logger
 
 log = Logger()
@@ -15,12 +17,19 @@ log = Logger()
 
 class Metrics:
     """
-    The node's counters, in a registry of its own.
+    The node's counters, in a registry of its own. When the node runs in
+    several processes (``[node] processes``), ``PROMETHEUS_MULTIPROC_DIR`` is
+    set for all of them and ``exposition`` adds up every process's values.
     """
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        #: what /metrics serves
+        self.exposition = r
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            self.exposition = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self.exposition)
         self.sessions = Counter("relayx_smtp_sessions", "SMTP sessions accepted", registry=r)
         self.accepted = Counter("relayx_messages_accepted", "Messages committed and answered 250", registry=r)
         self.refused = Counter(
@@ -47,22 +56,32 @@ class Metrics:
             registry=r,
         )
         self.oldest = Gauge(
-            "relayx_queue_oldest_seconds", "Age of the oldest queued job by domain", ["domain"], registry=r
+            "relayx_queue_oldest_seconds",
+            "Age of the oldest queued job by domain",
+            ["domain"],
+            registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.queue = Gauge(
             "relayx_queue_jobs",
             "Delivery jobs by domain and state (ready, held, deferred, in_flight, failed)",
             ["domain", "state"],
             registry=r,
+            multiprocess_mode="mostrecent",
         )
-        self.held = Gauge("relayx_domain_held", "1 while the domain is held", ["domain"], registry=r)
+        self.held = Gauge(
+            "relayx_domain_held", "1 while the domain is held", ["domain"], registry=r, multiprocess_mode="mostrecent"
+        )
+        self.redis_up = Gauge(
+            "relayx_redis_up", "1 while Redis is connected", registry=r, multiprocess_mode="mostrecent"
+        )
         self.queue_bytes = Gauge(
             "relayx_queue_bytes",
             "Bytes of the messages queued by domain (each job counts its message)",
             ["domain"],
             registry=r,
+            multiprocess_mode="mostrecent",
         )
-        self.redis_up = Gauge("relayx_redis_up", "1 while Redis is connected", registry=r)
 
     def refuse(self, code: int) -> None:
         self.refused.labels(reply=f"{code // 100}xx").inc()

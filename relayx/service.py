@@ -5,11 +5,13 @@ sources of time and randomness, and connects them.
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import os
 import random
 import secrets
 import socket
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.application.service import Service
@@ -20,10 +22,16 @@ from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 from twisted.web.client import Agent
 from twisted.web.server import Site
 
 from relayx import __version__
+from relayx.bodies.compressed import CompressedBodyStore
+from relayx.bodies.directory import DirectoryBodyStore
+from relayx.bodies.s3 import S3BodyStore
+from relayx.bodies.sweep import OrphanSweep
+from relayx.bodies.watched import WatchedBodyStore
 from relayx.checks.chain import Filter, FilterChain, FilterChains
 from relayx.checks.dnslists import DNSLists
 from relayx.checks.greylist import Greylist
@@ -37,17 +45,20 @@ from relayx.delivery.routes import RouteTable, TLSPolicy
 from relayx.delivery.scheduler import Prober, Scheduler
 from relayx.delivery.smtp import SMTPDeliverer, Timeouts
 from relayx.dns import dns_lookup, dns_lookup_addresses, dns_lookup_mx
-from relayx.interfaces import StoreUnavailable
+from relayx.interfaces import IBodyStore, StoreUnavailable
 from relayx.metrics import Metrics
 from relayx.ops.api import AdminAPI, Cluster
+from relayx.ops.bulk import BulkRunner
 from relayx.ops.http import admin_site
 from relayx.ops.panel import Panel
 from relayx.queue.redis import RedisQueue
 from relayx.redis.connection import RedisConnection, open_redis
 from relayx.redis.embedded import EmbeddedRedis
+from relayx.reuseport import listen_shared, parse_tcp
 from relayx.smtp.client import SMTPClientProtocol
 from relayx.smtp.server import Limits, SMTPServerFactory
 from relayx.smtp.tls import ReloadingTLS, TLSFilesError, client_tls_factory
+from relayx.workers import WorkerSupervisor, worker_command
 
 log = Logger()
 
@@ -62,13 +73,47 @@ def new_queue_id() -> str:
     return secrets.token_hex(8).upper()
 
 
+def body_store(config: Config, reactor: Any, pool: ThreadPool) -> WatchedBodyStore | None:
+    """
+    The body store ``[bodies]`` names; ``None`` for ``redis``: bodies stay
+    whole in the message hashes. Always read through the zstd wrapper, so
+    that bodies stored compressed still read after compression is turned
+    off, and watched for the node's readiness.
+    """
+    b = config.bodies
+    store: IBodyStore
+    if b.backend == "directory":
+        store = DirectoryBodyStore(b.directory, reactor, pool)
+    elif b.backend == "s3":
+        s3 = b.s3
+        assert s3.bucket is not None
+        store = S3BodyStore(
+            s3.bucket,
+            reactor,
+            pool,
+            prefix=s3.prefix,
+            endpoint_url=s3.endpoint_url,
+            region=s3.region,
+            access_key=s3.access_key,
+            secret_key=s3.secret_key,
+            addressing_style=s3.addressing_style,
+            timeout=s3.timeout,
+            attempts=s3.attempts,
+            ca_file=s3.ca_file,
+        )
+    else:
+        return None
+    level = b.compression_level if b.compression == "zstd" else None
+    max_size = 2 * config.smtp.max_message_size + 1024**2
+    return WatchedBodyStore(CompressedBodyStore(store, reactor, pool, level, max_size=max_size))
+
+
 class _Quiet(Factory):
     """
     A client factory that does not log every connection it makes.
     """
 
     noisy = False
-
 
 
 def build_routes(config: Config, reactor: Any, queue: RedisQueue) -> RouteTable:
@@ -198,6 +243,17 @@ def build_delivery_loops(
     )
     return scheduler, prober, bouncer
 
+
+class NodeRole(enum.Enum):
+    """
+    What a process of a node does: everything (the first, or the only one),
+    or take SMTP on the node's shared ports.
+    """
+
+    NODE = "node"
+    SMTP_WORKER = "smtp-worker"
+
+
 class StartupError(Exception):
     """
     The node cannot start; ``str()`` is the one line to show.
@@ -210,9 +266,20 @@ class RelayNode(Service):
     Redis connection (and the embedded Redis when none is configured).
     """
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        role: NodeRole = NodeRole.NODE,
+        worker_args: Sequence[str] | None = None,
+    ) -> None:
         self.config = config
         self.reactor = reactor
+        self.role = role
+        #: the configuration arguments for SMTP workers; ``None``: this process
+        #: takes SMTP alone whatever ``[node] processes`` says (``twistd -n relayx``)
+        self.worker_args = worker_args
+        self.supervisor: WorkerSupervisor | None = None
         self.embedded: EmbeddedRedis | None = None
         self.redis: RedisConnection | None = None
         self.queue: RedisQueue | None = None
@@ -222,7 +289,13 @@ class RelayNode(Service):
         self.deliverer: SMTPDeliverer | None = None
         self.bouncer: Bouncer | None = None
         self.heartbeat: LoopingCall | None = None
+        self.bulk: BulkRunner | None = None
+        self.bodies: WatchedBodyStore | None = None
+        self.body_threads: ThreadPool | None = None
+        self.sweep: OrphanSweep | None = None
         self.ports: list[IListeningPort] = []
+        #: the TCP ports bound with SO_REUSEPORT, as descriptions for the workers
+        self.shared: list[str] = []
         self.metrics = Metrics()
         self._stopped = False
         #: set when start-up failed, so that ``relayx`` exits with status 1
@@ -247,8 +320,17 @@ class RelayNode(Service):
         then open its ports and start its loops.
         """
         config, reactor = self.config, self.reactor
+        await self._open_bodies()
         self.redis = await self._connect_redis()
-        self.queue = RedisQueue.configured(self.redis, config)
+        self.queue = RedisQueue.configured(self.redis, config, self.bodies)
+        if self.role is NodeRole.SMTP_WORKER:
+            # takes mail, nothing more: delivery, the admin listener, the
+            # heartbeat and the orphan sweep are the first process's
+            self.deliverer = build_deliverer(config, reactor, build_routes(config, reactor, self.queue))
+            self.smtp = build_smtp_factory(config, reactor, self.metrics, self.queue, self.deliverer, self._filters())
+            await self._listen_smtp()
+            log.info("relayx node {node}: SMTP worker ready", node=config.node.id)
+            return
         if self.redis.connected:
             for warning in await self.queue.persistence_warnings():
                 log.warn("{warning}", warning=warning)
@@ -259,13 +341,40 @@ class RelayNode(Service):
         )
         self.heartbeat = LoopingCall(self._heartbeat)
         self.heartbeat.clock = reactor
+        self.bulk = BulkRunner(self.queue, config.node.id, reactor)
         await self._listen_smtp()
         await self._listen_admin()
+        self._start_workers()
         self.heartbeat.start(config.queue.heartbeat, now=True)
         self.scheduler.start()
         self.prober.start()
         self.bouncer.start()
+        self.bulk.start()
+        if self.bodies is not None:
+            b = config.bodies
+            self.sweep = OrphanSweep(
+                self.bodies, self.queue.message_exists, reactor, b.orphan_age, b.sweep_interval, b.sweep_batch
+            )
+            self.sweep.start()
         log.info("relayx node {node} started", node=config.node.id)
+
+    async def _open_bodies(self) -> None:
+        """
+        The body store, checked: storage that cannot be written now stops the node.
+        """
+        pool = ThreadPool(minthreads=0, maxthreads=self.config.bodies.threads, name="relayx-bodies")
+        pool.start()
+        self.body_threads = pool
+        self.bodies = body_store(self.config, self.reactor, pool)
+        if self.bodies is None:
+            return
+        try:
+            await self.bodies.check()
+        except StoreUnavailable as e:
+            pool.stop()
+            self.body_threads = None
+            raise StartupError(f"{self.config.source}: bodies: {e}") from None
+        log.info("message bodies in {store}", store=repr(self.bodies))
 
     async def _connect_redis(self) -> RedisConnection:
         """
@@ -273,13 +382,18 @@ class RelayNode(Service):
         that does not answer yet is not fatal (mail gets 451 until it does).
         """
         config, reactor = self.config, self.reactor
-        if config.redis.embedded:
+        port = None
+        if config.redis.embedded and self.role is NodeRole.SMTP_WORKER:
+            port = EmbeddedRedis.recorded_port(config.node.data_dir)
+            if port is None:
+                raise StartupError(f"no embedded Redis running under {config.node.data_dir}")
+        elif config.redis.embedded:
             self.embedded = EmbeddedRedis(reactor, reactor, config.node.data_dir)
             try:
                 await self.embedded.start()
             except Exception as e:
                 raise StartupError(f"embedded Redis: {e}") from None
-        port = self.embedded.port if self.embedded is not None else None
+            port = self.embedded.port
         redis = await open_redis(config.redis, reactor, port)
         redis.observe = self.metrics.redis_seconds.observe
         if await redis.wait_connected(config.redis.timeout):
@@ -288,15 +402,48 @@ class RelayNode(Service):
             log.warn("Redis at {where} is not answering; mail gets 451 until it does", where=redis.where)
         return redis
 
+    @property
+    def _shares_ports(self) -> bool:
+        return self.role is NodeRole.SMTP_WORKER or (
+            self.worker_args is not None and self.config.node.processes > 1
+        )
+
     async def _listen_smtp(self) -> None:
+        """
+        Listen on ``[smtp] listen``; with several processes, the TCP ports
+        are bound with SO_REUSEPORT by each of them (``self.shared``).
+        """
         config = self.config
         for description in config.smtp.listen:
+            shared = parse_tcp(description) if self._shares_ports else None
             try:
-                port = await serverFromString(self.reactor, description).listen(self.smtp)
+                if shared is not None:
+                    port = listen_shared(self.reactor, shared, self.smtp)  # type: ignore[arg-type]
+                    self.shared.append(shared.description(port.getHost().port))  # type: ignore[attr-defined]
+                elif self.role is NodeRole.SMTP_WORKER:
+                    continue  # a unix socket or TLS port stays with the first process
+                else:
+                    port = await serverFromString(self.reactor, description).listen(self.smtp)
             except Exception as e:
                 raise StartupError(f"{config.source}: smtp.listen: cannot listen on {description!r}: {e}") from None
             self.ports.append(port)
             log.info("SMTP listening on {address}", address=str(port.getHost()))
+
+    def _start_workers(self) -> None:
+        """
+        The node's other SMTP processes, on the ports just bound.
+        """
+        count = self.config.node.processes - 1
+        if self.worker_args is None or count < 1 or not self.shared:
+            return
+        self.supervisor = WorkerSupervisor(
+            self.reactor,
+            self.reactor,
+            worker_command(self.config.source, self.worker_args, self.shared),
+            count,
+            on_exit=_process_ended,
+        )
+        self.supervisor.start()
 
     async def _listen_admin(self) -> None:
         config, queue, redis = self.config, self.queue, self.redis
@@ -307,6 +454,8 @@ class RelayNode(Service):
                 return f"Redis at {redis.where} not connected"
             if not self.ports:
                 return "not listening for SMTP"
+            if self.bodies is not None and self.bodies.failing:
+                return f"body store failing: {self.bodies.failing}"
             return None
 
         site = Site(
@@ -319,6 +468,7 @@ class RelayNode(Service):
                 redis_connected=lambda: redis.connected,
                 api=AdminAPI(
                     queue=queue,
+                    bulk=queue,
                     domains=config.domains,
                     tokens=config.admin.tokens,
                     clock=self.reactor,
@@ -425,6 +575,10 @@ class RelayNode(Service):
         if self._stopped:
             return
         self._stopped = True
+        workers_ended = None
+        if self.supervisor is not None:
+            # the workers shut down (421, grace) alongside this process
+            workers_ended = Deferred.fromCoroutine(self.supervisor.stop(self.config.smtp.shutdown_grace + 10))
         await DeferredList([Deferred.fromCoroutine(_stop_listening(p)) for p in self.ports])
         self.ports = []
         if self.smtp is not None:
@@ -437,20 +591,38 @@ class RelayNode(Service):
             for session in busy:
                 # the grace period is over: no 250 was sent, so the client keeps the message
                 session.shut_down(force=True)
+        if workers_ended is not None:
+            await workers_ended
         if self.heartbeat is not None and self.heartbeat.running:
             self.heartbeat.stop()
+        if self.bulk is not None:
+            self.bulk.stop()
         if self.prober is not None:
             self.prober.stop()
         if self.bouncer is not None:
             self.bouncer.stop()
+        if self.sweep is not None:
+            self.sweep.stop()
         if self.scheduler is not None:
             await self.scheduler.stop()
         if self.deliverer is not None:
             self.deliverer.close_idle()
+        if self.body_threads is not None:
+            self.body_threads.stop()
         if self.redis is not None:
             await self.redis.disconnect()
         if self.embedded is not None:
             await self.embedded.stop()
+
+
+def _process_ended(pid: int) -> None:
+    """
+    A worker ended: its live gauges no longer count (multi-process metrics).
+    """
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
 
 
 async def _stop_listening(port: IListeningPort) -> None:

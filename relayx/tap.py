@@ -17,6 +17,9 @@ class Options(usage.Options):
     Options for ``twistd relayx``; those given override the TOML file.
     """
 
+    optFlags: ClassVar[list[list[str | None]]] = [
+        ["supervise", None, "Start [node] processes - 1 more SMTP processes on the same ports (relayx does)."],
+    ]
     optParameters: ClassVar[list[list[str | None]]] = [
         ["config", "c", None, "Path of the TOML configuration file (required)."],
         ["redis-url", None, None, "Redis URL (redis://host:port/db); overrides [redis] url."],
@@ -34,6 +37,17 @@ class Options(usage.Options):
         Twisted endpoint string to accept SMTP on (repeatable); overrides [smtp] listen.
         """
         self["smtp-listen"].append(endpoint)
+
+    def worker_args(self) -> list[str]:
+        """
+        The overrides given here, for the node's SMTP workers to load the
+        same configuration (their ports are given apart).
+        """
+        args = []
+        for name in ("redis-url", "node-id", "data-dir"):
+            if self[name]:
+                args += [f"--{name}", self[name]]
+        return args
 
     def postOptions(self) -> None:
         if not self["config"]:
@@ -59,7 +73,7 @@ def makeService(options: Options) -> IService:
     from relayx.service import RelayNode
 
     assert options.loaded is not None
-    node = RelayNode(options.loaded, reactor)
+    node = RelayNode(options.loaded, reactor, worker_args=options.worker_args() if options["supervise"] else None)
     NODES.append(node)
     return node
 

@@ -15,21 +15,32 @@ from cryptography.x509.oid import NameOID
 
 
 class CA:
-    def __init__(self) -> None:
+    """
+    A root CA, or with ``parent`` an intermediate it signs.
+    """
+
+    def __init__(self, parent: CA | None = None, common_name: str = "relayx test CA") -> None:
         self.key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relayx test CA")])
+        self.certificate: x509.Certificate
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
         now = datetime.datetime.now(datetime.UTC)
         self.certificate = (
             x509.CertificateBuilder()
             .subject_name(name)
-            .issuer_name(name)
+            .issuer_name(parent.certificate.subject if parent is not None else name)
             .public_key(self.key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(days=1))
             .not_valid_after(now + datetime.timedelta(days=30))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(self.key, hashes.SHA256())
+            .sign(parent.key if parent is not None else self.key, hashes.SHA256())
         )
+
+    def intermediate(self) -> CA:
+        """
+        An intermediate CA signed by this one.
+        """
+        return CA(self, "relayx test intermediate CA")
 
     def pem(self) -> bytes:
         return self.certificate.public_bytes(serialization.Encoding.PEM)

@@ -7,6 +7,7 @@ Real processes and servers on loopback for the integration tests: a
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import shutil
 import smtplib
@@ -14,7 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,7 +24,9 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
 
 from bench.sink import Received, Sink
 from relayx.config import parse
@@ -190,6 +193,7 @@ class NodeCase(TestCase):
         node_id: str = "node-a",
         admin_listen: list[str] | None = None,
         admin_tokens: dict[str, str] | None = None,
+        bodies: dict[str, Any] | None = None,
         **queue: Any,
     ) -> RelayNode:
         port = free_port()
@@ -203,6 +207,7 @@ class NodeCase(TestCase):
             },
             "filter": filters or {},
             "admin": {"listen": admin_listen or [], "tokens": admin_tokens or {}},
+            "bodies": bodies or {},
             "queue": {"retry_schedule": ["1s"], "poll_interval": "100ms", "lease": "10s", **queue},
             "delivery": {"connect_timeout": "2s", "command_timeout": "10s", **(delivery or {})},
             "domain": [
@@ -226,3 +231,21 @@ class NodeCase(TestCase):
         self.addCleanup(lambda: Deferred.fromCoroutine(sink.stop()))
         self.smtp_port = port
         return node
+
+
+@contextlib.contextmanager
+def logged_events() -> Iterator[list[dict[str, Any]]]:
+    """
+    The events logged inside the ``with`` block.
+    """
+    events: list[dict[str, Any]] = []
+
+    @implementer(ILogObserver)
+    def observe(event: dict[str, Any]) -> None:
+        events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        yield events
+    finally:
+        globalLogPublisher.removeObserver(observe)

@@ -14,7 +14,7 @@ from twisted.internet.threads import deferToThread
 
 from relayx.ops.api import authenticate
 from relayx.redis.embedded import free_port
-from tests.helpers import LoopbackSink, NodeCase, send, wait_for
+from tests.helpers import LoopbackSink, NodeCase, eventually, send, wait_for
 from tests.test_queue_redis import deferred_test
 
 TOKEN = "s3cret-token-for-the-tests"
@@ -79,14 +79,16 @@ class APITests(NodeCase):
         body = b"Subject: held mail\r\n\r\nwait for it\r\n"
         assert await send(self.smtp_port, "bob@sender.test", ["a@example.com"], body) == {}
         code, page = await self.api(port, "GET", "messages?domain=example.com&state=held")
-        assert code == 200 and page["total"] == 1
+        assert code == 200 and page["next_cursor"] is None
         [row] = page["messages"]
+        assert row["subject"] == "held mail"
         assert row["recipients"] == ["a@example.com"] and row["sender"] == "bob@sender.test"
         code, summary = await self.api(port, "GET", "domains/example.com")
         assert summary["held"] is True and summary["jobs"]["held"] == 1 and summary["oldest_age"] is not None
         code, view = await self.api(port, "GET", f"messages/{row['queue_id']}")
         assert code == 200 and "Subject: held mail" in view["header"] and view["jobs"][0]["state"] == "held"
-        assert (await self.api(port, "GET", "messages?sender=nobody"))[1]["total"] == 0
+        assert (await self.api(port, "GET", "messages?sender=nobody@x.test"))[1]["messages"] == []
+        assert (await self.api(port, "GET", "messages"))[1]["total"] == 1
         assert (await self.api(port, "POST", "domains/example.com/release", {"rate": 5}))[1]["was_held"] is True
         await wait_for(lambda: len(sink.messages) == 1, 20, "delivery after release")
         records = (await self.api(port, "GET", "audit"))[1]["records"]
@@ -106,6 +108,18 @@ class APITests(NodeCase):
             ("GET", "messages?state=lost", None, 400, "state: expected one of"),
             ("GET", "messages?limit=100000", None, 400, "limit: expected a whole number from 1 to 500"),
             ("GET", "messages?colour=red", None, 400, "unknown parameter 'colour'"),
+            ("GET", "messages?offset=50", None, 400, "offset: pages now go by cursor"),
+            ("GET", "messages?cursor=abc", None, 400, "cursor: expected a whole number"),
+            (
+                "POST",
+                "bulk",
+                {"action": "explode", "filter": {"domain": "example.com"}},
+                400,
+                "action: expected one of",
+            ),
+            ("POST", "bulk", {"action": "delete"}, 400, "filter: expected an object with at least one of"),
+            ("POST", "bulk", {"action": "delete", "filter": {"colour": "red"}}, 400, "unknown filter 'colour'"),
+            ("GET", "bulk/nosuch", None, 404, "no bulk action nosuch"),
             ("GET", "messages/NOSUCHID", None, 404, "no message NOSUCHID in the queue"),
             ("DELETE", "messages/NOSUCHID", None, 404, "no message NOSUCHID"),
             ("POST", "domains/example.com/explode", {}, 404, "no action 'explode'"),
@@ -127,3 +141,32 @@ class APITests(NodeCase):
         assert (await self.api(port, "GET", "domains/example.com"))[1]["routes_overridden"] is False
         cluster = (await self.api(port, "GET", "cluster"))[1]
         assert cluster["node"] == "node-a" and cluster["redis"]["connected"] and cluster["durability"] == "aof"
+
+    @deferred_test
+    async def test_bulk_delete_by_filter(self) -> None:
+        """When every message from one sender is deleted in bulk, the others stay, progress shows the count, one
+        audit record names the filter, and a filter that matches nothing is a plain answer."""
+        port = await self.start(LoopbackSink())
+        assert (await self.api(port, "POST", "domains/example.com/hold", {}))[0] == 200
+        for n in range(6):
+            sender = "spam@bad.test" if n % 2 else "bob@sender.test"
+            assert await send(self.smtp_port, sender, [f"u{n}@example.com"], b"Subject: s\r\n\r\nx\r\n") == {}
+        code, started = await self.api(
+            port, "POST", "bulk", {"action": "delete", "filter": {"sender": "Spam@bad.test", "domain": "example.com"}}
+        )
+        assert code == 200 and started["state"] == "running" and started["filter"] == {"sender": "spam@bad.test"}
+
+        async def finished() -> Any:
+            progress = (await self.api(port, "GET", f"bulk/{started['id']}"))[1]
+            return progress if progress["state"] == "done" else None
+
+        progress = await eventually(finished, 20, "the bulk delete")
+        assert progress["matched"] == 3 and progress["acted"] == 3
+        page = (await self.api(port, "GET", "messages?domain=example.com"))[1]
+        assert sorted(m["sender"] for m in page["messages"]) == ["bob@sender.test"] * 3
+        records = (await self.api(port, "GET", "audit"))[1]["records"]
+        assert records[0]["action"] == "bulk delete" and records[0]["filter"] == {"sender": "spam@bad.test"}
+        code, nothing = await self.api(port, "POST", "bulk", {"action": "bounce", "filter": {"sender": "x@y.test"}})
+        assert code == 200 and nothing["id"] is None and nothing["matched"] == 0
+        assert "nothing in the queue matches" in nothing["message"]
+        assert [b["id"] for b in (await self.api(port, "GET", "bulk"))[1]["bulk"]] == [started["id"]]

@@ -42,3 +42,14 @@ def test_replay_smoke(tmp_path: Path) -> None:
     assert isinstance(relayx, dict)
     assert relayx["delivered_unique"] == 20
     assert relayx["duplicates"] == 0 and relayx["order_violations"] == 0
+
+
+def test_depth_smoke(tmp_path: Path) -> None:
+    """When the depth benchmark runs at a small depth, each point has its operator calls, accept, memory and drain."""
+    result = run(tmp_path, "depth", "--depth", "200", "--burst", "20", "--sessions", "2", "--drain-seconds", "0.5")
+    points = result["points"]
+    assert isinstance(points, list) and points[0]["depth"] == 0
+    deep = points[-1]
+    assert deep["depth"] >= 200 and deep["redis_bytes_per_msg"] > 0
+    assert all(call["status"] == 200 for call in deep["calls"].values())
+    assert deep["accept"]["accepted"] == 20 and deep["drain"]["delivered"] > 0

@@ -167,3 +167,57 @@ def test_replicated_needs_a_real_redis(tmp_path: Path) -> None:
     """When replicated durability is asked of the embedded Redis, the error says it has no replicas."""
     with pytest.raises(ConfigError, match=r"redis\.durability: expected 'aof' for an embedded Redis"):
         load(write(tmp_path, "[redis]\ndurability = 'replicated'\n" + MINIMAL))
+
+
+def test_bodies_defaults(tmp_path: Path) -> None:
+    """When [bodies] is absent, bodies go to a directory under data_dir with the embedded Redis, else stay in Redis."""
+    config = load(write(tmp_path, MINIMAL))
+    assert config.bodies.backend == "directory"
+    assert config.bodies.directory == tmp_path / "relayx-data" / "bodies"
+    assert (config.bodies.compression, config.bodies.orphan_age) == ("none", 3600)
+    external = load(write(tmp_path, "[redis]\nurl = 'redis://10.0.0.5:6379/0'\n" + MINIMAL))
+    assert external.bodies.backend == "redis"
+
+
+def test_bodies_s3(tmp_path: Path) -> None:
+    """When [bodies.s3] names a self-hosted server, path addressing is the default and the prefix ends in a slash."""
+    text = (
+        "[bodies]\nbackend = 's3'\ncompression = 'zstd'\n[bodies.s3]\nbucket = 'mail-bodies'\nprefix = 'mx2'\n"
+        "endpoint_url = 'http://127.0.0.1:9000'\naccess_key = 'relayx'\nsecret_key = 'secret-secret'\n" + MINIMAL
+    )
+    config = load(write(tmp_path, text))
+    s3 = config.bodies.s3
+    assert (s3.bucket, s3.prefix, s3.addressing_style, s3.endpoint_url) == (
+        "mail-bodies",
+        "mx2/",
+        "path",
+        "http://127.0.0.1:9000",
+    )
+    assert config.bodies.compression == "zstd"
+    assert "secret-secret" not in repr(config)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[bodies]\nbackend = 'disk'\n", "bodies.backend: expected one of 'directory', 's3', 'redis'"),
+        ("[bodies]\ncompression = 'gzip'\n", "bodies.compression: expected one of 'none', 'zstd'"),
+        ("[bodies]\ncompression_level = 22\n", "bodies.compression_level: expected a zstd level"),
+        ("[bodies]\norphan_age = '10s'\n", "bodies.orphan_age: expected at least '60s'"),
+        ("[bodies]\nsweep_batch = 5000\n", "bodies.sweep_batch: expected a whole number from 1 to 1000"),
+        ("[bodies]\nbackend = 's3'\n", "bodies.s3: expected a [bodies.s3] table"),
+        ("[bodies]\nbackend = 's3'\n[bodies.s3]\nprefix = 'x/'\n", "bodies.s3.bucket: expected a value"),
+        ("[bodies.s3]\nbucket = 'Bad_Bucket'\n", "bodies.s3.bucket: expected a bucket name"),
+        ("[bodies.s3]\naccess_key = 'a'\n", "bodies.s3.secret_key: expected access_key and secret_key together"),
+        ("[bodies.s3]\nendpoint_url = 's3.example:9000'\n", "bodies.s3.endpoint_url: expected an http:// URL"),
+        ("[bodies.s3]\nbuckett = 'x'\n", "bodies.s3.buckett: unknown key"),
+        ("[bodies]\nbackends = 's3'\n", "bodies.backends: unknown key"),
+        ("[bodies]\nbackend = 'redis'\ncompression = 'zstd'\n", "bodies.compression: expected 'none' with backend"),
+        ("[redis]\nurl = 'redis://10.0.0.5:6379/0'\n[bodies]\nbackend = 'directory'\n", "bodies.directory: expected"),
+    ],
+)
+def test_bad_bodies_settings(tmp_path: Path, text: str, message: str) -> None:
+    """When a [bodies] setting makes no sense, the error is one line naming the key."""
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, text + MINIMAL))
+    assert message in str(caught.value) and "\n" not in str(caught.value)

@@ -11,12 +11,19 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
+from twisted.logger import ILogObserver, globalLogPublisher
+from twisted.trial.unittest import TestCase
+from zope.interface import implementer
 
 from relayx.address import Mailbox
 from relayx.checks.chain import ALLOW, AddHeaders, Client, Decision, Filter, FilterChain, Verdict
-from relayx.checks.dnslists import reversed_ip
+from relayx.checks.dnslists import DNSLists, reversed_ip
+from relayx.config import DNSList, parse_dnslist
+from relayx.dns import dns_lookup
 from relayx.redis.embedded import free_port
 from relayx.reply import Reply
 from tests.dns import LoopbackDNS, a, txt
@@ -85,6 +92,105 @@ def test_reversed_ip() -> None:
     assert reversed_ip("not an address") is None
 
 
+def test_dnslist_patterns() -> None:
+    """When a DNS list entry names the answers that count (Postfix's zone=d.d.d.d), only those match; a bad
+    pattern is a one-line error."""
+    assert parse_dnslist("ZEN.Spamhaus.org") == DNSList("zen.spamhaus.org")
+    zen = parse_dnslist("zen.spamhaus.org=127.0.0.[2..4;9;10..11]")
+    assert zen.zone == "zen.spamhaus.org"
+    assert [n for n in range(1, 13) if zen.counts(f"127.0.0.{n}")] == [2, 3, 4, 9, 10, 11]
+    assert not zen.counts("127.0.1.2")
+    assert parse_dnslist("bl.test=127.0.0.2").counts("127.0.0.2")
+    for bad in ("bl.test=127.0.0", "bl.test=127.0.0.256", "bl.test=127.0.0.[4..2]", "bl.test=127.0.0.[1..]", "x=1"):
+        with pytest.raises(ValueError):
+            parse_dnslist(bad)
+
+
+class DNSListCodeTests(TestCase):
+    """
+    DNSLists against a real DNS server on loopback, with a fake clock for
+    its cache and its warnings.
+    """
+
+    async def check(self, lists: DNSLists, client: str) -> Verdict:
+        return await lists.recipient(Client(client, "client.test"), "a@b.test", Mailbox.parse("x@y.test"))
+
+    def warnings(self) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+
+        @implementer(ILogObserver)
+        def observe(event: dict[str, Any]) -> None:
+            if "answer" in event and event.get("log_level") is not None and event["log_level"].name == "warn":
+                events.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        return events
+
+    @deferred_test
+    async def test_dnsbl_error_codes_are_not_listings(self) -> None:
+        """When a DNSBL answers 127.255.255.254/255 (Spamhaus: public resolver, over quota) or outside
+        127.0.0.0/8, the client is not listed and one warning per interval names the list; 127.0.0.2 lists."""
+        records = {
+            "1.0.0.127.zen.test": [a("127.255.255.254")],
+            "2.0.0.127.zen.test": [a("127.255.255.255")],
+            "3.0.0.127.zen.test": [a("127.0.0.2")],
+            "4.0.0.127.zen.test": [a("192.0.2.80")],
+        }
+        server = LoopbackDNS({"zen.test": records})
+        self.addCleanup(lambda: Deferred.fromCoroutine(server.stop()))
+        clock = Clock()
+        clock.advance(1000)
+        lists = DNSLists([DNSList("zen.test")], [], dns_lookup((("127.0.0.1", server.port),), 5.0), clock, cache_for=0)
+        warnings = self.warnings()
+        assert await self.check(lists, "127.0.0.1") is None
+        assert await self.check(lists, "127.0.0.2") is None
+        assert await self.check(lists, "127.0.0.1") is None
+        assert [(w["zone"], w["answer"]) for w in warnings] == [("zen.test", "127.255.255.254")]
+        assert "error code" in warnings[0]["meaning"]
+        listed = await self.check(lists, "127.0.0.3")
+        assert isinstance(listed, Reply) and listed.code == 554 and "zen.test" in listed.text
+        clock.advance(lists.warn_every)
+        assert await self.check(lists, "127.0.0.4") is None
+        assert [w["answer"] for w in warnings] == ["127.255.255.254", "192.0.2.80"]
+
+    @deferred_test
+    async def test_allowlist_refusal_trusts_nobody(self) -> None:
+        """When a DNSWL answers 127.0.0.255 (dnswl.org: refused), the client is not allowed and is still checked."""
+        records = {"1.0.0.127.wl.test": [a("127.0.0.255")], "1.0.0.127.bl.test": [a("127.0.0.2")]}
+        server = LoopbackDNS({"wl.test": records, "bl.test": {}})
+        self.addCleanup(lambda: Deferred.fromCoroutine(server.stop()))
+        clock = Clock()
+        lookup = dns_lookup((("127.0.0.1", server.port),), 5.0)
+        lists = DNSLists([DNSList("bl.test")], [DNSList("wl.test")], lookup, clock, cache_for=0)
+        warnings = self.warnings()
+        verdict = await self.check(lists, "127.0.0.1")
+        assert isinstance(verdict, Reply) and verdict.code == 554, "the refusal did not allow the client"
+        assert [(w["zone"], w["answer"]) for w in warnings] == [("wl.test", "127.0.0.255")]
+
+    @deferred_test
+    async def test_dns_list_return_codes(self) -> None:
+        """When a DNSBL or DNSWL entry names its return codes, other answers in 127.0.0.0/8 do not count."""
+        records = {
+            "1.0.0.127.bl.test": [a("127.0.0.4")],
+            "2.0.0.127.bl.test": [a("127.0.0.2")],
+            "1.0.0.127.wl.test": [a("127.0.0.255")],
+            "3.0.0.127.wl.test": [a("127.0.10.1")],
+            "3.0.0.127.bl.test": [a("127.0.0.2")],
+        }
+        server = LoopbackDNS({"bl.test": records, "wl.test": {}})
+        self.addCleanup(lambda: Deferred.fromCoroutine(server.stop()))
+        lists = DNSLists(
+            [parse_dnslist("bl.test=127.0.0.[2..3]")],
+            [parse_dnslist("wl.test=127.0.[0..255].[0..3]")],
+            dns_lookup((("127.0.0.1", server.port),), 5.0),
+            Clock(),
+        )
+        assert await self.check(lists, "127.0.0.1") is None  # 127.0.0.4 on bl, 127.0.0.255 (an error) on wl
+        assert isinstance(await self.check(lists, "127.0.0.2"), Reply)
+        assert await self.check(lists, "127.0.0.3") is ALLOW
+
+
 def rcpt(port: int, recipient: str, sender: str = "bob@sender.test") -> tuple[int, bytes]:
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
         client.ehlo("client.test")
@@ -107,6 +213,14 @@ class FilterTests(NodeCase):
         await self.start_node(LoopbackSink(), delivery={"nameservers": [dns.address]}, filters={"dnsbl": ["bl.test"]})
         code, text = await deferToThread(rcpt, self.smtp_port, "a@example.com")
         assert code == 554 and b"5.7.1" in text and b"blocked using bl.test" in text
+
+    @deferred_test
+    async def test_dnsbl_error_code_accepted(self) -> None:
+        """When a DNSBL answers with an error code (127.255.255.254, as Spamhaus does to public resolvers), the
+        client's recipients are accepted."""
+        dns = await self.dns({"bl.test": {"1.0.0.127.bl.test": [a("127.255.255.254")]}})
+        await self.start_node(LoopbackSink(), delivery={"nameservers": [dns.address]}, filters={"dnsbl": ["bl.test"]})
+        assert (await deferToThread(rcpt, self.smtp_port, "a@example.com"))[0] == 250
 
     @deferred_test
     async def test_dnswl_listed_client_trusted(self) -> None:

@@ -15,15 +15,16 @@ PACKAGE = Path(__file__).resolve().parent.parent / "relayx"
 ALLOWED: dict[str, set[str]] = {
     "foundation": set(),
     "redis": set(),
+    "bodies": set(),
     "queue": {"redis"},
     "checks": {"redis"},
     "smtp": {"checks"},
     "delivery": {"smtp"},
     "ops": {"queue", "redis"},
-    "wiring": {"redis", "queue", "checks", "smtp", "delivery", "ops"},
+    "wiring": {"redis", "bodies", "queue", "checks", "smtp", "delivery", "ops"},
 }
 
-WIRING = {"service", "tap", "__main__"}
+WIRING = {"service", "tap", "__main__", "workers"}
 
 
 def room(module: str) -> str:

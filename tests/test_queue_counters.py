@@ -401,3 +401,26 @@ def test_check_queue_command(tmp_path: Path) -> None:
         assert "bytes         24" in status and "on hold       no" in status
     finally:
         machine.teardown()
+
+
+class _Shelf:
+    """
+    A body store's ``put`` (all enqueue asks of it), keeping nothing.
+    """
+
+    async def put(self, queue_id: str, body: bytes) -> str:
+        return f"shelf/{queue_id}"
+
+
+def test_bytes_count_bodies_kept_in_a_body_store() -> None:
+    """When bodies go to a body store and Redis keeps a stub, the counters count each body's real size."""
+    machine = QueueCounters()
+    machine.q.bodies = _Shelf()  # type: ignore[assignment]
+    try:
+        body = b"Subject: big\r\n\r\n" + b"x" * 100_000
+        done(machine.q.enqueue(IncomingMessage("B1", "bob@sender.test", (Mailbox.parse("a@two.test"),), T0, body)))
+        assert machine.redis.r.hstrlen(f"{machine.q.prefix}:msg:B1", "body") < 1000
+        assert done(machine.q.queue_summary(["two.test"], T0))["two.test"].bytes == len(body)
+        assert done(machine.q.totals()).bytes == len(body)
+    finally:
+        machine.teardown()

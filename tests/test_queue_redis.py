@@ -440,16 +440,26 @@ class OperatorTests(QueueCase):
         for n in range(5):
             await q.enqueue(message(f"M{n}", f"u{n}@one.test", sender=f"s{n % 2}@sender.test", at=T0 + n))
         await q.enqueue(message("T", "a@two.test", at=T0 + 10))
-        page = await q.jobs(["one.test", "two.test"], {}, 0, 2, T0 + 20)
-        assert page["total"] == 6 and page["states"] == {"held": 5, "ready": 1} and page["oldest"] == T0 * 1000
-        assert [j["qid"] for j in page["jobs"]] == ["M0", "M1"]
-        assert (await q.jobs(["one.test", "two.test"], {}, 4, 10, T0 + 20))["jobs"][-1]["qid"] == "T"
-        by_sender = await q.jobs(["one.test"], {"sender": "S1@"}, 0, 10, T0 + 20)
+        both = ["one.test", "two.test"]
+        counts = await q.counts(both, T0 + 20)
+        assert counts["total"] == 6 and counts["states"] == {"held": 5, "ready": 1} and counts["oldest"] == T0 * 1000
+        page = await q.page(both, {}, 0, 2, T0 + 20)
+        assert [j["qid"] for j in page["jobs"]] == ["M0", "M1"] and page["more"] is True
+        rest = await q.page(both, {}, page["cursor"], 10, T0 + 20)
+        assert [j["qid"] for j in rest["jobs"]] == ["M2", "M3", "M4", "T"] and rest["more"] is False
+        by_sender = await q.page(["one.test"], {"sender_has": "s1@"}, 0, 10, T0 + 20)
         assert [j["qid"] for j in by_sender["jobs"]] == ["M1", "M3"]
-        assert [j["qid"] for j in (await q.jobs(["one.test"], {"recipient": "u4@"}, 0, 10, T0))["jobs"]] == ["M4"]
-        old = await q.jobs(["one.test"], {"before": int((T0 + 2) * 1000)}, 0, 10, T0 + 20)
+        exact = await q.page(["one.test"], {"sender": "s1@sender.test"}, 0, 10, T0 + 20)
+        assert [j["qid"] for j in exact["jobs"]] == ["M1", "M3"]
+        assert [j["qid"] for j in (await q.page(["one.test"], {"recipient_has": "u4@"}, 0, 10, T0))["jobs"]] == ["M4"]
+        assert [j["qid"] for j in (await q.page(both, {"recipient": "u4@one.test"}, 0, 10, T0))["jobs"]] == ["M4"]
+        assert [j["qid"] for j in (await q.page(both, {"subject_has": "m2"}, 0, 10, T0))["jobs"]] == ["M2"]
+        old = await q.page(["one.test"], {"before": int((T0 + 2) * 1000)}, 0, 10, T0 + 20)
         assert [j["qid"] for j in old["jobs"]] == ["M0", "M1"]
-        assert (await q.jobs(["one.test"], {"state": "ready"}, 0, 10, T0))["total"] == 0
+        new = await q.page(both, {"after": int((T0 + 3) * 1000)}, 0, 10, T0 + 20)
+        assert [j["qid"] for j in new["jobs"]] == ["M3", "M4", "T"]
+        assert (await q.page(["one.test"], {"state": "ready"}, 0, 10, T0))["jobs"] == []
+        assert [j["state"] for j in (await q.page(both, {"state": "ready"}, 0, 10, T0))["jobs"]] == ["ready"]
         view = await q.message("M2", T0 + 1)
         assert view is not None and view["sender"] == "s0@sender.test"
         assert view["header"].startswith("Subject:") and view["jobs"][0]["state"] == "held"
@@ -491,7 +501,7 @@ class OperatorTests(QueueCase):
         assert await q.drop("B", T0 + 2, "ops", bounce=True) == 2
         [failed] = [j for j in await q.failed(10) if j.job_id == "B.1"]
         assert failed.failures[0][:3] == ("b@one.test", 0, "5.0.0")
-        assert (await q.jobs(["one.test", "two.test"], {}, 0, 10, T0 + 3))["states"] == {"failed": 2}
+        assert (await q.counts(["one.test", "two.test"], T0 + 3))["states"] == {"failed": 2}
         assert await q.release("one.test", T0 + 3, who="ops") is True
         assert await take(q, "n", T0 + 4, 10) == []
         actions = [r["action"] for r in await q.audit(10)]

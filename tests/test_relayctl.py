@@ -84,17 +84,27 @@ class RelayctlTests(NodeCase):
             "ERROR",
         ]
         assert len(lines) == 4 and all(" held " in line for line in lines[1:])
-        code, out, _ = await deferToThread(relayctl, port, "--json", "messages", "--recipient", "u1@")
+        code, out, _ = await deferToThread(relayctl, port, "--json", "messages", "--recipient-has", "u1@")
         [row] = json.loads(out)["messages"]
         code, out, _ = await deferToThread(relayctl, port, "show", row["queue_id"])
         assert code == 0 and "u1@example.com" in out and "Subject: x" in out
         code, out, _ = await deferToThread(relayctl, port, "domains")
         assert out.splitlines()[1].split()[:4] == ["example.com", "held", "0", "3"]
+        code, out, _ = await deferToThread(relayctl, port, "bulk", "requeue", "--sender", "nobody@x.test")
+        assert code == 0 and out.startswith("nothing in the queue matches the filter")
+        code, _, err = await deferToThread(relayctl, port, "bulk", "delete")
+        assert code == 1 and err.startswith("relayctl: give a filter")
+        code, out, _ = await deferToThread(
+            relayctl, port, "bulk", "delete", "--recipient", "u2@example.com", "--watch", "--timeout", "30"
+        )
+        assert code == 0 and out.rstrip().endswith("done: 1 examined, 1 matched, 1 message(s) changed")
+        code, out, _ = await deferToThread(relayctl, port, "bulk-status")
+        assert out.splitlines()[1].split()[1:3] == ["delete", "done"]
         code, out, _ = await deferToThread(relayctl, port, "release", "example.com", "--watch", "--timeout", "30")
-        assert code == 0 and out.rstrip().endswith("3/3 delivered")
-        await wait_for(lambda: len(sink.messages) == 3, 20, "delivery")
+        assert code == 0 and out.rstrip().endswith("2/2 delivered")
+        await wait_for(lambda: len(sink.messages) == 2, 20, "delivery")
         code, out, _ = await deferToThread(relayctl, port, "audit")
-        assert [line.split()[3] for line in out.splitlines()[1:]] == ["release", "hold"]
+        assert [line.split()[3] for line in out.splitlines()[1:]] == ["release", "bulk", "hold"]
 
     @deferred_test
     async def test_errors_are_one_line(self) -> None:

@@ -9,7 +9,9 @@ from zope.interface.verify import verifyObject
 
 from relayx.delivery.scheduler import Prober, Scheduler
 from relayx.interfaces import IDeliverer, IDeliveryQueue, Lease, Outcome, Throttle
+from relayx.reply import Reply
 from tests.fakes import ManualDeliverer, ScriptedQueue
+from tests.helpers import logged_events
 
 
 def lease(n: int, domain: str = "example.com") -> Lease:
@@ -154,3 +156,37 @@ def test_prober_resumes_a_recovered_domain() -> None:
     assert resumed == ["back.test"]
     assert queue.failing == {"down.test"}
     prober.stop()
+
+
+def test_prober_logs_a_long_outage_sparingly() -> None:
+    """When a destination stays down for an hour of 1 s probes, "still down" is logged 6 times, not 3,600."""
+    clock = Clock()
+    queue = ScriptedQueue()
+    deliverer = ManualDeliverer()
+    prober = Prober(owner="node-a", queue=queue, deliverer=deliverer, clock=clock, interval=1.0, resumed=lambda d: None)
+    queue.failing = {"down.test"}
+    with logged_events() as events:
+        prober.start()
+        for _ in range(3600):
+            clock.advance(1)
+        lines = [e for e in events if "still down" in e.get("log_format", "")]
+        assert len(deliverer.probes) >= 3590
+        assert len(lines) == 6
+        assert lines[1]["failed"] >= 590 and lines[1]["domain"] == "down.test"
+        prober.stop()
+
+
+def test_attempt_line_names_recipients_destination_and_reply() -> None:
+    """When a delivery ends, its log line carries the recipients, the host and its reply (with its queue id)."""
+    _, queue, deliverer, scheduler = setup(workers=1)
+    queue.ready = [lease(1)]
+    with logged_events() as events:
+        scheduler.start()
+        accepted = Reply(250, "2.0.0", "Ok: queued as 4XyZ12")
+        deliverer.finish(
+            "Q1",
+            Outcome(delivered=("u1@example.com",), destination="mx1.example.com [192.0.2.1]:25", accepted=accepted),
+        )
+        [line] = [e for e in events if e.get("job") == "Q1.1"]
+        assert line["rcpt"] == "u1@example.com" and line["mx"] == "mx1.example.com [192.0.2.1]:25"
+        assert line["code"] == 250 and "queued as 4XyZ12" in line["reply"]

@@ -21,6 +21,10 @@ ZONE: dict[tuple[str, str], list[str]] = {
     ("other.test", "TXT"): ["some other record"],
     ("two.test", "TXT"): ["v=spf1 -all", "v=spf1 +all"],
     ("syntax.test", "TXT"): ["v=spf1 ip4:192.0.2.1 bogus:x -all"],
+    ("port.test", "TXT"): ["v=spf1 ip4:192.0.2.1 a:mail.port.test:8080 -all"],
+    ("crlf.test", "TXT"): ["v=spf1 ip4:192.0.2.1\r\n -all"],
+    ("percent.test", "TXT"): ["v=spf1 exists:%{l}%%%_x.percent.test -all"],
+    ("bob% x.percent.test", "A"): ["127.0.0.2"],
     ("include.test", "TXT"): ["v=spf1 include:pass.test -all"],
     ("include-none.test", "TXT"): ["v=spf1 include:missing.test -all"],
     ("redirect.test", "TXT"): ["v=spf1 redirect=pass.test"],
@@ -74,6 +78,10 @@ def verdict(ip: str, sender: str, helo: str = "client.test") -> Verdict:
         ("192.0.2.2", "bob@localhost", Result.NONE),
         ("192.0.2.2", "bob@two.test", Result.PERMERROR),
         ("192.0.2.1", "bob@syntax.test", Result.PERMERROR),
+        ("192.0.2.1", "bob@port.test", Result.PERMERROR),
+        ("192.0.2.1", "bob@crlf.test", Result.PERMERROR),
+        ("192.0.2.1", "bob@percent.test", Result.PASS),
+        ("::ffff:192.0.2.2", "bob@pass.test", Result.PASS),
         ("192.0.2.2", "bob@include.test", Result.PASS),
         ("198.51.100.1", "bob@include.test", Result.FAIL),
         ("192.0.2.2", "bob@include-none.test", Result.PERMERROR),
@@ -106,6 +114,20 @@ def test_null_sender_checks_helo() -> None:
     passed = verdict("192.0.2.2", "", helo="helo.test")
     assert (passed.result, passed.identity, passed.sender) == (Result.PASS, "helo", "postmaster@helo.test")
     assert verdict("192.0.2.3", "", helo="helo.test").result is Result.FAIL
+
+
+def test_ipv4_mapped_client_is_ipv4() -> None:
+    """When the client is an IPv4-mapped IPv6 address (a tcp6 listener), it is checked and recorded as IPv4."""
+    v = verdict("::ffff:198.51.100.1", "bob@pass.test")
+    assert (v.result, v.ip) == (Result.FAIL, "198.51.100.1")
+
+
+def test_permerror_reason_is_safe_in_header() -> None:
+    """When a record's syntax error quotes control or non-ASCII characters, Received-SPF carries them replaced."""
+    v = verdict("192.0.2.1", "bob@crlf.test")
+    assert v.result is Result.PERMERROR
+    received = v.received_spf("mx2.example.net")
+    assert received.split("\r\n")[0].endswith("domain of crlf.test: bad network in 'ip4:192.0.2.1?r?n')")
 
 
 def test_headers() -> None:

@@ -255,13 +255,17 @@ class Scheduler:
             m.deliveries.labels(result="unreachable").inc(len(lease.recipients))
         await self._settle(current, outcome)
         replies = [reply for _, reply in (*outcome.failed, *outcome.deferred)]
+        reply = outcome.accepted if outcome.accepted is not None else replies[0] if replies else None
         log.info(
-            "job {job} of {queue_id} ({message_id}) to {domain}: {delivered} delivered, {failed} failed, "
-            "{deferred} deferred{unreachable} in {seconds:.3f}s",
+            "job {job} of {queue_id} ({message_id}) to {domain} via {mx}: {delivered} delivered, {failed} failed, "
+            "{deferred} deferred{unreachable} in {seconds:.3f}s; {rcpt}: {reply}",
             job=lease.job_id,
             queue_id=lease.queue_id,
             message_id=message_id(stored.body),
-            code=0 if outcome.unreachable else 250 if not replies else replies[0].code,
+            code=0 if outcome.unreachable else reply.code if reply is not None else 250,
+            reply=str(reply) if reply is not None else outcome.unreachable or "",
+            mx=outcome.destination or "-",
+            rcpt=",".join(lease.recipients),
             domain=lease.domain,
             delivered=len(outcome.delivered),
             failed=len(outcome.failed),
@@ -288,6 +292,9 @@ class Scheduler:
                     return
                 await deferLater(self.clock, 1, lambda: None)
 
+
+#: how often a destination that stays down is logged by the prober
+PROBE_LOG_EVERY = 600.0
 
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(<[^>\r\n]{1,250}>)", re.IGNORECASE | re.MULTILINE)
 
@@ -317,6 +324,8 @@ class Prober:
     resumed: Callable[[str], None]
     _loop: LoopingCall | None = None
     _probing: set[str] = field(default_factory=set)
+    #: per failing domain: when "still down" was last logged, and probes since
+    _quiet: dict[str, tuple[float, int]] = field(default_factory=dict)
 
     def start(self) -> None:
         self._loop = LoopingCall(self.check)
@@ -330,6 +339,25 @@ class Prober:
 
     def check(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._check())
+
+    def _still_down(self, domain: str, why: str) -> None:
+        """
+        Log a destination that is still down at its first probe, then once
+        every ``PROBE_LOG_EVERY`` seconds with how many probes failed since:
+        an outage of a day is not 17,000 log lines.
+        """
+        now = self.clock.seconds()
+        last, failed = self._quiet.get(domain, (float("-inf"), 0))
+        if now - last < PROBE_LOG_EVERY:
+            self._quiet[domain] = (last, failed + 1)
+            return
+        self._quiet[domain] = (now, 0)
+        log.info(
+            "probe of {domain}: still down ({failed} more failed probes since the last line): {why}",
+            domain=domain,
+            failed=failed,
+            why=why,
+        )
 
     async def _check(self) -> None:
         try:
@@ -354,8 +382,9 @@ class Prober:
                 return
             why = await self.deliverer.probe(domain)
             if why is not None:
-                log.info("probe of {domain}: still down: {why}", domain=domain, why=why)
+                self._still_down(domain, why)
                 return
+            self._quiet.pop(domain, None)
             if await self.queue.resume(domain, self.clock.seconds()):
                 log.info("probe of {domain}: destination is back, replaying its queue", domain=domain)
                 self.resumed(domain)

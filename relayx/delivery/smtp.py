@@ -325,8 +325,14 @@ class SMTPDeliverer:
                 count=len(accepted),
                 code=final.code,
             )
-            return Outcome(delivered=tuple(accepted), failed=tuple(failed), deferred=tuple(deferred))
-        return _merge(_all(tuple(accepted), final), failed, deferred)
+            return Outcome(
+                delivered=tuple(accepted),
+                failed=tuple(failed),
+                deferred=tuple(deferred),
+                destination=where,
+                accepted=final,
+            )
+        return attrs.evolve(_merge(_all(tuple(accepted), final), failed, deferred), destination=where)
 
     async def _quit(self, conn: SMTPClientProtocol) -> None:
         try:

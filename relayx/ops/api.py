@@ -15,12 +15,24 @@ step as the change.
     POST   /api/v1/domains/<domain>/release     {"rate": messages/s} (optional)
     POST   /api/v1/domains/<domain>/flush       deliver now (ends the wait for a failing destination)
     POST   /api/v1/domains/<domain>/route       {"routes": ["smtp://host:port", ...] or null: configured}
-    GET    /api/v1/messages?domain=&sender=&recipient=&state=&older_than=&newer_than=&offset=&limit=
+    GET    /api/v1/messages?domain=&state=&older_than=&newer_than=&cursor=&limit=
+               &sender=&recipient=&message_id=             exact (indexes)
+               &sender_has=&recipient_has=&subject_has=    parts of them (examined job by job)
     GET    /api/v1/messages/<queue id>          envelope, header section, jobs and their history
     DELETE /api/v1/messages/<queue id>          delete
     POST   /api/v1/messages/<queue id>/bounce   return to the sender with a DSN
     POST   /api/v1/messages/<queue id>/requeue  try deferred and failed recipients again now
     GET    /api/v1/audit?limit=                 the newest changes
+    POST   /api/v1/bulk                         {"action": "delete"|"bounce"|"requeue", "filter": {...}}
+    GET    /api/v1/bulk                         the newest bulk actions and their progress
+    GET    /api/v1/bulk/<id>                    one bulk action's progress
+    DELETE /api/v1/bulk/<id>                    stop it (what is done stays done)
+
+Listing and search come a page at a time in acceptance order: each answer
+has ``next_cursor`` (``null`` at the end), which the next request passes as
+``cursor``. No Redis call examines more than ``PAGE_BUDGET`` jobs; a request
+makes at most ``PAGE_CALLS`` of them, so a page of a search that matches
+rarely can hold fewer than ``limit`` messages and still have a next cursor.
 """
 
 from __future__ import annotations
@@ -38,7 +50,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from relayx.config import DomainConfig, parse_duration, parse_route
-from relayx.interfaces import IQueueAdmin, QueueCounts, StoreUnavailable
+from relayx.interfaces import IBulkActions, IQueueAdmin, QueueCounts, StoreUnavailable
+from relayx.ops.bulk import ACTIONS
 from relayx.queue.states import JobState
 
 log = Logger()
@@ -46,6 +59,13 @@ log = Logger()
 STATES = tuple(str(state) for state in JobState)
 MAX_PAGE = 500
 MAX_BODY = 64 * 1024
+#: most jobs one Redis call of a listing examines, and most such calls per request
+PAGE_BUDGET = 300
+PAGE_CALLS = 10
+#: the filter's names in a query string or a bulk action: exact ones, parts, the rest
+EXACT = ("sender", "recipient", "message_id")
+PARTS = ("sender_has", "recipient_has", "subject_has")
+FILTERS = ("domain", *EXACT, *PARTS, "state", "older_than", "newer_than")
 
 
 class APIError(Exception):
@@ -101,6 +121,7 @@ class AdminAPI(Resource):
         self,
         *,
         queue: IQueueAdmin,
+        bulk: IBulkActions,
         domains: Sequence[DomainConfig],
         tokens: Sequence[tuple[str, str]],
         clock: IReactorTime,
@@ -108,6 +129,7 @@ class AdminAPI(Resource):
     ) -> None:
         super().__init__()
         self.queue = queue
+        self.bulk = bulk
         self.domains = {d.name: d for d in domains}
         self.tokens = tokens
         self.clock = clock
@@ -162,6 +184,8 @@ class AdminAPI(Resource):
                 return await self._summary(domain, now)
             if len(rest) == 2 and method == "POST":
                 return await self._domain_change(domain, rest[1], _json_body(request), now, who)
+        if kind == "bulk":
+            return await self._bulk(method, rest, _json_body(request) if method == "POST" else {}, now, who)
         if kind == "messages":
             if not rest and method == "GET":
                 return await self._messages(request, now)
@@ -267,30 +291,67 @@ class AdminAPI(Resource):
             return {"domain": domain, "routes": list(parsed)}
         raise APIError(404, f"no action {action!r}; expected hold, release, flush or route")
 
-    async def _messages(self, request: Request, now: float) -> dict[str, Any]:
-        args = {k.decode(): v[0].decode("utf-8", "replace") for k, v in (request.args or {}).items() if v}
-        unknown = set(args) - {"domain", "sender", "recipient", "state", "older_than", "newer_than", "offset", "limit"}
+    def _search(self, args: Mapping[str, object], now: float) -> tuple[list[str], dict[str, object]]:
+        """
+        The queues and the page.lua filter that a query string's or a bulk
+        action's filter names.
+        """
+        unknown = set(args) - set(FILTERS)
         if unknown:
-            raise APIError(400, f"unknown parameter {sorted(unknown)[0]!r}")
-        if "domain" in args:
-            queues = self.domains[self._domain(args["domain"])].queues()
+            raise APIError(400, f"unknown filter {sorted(unknown)[0]!r}; expected {', '.join(FILTERS)}")
+        for name, value in args.items():
+            if not isinstance(value, str):
+                raise APIError(400, f"{name}: expected a string")
+        text = {name: str(value) for name, value in args.items()}
+        if text.get("domain"):
+            queues = self.domains[self._domain(text["domain"])].queues()
         else:
             queues = [q for d in self.domains.values() for q in d.queues()]
         search: dict[str, object] = {}
-        for name in ("sender", "recipient"):
-            if args.get(name):
-                search[name] = args[name]
-        if "state" in args:
-            if args["state"] not in STATES:
+        for name in EXACT:
+            if name in text:
+                value = text[name].strip().lower()
+                if name == "sender" and value == "<>":
+                    value = ""
+                if name == "message_id":
+                    value = value.strip("<>").strip()
+                if not value and name != "sender":
+                    raise APIError(400, f"{name}: expected an address or id, got nothing")
+                search[name] = value
+        for name in PARTS:
+            if text.get(name):
+                search[name] = text[name].lower()
+        if "state" in text:
+            if text["state"] not in STATES:
                 raise APIError(400, f"state: expected one of {', '.join(STATES)}")
-            search["state"] = args["state"]
-        if "older_than" in args:
-            search["before"] = int((now - _seconds(args, "older_than")) * 1000)
-        if "newer_than" in args:
-            search["after"] = int((now - _seconds(args, "newer_than")) * 1000)
-        offset = _int_arg(request, "offset", 0, 0, 10**9)
+            search["state"] = text["state"]
+        if "older_than" in text:
+            search["before"] = int((now - _seconds(text, "older_than")) * 1000)
+        if "newer_than" in text:
+            search["after"] = int((now - _seconds(text, "newer_than")) * 1000)
+        return queues, search
+
+    async def _messages(self, request: Request, now: float) -> dict[str, Any]:
+        args = {k.decode(): v[0].decode("utf-8", "replace") for k, v in (request.args or {}).items() if v}
+        for name in ("offset",):
+            if name in args:
+                raise APIError(400, "offset: pages now go by cursor; pass the answer's next_cursor as cursor")
+        filters = {k: v for k, v in args.items() if k not in ("cursor", "limit")}
+        unknown = set(filters) - set(FILTERS)
+        if unknown:
+            raise APIError(400, f"unknown parameter {sorted(unknown)[0]!r}")
+        queues, search = self._search(filters, now)
+        cursor = _int_arg(request, "cursor", 0, 0, 2**53)
         limit = _int_arg(request, "limit", 50, 1, MAX_PAGE)
-        found = await self.queue.jobs(queues, search, offset, limit, now)
+        jobs: list[dict[str, Any]] = []
+        examined, more, position = 0, True, cursor
+        for _ in range(PAGE_CALLS):
+            found = await self.queue.page(queues, search, position, limit - len(jobs), now, budget=PAGE_BUDGET)
+            jobs += found["jobs"]
+            examined += int(found["examined"])
+            position, more = int(found["cursor"]), bool(found["more"])
+            if not more or len(jobs) >= limit:
+                break
         rows = [
             {
                 "queue_id": job["qid"],
@@ -298,6 +359,7 @@ class AdminAPI(Resource):
                 "domain": job["domain"],
                 "state": job["state"],
                 "sender": job["sender"],
+                "subject": job["subject"],
                 "recipients": job["rcpts"],
                 "owed": job["owed"],
                 "received": job["created"] / 1000,
@@ -305,15 +367,55 @@ class AdminAPI(Resource):
                 "attempts": job["attempts"],
                 "error": job["error"],
             }
-            for job in found["jobs"]
+            for job in jobs
         ]
-        following = offset + len(rows)
-        return {
-            "total": found["total"],
-            "offset": offset,
+        answer: dict[str, Any] = {
+            "cursor": cursor,
             "messages": rows,
-            "next_offset": following if following < found["total"] else None,
+            "next_cursor": position if more else None,
+            "examined": examined,
         }
+        if not search:
+            answer["total"] = (await self.queue.counts(queues, now))["total"]
+        return answer
+
+    async def _bulk(self, method: str, rest: list[str], body: Mapping[str, Any], now: float, who: str) -> Any:
+        if not rest and method == "GET":
+            return {"bulk": await self.bulk.bulks(50)}
+        if not rest and method == "POST":
+            action = body.get("action")
+            if action not in ACTIONS:
+                raise APIError(400, f"action: expected one of {', '.join(ACTIONS)}")
+            unknown = set(body) - {"action", "filter"}
+            if unknown:
+                raise APIError(400, f"unknown field {sorted(unknown)[0]!r}; expected action and filter")
+            given = body.get("filter")
+            if not isinstance(given, dict) or not given:
+                raise APIError(400, "filter: expected an object with at least one of " + ", ".join(FILTERS))
+            queues, search = self._search(given, now)
+            first = await self.queue.page(queues, search, 0, 1, now, budget=PAGE_BUDGET)
+            if not first["jobs"] and not first["more"]:
+                return {
+                    "id": None,
+                    "action": action,
+                    "state": "done",
+                    "matched": 0,
+                    "message": "nothing in the queue matches the filter; nothing was changed",
+                }
+            bulk_id = await self.bulk.bulk_start(str(action), queues, search, now, who)
+            return await self.bulk.bulk(bulk_id)
+        if len(rest) == 1:
+            found = await self.bulk.bulk(rest[0])
+            if found is None:
+                raise APIError(404, f"no bulk action {rest[0]}")
+            if method == "GET":
+                return found
+            if method == "DELETE":
+                stopped = await self.bulk.bulk_cancel(rest[0], now, who)
+                return {**(await self.bulk.bulk(rest[0]) or found), "stopped": stopped}
+        raise APIError(
+            404 if method in ("GET", "POST", "DELETE") else 405, f"no {method} /api/v1/bulk/{'/'.join(rest)}"
+        )
 
 
 def _json_body(request: Request) -> Mapping[str, Any]:

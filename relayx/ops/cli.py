@@ -1,6 +1,7 @@
 """
 ``relayx nodes|status|hold|release|route|audit|check-queue``: operate the
-cluster's queue from a shell.
+cluster's queue from a shell; ``relayx check``: check a configuration and
+what it points at.
 
 These talk to the queue's Redis directly (the node's configuration says
 where; for an embedded Redis, the port its node recorded in the data
@@ -11,21 +12,26 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import json
+import os
 import socket
+import ssl
 import sys
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from twisted.internet.task import react
 
 from relayx.config import Config, ConfigError, load, parse_route
+from relayx.dns import dns_lookup, dns_lookup_mx
 from relayx.interfaces import QueueCounts
+from relayx.ops import check, preflight
 from relayx.queue.redis import CheckReport, RedisQueue
 from relayx.redis.connection import open_redis
 from relayx.redis.embedded import EmbeddedRedis
 
-COMMANDS = ("nodes", "status", "hold", "release", "route", "audit", "check-queue")
+COMMANDS = ("nodes", "status", "hold", "release", "route", "audit", "check-queue", "check", "preflight")
 
 
 def _when(text: str) -> float:
@@ -65,6 +71,10 @@ def _parser(command: str) -> argparse.ArgumentParser:
     if command == "hold":
         parser.add_argument("--from", dest="start", type=_when, help="start of a scheduled hold (ISO 8601)")
         parser.add_argument("--until", dest="end", type=_when, help="end of the hold (ISO 8601)")
+    if command in ("check", "preflight"):
+        parser.add_argument("--json", action="store_true", help="the findings as a JSON array")
+    if command == "preflight":
+        parser.add_argument("domain")
     if command == "release":
         parser.add_argument("--rate", type=float, default=0.0, help="drain the backlog at this many messages/s")
     return parser
@@ -84,7 +94,70 @@ async def _queue(reactor: Any, config: Config) -> RedisQueue:
     return RedisQueue.configured(redis, config)
 
 
+async def _check(reactor: Any, options: argparse.Namespace, config: Config) -> None:
+    """
+    ``relayx check``: the findings, and exit status 1 when any is an error.
+    """
+    findings = check.check_files(config, datetime.now(UTC), os.geteuid() == 0)
+    if config.redis.embedded and EmbeddedRedis.recorded_port(config.node.data_dir) is None:
+        findings.append(check.Finding(check.Level.OK, "redis", "embedded Redis: started by the node (AOF always)"))
+    else:
+        try:
+            queue = await _queue(reactor, config)
+        except ConfigError as e:
+            findings.append(check.Finding(check.Level.ERROR, "redis", str(e), "start Redis, or fix [redis]"))
+        else:
+            try:
+                findings += await check.check_redis(queue.redis, config)
+            finally:
+                await queue.redis.disconnect()
+    print(json.dumps([f.as_json() for f in findings], indent=2) if options.json else check.render(findings))
+    if any(f.level is check.Level.ERROR for f in findings):
+        raise SystemExit(1)
+
+
+async def _preflight(reactor: Any, options: argparse.Namespace, config: Config) -> None:
+    """
+    ``relayx preflight DOMAIN``: the checklist, and exit status 1 when any
+    item is an error.
+    """
+    domain = config.domain(options.domain)
+    if domain is None:
+        print(f"relayx preflight: {options.domain} is not a domain of {config.source}", file=sys.stderr)
+        raise SystemExit(2)
+    names = {config.node.hostname}
+    try:
+        queue = await _queue(reactor, config)
+    except ConfigError:
+        pass  # the cluster's other nodes are unknown without Redis; this node's name is enough
+    else:
+        try:
+            names |= {node.hostname for node in await queue.nodes(time.time(), 3 * config.queue.heartbeat)}
+        finally:
+            await queue.redis.disconnect()
+    d = config.delivery
+    lookup = dns_lookup(d.nameservers, d.connect_timeout)
+    findings = await preflight.preflight(
+        domain,
+        sorted(names),
+        lookup=lookup,
+        lookup_mx=dns_lookup_mx(d.nameservers, d.connect_timeout),
+        probe=preflight.make_probe(d.helo_name, d.connect_timeout),
+        fetch_policy=preflight.make_fetch(lookup, ssl.create_default_context(), d.connect_timeout),
+        mx_port=d.mx_port,
+    )
+    print(json.dumps([f.as_json() for f in findings], indent=2) if options.json else check.render(findings))
+    if any(f.level is check.Level.ERROR for f in findings):
+        raise SystemExit(1)
+
+
 async def _run(reactor: Any, command: str, options: argparse.Namespace, config: Config) -> None:
+    if command == "check":
+        await _check(reactor, options, config)
+        return
+    if command == "preflight":
+        await _preflight(reactor, options, config)
+        return
     queue = await _queue(reactor, config)
     now = time.time()
     try:
@@ -178,6 +251,8 @@ def main(command: str, argv: list[str]) -> None:
     async def run(reactor: Any) -> None:
         try:
             await _run(reactor, command, options, config)
+        except SystemExit:
+            raise
         except Exception as e:
             print(f"relayx {command}: {e}", file=sys.stderr)
             raise SystemExit(1) from None

@@ -62,7 +62,7 @@ class _MetricsPage(Resource):
             except Exception as e:
                 log.warn("metrics refresh failed: {why}", why=repr(e))
             request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
-            request.write(generate_latest(self._metrics.registry))
+            request.write(generate_latest(self._metrics.exposition))
             request.finish()
 
         Deferred.fromCoroutine(render())

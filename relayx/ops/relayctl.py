@@ -153,6 +153,66 @@ def watch(
         sleep(interval)
 
 
+FILTERS = (
+    "domain",
+    "sender",
+    "recipient",
+    "message_id",
+    "sender_has",
+    "recipient_has",
+    "subject_has",
+    "state",
+    "older_than",
+    "newer_than",
+)
+
+
+def _filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--domain")
+    parser.add_argument("--sender", help="the sender's address, exactly (<> for the null sender)")
+    parser.add_argument("--recipient", help="a recipient's address, exactly")
+    parser.add_argument("--message-id", help="the Message-ID, exactly (with or without <>)")
+    parser.add_argument("--sender-has", help="part of the sender's address")
+    parser.add_argument("--recipient-has", help="part of a recipient's address")
+    parser.add_argument("--subject-has", help="part of the subject")
+    parser.add_argument("--state", choices=[str(state) for state in JobState])
+    parser.add_argument("--older-than", help="e.g. 2h")
+    parser.add_argument("--newer-than", help="e.g. 30m")
+
+
+def _filter(options: argparse.Namespace) -> dict[str, str]:
+    return {name: getattr(options, name) for name in FILTERS if getattr(options, name) is not None}
+
+
+def watch_bulk(
+    api: Client,
+    bulk_id: str,
+    out: TextIO,
+    interval: float = 1.0,
+    timeout: float = 3600.0,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> dict[str, Any]:
+    """
+    Show a bulk action's progress until it is no longer running, or ``timeout`` passes.
+    """
+    deadline = clock() + timeout
+    while True:
+        state = api("GET", f"bulk/{bulk_id}")
+        out.write(
+            f"\r{state['state']}: {state['examined']} examined, {state['matched']} matched, "
+            f"{state['acted']} message(s) changed"
+        )
+        out.flush()
+        if state["state"] != "running":
+            out.write("\n")
+            return dict(state)
+        if clock() > deadline:
+            out.write("\n")
+            raise Failure(f"bulk action {bulk_id} still running after {timeout:g}s")
+        sleep(interval)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relayctl", description="Operate a relayx cluster over its admin API.")
     parser.add_argument("--url", default=os.environ.get("RELAYCTL_URL", DEFAULT_URL), help="the admin API's address")
@@ -177,15 +237,18 @@ def _parser() -> argparse.ArgumentParser:
     route.add_argument("domain")
     route.add_argument("routes", nargs="*", help="smtp://host:port (several: tried in order) or mx")
     route.add_argument("--reset", action="store_true", help="go back to the configured routes")
-    messages = verbs.add_parser("messages", help="list and search queued messages")
-    messages.add_argument("--domain")
-    messages.add_argument("--sender", help="part of the sender's address")
-    messages.add_argument("--recipient", help="part of a recipient's address")
-    messages.add_argument("--state", choices=[str(state) for state in JobState])
-    messages.add_argument("--older-than", help="e.g. 2h")
-    messages.add_argument("--newer-than", help="e.g. 30m")
-    messages.add_argument("--offset", type=int, default=0)
+    messages = verbs.add_parser("messages", help="list and search queued messages, a page at a time")
+    _filters(messages)
+    messages.add_argument("--cursor", type=int, default=0, help="continue from a page's next cursor")
     messages.add_argument("--limit", type=int, default=50)
+    bulk = verbs.add_parser("bulk", help="delete, bounce or requeue every message matching a filter")
+    bulk.add_argument("action", choices=["delete", "bounce", "requeue"])
+    _filters(bulk)
+    bulk.add_argument("--watch", action="store_true", help="show its progress until it is done")
+    bulk.add_argument("--timeout", type=float, default=3600.0, help="how long --watch waits (seconds)")
+    status = verbs.add_parser("bulk-status", help="the bulk actions and their progress")
+    status.add_argument("bulk_id", nargs="?")
+    verbs.add_parser("bulk-cancel", help="stop a running bulk action").add_argument("bulk_id")
     for name, what in (
         ("show", "one message: envelope, header and delivery history"),
         ("delete", "delete a message"),
@@ -217,18 +280,16 @@ def run(options: argparse.Namespace, api: Client, out: TextIO) -> None:
     elif verb == "route":
         answer = api("POST", f"domains/{options.domain}/route", {"routes": options.routes or None})
     elif verb == "messages":
-        answer = api(
-            "GET",
-            "messages",
-            domain=options.domain,
-            sender=options.sender,
-            recipient=options.recipient,
-            state=options.state,
-            older_than=options.older_than,
-            newer_than=options.newer_than,
-            offset=options.offset,
-            limit=options.limit,
-        )
+        answer = api("GET", "messages", cursor=options.cursor or None, limit=options.limit, **_filter(options))
+    elif verb == "bulk":
+        given = _filter(options)
+        if not given:
+            raise Failure("give a filter (--domain, --sender, ...); a bulk action never means everything by default")
+        answer = api("POST", "bulk", {"action": options.action, "filter": given})
+    elif verb == "bulk-status":
+        answer = api("GET", f"bulk/{options.bulk_id}") if options.bulk_id else api("GET", "bulk")
+    elif verb == "bulk-cancel":
+        answer = api("DELETE", f"bulk/{options.bulk_id}")
     elif verb == "show":
         answer = api("GET", f"messages/{options.queue_id}")
     elif verb == "delete":
@@ -243,6 +304,8 @@ def run(options: argparse.Namespace, api: Client, out: TextIO) -> None:
         _print(verb, answer, out)
     if verb == "release" and options.watch:
         watch(api, options.domain, sys.stderr if options.json else out, timeout=options.timeout)
+    if verb == "bulk" and options.watch and answer.get("id"):
+        watch_bulk(api, answer["id"], sys.stderr if options.json else out, timeout=options.timeout)
 
 
 def _print(verb: str, answer: Any, out: TextIO) -> None:
@@ -280,9 +343,29 @@ def _print(verb: str, answer: Any, out: TextIO) -> None:
             for m in answer["messages"]
         ]
         table(out, ["QUEUE ID", "DOMAIN", "STATE", "SENDER", "RECIPIENTS", "AGE", "TRIES", "LAST ERROR"], rows)
-        shown = answer["offset"] + len(rows)
-        if answer["next_offset"] is not None:
-            out.write(f"({answer['offset'] + 1}-{shown} of {answer['total']}; next: --offset {shown})\n")
+        if answer["next_cursor"] is not None:
+            out.write(f"(more: --cursor {answer['next_cursor']})\n")
+        elif not rows:
+            out.write("no queued message matches\n")
+    elif verb in ("bulk", "bulk-status", "bulk-cancel"):
+        if answer.get("id") is None and "bulk" not in answer:
+            out.write(f"{answer['message']}\n")
+            return
+        actions = answer["bulk"] if "bulk" in answer else [answer]
+        rows = [
+            [
+                b["id"],
+                b["action"],
+                b["state"],
+                " ".join(f"{k}={v}" for k, v in b["filter"].items()) or "(whole domain)",
+                b["examined"],
+                b["matched"],
+                b["acted"],
+                b["who"],
+            ]
+            for b in actions
+        ]
+        table(out, ["ID", "ACTION", "STATE", "FILTER", "EXAMINED", "MATCHED", "CHANGED", "WHO"], rows)
     elif verb == "show":
         received = datetime.fromtimestamp(answer["received"]).isoformat(timespec="seconds")
         out.write(

@@ -20,7 +20,8 @@
 --                   location), bytes (the sizes of its jobs' messages), v (how
 --                   many changes so far: a repair's compare-and-set)
 --   <p>:q:<q>       zset jid -> seq: every job of the queue, any location, in
---                   acceptance order; its head is the queue's oldest job
+--                   acceptance order (a search index too, below); its head is
+--                   the queue's oldest job
 --   <p>:queues      set of every queue that has had a job (and a count hash)
 --   <p>:totals      hash: messages, bytes (each message once), jobs, v (changes)
 -- A message's size is its "size" field (older messages: its body's length).
@@ -105,17 +106,60 @@ local function move(prefix, jid, queue, from, to, score)
   redis.call('HINCRBY', counts, 'v', 1)
 end
 
--- The size counted for a message (its "size" field; before counters, its body's length).
+-- Search indexes, kept for every job while its hash exists (all zsets jid -> seq):
+--   <p>:q:<queue>          every job of a delivery queue, in acceptance order
+--   <p>:ix:from:<sender>   jobs by their message's sender (lower case; "" for <>)
+--   <p>:ix:rcpt:<address>  jobs by each of their recipients (lower case)
+--   <p>:ix:mid:<id>        jobs by their message's Message-ID (lower case, no <>)
+-- index_job adds a job (add_job); unindex_job removes it and must be called
+-- just before its hash is deleted (it reads the job and its message): retire_job.
+-- Cost: one ZADD/ZREM per recipient of the job, plus three.
+local function index_job(prefix, jid, seq, queue, sender, mid, rcpts)
+  redis.call('ZADD', prefix .. ':q:' .. queue, seq, jid)
+  redis.call('ZADD', prefix .. ':ix:from:' .. string.lower(sender), seq, jid)
+  if mid and mid ~= '' then redis.call('ZADD', prefix .. ':ix:mid:' .. mid, seq, jid) end
+  for _, rcpt in ipairs(cjson.decode(rcpts)) do
+    redis.call('ZADD', prefix .. ':ix:rcpt:' .. string.lower(rcpt), seq, jid)
+  end
+end
+
+local function unindex_job(prefix, jid)
+  local job = redis.call('HMGET', prefix .. ':job:' .. jid, 'domain', 'rcpts', 'qid')
+  if not job[1] then return end
+  local msg = redis.call('HMGET', prefix .. ':msg:' .. job[3], 'sender', 'mid')
+  redis.call('ZREM', prefix .. ':q:' .. job[1], jid)
+  redis.call('ZREM', prefix .. ':ix:from:' .. string.lower(msg[1] or ''), jid)
+  if msg[2] and msg[2] ~= '' then redis.call('ZREM', prefix .. ':ix:mid:' .. msg[2], jid) end
+  for _, rcpt in ipairs(cjson.decode(job[2])) do
+    redis.call('ZREM', prefix .. ':ix:rcpt:' .. string.lower(rcpt), jid)
+  end
+end
+
+-- A message's size from its hash's "body" field: the body's length, or the
+-- size a body store's stub records (relayx/queue/bodyref.py: a NUL, "relayx-body ",
+-- the reference, a space, the size, CRLF, then the header section).
+local function body_size(body)
+  if string.byte(body, 1) == 0 and string.sub(body, 2, 13) == 'relayx-body ' then
+    local stop = string.find(body, '\r\n', 1, true) or (#body + 1)
+    local size = string.match(string.sub(body, 14, stop - 1), ' (%d+)$')
+    if size then return tonumber(size) end
+  end
+  return #body
+end
+
+-- The size counted for a message: its "size" field (messages from before
+-- counters: read from its body field).
 local function message_size(msg_key)
   local size = redis.call('HGET', msg_key, 'size')
   if size then return tonumber(size) end
-  return redis.call('HSTRLEN', msg_key, 'body')
+  return body_size(redis.call('HGET', msg_key, 'body') or '')
 end
 
 -- A new job (its hash written) enters its queue, ready: counters, the queue's
--- acceptance index and the totals. Cost: O(1) writes.
-local function add_job(prefix, jid, queue, seq, size)
-  redis.call('ZADD', prefix .. ':q:' .. queue, seq, jid)
+-- acceptance index and the search indexes (index_job), the totals.
+-- Cost: O(1) writes, plus one per recipient (index_job).
+local function add_job(prefix, jid, queue, seq, size, sender, mid, rcpts)
+  index_job(prefix, jid, seq, queue, sender, mid, rcpts)
   redis.call('SADD', prefix .. ':queues', queue)
   redis.call('HINCRBY', prefix .. ':count:' .. queue, 'bytes', size)
   redis.call('HINCRBY', prefix .. ':totals', 'jobs', 1)
@@ -131,7 +175,7 @@ local function retire_job(prefix, jid, queue, from)
   local msg = prefix .. ':msg:' .. (redis.call('HGET', job, 'qid') or '')
   local size = message_size(msg)
   move(prefix, jid, queue, from, nil)
-  redis.call('ZREM', prefix .. ':q:' .. queue, jid)
+  unindex_job(prefix, jid)
   redis.call('HINCRBY', prefix .. ':count:' .. queue, 'bytes', -size)
   redis.call('HINCRBY', prefix .. ':totals', 'jobs', -1)
   redis.call('HINCRBY', prefix .. ':totals', 'v', 1)
@@ -176,17 +220,21 @@ end
 -- Store a message and one delivery job per destination domain (pairs: domain,
 -- JSON array of recipients, ...). Each job records its domain's held time at
 -- acceptance (held_base), so that time held later does not count against its
--- retention. Returns the number of jobs, or an error if the queue id is taken.
--- Cost: O(jobs of the message) writes.
-local function enqueue_message(prefix, seq_key, domains_key, msg_key, qid, now, sender, body, pairs)
+-- retention. `mid` and `subject` (optional) are the header's Message-ID (lower
+-- case, no <>) and Subject, for search. Returns the number of jobs, or an
+-- error if the queue id is taken. Cost: O(jobs of the message) writes.
+local function enqueue_message(prefix, seq_key, domains_key, msg_key, qid, now, sender, body, pairs, mid, subject)
   if redis.call('EXISTS', msg_key) == 1 then
     return redis.error_reply('DUPLICATE queue id ' .. qid)
   end
   local njobs = #pairs / 2
+  local size = body_size(body)
   redis.call('HSET', msg_key, 'sender', sender, 'body', body, 'received', now, 'jobs', njobs, 'njobs', njobs,
-    'size', #body)
+    'size', size)
+  if mid and mid ~= '' then redis.call('HSET', msg_key, 'mid', mid) end
+  if subject and subject ~= '' then redis.call('HSET', msg_key, 'subject', subject) end
   redis.call('HINCRBY', prefix .. ':totals', 'messages', 1)
-  redis.call('HINCRBY', prefix .. ':totals', 'bytes', #body)
+  redis.call('HINCRBY', prefix .. ':totals', 'bytes', size)
   redis.call('HINCRBY', prefix .. ':totals', 'v', 1)
   for i = 1, njobs do
     local domain, rcpts = pairs[2 * i - 1], pairs[2 * i]
@@ -196,7 +244,7 @@ local function enqueue_message(prefix, seq_key, domains_key, msg_key, qid, now, 
     redis.call('HSET', prefix .. ':job:' .. jid,
       'qid', qid, 'domain', domain, 'rcpts', rcpts, 'owed', rcpts, 'failed', '[]',
       'seq', seq, 'created', now, 'held_base', held_base, 'attempts', 0, 'token', 0)
-    add_job(prefix, jid, domain, seq, #body)
+    add_job(prefix, jid, domain, seq, size, sender, mid, rcpts)
   end
   return njobs
 end

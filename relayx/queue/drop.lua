@@ -11,7 +11,7 @@
 -- ARGV[2]  queue id
 -- ARGV[3]  now (ms)
 -- ARGV[4]  "delete" or "bounce"
--- ARGV[5]  the audit record (JSON)
+-- ARGV[5]  the audit record (JSON; "" in a bulk action's steps)
 -- ARGV[6]  how many audit records to keep
 -- Returns the number of jobs dropped (0: no such message).
 --

@@ -8,19 +8,23 @@
 -- ARGV[3]  now, milliseconds since the epoch
 -- ARGV[4]  sender ("" for the null reverse-path)
 -- ARGV[5]  body, as stored
--- ARGV[6], ARGV[7], ...  pairs of destination domain and its recipients (JSON array)
+-- ARGV[6]  the header's Message-ID (lower case, without <>; "" if none), for search
+-- ARGV[7]  the header's Subject ("" if none), for search
+-- ARGV[8], ARGV[9], ...  pairs of destination domain and its recipients (JSON array)
 --
 -- Invariant: every job hash <p>:job:<jid> is in exactly one of <p>:ready:<domain>,
 -- <p>:deferred, <p>:leased (and <p>:inflight:<domain>) or <p>:failed, and the
 -- message's "jobs" field counts the job hashes that still exist. A job records
 -- its domain's held time at acceptance (held_base), so that time held later
 -- does not count against its retention. Each job enters through add_job
--- (common.lua), which keeps the counters, the queue's <p>:q:<queue> and the totals.
+-- (common.lua), which keeps the counters, its queue's <p>:q:<queue> and the
+-- search indexes, and the totals.
 --
 -- Cost bound: O(1) keys per destination queue of the message (its domains and
--- their copies), O(log n) writes; independent of the queue's depth.
+-- their copies) plus one per recipient, O(log n) writes; independent of the depth.
 -- Per-domain keys are built from the prefix: standalone or Sentinel Redis, not Redis Cluster.
 
 local pairs_ = {}
-for i = 6, #ARGV do pairs_[#pairs_ + 1] = ARGV[i] end
-return enqueue_message(ARGV[1], KEYS[1], KEYS[2], KEYS[3], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], pairs_)
+for i = 8, #ARGV do pairs_[#pairs_ + 1] = ARGV[i] end
+return enqueue_message(ARGV[1], KEYS[1], KEYS[2], KEYS[3], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], pairs_,
+  ARGV[6], ARGV[7])

@@ -21,9 +21,12 @@ from zope.interface import implementer
 
 from relayx.config import Config
 from relayx.interfaces import (
+    BodyNotFound,
     Claim,
     DomainState,
     FailedJob,
+    IBodyStore,
+    IBulkActions,
     IDeliveryQueue,
     IFailedJobs,
     IMessageStore,
@@ -39,7 +42,8 @@ from relayx.interfaces import (
     StoreUnavailable,
     Throttle,
 )
-from relayx.message import header_section
+from relayx.message import header_section, search_fields
+from relayx.queue.bodyref import make_stub, read_stub
 from relayx.queue.states import held_at
 from relayx.redis.connection import RedisConnection
 from relayx.redis.scripts import Script, load_script
@@ -55,6 +59,14 @@ FLUSH_BATCH = 500
 CHECK_BATCH = 100
 #: the counted fields of a queue's <p>:count:<q>, as common.lua defines them
 COUNTED = ("ready", "in_flight", "deferred", "failed", "bytes")
+#: most jobs one listing or search call to Redis examines (~20 us each: a few ms)
+PAGE_BUDGET = 300
+#: how far nodes' clocks may disagree (acceptance order is time order within this)
+CLOCK_SKEW = 5.0
+#: bulk actions kept for operators to read (running ones are always kept)
+BULK_KEPT = 100
+#: body references remembered from load to settle (a bound in case leases are lost)
+REFS_KEPT = 10000
 
 
 def _ms(seconds: float) -> int:
@@ -74,6 +86,14 @@ def _lists(job: dict[str, Any]) -> dict[str, Any]:
         if job.get(name) == {}:
             job[name] = []
     return job
+
+
+def _headers(stored: bytes) -> bytes:
+    """
+    The header section of a message hash's ``body`` field: a body's, or a stub's.
+    """
+    stub = read_stub(stored)
+    return header_section(stored) if stub is None else stub.headers
 
 
 def _throttle(t: Throttle) -> str:
@@ -116,7 +136,7 @@ class CheckReport:
         return not self.differences and not self.problems
 
 
-@implementer(IMessageStore, IDeliveryQueue, IQueueAdmin, IRecipientCache, IFailedJobs)
+@implementer(IMessageStore, IDeliveryQueue, IQueueAdmin, IBulkActions, IRecipientCache, IFailedJobs)
 class RedisQueue:
     """
     Messages, jobs and leases under ``prefix`` in one Redis database.
@@ -136,7 +156,10 @@ class RedisQueue:
     _FLUSH = load_script("relayx.queue", "flush.lua", prelude=True)
     _DROP = load_script("relayx.queue", "drop.lua", prelude=True)
     _REQUEUE = load_script("relayx.queue", "requeue.lua", prelude=True)
-    _JOBS = load_script("relayx.queue", "jobs.lua", prelude=True)
+    _PAGE = load_script("relayx.queue", "page.lua", prelude=True)
+    _BULK_START = load_script("relayx.queue", "bulk_start.lua", prelude=True)
+    _BULK_STEP = load_script("relayx.queue", "bulk_step.lua")
+    _BULK_CANCEL = load_script("relayx.queue", "bulk_cancel.lua", prelude=True)
     _MESSAGE = load_script("relayx.queue", "message.lua", prelude=True)
     _SUMMARY = load_script("relayx.queue", "summary.lua", prelude=True)
     _TALLY = load_script("relayx.queue", "tally.lua", prelude=True)
@@ -156,6 +179,7 @@ class RedisQueue:
         copies: Mapping[str, int] | None = None,
         delay_warning: float = 0.0,
         flush_batch: int = FLUSH_BATCH,
+        bodies: IBodyStore | None = None,
     ) -> None:
         self.redis = redis
         self.prefix = prefix
@@ -168,9 +192,13 @@ class RedisQueue:
         self.copies = dict(copies or {})
         self.delay_warning = delay_warning
         self.flush_batch = flush_batch
+        #: where bodies go (``None``: in the message hashes, as before body stores)
+        self.bodies = bodies
+        #: the body reference of each job loaded and not yet settled
+        self._refs: dict[str, str] = {}
 
     @classmethod
-    def configured(cls, redis: RedisConnection, config: Config) -> RedisQueue:
+    def configured(cls, redis: RedisConnection, config: Config, bodies: IBodyStore | None = None) -> RedisQueue:
         """
         The queue as ``[redis]`` and ``[queue]`` describe it.
         """
@@ -185,18 +213,25 @@ class RedisQueue:
             replication=Replication(r.replicas, r.replication_timeout) if r.durability == "replicated" else None,
             copies={d.name: len(d.copy_to) for d in config.domains if d.copy_to},
             delay_warning=q.delay_warning,
+            bodies=bodies,
         )
 
     def key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
 
     async def enqueue(self, message: IncomingMessage) -> None:
+        body = message.body
+        if self.bodies is not None:
+            # the body is durable before its message can be: a failure after
+            # this leaves an orphan for the sweep, never a message without a body
+            body = make_stub(await self.bodies.put(message.queue_id, body), body)
         args: list[object] = [
             self.prefix,
             message.queue_id,
             _ms(message.received_at),
             message.sender,
-            message.body,
+            body,
+            *search_fields(message.body),
         ]
         for domain, rcpts in message.by_domain().items():
             owed = json.dumps(list(rcpts))
@@ -273,7 +308,38 @@ class RedisQueue:
         sender, body = await self.redis.call("hmget", self.key("msg", lease.queue_id), ["sender", "body"])
         if body is None:
             raise StoreUnavailable(f"message {lease.queue_id} has no body in Redis")
-        return StoredMessage(sender=_text(sender), body=bytes(body))
+        stub = read_stub(bytes(body))
+        if stub is None:
+            return StoredMessage(sender=_text(sender), body=bytes(body))
+        if self.bodies is None:
+            raise StoreUnavailable(f"message {lease.queue_id}: its body is in a body store ({stub.ref}), none is set")
+        try:
+            content = await self.bodies.get(stub.ref)
+        except BodyNotFound as e:
+            raise StoreUnavailable(f"message {lease.queue_id}: {e}") from None
+        if len(self._refs) >= REFS_KEPT:
+            self._refs.pop(next(iter(self._refs)))
+        self._refs[lease.job_id] = stub.ref
+        return StoredMessage(sender=_text(sender), body=content)
+
+    async def _retire_body(self, queue_id: str, ref: str | None) -> None:
+        """
+        Delete the body of a message whose last job just retired; a failure
+        (or no reference) leaves it to the orphan sweep.
+        """
+        if ref is None or self.bodies is None:
+            return
+        try:
+            if not await self.message_exists(queue_id):
+                await self.bodies.delete(ref)
+        except StoreUnavailable as e:
+            log.warn("body of {queue_id} left for the sweep: {why}", queue_id=queue_id, why=str(e))
+
+    async def message_exists(self, queue_id: str) -> bool:
+        """
+        Whether ``queue_id`` is queued (the orphan sweep's question).
+        """
+        return bool(int(await self.redis.call("exists", self.key("msg", queue_id))))
 
     async def settle(self, lease: Lease, outcome: Outcome, now: float) -> str:
         keys = [
@@ -302,8 +368,12 @@ class RedisQueue:
             self.prefix,
             _ms(self.delay_warning),
         ]
+        ref = self._refs.pop(lease.job_id, None)
         # replicated too, so that a failover does not forget a delivery and send it again
-        return _text(await self._write(self._SETTLE, keys, args, f"settling {lease.job_id}", strict=False))
+        fate = _text(await self._write(self._SETTLE, keys, args, f"settling {lease.job_id}", strict=False))
+        if fate == "done":
+            await self._retire_body(lease.queue_id, ref)
+        return fate
 
     async def persistence_warnings(self) -> list[str]:
         """
@@ -387,7 +457,7 @@ class RedisQueue:
             if not int(left) or not int(moved):
                 return total
 
-    async def drop(self, queue_id: str, now: float, who: str, bounce: bool) -> int:
+    async def drop(self, queue_id: str, now: float, who: str, bounce: bool, audited: bool = True) -> int:
         action = "bounce" if bounce else "delete"
         keys = [
             self.key("msg", queue_id),
@@ -397,11 +467,11 @@ class RedisQueue:
             self.key("delayed"),
             self.key("audit"),
         ]
-        record = self._audit_record(now, who, action, queue_id=queue_id)
+        record = self._audit_record(now, who, action, queue_id=queue_id) if audited else ""
         args = [self.prefix, queue_id, _ms(now), action, record, AUDIT_KEPT]
         return int(await self._write(self._DROP, keys, args, f"{action} of {queue_id}", strict=True))
 
-    async def requeue(self, queue_id: str, now: float, who: str) -> int:
+    async def requeue(self, queue_id: str, now: float, who: str, audited: bool = True) -> int:
         keys = [
             self.key("msg", queue_id),
             self.key("deferred"),
@@ -409,19 +479,42 @@ class RedisQueue:
             self.key("domains"),
             self.key("audit"),
         ]
-        record = self._audit_record(now, who, "requeue", queue_id=queue_id)
+        record = self._audit_record(now, who, "requeue", queue_id=queue_id) if audited else ""
         args = [self.prefix, queue_id, record, AUDIT_KEPT]
         return int(await self._write(self._REQUEUE, keys, args, f"requeue of {queue_id}", strict=True))
 
-    async def jobs(
-        self, queues: Sequence[str], search: Mapping[str, object], offset: int, limit: int, now: float
+    async def page(
+        self,
+        queues: Sequence[str],
+        search: Mapping[str, object],
+        cursor: int,
+        limit: int,
+        now: float,
+        budget: int = PAGE_BUDGET,
     ) -> dict[str, Any]:
-        keys = [self.key("deferred"), self.key("failed")]
-        args = [self.prefix, json.dumps(list(queues)), json.dumps(dict(search)), offset, limit, _ms(now)]
-        answer: dict[str, Any] = json.loads(_text(await self.redis.script(self._JOBS, keys, args)))
+        keys = [self.key("leased"), self.key("deferred"), self.key("failed")]
+        args = [
+            self.prefix,
+            json.dumps(list(queues)),
+            json.dumps(dict(search)),
+            cursor,
+            limit,
+            budget,
+            _ms(now),
+            _ms(CLOCK_SKEW),
+        ]
+        answer: dict[str, Any] = json.loads(_text(await self.redis.script(self._PAGE, keys, args)))
         answer["jobs"] = [_lists(job) for job in answer["jobs"] or []]
-        answer["states"] = dict(answer["states"] or {})
         return answer
+
+    async def counts(self, queues: Sequence[str], now: float) -> dict[str, Any]:
+        """
+        The queues' counts added up (from the counters, as ``queue_summary``).
+        """
+        counts = sum((await self.queue_summary(queues, now)).values(), QueueCounts())
+        states = {state: n for state, n in counts.by_state().items() if n}
+        oldest = _ms(counts.oldest) if counts.oldest is not None else 0
+        return {"total": counts.total, "states": states, "oldest": oldest, "exact": True}
 
     async def message(self, queue_id: str, now: float) -> dict[str, Any] | None:
         keys = [self.key("msg", queue_id), self.key("deferred"), self.key("failed"), self.key("leased")]
@@ -430,6 +523,10 @@ class RedisQueue:
             return None
         found: dict[str, Any] = json.loads(answer)
         found["jobs"] = [_lists(job) for job in found["jobs"] or []]
+        stub = read_stub(str(found.get("header", "")).encode("utf-8", "surrogateescape"))
+        if stub is not None:
+            found["size"] = stub.size
+            found["header"] = stub.headers.decode("utf-8", "replace")
         return found
 
     async def heartbeat(self, node: str, now: float, keep: float, info: Mapping[str, str]) -> None:
@@ -618,6 +715,78 @@ class RedisQueue:
             args += [field, value]
         return bool(int(await self._write(self._RECOUNT, [key], args, f"repair of {key}", strict=True)))
 
+    # -- bulk actions (IBulkActions) ---------------------------------------
+
+    async def bulk_start(
+        self, action: str, queues: Sequence[str], search: Mapping[str, object], now: float, who: str
+    ) -> str:
+        bulk_id = f"{_ms(now):x}{self._randrange(1 << 32):08x}"
+        record = self._audit_record(now, who, f"bulk {action}", bulk=bulk_id, filter=dict(search), queues=list(queues))
+        keys = [self.key("bulk", bulk_id), self.key("bulks"), self.key("bulk", "active"), self.key("audit")]
+        args = [
+            bulk_id,
+            action,
+            json.dumps(list(queues)),
+            json.dumps(dict(search)),
+            who,
+            _ms(now),
+            record,
+            AUDIT_KEPT,
+            BULK_KEPT,
+        ]
+        await self._write(self._BULK_START, keys, args, f"bulk {action}", strict=True)
+        return bulk_id
+
+    async def bulk(self, bulk_id: str) -> dict[str, Any] | None:
+        fields = await self.redis.call("hgetall", self.key("bulk", bulk_id))
+        if not fields:
+            return None
+        raw = {_text(k): _text(v) for k, v in fields.items()}
+        found: dict[str, Any] = {
+            "id": raw["id"],
+            "action": raw["action"],
+            "queues": json.loads(raw["queues"]),
+            "filter": json.loads(raw["filter"]),
+            "who": raw["who"],
+            "state": raw["state"],
+            "created": int(raw["created"]) / 1000,
+            "updated": int(raw["updated"]) / 1000,
+            "finished": int(raw["finished"]) / 1000 if raw.get("finished") else None,
+            "cursor": int(raw["cursor"]),
+        }
+        for name in ("examined", "matched", "acted"):
+            found[name] = int(raw[name])
+        return found
+
+    async def bulks(self, limit: int) -> list[dict[str, Any]]:
+        ids = await self.redis.call("zrevrange", self.key("bulks"), 0, limit - 1)
+        found = [await self.bulk(_text(i)) for i in ids]
+        return [b for b in found if b is not None]
+
+    async def bulk_running(self) -> list[str]:
+        return sorted(_text(i) for i in await self.redis.call("smembers", self.key("bulk", "active")))
+
+    async def bulk_take(self, bulk_id: str, owner: str, ttl: float) -> bool:
+        key = self.key("bulk", "lease", bulk_id)
+        if await self.redis.call("set", key, owner, None, _ms(ttl), True):
+            return True
+        if _text(await self.redis.call("get", key) or b"") != owner:
+            return False
+        return bool(await self.redis.call("execute_command", "PEXPIRE", key, _ms(ttl)))
+
+    async def bulk_step(
+        self, bulk_id: str, owner: str, cursor: int, examined: int, matched: int, acted: int, done: bool, now: float
+    ) -> str:
+        keys = [self.key("bulk", bulk_id), self.key("bulk", "active"), self.key("bulk", "lease", bulk_id)]
+        args = [owner, cursor, examined, matched, acted, "1" if done else "0", _ms(now)]
+        return _text(await self._write(self._BULK_STEP, keys, args, f"bulk step of {bulk_id}", strict=True))
+
+    async def bulk_cancel(self, bulk_id: str, now: float, who: str) -> bool:
+        keys = [self.key("bulk", bulk_id), self.key("bulk", "active"), self.key("audit")]
+        record = self._audit_record(now, who, "bulk cancel", bulk=bulk_id)
+        args = [bulk_id, _ms(now), record, AUDIT_KEPT]
+        return bool(int(await self._write(self._BULK_CANCEL, keys, args, f"cancel of {bulk_id}", strict=True)))
+
     # -- recipient callout answers (IRecipientCache) -----------------------
 
     async def recall(self, address: str) -> tuple[bool, float] | None:
@@ -666,7 +835,7 @@ class RedisQueue:
                     sender=_text(sender or b""),
                     arrival=int(received or 0) / 1000,
                     failures=tuple((str(r), int(c), str(s), str(t)) for r, c, s, t in failures),
-                    headers=header_section(bytes(body or b"")),
+                    headers=_headers(bytes(body or b"")),
                 )
             )
         return jobs

@@ -9,7 +9,7 @@
 -- KEYS[5]  <p>:audit
 -- ARGV[1]  key prefix <p>
 -- ARGV[2]  queue id
--- ARGV[3]  the audit record (JSON)
+-- ARGV[3]  the audit record (JSON; "" in a bulk action's steps)
 -- ARGV[4]  how many audit records to keep
 -- Returns the number of jobs requeued.
 --

@@ -1,0 +1,240 @@
+"""
+``python -m bench depth``: relayx with a deep queue.
+
+One Redis (``appendfsync always``) and one node with its admin API; the
+primary is down. For each depth (0 first, then each ``--depth`` in turn), the
+queue is filled up to it through the queue's enqueue path (``bench/fill.py``,
+pipelined, not SMTP), then measured:
+
+- accept: a short burst through SMTP (``--burst`` messages, ``--sessions``),
+  messages per second and p99 of the reply to DATA;
+- Redis memory per queued message (growth of ``used_memory`` over the empty queue);
+- each operator call (domains summary, a messages page, searches, a metrics
+  scrape), its time over HTTP and the longest Redis command while it ran
+  (SLOWLOG, every command logged);
+- drain: the primary comes back (a recording sink) for ``--drain-seconds``;
+  messages delivered per second, then it goes down again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from bench.harness import ROOT, Nodes, Redis, redis_command, redis_memory, wait_port
+from relayx.redis.embedded import free_port
+
+TOKEN = "bench-depth-token-0123456789abcdef"
+ADMIN = """
+[admin]
+listen = ["tcp:{admin}:interface=127.0.0.1"]
+[admin.tokens]
+bench = "{token}"
+"""
+
+
+def http(port: int, path: str, token: str | None = TOKEN) -> tuple[float, int, bytes]:
+    """
+    One GET: milliseconds, HTTP status and body.
+    """
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", headers={"Authorization": f"Bearer {token}"} if token else {}
+    )
+    started = time.perf_counter()
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            status, body = response.status, response.read()
+    except urllib.error.HTTPError as e:
+        status, body = e.code, e.read()
+    return round((time.perf_counter() - started) * 1000, 2), status, body
+
+
+def _resp(reader: Any) -> Any:
+    """
+    One RESP reply from a socket's file, whole (``redis_command`` reads only small replies).
+    """
+    line = reader.readline()
+    kind, rest = line[:1], line[1:-2]
+    if kind in (b"+", b"-"):
+        return rest.decode("utf-8", "replace")
+    if kind == b":":
+        return int(rest)
+    if kind == b"$":
+        if int(rest) < 0:
+            return None
+        data = reader.read(int(rest) + 2)
+        return data[:-2]
+    if kind == b"*":
+        return [_resp(reader) for _ in range(max(0, int(rest)))]
+    raise RuntimeError(f"unexpected reply from Redis: {line!r}")
+
+
+def slowlog_max_us(port: int) -> tuple[int, str]:
+    """
+    The longest command in Redis's slow log (microseconds) and its name; the log is then cleared.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(b"*3\r\n$7\r\nSLOWLOG\r\n$3\r\nGET\r\n$6\r\n100000\r\n")
+        entries = _resp(s.makefile("rb"))
+    longest, name = 0, ""
+    for entry in entries:
+        if int(entry[2]) > longest:
+            longest, name = int(entry[2]), entry[3][0].decode("utf-8", "replace") if entry[3] else ""
+    redis_command(port, "SLOWLOG", "RESET")
+    return longest, name
+
+
+def operator_calls(admin: int, redis: int) -> dict[str, Any]:
+    """
+    Each operator call: its time (best and worst of three) and the longest Redis command meanwhile.
+    """
+    calls = {
+        "api_domains": "/api/v1/domains",
+        "api_domain": "/api/v1/domains/example.com",
+        "messages_page": "/api/v1/messages?domain=example.com&limit=100",
+        "messages_next_page": "/api/v1/messages?domain=example.com&limit=100&cursor=50",
+        "search_sender": "/api/v1/messages?sender=sender7@load.test&limit=50",
+        "search_recipient": "/api/v1/messages?recipient=rcpt3@example.com",
+        "search_message_id": "/api/v1/messages?message_id=3.depth@bench.test",
+        "search_subject_scan": "/api/v1/messages?subject_has=no-such-subject&limit=50",
+        "search_newer_than": "/api/v1/messages?newer_than=5s&limit=50",
+        "metrics": "/metrics",
+    }
+    result: dict[str, Any] = {}
+    for name, path in calls.items():
+        times, statuses, block = [], [], (0, "")
+        for _ in range(3):
+            slowlog_max_us(redis)
+            ms, status, _ = http(admin, path, None if name == "metrics" else TOKEN)
+            times.append(ms)
+            statuses.append(status)
+            block = max(block, slowlog_max_us(redis))
+        result[name] = {
+            "ms": min(times),
+            "ms_max": max(times),
+            "status": max(statuses),
+            "redis_longest_ms": round(block[0] / 1000, 3),
+            "redis_longest_command": block[1],
+        }
+    return result
+
+
+def fill(config: Path, start: int, count: int, size: int) -> dict[str, Any]:
+    if count <= 0:
+        return {"filled": 0, "seconds": 0.0}
+    command = [sys.executable, "-m", "bench.fill", "--config", str(config), "--start", str(start)]
+    command += ["--count", str(count), "--size", str(size)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=7200, check=True)
+    answer: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return answer
+
+
+def queued(admin: int) -> int:
+    _, _, body = http(admin, "/api/v1/domains/example.com")
+    return int(json.loads(body)["total"])
+
+
+def drain(primary: int, directory: Path, seconds: float, admin: int) -> dict[str, Any]:
+    """
+    Bring the primary up for ``seconds`` after its first delivery; the rate it receives at.
+    """
+    record = directory / f"drain-{time.time():.0f}.jsonl"
+    before = queued(admin)
+    sink = subprocess.Popen(
+        [sys.executable, "-m", "bench.sink", "--port", str(primary), "--record", str(record)],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert sink.stderr is not None
+        sink.stderr.readline()
+        up = time.monotonic()
+        first = None
+        deadline = up + seconds + 15
+        while time.monotonic() < deadline:
+            lines = record.read_text().count("\n") if record.exists() else 0
+            if lines and first is None:
+                first = time.monotonic()
+            if first is not None and time.monotonic() - first >= seconds:
+                break
+            if before and lines >= before:
+                break
+            time.sleep(0.05)
+    finally:
+        sink.terminate()
+        sink.wait(10)
+    arrivals = sorted(json.loads(line)["t"] for line in record.read_text().splitlines()) if record.exists() else []
+    span = arrivals[-1] - arrivals[0] if len(arrivals) > 1 else 0.0
+    return {
+        "delivered": len(arrivals),
+        "first_after_s": round(first - up, 2) if first is not None else None,
+        "msg_per_s": round((len(arrivals) - 1) / span, 1) if span else None,
+    }
+
+
+def depth(options: argparse.Namespace) -> dict[str, Any]:
+    from bench.__main__ import machine, run_load, summarize
+
+    directory = Path(tempfile.mkdtemp(prefix="relayx-depth-"))
+    primary, admin = free_port(), free_port()
+    depths = [0, *sorted(set(options.depth))]
+    result: dict[str, Any] = {
+        "kind": "depth",
+        "depths": depths,
+        "size": options.size,
+        "burst": options.burst,
+        "sessions": options.sessions,
+        "drain_seconds": options.drain_seconds,
+        "machine": machine(),
+        "points": [],
+    }
+    redis = Redis(directory, "always")
+    redis_command(redis.port, "CONFIG", "SET", "slowlog-max-len", "100000")
+    nodes = Nodes(
+        directory,
+        1,
+        redis.port,
+        primary,
+        concurrency=options.concurrency,
+        retry='"1s", "2s"',
+        probe="1s",
+        extra=ADMIN.format(admin=admin, token=TOKEN),
+    )
+    try:
+        wait_port(admin)
+        redis_command(redis.port, "CONFIG", "SET", "slowlog-log-slower-than", "-1")
+        redis_command(redis.port, "SLOWLOG", "RESET")
+        empty = redis_memory(redis.port)
+        filled = 0
+        for target in depths:
+            now_queued = queued(admin)
+            redis_command(redis.port, "CONFIG", "SET", "slowlog-log-slower-than", "-1")
+            took = fill(directory / "node-0.toml", filled, target - now_queued, options.size)
+            filled += took["filled"]
+            redis_command(redis.port, "SLOWLOG", "RESET")
+            point: dict[str, Any] = {"depth": queued(admin), "fill": took}
+            used = redis_memory(redis.port)
+            redis_command(redis.port, "CONFIG", "SET", "slowlog-log-slower-than", "0")
+            point["redis_used_memory"] = used
+            point["redis_bytes_per_msg"] = round((used - empty) / point["depth"]) if point["depth"] else None
+            point["calls"] = operator_calls(admin, redis.port)
+            load = run_load(nodes.ports, options.sessions, options.burst, [options.size], options.seconds)
+            accept = summarize(load, {})
+            point["accept"] = {k: accept[k] for k in ("accepted", "refused", "msg_per_s", "latency_ms")}
+            point["accept"]["redis_longest_ms"] = round(slowlog_max_us(redis.port)[0] / 1000, 3)
+            point["drain"] = drain(primary, directory, options.drain_seconds, admin)
+            point["drain"]["redis_longest_ms"] = round(slowlog_max_us(redis.port)[0] / 1000, 3)
+            result["points"].append(point)
+            print(f"depth {point['depth']}: done", file=sys.stderr)
+    finally:
+        nodes.stop()
+        redis.stop()
+    return result

@@ -1,0 +1,154 @@
+-- page.lua: one page of the jobs an operator lists or searches, in acceptance
+-- order, from a cursor (reads only).
+--
+-- KEYS[1]  <p>:leased
+-- KEYS[2]  <p>:deferred
+-- KEYS[3]  <p>:failed
+-- ARGV[1]  key prefix <p>
+-- ARGV[2]  JSON array of delivery queues to look in (example.org, example.org#1, ...)
+-- ARGV[3]  JSON filter, each optional:
+--            exact, from an index: "sender" (address, "" for <>), "recipient", "message_id"
+--            (lower case, without <>)
+--            examined job by job: "sender_has", "recipient_has", "subject_has" (lower-case
+--            substrings), "state" (ready held deferred in_flight failed), "before" and
+--            "after" (ms: accepted before, at or after)
+-- ARGV[4]  cursor: the acceptance sequence of the last job already seen (0: from the start)
+-- ARGV[5]  most matches to return
+-- ARGV[6]  most jobs to examine (the cost bound)
+-- ARGV[7]  now (ms)
+-- ARGV[8]  clock skew allowed between nodes (ms), for the age bounds
+-- Returns JSON {"jobs": [{jid, qid, seq, domain, state, sender, subject, rcpts, owed,
+-- created, attempts, error}, ...], "cursor": the last sequence examined, "more": whether
+-- jobs past the cursor remain to be examined, "examined": n}.
+--
+-- Source: one index when an exact filter is given, else each queue's ready zset
+-- (state ready or held) or its <p>:q:<queue>, all scored by acceptance sequence
+-- and merged here. Cost bound: at most ARGV[6] zset entries fetched and jobs
+-- examined (each a few O(1) and O(log n) reads), plus, with an "after" bound on
+-- the first page, a binary search of O(log n) reads per source; never a walk of
+-- a queue. A page may hold fewer than ARGV[5] matches while "more" is true: the
+-- caller continues from "cursor".
+--
+-- Invariant: none changed.
+
+local prefix = ARGV[1]
+local queues, filter = cjson.decode(ARGV[2]), cjson.decode(ARGV[3])
+local cursor, limit, budget = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local now, skew = tonumber(ARGV[7]), tonumber(ARGV[8])
+
+local wanted = {}
+for _, q in ipairs(queues) do wanted[q] = true end
+
+local held = {}
+local function is_held(queue)
+  if held[queue] == nil then held[queue] = held_at(prefix .. ':dom:' .. base_domain(queue), now) end
+  return held[queue]
+end
+
+-- where to look
+local exact = {}
+if filter.message_id then exact[#exact + 1] = prefix .. ':ix:mid:' .. filter.message_id end
+if filter.sender then exact[#exact + 1] = prefix .. ':ix:from:' .. filter.sender end
+if filter.recipient then exact[#exact + 1] = prefix .. ':ix:rcpt:' .. filter.recipient end
+local sources = {}
+if filter.message_id then
+  sources = {prefix .. ':ix:mid:' .. filter.message_id}
+elseif filter.sender then
+  sources = {prefix .. ':ix:from:' .. filter.sender}
+elseif filter.recipient then
+  sources = {prefix .. ':ix:rcpt:' .. filter.recipient}
+elseif filter.state == 'ready' or filter.state == 'held' then
+  for _, q in ipairs(queues) do
+    if is_held(q) == (filter.state == 'held') then sources[#sources + 1] = prefix .. ':ready:' .. q end
+  end
+else
+  for _, q in ipairs(queues) do sources[#sources + 1] = prefix .. ':q:' .. q end
+end
+
+-- an "after" bound on the first page: start at the first job accepted then,
+-- found by bisection (acceptance order is time order, give or take the skew)
+local function first_after(key, t)
+  local low, high = 0, redis.call('ZCARD', key)
+  while low < high do
+    local mid = math.floor((low + high) / 2)
+    local entry = redis.call('ZRANGE', key, mid, mid)
+    local created = tonumber(redis.call('HGET', prefix .. ':job:' .. entry[1], 'created') or '0')
+    if created < t then low = mid + 1 else high = mid end
+  end
+  if low == 0 then return 0 end
+  local before = redis.call('ZRANGE', key, low - 1, low - 1, 'WITHSCORES')
+  return tonumber(before[2])
+end
+
+-- fetch up to `per` entries past the cursor from each source and merge them;
+-- only entries up to the horizon (the lowest last sequence of a source that
+-- gave a full batch) are certain to be in order with what was not fetched
+-- with nothing to check job by job, a source never needs more than `limit`
+local checks = filter.sender_has or filter.recipient_has or filter.subject_has or filter.before
+  or filter.after or #exact > 1 or (filter.state and (#exact > 0 or (filter.state ~= 'ready' and filter.state ~= 'held')))
+local per = math.max(1, math.floor(budget / math.max(1, #sources)))
+if not checks then per = math.min(per, limit) end
+local entries, horizon = {}, nil
+for _, key in ipairs(sources) do
+  local from = cursor
+  if filter.after and cursor == 0 then from = first_after(key, filter.after - skew) end
+  local got = redis.call('ZRANGEBYSCORE', key, '(' .. from, '+inf', 'WITHSCORES', 'LIMIT', 0, per)
+  for i = 1, #got, 2 do entries[#entries + 1] = {got[i], tonumber(got[i + 1])} end
+  if #got / 2 == per then
+    local last = tonumber(got[#got])
+    if horizon == nil or last < horizon then horizon = last end
+  end
+end
+table.sort(entries, function(a, b) return a[2] < b[2] end)
+
+local function lower(s) return string.lower(s or '') end
+local function state_of(jid, queue)
+  if redis.call('ZSCORE', KEYS[1], jid) then return 'in_flight' end
+  if redis.call('ZSCORE', KEYS[2], jid) then return 'deferred' end
+  if redis.call('ZSCORE', KEYS[3], jid) then return 'failed' end
+  return is_held(queue) and 'held' or 'ready'
+end
+
+local found, examined, last, stop = {}, 0, cursor, false
+for _, entry in ipairs(entries) do
+  local jid, seq = entry[1], entry[2]
+  if horizon and seq > horizon then break end
+  if #found >= limit then break end
+  examined = examined + 1
+  last = seq
+  local domain, qid, rcpts, owed, created, attempts, err = unpack(redis.call('HMGET', prefix .. ':job:' .. jid,
+    'domain', 'qid', 'rcpts', 'owed', 'created', 'attempts', 'error'))
+  created = tonumber(created or '0')
+  local ok = domain ~= nil and wanted[domain]
+  if ok and filter.before and created >= filter.before then
+    ok = false
+    -- past the bound by more than the skew: nothing later can match
+    if created >= filter.before + skew then stop = true; break end
+  end
+  if ok and filter.after and created < filter.after then ok = false end
+  -- the other exact filters: the job is in their index too
+  for _, ix in ipairs(exact) do
+    if ok and not redis.call('ZSCORE', ix, jid) then ok = false end
+  end
+  local state
+  if ok and filter.state then
+    state = state_of(jid, domain)
+    ok = state == filter.state
+  end
+  if ok and filter.recipient_has and not string.find(lower(rcpts), filter.recipient_has, 1, true) then ok = false end
+  local sender, subject
+  if ok then
+    sender, subject = unpack(redis.call('HMGET', prefix .. ':msg:' .. qid, 'sender', 'subject'))
+    if filter.sender_has and not string.find(lower(sender), filter.sender_has, 1, true) then ok = false end
+    if filter.subject_has and not string.find(lower(subject), filter.subject_has, 1, true) then ok = false end
+  end
+  if ok then
+    found[#found + 1] = {jid = jid, qid = qid, seq = seq, domain = domain, state = state or state_of(jid, domain),
+      sender = sender or '', subject = subject or '', rcpts = cjson.decode(rcpts), owed = cjson.decode(owed),
+      created = created, attempts = tonumber(attempts or '0'), error = err or ''}
+  end
+end
+
+-- more remains when a source was cut short, or when this page stopped early
+local more = not stop and (horizon ~= nil or examined < #entries)
+return cjson.encode({jobs = found, cursor = last, more = more, examined = examined})
