@@ -75,6 +75,13 @@ class Metrics:
         self.redis_up = Gauge(
             "relayx_redis_up", "1 while Redis is connected", registry=r, multiprocess_mode="mostrecent"
         )
+        self.queue_bytes = Gauge(
+            "relayx_queue_bytes",
+            "Bytes of the messages queued by domain (each job counts its message)",
+            ["domain"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
 
     def refuse(self, code: int) -> None:
         self.refused.labels(reply=f"{code // 100}xx").inc()

@@ -539,8 +539,7 @@ class RelayNode(Service):
                 self.metrics,
                 ready=ready,
                 domains=[q for d in config.domains for q in d.queues()],
-                domain_state=lambda domain: queue.domain_state(domain, self.reactor.seconds()),
-                queue_jobs=lambda domain: queue.counts([domain], self.reactor.seconds()),
+                queue_summary=lambda queues: queue.queue_summary(queues, self.reactor.seconds()),
                 clock=self.reactor,
                 redis_connected=lambda: redis.problem() is None,
                 api=AdminAPI(
