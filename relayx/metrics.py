@@ -72,6 +72,13 @@ class Metrics:
         self.held = Gauge(
             "relayx_domain_held", "1 while the domain is held", ["domain"], registry=r, multiprocess_mode="mostrecent"
         )
+        self.quota = Gauge(
+            "relayx_quota_used_ratio",
+            "How full each quota is (1: at its limit; memory: of maxmemory less the headroom)",
+            ["scope"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
         self.redis_up = Gauge(
             "relayx_redis_up", "1 while Redis is connected", registry=r, multiprocess_mode="mostrecent"
         )
