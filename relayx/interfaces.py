@@ -597,6 +597,14 @@ class IQueueAdmin(Interface):
         The newest ``limit`` audit records.
         """
 
+    def events(domain: str, start: str, end: str, count: int) -> Awaitable[list[tuple[str, dict[str, str]]]]:
+        """
+        The domain's event log (proof of delivery; see common.lua's
+        record_event) from entry ID ``start`` to ``end`` (XRANGE bounds:
+        ``"<ms>"``, ``"(<id>"`` exclusive, ``"+"``), at most ``count`` entries,
+        oldest first, each as its ID and fields.
+        """
+
 
 class IBulkActions(Interface):
     """

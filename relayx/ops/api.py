@@ -16,6 +16,9 @@ step as the change.
     POST   /api/v1/domains/<domain>/release     {"rate": messages/s} (optional)
     POST   /api/v1/domains/<domain>/flush       deliver now (ends the wait for a failing destination)
     POST   /api/v1/domains/<domain>/route       {"routes": ["smtp://host:port", ...] or null: configured}
+    GET    /api/v1/domains/<domain>/report?from=&until=&format=json|csv|html
+                                                proof of delivery for the mail accepted in a window
+                                                (epoch seconds or ISO 8601; see relayx.ops.report)
     GET    /api/v1/messages?domain=&state=&older_than=&newer_than=&cursor=&limit=
                &sender=&recipient=&message_id=             exact (indexes)
                &sender_has=&recipient_has=&subject_has=    parts of them (examined job by job)
@@ -46,6 +49,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -60,6 +64,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from relayx.address import AddressError, normalize_domain
 from relayx.config import DomainConfig, parse_duration, parse_route
 from relayx.interfaces import HoldWindow, IBulkActions, IQueueAdmin, QueueCounts, StoreUnavailable
+from relayx.ops import report
 from relayx.ops.bulk import ACTIONS
 from relayx.queue.states import JobState
 
@@ -119,6 +124,8 @@ class RawBody:
     content_type: str
     filename: str
     body: bytes
+    #: shown by a browser rather than saved (a printable page)
+    inline: bool = False
 
 
 @attrs.frozen
@@ -205,7 +212,8 @@ class AdminAPI(Resource):
         request.setHeader(b"cache-control", b"no-store")
         if isinstance(body, RawBody):
             request.setHeader(b"content-type", body.content_type.encode())
-            request.setHeader(b"content-disposition", f'attachment; filename="{body.filename}"'.encode())
+            disposition = "inline" if body.inline else "attachment"
+            request.setHeader(b"content-disposition", f'{disposition}; filename="{body.filename}"'.encode())
             request.write(body.body)
         else:
             request.setHeader(b"content-type", b"application/json")
@@ -240,6 +248,8 @@ class AdminAPI(Resource):
             domain = self._domain(rest[0])
             if len(rest) == 1 and method == "GET":
                 return await self._summary(domain, now)
+            if len(rest) == 2 and rest[1] == "report" and method == "GET":
+                return await self._report(domain, request, now)
             if len(rest) == 2 and method == "POST":
                 return await self._domain_change(domain, rest[1], _json_body(request), now, who)
         if kind == "bulk":
@@ -382,6 +392,27 @@ class AdminAPI(Resource):
             was = await self.queue.set_routes(domain, parsed, now, who)
             return {"domain": domain, "routes": list(parsed), "overridden": True, **_before(was, configured)}
         raise APIError(404, f"no action {action!r}; expected hold, release, flush or route")
+
+    async def _report(self, domain: str, request: Call, now: float) -> Any:
+        """
+        Proof of delivery for the mail ``domain`` accepted from ``from`` to
+        ``until`` (default: the last day to now), read from its event log a
+        page at a time (relayx.ops.report).
+        """
+        until = _moment(request.args, "until", now)
+        start = _moment(request.args, "from", until - 86400)
+        if start > until:
+            raise APIError(400, "from: expected a time before until")
+        kind = request.args.get("format", "json")
+        if kind not in ("json", "csv", "html"):
+            raise APIError(400, f"format: expected json, csv or html, got {kind!r}")
+        answer = (await report.build(self.queue, domain, start, until)).as_json()
+        name = f"report-{_safe_name(domain)}-{_iso(start)}".replace(":", "")
+        if kind == "csv":
+            return RawBody("text/csv; charset=utf-8", f"{name}.csv", report.as_csv(answer).encode())
+        if kind == "html":
+            return RawBody("text/html; charset=utf-8", f"{name}.html", report.as_html(answer).encode(), inline=True)
+        return answer
 
     async def _qshape(self, request: Call, now: float) -> dict[str, Any]:
         """
@@ -603,6 +634,32 @@ def _seconds(args: Mapping[str, str], name: str) -> float:
         return parse_duration(args[name])
     except ValueError:
         raise APIError(400, f"{name}: expected a duration such as '30s', '5m', '2h' or '5d'") from None
+
+
+def _moment(args: Mapping[str, str], name: str, default: float) -> float:
+    """
+    A time given as epoch seconds or ISO 8601 (UTC unless it says).
+    """
+    text = args.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        seconds = float(text)
+    except ValueError:
+        pass
+    else:
+        if not math.isfinite(seconds) or seconds < 0:
+            raise APIError(400, _moment_error(name, text))
+        return seconds
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise APIError(400, _moment_error(name, text)) from None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+def _moment_error(name: str, text: str) -> str:
+    return f"{name}: expected epoch seconds or a time such as 2026-11-23T22:00Z, got {text!r}"
 
 
 def _is_number(value: object) -> bool:

@@ -52,7 +52,7 @@ import attrs
 from relayx.address import AddressError, normalize_domain
 from relayx.config import Config, ConfigError, load, parse_duration, parse_route
 from relayx.dns import dns_lookup, dns_lookup_mx
-from relayx.ops import check, preflight
+from relayx.ops import check, preflight, report
 from relayx.ops.api import APIError, RawBody, unknown_domain
 from relayx.queue.redis import RedisQueue
 from relayx.queue.states import JobState
@@ -83,6 +83,7 @@ VERBS: dict[str, str] = {
     "bulk-status": "the bulk actions and their progress",
     "bulk-cancel": "stop a running bulk action",
     "audit": "the newest changes: who, when, what before and after",
+    "report": "proof of delivery: every message a domain accepted in a window and its fate (text, CSV, HTML)",
     "check": "check the configuration and what it points at (needs --config)",
     "check-queue": "recount the queue in bounded steps against its counters; --repair mends (needs --config)",
     "preflight": "a domain's MX, primary, STARTTLS and MTA-STS before a cutover (needs --config)",
@@ -342,6 +343,17 @@ def parser(program: str = "relayx") -> argparse.ArgumentParser:
     verb("bulk-status").add_argument("bulk_id", nargs="?")
     verb("bulk-cancel").add_argument("bulk_id")
     verb("audit").add_argument("--limit", type=int, default=20)
+    proof = verb("report")
+    proof.add_argument("domain")
+    proof.add_argument("--from", dest="start", type=_when, required=True, help="the window's start (ISO 8601)")
+    proof.add_argument("--until", dest="end", type=_when, help="the window's end (ISO 8601; default: now)")
+    proof.add_argument(
+        "--format",
+        choices=["text", "csv", "html", "json"],
+        default="text",
+        help="text, CSV, a printable HTML page or JSON",
+    )
+    proof.add_argument("--output", "-o", default="-", help="a file (default: standard output)")
     verb("check")
     verb("check-queue").add_argument(
         "--repair", action="store_true", help="mend locations and indexes and set each wrong counter to its recount"
@@ -534,6 +546,9 @@ def run(options: argparse.Namespace, api: Transport, out: TextIO, binary: IO[byt
         raise Failure("give the new routes, or --reset for the configured ones", 2)
     if verb == "export":
         _export(options, api, out, binary, as_json)
+        return
+    if verb == "report":
+        _report(options, api, out, as_json)
         return
     if verb == "show" and options.raw:
         raw = api.raw(f"messages/{_path(options.queue_id)}/raw")
@@ -882,6 +897,30 @@ def _export(options: argparse.Namespace, api: Transport, out: TextIO, binary: IO
     else:
         where = "standard output" if to_stdout else options.output
         report.write(f"{options.domain}: {count} message(s), {size} bytes, as {options.format} to {where}\n")
+
+
+def _report(options: argparse.Namespace, api: Transport, out: TextIO, as_json: bool) -> None:
+    answer = api("GET", f"domains/{_path(options.domain)}/report", **{"from": options.start, "until": options.end})
+    kind = "json" if as_json else options.format
+    text = {
+        "json": lambda a: json.dumps(a, indent=2) + "\n",
+        "csv": report.as_csv,
+        "html": report.as_html,
+        "text": report.as_text,
+    }[kind](answer)
+    if options.output == "-":
+        out.write(text)
+        return
+    try:
+        with open(options.output, "x", encoding="utf-8", newline="") as target:
+            target.write(text)
+    except OSError as e:
+        raise Failure(f"cannot create {options.output}: {e.strerror}", 2) from None
+    t = answer["totals"]
+    out.write(
+        f"{options.domain}: {t['accepted']} accepted, {t['delivered']} delivered, {t['bounced']} bounced, "
+        f"{t['queued']} still queued; {kind} written to {options.output}\n"
+    )
 
 
 # -- check and preflight (the configuration itself) ---------------------------

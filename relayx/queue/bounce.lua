@@ -18,8 +18,9 @@
 -- its DSN queued in the same step, so a DSN is neither lost nor sent twice when
 -- several nodes bounce at once. Returns 1, or 0 if another node already did.
 -- The job leaves through retire_job (common.lua), which keeps the counters.
+-- The DSN's queue id goes to the domain's event log (record_event, common.lua).
 --
--- Cost bound: O(1) keys (the job, its message, the DSN's message and job).
+-- Cost bound: O(1) keys (the job, its message, the DSN's message and job, the event log).
 
 if not redis.call('ZSCORE', KEYS[1], ARGV[2]) then return 0 end
 local domain = redis.call('HGET', KEYS[2], 'domain')
@@ -33,5 +34,6 @@ if ARGV[4] ~= '' then
     {ARGV[7], cjson.encode({ARGV[6]})})
   if type(r) == 'table' and r.err then return r end
 end
+record_event(ARGV[1], domain, redis.call('HGET', KEYS[2], 'qid') or '', ARGV[2], now, 'dsn', {'dsn', ARGV[4]})
 retire_job(ARGV[1], ARGV[2], domain, 'failed')
 return 1

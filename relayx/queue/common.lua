@@ -276,3 +276,44 @@ local function message_jobs(prefix, qid)
   end
   return jobs
 end
+
+-- The report's event log (proof of delivery): per domain, a time-ordered stream
+-- <p>:events:<domain> (the delivery queue's base domain), one entry per change
+-- of a message's fate, written by the script that makes the change, in the same
+-- step: accepted (enqueue.lua), delivered / failed / deferred (settle.lua),
+-- bounced / deleted (drop.lua), dsn (bounce.lua). Every entry has kind, queue,
+-- qid, jid and at (the node's now, ms); the rest by kind (JSON lists as text):
+--   accepted   sender, rcpts, mid, subject, size
+--   delivered  rcpts, mx, reply (the destination's reply to the message: its queue id)
+--   failed     failures ([[rcpt, code, status, text], ...]), mx
+--   deferred   rcpts (still owed), why, mx
+--   bounced, deleted  rcpts (still owed)
+--   dsn        dsn (the DSN's queue id)
+-- Entry IDs are the node's now in ms (or the stream's last ms, if later: IDs only
+-- grow), so a window is one XRANGE between its ms bounds. Bounded: each XADD
+-- trims (MINID ~) what is older than <p>:events:keep (ms), which settle.lua sets
+-- to the retention plus EVENT_MARGIN; a message's entries are a few hundred bytes
+-- each (about 1 KB for accepted, delivered and its listpack share).
+-- Cost: O(1) keys (the stream, the keep key), O(1) amortized writes.
+local EVENT_MARGIN = 86400000
+
+local function record_event(prefix, queue, qid, jid, now, kind, fields)
+  local key = prefix .. ':events:' .. base_domain(queue)
+  local id = now
+  local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+  if last[1] then
+    local ms = tonumber(string.match(last[1][1], '^(%d+)'))
+    if ms > id then id = ms end
+  end
+  local args = {'XADD', key}
+  local keep = tonumber(redis.call('GET', prefix .. ':events:keep') or '0')
+  if keep > 0 then
+    args[#args + 1], args[#args + 2], args[#args + 3] = 'MINID', '~', tostring(now - keep)
+  end
+  for _, v in ipairs({string.format('%d-*', id), 'kind', kind, 'queue', queue, 'qid', qid, 'jid', jid,
+    'at', string.format('%d', now)}) do
+    args[#args + 1] = v
+  end
+  for _, v in ipairs(fields) do args[#args + 1] = v end
+  redis.call(unpack(args))
+end

@@ -19,8 +19,11 @@
 -- the node delivering it cannot settle it (renew and settle refuse it); a
 -- bounced job goes to <p>:failed with every recipient still owed as failed.
 -- Jobs move through move()/retire_job() (common.lua), which keep the counters.
+-- Each job's end (bounced or deleted, with the recipients still owed) goes to
+-- its domain's event log (record_event, common.lua) in the same step.
 --
--- Cost bound: O(1) keys per job of the one message (its domains and copies).
+-- Cost bound: O(1) keys per job of the one message (its domains and copies),
+-- and one event log entry per job.
 
 local prefix, qid, now, mode = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -30,6 +33,9 @@ for _, jid in ipairs(jobs) do
   local domain, owed, failed = unpack(redis.call('HMGET', job, 'domain', 'owed', 'failed'))
   local from = location(prefix, jid, domain)
   redis.call('ZREM', KEYS[5], jid)
+  local ended = 'deleted'
+  if mode == 'bounce' then ended = 'bounced' end
+  record_event(prefix, domain, qid, jid, now, ended, {'rcpts', owed})
   if mode == 'bounce' then
     local failures = cjson.decode(failed)
     for _, rcpt in ipairs(cjson.decode(owed)) do

@@ -18,13 +18,22 @@
 -- its domain's held time at acceptance (held_base), so that time held later
 -- does not count against its retention. Each job enters through add_job
 -- (common.lua), which keeps the counters, its queue's <p>:q:<queue> and the
--- search indexes, and the totals.
+-- search indexes, and the totals. Each job's acceptance is recorded in its
+-- domain's event log (record_event, common.lua) in the same step.
 --
 -- Cost bound: O(1) keys per destination queue of the message (its domains and
--- their copies) plus one per recipient, O(log n) writes; independent of the depth.
+-- their copies) plus one per recipient, plus one event log entry per job (its
+-- domain's stream: O(1) keys); O(log n) writes; independent of the depth.
 -- Per-domain keys are built from the prefix: standalone or Sentinel Redis, not Redis Cluster.
 
 local pairs_ = {}
 for i = 8, #ARGV do pairs_[#pairs_ + 1] = ARGV[i] end
-return enqueue_message(ARGV[1], KEYS[1], KEYS[2], KEYS[3], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], pairs_,
-  ARGV[6], ARGV[7])
+local njobs = enqueue_message(ARGV[1], KEYS[1], KEYS[2], KEYS[3], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5],
+  pairs_, ARGV[6], ARGV[7])
+if type(njobs) == 'table' then return njobs end  -- the queue id is taken
+local size = tostring(body_size(ARGV[5]))
+for i = 1, #pairs_ / 2 do
+  record_event(ARGV[1], pairs_[2 * i - 1], ARGV[2], ARGV[2] .. '.' .. i, tonumber(ARGV[3]), 'accepted',
+    {'sender', ARGV[4], 'rcpts', pairs_[2 * i], 'mid', ARGV[6] or '', 'subject', ARGV[7] or '', 'size', size})
+end
+return njobs

@@ -110,6 +110,12 @@ def _throttle(t: Throttle) -> str:
     return json.dumps({"c": t.concurrency, "r": t.rate, "u": _ms(t.ramp_up)})
 
 
+def _reply_text(reply: Reply | None) -> str:
+    if reply is None:
+        return ""
+    return " ".join(str(p) for p in (reply.code, reply.status, reply.text.replace("\n", " ")) if p)
+
+
 def _failures(entries: tuple[tuple[str, Reply], ...]) -> str:
     return json.dumps([[rcpt, r.code, r.status, r.text] for rcpt, r in entries])
 
@@ -378,6 +384,8 @@ class RedisQueue:
             ",".join(str(_ms(s)) for s in self.retry_schedule),
             self.prefix,
             _ms(self.delay_warning),
+            outcome.destination,
+            _reply_text(outcome.accepted),
         ]
         ref = self._refs.pop(lease.job_id, None)
         # replicated too, so that a failover does not forget a delivery and send it again
@@ -924,6 +932,14 @@ class RedisQueue:
     async def route_override(self, domain: str) -> tuple[str, ...] | None:
         value = await self.redis.call("hget", self.key("routes"), domain)
         return tuple(json.loads(value)) if value else None
+
+    async def events(self, domain: str, start: str, end: str, count: int) -> list[tuple[str, dict[str, str]]]:
+        key = self.key("events", domain)
+        rows = await self.redis.call("execute_command", "XRANGE", key, start, end, "COUNT", count)
+        return [
+            (_text(entry_id), {_text(k): _text(v) for k, v in zip(fields[::2], fields[1::2], strict=True)})
+            for entry_id, fields in rows or []
+        ]
 
     async def audit(self, limit: int) -> list[dict[str, object]]:
         records = await self.redis.call("lrange", self.key("audit"), 0, limit - 1)

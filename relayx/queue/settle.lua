@@ -23,16 +23,21 @@
 -- ARGV[10] key prefix
 -- ARGV[11] delay warning (ms): a job waiting longer (time held not counted) is
 --          put in <p>:delayed once; 0 for no warnings
+-- ARGV[12] the destination that answered ("name [address]:port"; "" if none)
+-- ARGV[13] its reply to the message when it took it ("250 ... queued as X"; "" if none)
 -- Returns "done", "failed", "deferred" or "paused".
 --
 -- Invariant: as in enqueue.lua. Only the current token's holder settles; recipients
 -- once accepted or failed are never owed again, so a retry resends only to the rest.
 -- A domain is in <p>:paused exactly while its paused_until is set. Every change
 -- of a job's location goes through move() (common.lua), keeping the counters.
+-- What the attempt did (delivered, failed, deferred, and jobs failed for their
+-- retention) goes to the domain's event log (record_event, common.lua), whose
+-- trim (<p>:events:keep) this sets to the retention plus EVENT_MARGIN.
 --
 -- Cost bound, whatever the queue's depth: O(1) keys for the job itself; when the
 -- destination is unreachable, the queue's first 100 jobs are looked at twice
--- (retention, delay warning), each O(1) keys: at most ~1,000 keys, O(log n) writes.
+-- (retention, delay warning), each O(1) keys and an event: at most ~1,000 keys, O(log n) writes.
 
 local jid, token, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 if redis.call('HGET', KEYS[1], 'token') ~= token then
@@ -44,6 +49,13 @@ local schedule = {}
 for step in string.gmatch(ARGV[9], '[^,]+') do schedule[#schedule + 1] = tonumber(step) end
 local function step(n) return schedule[math.max(1, math.min(n, #schedule))] end
 local _, held_now = held_clock(prefix .. ':dom:' .. base_domain(domain), now)
+local mx = ARGV[12] or ''
+redis.call('SET', prefix .. ':events:keep', retention + EVENT_MARGIN)
+local function event(job, jobid, kind, fields)
+  record_event(prefix, domain, redis.call('HGET', job, 'qid') or '', jobid, now, kind, fields)
+end
+if ARGV[4] ~= '[]' then event(KEYS[1], jid, 'delivered', {'rcpts', ARGV[4], 'mx', mx, 'reply', ARGV[13] or ''}) end
+if ARGV[5] ~= '[]' then event(KEYS[1], jid, 'failed', {'failures', ARGV[5], 'mx', mx}) end
 
 -- the job is still in flight until one of the moves below takes it elsewhere
 redis.call('HSET', KEYS[1], 'token', 0, 'owner', '')
@@ -104,9 +116,13 @@ end
 
 -- what is still owed fails once the job has outlived its retention
 local function expire(job, jobid, owed, failures, why, from)
+  local expired_now = {}
   for _, rcpt in ipairs(owed) do
-    failures[#failures + 1] = {rcpt, 0, '4.4.7', 'retention expired; last error: ' .. why}
+    local entry = {rcpt, 0, '4.4.7', 'retention expired; last error: ' .. why}
+    failures[#failures + 1] = entry
+    expired_now[#expired_now + 1] = entry
   end
+  if #expired_now > 0 then event(job, jobid, 'failed', {'failures', cjson.encode(expired_now), 'mx', mx}) end
   return finish(job, jobid, failures, from)
 end
 
@@ -131,6 +147,7 @@ if unreachable ~= '' then
   redis.call('ZADD', KEYS[10], until_ms, domain)
   redis.call('HSET', KEYS[1], 'error', unreachable)
   remember('unreachable: ' .. unreachable)
+  event(KEYS[1], jid, 'deferred', {'rcpts', cjson.encode(owed), 'why', 'unreachable: ' .. unreachable, 'mx', mx})
   move(prefix, jid, domain, 'in_flight', 'ready', redis.call('HGET', KEYS[1], 'seq'))
   -- jobs at the head of the queue that outlived their retention fail now
   local result = 'paused'
@@ -161,6 +178,7 @@ remember(why)
 if expired(KEYS[1]) then
   return expire(KEYS[1], jid, owed, failed, why, 'in_flight')
 end
+event(KEYS[1], jid, 'deferred', {'rcpts', cjson.encode(owed), 'why', why, 'mx', mx})
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts'))
 move(prefix, jid, domain, 'in_flight', 'deferred', now + step(attempts))
 warn(KEYS[1], jid)
