@@ -1,0 +1,256 @@
+"""
+Proof of delivery (``report``): the event log the queue's scripts keep, the
+report folded from it, its formats, the API and the CLI, and a real node
+whose report survives a restart.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from twisted.internet.threads import deferToThread
+
+from relayx.interfaces import Outcome
+from relayx.ops import report
+from relayx.ops.cli import Client, parser, run
+from relayx.redis.embedded import free_port
+from relayx.reply import Reply
+from tests.helpers import LoopbackSink, NodeCase, send, unique_prefix, wait_for
+from tests.test_api import TOKEN, call
+from tests.test_end_to_end import body
+from tests.test_queue_redis import T0, QueueCase, deferred_test, message, take
+
+MX = "sink.test [127.0.0.1]:25"
+
+
+def _ok(qid: str) -> Reply:
+    return Reply(250, "2.0.0", f"queued as P-{qid}")
+
+
+class EventLogTests(QueueCase):
+    @deferred_test
+    async def test_report_folds_every_outcome(self) -> None:
+        """When messages are delivered, refused, bounced, deleted or left waiting, the report shows each with totals."""
+        q = await self.make_queue()
+        for n in range(6):
+            await q.enqueue(message(f"M{n}", f"u{n}@one.test", at=T0 + n))
+        outside = message("LATE", "x@one.test", at=T0 + 3600)
+        await q.enqueue(outside)
+        now = T0 + 10
+        # M0..M5 in order, one at a time (concurrency 1)
+        for n in range(4):
+            [lease] = [x for x in await take(q, "n", now, 10) if x.domain == "one.test"]
+            assert lease.queue_id == f"M{n}"
+            if n == 1:
+                failed = ((f"u{n}@one.test", Reply(550, "5.1.1", "no such user")),)
+                outcome = Outcome(failed=failed, destination=MX)
+            elif n == 2:
+                outcome = Outcome(deferred=((f"u{n}@one.test", Reply(451, "4.3.0", "try later")),), destination=MX)
+            else:
+                outcome = Outcome(delivered=lease.recipients, destination=MX, accepted=_ok(lease.queue_id))
+            await q.settle(lease, outcome, now)
+        assert await q.drop("M4", now, "ops", bounce=True) == 1
+        assert await q.drop("M5", now, "ops", bounce=False) == 1
+        got = (await report.build(q, "one.test", T0, T0 + 60)).as_json()
+        assert got["totals"] == {"accepted": 6, "delivered": 2, "bounced": 2, "deleted": 1, "queued": 1}
+        rows = {m["queue_id"]: m for m in got["messages"]}
+        assert list(rows) == ["M0", "M1", "M2", "M3", "M4", "M5"]
+        assert rows["M0"]["sender"] == "bob@sender.test" and rows["M0"]["subject"] == "M0"
+        assert rows["M0"]["received"] == T0
+        [fate] = rows["M0"]["recipients"]
+        assert fate == {
+            "recipient": "u0@one.test",
+            "queue": "one.test",
+            "state": "delivered",
+            "at": now,
+            "mx": MX,
+            "reply": "250 2.0.0 queued as P-M0",
+        }
+        assert rows["M1"]["recipients"][0]["state"] == "failed"
+        assert rows["M1"]["recipients"][0]["reply"] == "550 5.1.1 no such user"
+        assert rows["M2"]["state"] == "queued" and rows["M2"]["recipients"][0]["reply"] == "451 4.3.0 try later"
+        assert rows["M4"]["recipients"][0]["state"] == "bounced"
+        assert rows["M5"]["recipients"][0]["state"] == "deleted"
+
+    @deferred_test
+    async def test_dsn_queue_id_is_shown(self) -> None:
+        """When a failed message's DSN is queued, the report names the DSN's queue id."""
+        q = await self.make_queue()
+        await q.enqueue(message("M", "gone@one.test"))
+        [lease] = await take(q, "n", T0, 10)
+        await q.settle(lease, Outcome(failed=(("gone@one.test", Reply(550, "5.1.1", "gone")),)), T0)
+        [job] = await q.failed(10)
+        dsn = message("DSN1", "bob@sender.test", sender="")
+        assert await q.bounce(job, dsn, T0)
+        got = (await report.build(q, "one.test", T0 - 1, T0 + 1)).as_json()
+        assert got["messages"][0]["dsn"] == "DSN1"
+        assert got["totals"]["bounced"] == 1
+
+    @deferred_test
+    async def test_reads_are_bounded_by_the_page(self) -> None:
+        """When the log holds more entries than a page, the report reads it a page per call and misses none."""
+        q = await self.make_queue()
+        for n in range(25):
+            await q.enqueue(message(f"M{n:02}", "a@one.test", at=T0 + n))
+        built = await report.build(q, "one.test", T0, T0 + 100, page=10)
+        assert built.totals()["accepted"] == 25 and built.totals()["queued"] == 25
+        assert built.calls == 3 and built.entries == 25
+        # a window of a few messages stops reading once they are all settled... or the log ends
+        only = await report.build(q, "one.test", T0 + 5, T0 + 6, page=10)
+        assert sorted(only.rows) == ["M05", "M06"]
+
+    @deferred_test
+    async def test_empty_window_is_a_clear_answer(self) -> None:
+        """When nothing was accepted in the window, the report says so, in every format."""
+        q = await self.make_queue()
+        await q.enqueue(message("M", "a@one.test"))
+        got = (await report.build(q, "one.test", T0 + 100, T0 + 200)).as_json()
+        assert got["messages"] == [] and got["totals"]["accepted"] == 0
+        assert "no message for one.test was accepted" in got["note"]
+        assert "no message for one.test was accepted" in report.as_text(got)
+        assert "no message for one.test was accepted" in report.as_html(got)
+        assert report.as_csv(got).splitlines() == [",".join(report.COLUMNS)]
+        nothing = (await report.build(q, "two.test", T0 - 100, T0 + 200)).as_json()
+        assert nothing["messages"] == []
+
+    @deferred_test
+    async def test_log_is_trimmed_to_the_retention(self) -> None:
+        """When entries are older than the retention and its margin, the next write trims them (bounded memory)."""
+        q = await self.make_queue(retention=60.0)
+        for n in range(149):
+            await q.enqueue(message(f"OLD{n}", "a@one.test", at=T0))
+        [lease] = await take(q, "n", T0, 10)
+        await q.settle(lease, Outcome(delivered=lease.recipients), T0)  # sets the trim: retention + a day
+        key = q.key("events", "one.test")
+        assert await q.redis.call("execute_command", "XLEN", key) == 150
+        # approximate trimming (MINID ~) drops whole nodes (at most 100 entries or 4 KB) once all are old
+        later = T0 + 60 + 86400 + 3600
+        await q.enqueue(message("NEW", "a@one.test", at=later))
+        left = await q.redis.call("execute_command", "XLEN", key)
+        assert 1 <= left < 100, left
+        [(_, last)] = await q.redis.call("execute_command", "XREVRANGE", key, "+", "-", "COUNT", 1) or [(0, [])]
+        assert b"NEW" in last
+        assert len((await report.build(q, "one.test", T0 - 1, T0 + 1)).rows) < 100
+
+
+def test_formats_escape_and_quote() -> None:
+    """When a subject holds markup or commas, HTML escapes it and CSV quotes it."""
+    answer = {
+        "domain": "one.test",
+        "from": T0,
+        "until": T0 + 60,
+        "totals": {"accepted": 1, "delivered": 1, "bounced": 0, "deleted": 0, "queued": 0},
+        "messages": [
+            {
+                "queue_id": "M",
+                "received": T0,
+                "sender": "",
+                "message_id": "1@x",
+                "subject": "<script>a, b</script>",
+                "size": 10,
+                "state": "delivered",
+                "dsn": "",
+                "recipients": [
+                    {
+                        "recipient": "a@one.test",
+                        "queue": "one.test",
+                        "state": "delivered",
+                        "at": T0,
+                        "mx": "m",
+                        "reply": "250 ok",
+                    }
+                ],
+            }
+        ],
+    }
+    page = report.as_html(answer)
+    assert "<script>" not in page and "&lt;script&gt;a, b&lt;/script&gt;" in page
+    assert "1 accepted, 1 delivered, 0 bounced, 0 still queued" in page
+    [head, row] = list(csv.reader(io.StringIO(report.as_csv(answer))))
+    assert head[3] == "recipient" and row[2] == "<>" and row[5] == "<script>a, b</script>"
+
+
+class NodeReportTests(NodeCase):
+    @deferred_test
+    async def test_report_of_a_window_survives_a_restart(self) -> None:
+        """When a node delivers some, fails one (550) and keeps one queued, the report says so, and after a restart."""
+        sink = LoopbackSink()
+        sink.sink.rcpt_reply = lambda rcpt: (
+            b"550 5.1.1 no such user"
+            if rcpt.startswith("gone")
+            else b"451 4.3.0 later"
+            if rcpt.startswith("later")
+            else b"250 ok"
+        )
+        sink.sink.data_reply = lambda rcpts: b"250 2.0.0 Ok: queued as PRIMARY-" + rcpts[0].split("@")[0].encode()
+        sink.start()
+        prefix = unique_prefix()
+        admin = free_port()
+        options: dict[str, Any] = {
+            "key_prefix": prefix,
+            "admin_listen": [f"tcp:{admin}:interface=127.0.0.1"],
+            "admin_tokens": {"ops": TOKEN},
+        }
+        node = await self.start_node(sink, **options)
+        start = time.time() - 1
+        recipients = [f"user{n}@example.com" for n in range(5)] + ["gone@example.com", "later@example.com"]
+        for n, rcpt in enumerate(recipients):
+            assert await send(self.smtp_port, f"s{n}@sender.test", [rcpt], body(n, "example.com")) == {}
+        until = time.time() + 1
+        await wait_for(lambda: len(sink.messages) >= 5, 30, "five deliveries")
+        queue = node.queue
+        assert queue is not None
+
+        async def settled() -> bool:
+            got = (await report.build(queue, "example.com", start, until)).totals()
+            return got["delivered"] == 5 and got["bounced"] == 1
+
+        for _ in range(100):
+            if await settled():
+                break
+            await deferToThread(time.sleep, 0.2)
+        first = (await report.build(queue, "example.com", start, until)).as_json()
+        assert first["totals"] == {"accepted": 7, "delivered": 5, "bounced": 1, "deleted": 0, "queued": 1}
+        rows = {m["recipients"][0]["recipient"]: m for m in first["messages"]}
+        delivered = rows["user3@example.com"]["recipients"][0]
+        assert delivered["reply"] == "250 2.0.0 Ok: queued as PRIMARY-user3"
+        assert "127.0.0.1" in delivered["mx"]
+        assert rows["gone@example.com"]["recipients"][0]["reply"].startswith("550 5.1.1 no such user")
+        assert rows["later@example.com"]["state"] == "queued"
+        assert "451 4.3.0 later" in rows["later@example.com"]["recipients"][0]["reply"]
+
+        # a restart: the same Redis and prefix, a new node; the delivered ones are gone from the queue
+        await node.stop()
+        sink.sink.rcpt_reply = lambda rcpt: b"451 4.3.0 later"
+        await self.start_node(sink, **options)
+        path = f"domains/example.com/report?from={start}&until={until}"
+        status, again = await deferToThread(call, admin, "GET", path)
+        assert status == 200, again
+        assert again["totals"] == first["totals"]
+        assert [m["queue_id"] for m in again["messages"]] == [m["queue_id"] for m in first["messages"]]
+        # the CLI over the API: text and CSV
+        out = io.StringIO()
+        argv = ["report", "example.com", "--from", _isoz(start), "--until", _isoz(until), "--format", "csv"]
+        argv += ["--url", f"http://127.0.0.1:{admin}", "--token", TOKEN]
+        await deferToThread(_cli, argv, out)
+        lines = list(csv.reader(io.StringIO(out.getvalue())))
+        assert len(lines) == 8 and lines[0] == list(report.COLUMNS)
+        status, bad = await deferToThread(call, admin, "GET", "domains/example.com/report?from=yesterday")
+        assert status == 400 and "from: expected" in bad["error"]
+        status, bad = await deferToThread(call, admin, "GET", "domains/example.com/report?format=pdf")
+        assert status == 400 and "format" in bad["error"]
+        status, bad = await deferToThread(call, admin, "GET", "domains/exmaple.com/report")
+        assert status == 404
+
+
+def _isoz(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat()
+
+
+def _cli(argv: list[str], out: io.StringIO) -> None:
+    options = parser().parse_args(argv)
+    run(options, Client(options.url, options.token), out)
