@@ -10,13 +10,15 @@ import csv
 import io
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import pytest
 from twisted.internet.threads import deferToThread
 
 from relayx.interfaces import Outcome
 from relayx.ops import report
-from relayx.ops.cli import Client, parser, run
+from relayx.ops.cli import Client, Failure, parser, run
 from relayx.redis.embedded import free_port
 from relayx.reply import Reply
 from tests.helpers import LoopbackSink, NodeCase, send, unique_prefix, wait_for
@@ -135,6 +137,59 @@ class EventLogTests(QueueCase):
         [(_, last)] = await q.redis.call("execute_command", "XREVRANGE", key, "+", "-", "COUNT", 1) or [(0, [])]
         assert b"NEW" in last
         assert len((await report.build(q, "one.test", T0 - 1, T0 + 1)).rows) < 100
+
+
+class RetryLogTests(QueueCase):
+    @deferred_test
+    async def test_same_deferral_is_logged_once(self) -> None:
+        """When a recipient is deferred again for the same reason, the log does not grow; a new reason is logged."""
+        q = await self.make_queue(retry_schedule=(1.0,))
+        await q.enqueue(message("M", "a@one.test"))
+        key = q.key("events", "one.test")
+        for n, text in enumerate(["busy", "busy", "busy", "full"]):
+            [lease] = await take(q, "n", T0 + 10 * n, 10)
+            await q.settle(lease, Outcome(deferred=(("a@one.test", Reply(451, "4.3.0", text)),)), T0 + 10 * n)
+        assert await q.redis.call("execute_command", "XLEN", key) == 3  # accepted, busy, full
+        got = (await report.build(q, "one.test", T0 - 1, T0 + 1)).as_json()
+        assert got["messages"][0]["recipients"][0]["reply"] == "451 4.3.0 full"
+
+
+def test_cli_writes_a_file_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    """When report is given -o FILE, the page goes there and a summary to the terminal; an existing file is kept."""
+    answer = {
+        "domain": "one.test",
+        "from": T0,
+        "until": T0 + 60,
+        "totals": {"accepted": 0, "delivered": 0, "bounced": 0, "deleted": 0, "queued": 0},
+        "messages": [],
+        "note": "no message for one.test was accepted from A to B",
+    }
+    asked: list[tuple[str, dict[str, Any]]] = []
+
+    class Canned:
+        def __call__(self, method: str, path: str, body: Any = None, **query: Any) -> Any:
+            asked.append((path, query))
+            return answer
+
+        def raw(self, path: str) -> bytes:
+            raise AssertionError(path)
+
+    target = tmp_path / "proof.html"
+    argv = ["report", "one.test", "--from", "2027-01-15T08:00+00:00", "--format", "html", "-o", str(target)]
+    out = io.StringIO()
+    run(parser().parse_args(argv), Canned(), out)
+    assert asked == [("domains/one.test/report", {"from": 1800000000.0, "until": None})]
+    assert "no message for one.test was accepted" in target.read_text()
+    assert (
+        out.getvalue()
+        == "one.test: 0 accepted, 0 delivered, 0 bounced, 0 still queued; html written to " + str(target) + "\n"
+    )
+    with pytest.raises(Failure) as refused:
+        run(parser().parse_args(argv), Canned(), io.StringIO())
+    assert refused.value.code == 2 and "cannot create" in str(refused.value)
+    text = io.StringIO()
+    run(parser().parse_args(["report", "one.test", "--from", "2027-01-15T08:00+00:00"]), Canned(), text)
+    assert "no message for one.test was accepted" in text.getvalue()
 
 
 def test_formats_escape_and_quote() -> None:

@@ -292,8 +292,8 @@ end
 -- Entry IDs are the node's now in ms (or the stream's last ms, if later: IDs only
 -- grow), so a window is one XRANGE between its ms bounds. Bounded: each XADD
 -- trims (MINID ~) what is older than <p>:events:keep (ms), which settle.lua sets
--- to the retention plus EVENT_MARGIN; a message's entries are a few hundred bytes
--- each (about 1 KB for accepted, delivered and its listpack share).
+-- to the retention plus EVENT_MARGIN. Memory: about 550 bytes per delivered
+-- one-recipient message (accepted + delivered; measured 1.09 MB for 2,000).
 -- Cost: O(1) keys (the stream, the keep key), O(1) amortized writes.
 local EVENT_MARGIN = 86400000
 

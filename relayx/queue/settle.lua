@@ -31,8 +31,8 @@
 -- once accepted or failed are never owed again, so a retry resends only to the rest.
 -- A domain is in <p>:paused exactly while its paused_until is set. Every change
 -- of a job's location goes through move() (common.lua), keeping the counters.
--- What the attempt did (delivered, failed, deferred, and jobs failed for their
--- retention) goes to the domain's event log (record_event, common.lua), whose
+-- What the attempt did (delivered, failed, deferred when its reason changed,
+-- and jobs failed for their retention) goes to the domain's event log (record_event, common.lua), whose
 -- trim (<p>:events:keep) this sets to the retention plus EVENT_MARGIN.
 --
 -- Cost bound, whatever the queue's depth: O(1) keys for the job itself; when the
@@ -50,6 +50,8 @@ for step in string.gmatch(ARGV[9], '[^,]+') do schedule[#schedule + 1] = tonumbe
 local function step(n) return schedule[math.max(1, math.min(n, #schedule))] end
 local _, held_now = held_clock(prefix .. ':dom:' .. base_domain(domain), now)
 local mx = ARGV[12] or ''
+-- a deferral is logged when its reason changes, not at every retry (bounded per message)
+local last_error = redis.call('HGET', KEYS[1], 'error') or ''
 redis.call('SET', prefix .. ':events:keep', retention + EVENT_MARGIN)
 local function event(job, jobid, kind, fields)
   record_event(prefix, domain, redis.call('HGET', job, 'qid') or '', jobid, now, kind, fields)
@@ -147,7 +149,9 @@ if unreachable ~= '' then
   redis.call('ZADD', KEYS[10], until_ms, domain)
   redis.call('HSET', KEYS[1], 'error', unreachable)
   remember('unreachable: ' .. unreachable)
-  event(KEYS[1], jid, 'deferred', {'rcpts', cjson.encode(owed), 'why', 'unreachable: ' .. unreachable, 'mx', mx})
+  if unreachable ~= last_error then
+    event(KEYS[1], jid, 'deferred', {'rcpts', cjson.encode(owed), 'why', 'unreachable: ' .. unreachable, 'mx', mx})
+  end
   move(prefix, jid, domain, 'in_flight', 'ready', redis.call('HGET', KEYS[1], 'seq'))
   -- jobs at the head of the queue that outlived their retention fail now
   local result = 'paused'
@@ -178,7 +182,7 @@ remember(why)
 if expired(KEYS[1]) then
   return expire(KEYS[1], jid, owed, failed, why, 'in_flight')
 end
-event(KEYS[1], jid, 'deferred', {'rcpts', cjson.encode(owed), 'why', why, 'mx', mx})
+if why ~= last_error then event(KEYS[1], jid, 'deferred', {'rcpts', cjson.encode(owed), 'why', why, 'mx', mx}) end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts'))
 move(prefix, jid, domain, 'in_flight', 'deferred', now + step(attempts))
 warn(KEYS[1], jid)
