@@ -49,6 +49,8 @@ from relayx.interfaces import IBodyStore, StoreUnavailable
 from relayx.metrics import Metrics
 from relayx.ops.api import AdminAPI, Cluster
 from relayx.ops.bulk import BulkRunner
+from relayx.ops.history import INTERVAL as HISTORY_INTERVAL
+from relayx.ops.history import History
 from relayx.ops.http import admin_site
 from relayx.ops.panel import Panel
 from relayx.queue.redis import RedisQueue
@@ -290,6 +292,7 @@ class RelayNode(Service):
         self.bouncer: Bouncer | None = None
         self.heartbeat: LoopingCall | None = None
         self.bulk: BulkRunner | None = None
+        self.history: History | None = None
         self.bodies: WatchedBodyStore | None = None
         self.body_threads: ThreadPool | None = None
         self.sweep: OrphanSweep | None = None
@@ -342,6 +345,17 @@ class RelayNode(Service):
         self.heartbeat = LoopingCall(self._heartbeat)
         self.heartbeat.clock = reactor
         self.bulk = BulkRunner(self.queue, config.node.id, reactor)
+        if config.admin.history:
+            # the charts' samples, one a minute, taken by one node of the cluster
+            self.history = History(
+                self.queue,
+                self.redis,
+                self.queue.prefix,
+                {d.name: d.queues() for d in config.domains},
+                config.node.id,
+                reactor,
+                kept=int(config.admin.history // HISTORY_INTERVAL),
+            )
         await self._listen_smtp()
         await self._listen_admin()
         self._start_workers()
@@ -350,6 +364,8 @@ class RelayNode(Service):
         self.prober.start()
         self.bouncer.start()
         self.bulk.start()
+        if self.history is not None:
+            self.history.start()
         if self.bodies is not None:
             b = config.bodies
             self.sweep = OrphanSweep(
@@ -473,6 +489,7 @@ class RelayNode(Service):
                     domains=config.domains,
                     tokens=config.admin.tokens,
                     clock=self.reactor,
+                    history=self.history,
                     cluster=Cluster(
                         node_id=config.node.id,
                         durability=config.redis.durability,
@@ -598,6 +615,8 @@ class RelayNode(Service):
             self.heartbeat.stop()
         if self.bulk is not None:
             self.bulk.stop()
+        if self.history is not None:
+            self.history.stop()
         if self.prober is not None:
             self.prober.stop()
         if self.bouncer is not None:

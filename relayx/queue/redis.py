@@ -133,6 +133,7 @@ class RedisQueue:
     _BULK_STEP = load_script("relayx.queue", "bulk_step.lua")
     _BULK_CANCEL = load_script("relayx.queue", "bulk_cancel.lua", prelude=True)
     _MESSAGE = load_script("relayx.queue", "message.lua", prelude=True)
+    _TRAFFIC = load_script("relayx.queue", "traffic.lua")
 
     def __init__(
         self,
@@ -200,14 +201,18 @@ class RedisQueue:
             body,
             *search_fields(message.body),
         ]
+        queues: list[str] = []
         for domain, rcpts in message.by_domain().items():
             owed = json.dumps(list(rcpts))
             args += [domain, owed]
+            queues.append(domain)
             # dual delivery: each copy destination has a job of its own
             for n in range(1, self.copies.get(domain, 0) + 1):
                 args += [f"{domain}#{n}", owed]
+                queues.append(f"{domain}#{n}")
         keys = [self.key("seq"), self.key("domains"), self.key("msg", message.queue_id)]
         await self._write(self._ENQUEUE, keys, args, f"message {message.queue_id}", strict=True)
+        await self._count("accepted", queues)
 
     async def _write(self, script: Script, keys: list[str], args: list[Any], what: str, strict: bool) -> Any:
         """
@@ -339,8 +344,34 @@ class RedisQueue:
         # replicated too, so that a failover does not forget a delivery and send it again
         fate = _text(await self._write(self._SETTLE, keys, args, f"settling {lease.job_id}", strict=False))
         if fate == "done":
+            await self._count("delivered", [lease.domain])
             await self._retire_body(lease.queue_id, ref)
         return fate
+
+    async def _count(self, what: str, queues: Sequence[str]) -> None:
+        """
+        Count jobs ``accepted`` or ``delivered`` (traffic.lua) once the change
+        itself is committed: one O(1) script that may fail without harm (a
+        rate in the history comes out low), so a failure is logged, never raised.
+        """
+        keys = [self.key("accepted"), self.key("delivered")]
+        try:
+            await self.redis.script(self._TRAFFIC, keys, [what, *queues])
+        except StoreUnavailable as e:
+            log.warn("{what} jobs not counted: {why}", what=what, why=str(e))
+
+    async def traffic(self, queues: Sequence[str]) -> dict[str, int]:
+        """
+        Jobs ``accepted`` and ``delivered`` (in full) so far in ``queues``
+        (all of them when none are named): two ``HMGET`` of ``len(queues)`` fields.
+        """
+        fields = list(queues) or ["*"]
+        accepted = await self.redis.call("hmget", self.key("accepted"), fields)
+        delivered = await self.redis.call("hmget", self.key("delivered"), fields)
+        return {
+            "accepted": sum(int(n or 0) for n in accepted),
+            "delivered": sum(int(n or 0) for n in delivered),
+        }
 
     async def persistence_warnings(self) -> list[str]:
         """
