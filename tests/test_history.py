@@ -161,11 +161,15 @@ class SamplerTests(QueueCase):
             100,
         )
         assert replay(recent[-1], rate, 5, held=True)["eta"] is None
-        # emptied, the next backlog is a new drain
+        # emptied, the drain is done; the next backlog is a new drain
         assert await deliver(q, T0 + 180, 5) == 5
         assert await h.sample(T0 + 180)
-        [last] = await h.read("one.test", T0 + 180, 10)
-        assert (last["base"], last["began"]) == (11, (T0 + 180) // 60 * 60)
+        recent = await h.recent("one.test")
+        assert replay(recent[-1], delivery_rate(recent), 0, held=False)["delivered"] == 11
+        await q.enqueue(message("O", "later@one.test"))
+        assert await h.sample(T0 + 240)
+        [last] = await h.read("one.test", T0 + 240, 10)
+        assert (last["base"], last["began"]) == (11, T0 + 180)
 
     @deferred_test
     async def test_streams_and_reads_are_bounded(self) -> None:

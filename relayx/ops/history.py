@@ -19,11 +19,13 @@ rate per minute is the difference between two samples. Depth differences
 could not tell arrivals from deliveries apart, and the counters cost one
 O(1) command per message and per delivery.
 
-Each domain entry also carries where the current drain began (``base``:
-the delivered counter when the domain was last held or empty, and
-``began``), so the panel can show a replay's progress after a hold:
-delivered since then over that plus what is left, and its estimated end,
-what is left over the recent delivery rate.
+Each domain entry also carries where the current drain began (``base``,
+the delivered counter then, and ``began``): the last sample in which the
+domain was held or waiting for its failing destination, or the last one
+with nothing queued before mail queued up again. So the panel can show a
+replay's progress after a hold or an outage: delivered since then over that
+plus what is left, and its estimated end, what is left over the recent
+delivery rate.
 
 Reads are bounded: ``XRANGE`` with a ``COUNT`` of at most ``KEPT``.
 """
@@ -228,16 +230,21 @@ class History:
     ) -> tuple[list[str], dict[str, int], int]:
         counts = await self.queue.counts(queues, now)
         states = {name: int(counts["states"].get(name, 0)) for name in STATES}
-        on_hold = 1 if (await self.queue.domain_state(domain, now)).held else 0
+        state = await self.queue.domain_state(domain, now)
+        on_hold = 1 if state.held else 0
         traffic = await self.queue.traffic(queues)
-        delivered = traffic["delivered"]
-        # a drain begins where the domain was last held or empty
-        base, began = delivered, at
+        delivered, total = traffic["delivered"], int(counts["total"])
         found = await self._last(domain)
         last = found[0] if found else None
-        if last is not None and not on_hold and counts["total"] and "base" in last:
-            if delivered >= last["base"]:
-                base, began = int(last["base"]), round(last["began"] * 1000)
+        # a drain (a replay) begins when the domain is no longer held or waiting
+        # for its failing destination, or when mail queues up after none was queued
+        base, began = delivered, at
+        if on_hold or (state.paused_until or 0) > now or last is None or "base" not in last:
+            pass
+        elif last["total"] == 0 and total:
+            base, began = int(last["delivered"]), round(last["at"] * 1000)
+        elif delivered >= last["base"]:
+            base, began = int(last["base"]), round(last["began"] * 1000)
         values = {
             **states,
             "hold": on_hold,
