@@ -172,6 +172,28 @@ class SamplerTests(QueueCase):
         assert (last["base"], last["began"]) == (11, T0 + 180)
 
     @deferred_test
+    async def test_a_drain_begins_after_an_outage(self) -> None:
+        """When a domain's destination was failing, the drain after it counts the deliveries since the last sample
+        taken while it failed, not those before."""
+        q = await self.make_queue()
+        h = history(q, "node-a", at(Clock(), T0))
+        for n in range(6):
+            await q.enqueue(message(f"M{n}", f"u{n}@one.test"))
+        assert await deliver(q, T0, 2) == 2
+        assert await h.sample(T0)
+        assert await deliver(q, T0 + 60, 1) == 1
+        assert await h.sample(T0 + 60)
+        [lease] = await take(q, "node-a", T0 + 100, 1)
+        assert await q.settle(lease, Outcome(unreachable="connection refused"), T0 + 100) == "paused"
+        assert await h.sample(T0 + 120)
+        assert await q.resume("one.test", T0 + 170)
+        assert await deliver(q, T0 + 180, 2) == 2
+        assert await h.sample(T0 + 180)
+        [paused, after] = await h.read("one.test", T0 + 120, 10)
+        assert (paused["base"], paused["began"]) == (3, T0 + 120)
+        assert replay(after, None, after["total"], held=False)["delivered"] == 2
+
+    @deferred_test
     async def test_streams_and_reads_are_bounded(self) -> None:
         """When more samples are taken than a stream keeps, the oldest are trimmed; a read returns at most its
         limit from `since` on."""
