@@ -64,6 +64,8 @@ from relayx.workers import WorkerSupervisor, worker_command
 
 log = Logger()
 
+#: seconds between two additions of a process's counts of jobs accepted and delivered to Redis
+TRAFFIC_FLUSH = 1.0
 #: heartbeats a node may miss before it is no longer listed as live
 NODE_SILENCE = 3
 
@@ -293,6 +295,7 @@ class RelayNode(Service):
         self.heartbeat: LoopingCall | None = None
         self.bulk: BulkRunner | None = None
         self.history: History | None = None
+        self.traffic: LoopingCall | None = None
         self.bodies: WatchedBodyStore | None = None
         self.body_threads: ThreadPool | None = None
         self.sweep: OrphanSweep | None = None
@@ -326,6 +329,11 @@ class RelayNode(Service):
         await self._open_bodies()
         self.redis = await self._connect_redis()
         self.queue = RedisQueue.configured(self.redis, config, self.bodies)
+        # the counts of jobs accepted and delivered (the history's rates) reach Redis once a second
+        queue = self.queue
+        self.traffic = LoopingCall(lambda: Deferred.fromCoroutine(queue.flush_traffic()))
+        self.traffic.clock = reactor
+        self.traffic.start(TRAFFIC_FLUSH, now=False)
         if self.role is NodeRole.SMTP_WORKER:
             # takes mail, nothing more: delivery, the admin listener, the
             # heartbeat and the orphan sweep are the first process's
@@ -629,6 +637,10 @@ class RelayNode(Service):
             self.deliverer.close_idle()
         if self.body_threads is not None:
             self.body_threads.stop()
+        if self.traffic is not None and self.traffic.running:
+            self.traffic.stop()
+        if self.queue is not None and self.redis is not None and self.redis.connected:
+            await self.queue.flush_traffic()
         if self.redis is not None:
             await self.redis.disconnect()
         if self.embedded is not None:

@@ -72,6 +72,18 @@ class TrafficTests(QueueCase):
         assert {k.decode(): int(v) for k, v in delivered.items()} == {"one.test": 1, "*": 1}
 
 
+    @deferred_test
+    async def test_counted_in_memory_then_flushed_once(self) -> None:
+        """When mail is accepted, the count waits in memory (no Redis call on mail's path) until a flush adds it,
+        once."""
+        q = await self.make_queue()
+        await q.enqueue(message("A", "a@one.test"))
+        assert await q.redis.call("exists", q.key("accepted")) == 0
+        await q.flush_traffic()
+        await q.flush_traffic()
+        assert int(await q.redis.call("hget", q.key("accepted"), "one.test")) == 1
+
+
 def _reply() -> Any:
     from relayx.reply import Reply
 
