@@ -71,7 +71,6 @@ class TrafficTests(QueueCase):
         delivered = await q.redis.call("hgetall", q.key("delivered"))
         assert {k.decode(): int(v) for k, v in delivered.items()} == {"one.test": 1, "*": 1}
 
-
     @deferred_test
     async def test_counted_in_memory_then_flushed_once(self) -> None:
         """When mail is accepted, the count waits in memory (no Redis call on mail's path) until a flush adds it,
