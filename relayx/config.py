@@ -16,7 +16,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import attrs
 
@@ -229,6 +229,8 @@ class RedisConfig:
     durability: str = "aof"
     replicas: int = 1
     replication_timeout: float = 2.0
+    #: for ``rediss://``: the CA certificates (PEM) that sign the server's, or None: the system's
+    tls_ca_file: Path | None = None
 
     @property
     def embedded(self) -> bool:
@@ -248,8 +250,28 @@ class RedisConfig:
         return int(path) if path else 0
 
     @property
+    def username(self) -> str | None:
+        """
+        The ACL user of ``redis://user:password@host``, URL-decoded, or None
+        (the default user).
+        """
+        name = urlsplit(self.url or "").username
+        return unquote(name) if name else None
+
+    @property
     def password(self) -> str | None:
-        return urlsplit(self.url or "").password
+        """
+        The password of the URL, URL-decoded (``%40`` is ``@``), or None.
+        """
+        password = urlsplit(self.url or "").password
+        return unquote(password) if password is not None else None
+
+    @property
+    def tls(self) -> bool:
+        """
+        Whether the URL asks for TLS (``rediss://``).
+        """
+        return urlsplit(self.url or "").scheme == "rediss"
 
 
 @attrs.frozen
@@ -620,9 +642,13 @@ def _redis_url(value: object) -> str:
             port_ok = parts.port is None or 0 < parts.port < 65536
         except ValueError:
             port_ok = False
-        if parts.scheme == "redis" and parts.hostname and port_ok and (path == "" or path.isdigit()):
+        if parts.scheme in ("redis", "rediss") and parts.hostname and port_ok and (path == "" or path.isdigit()):
             return value
-    raise ValueError(f"a URL such as 'redis://127.0.0.1:6379/0', got {value!r}")
+    # the URL may hold a password: show it without
+    shown = re.sub(r"//[^@/]*@", "//***@", value) if isinstance(value, str) else value
+    raise ValueError(
+        f"a URL such as 'redis://127.0.0.1:6379/0' or 'rediss://user:password@redis.example:6380/0', got {shown!r}"
+    )
 
 
 def _listen(value: object) -> tuple[str, ...]:
@@ -1013,7 +1039,10 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
         durability=redis.get("durability", "aof", _choice("aof", "replicated")),
         replicas=redis.get("replicas", 1, _positive_int),
         replication_timeout=redis.get("replication_timeout", 2.0, _positive_duration),
+        tls_ca_file=redis.get("tls_ca_file", None, _file(base)),
     )
+    if redis_config.tls_ca_file is not None and not redis_config.tls:
+        raise redis.fail("tls_ca_file", "a 'rediss://' url (TLS) to go with it")
     replicated = redis_config.durability == "replicated"
     if replicated and redis_config.replication_timeout >= redis_config.timeout:
         raise redis.fail("replication_timeout", f"less than redis.timeout ({redis_config.timeout:g}s)")

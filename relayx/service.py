@@ -20,6 +20,7 @@ from twisted.internet.endpoints import HostnameEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -46,6 +47,7 @@ from relayx.delivery.scheduler import Prober, Scheduler
 from relayx.delivery.smtp import SMTPDeliverer, Timeouts
 from relayx.dns import dns_lookup, dns_lookup_addresses, dns_lookup_mx
 from relayx.interfaces import IBodyStore, StoreUnavailable
+from relayx.loops import steady_loop
 from relayx.metrics import Metrics
 from relayx.ops.api import AdminAPI, Cluster
 from relayx.ops.bulk import BulkRunner
@@ -54,7 +56,7 @@ from relayx.ops.history import History
 from relayx.ops.http import admin_site
 from relayx.ops.panel import Panel
 from relayx.queue.redis import RedisQueue
-from relayx.redis.connection import RedisConnection, open_redis
+from relayx.redis.connection import RedisConnection, RedisRefused, open_redis
 from relayx.redis.embedded import EmbeddedRedis
 from relayx.reuseport import listen_shared, parse_tcp
 from relayx.smtp.client import SMTPClientProtocol
@@ -120,7 +122,7 @@ class _Quiet(Factory):
     noisy = False
 
 
-def build_routes(config: Config, reactor: Any, queue: RedisQueue) -> RouteTable:
+def build_routes(config: Config, reactor: Any, queue: RedisQueue, fqdn: str) -> RouteTable:
     """
     Where each domain's mail goes: configured routes, run-time overrides
     from the queue, or MX records through the configured DNS.
@@ -130,7 +132,7 @@ def build_routes(config: Config, reactor: Any, queue: RedisQueue) -> RouteTable:
         {domain.name: domain.routes for domain in config.domains},
         lookup_mx=dns_lookup_mx(d.nameservers, d.connect_timeout),
         lookup_addresses=dns_lookup_addresses(d.nameservers, d.connect_timeout),
-        own_names=frozenset({config.node.hostname, socket.getfqdn()}),
+        own_names=frozenset({config.node.hostname, fqdn}),
         shuffle=random.shuffle,
         mx_port=d.mx_port,
         tls={
@@ -337,7 +339,8 @@ class RelayNode(Service):
         if self.role is NodeRole.SMTP_WORKER:
             # takes mail, nothing more: delivery, the admin listener, the
             # heartbeat and the orphan sweep are the first process's
-            self.deliverer = build_deliverer(config, reactor, build_routes(config, reactor, self.queue))
+            fqdn = await self._fqdn()
+            self.deliverer = build_deliverer(config, reactor, build_routes(config, reactor, self.queue, fqdn))
             self.smtp = build_smtp_factory(config, reactor, self.metrics, self.queue, self.deliverer, self._filters())
             await self._listen_smtp()
             log.info("relayx node {node}: SMTP worker ready", node=config.node.id)
@@ -345,13 +348,18 @@ class RelayNode(Service):
         if self.redis.connected:
             for warning in await self.queue.persistence_warnings():
                 log.warn("{warning}", warning=warning)
-        self.deliverer = build_deliverer(config, reactor, build_routes(config, reactor, self.queue))
+            try:
+                # the first heartbeat is a real write: missing rights show now, not as 451s
+                await self._beat()
+            except RedisRefused as e:
+                await self.redis.disconnect()
+                raise StartupError(str(e)) from None
+        fqdn = await self._fqdn()
+        self.deliverer = build_deliverer(config, reactor, build_routes(config, reactor, self.queue, fqdn))
         self.smtp = build_smtp_factory(config, reactor, self.metrics, self.queue, self.deliverer, self._filters())
         self.scheduler, self.prober, self.bouncer = build_delivery_loops(
             config, reactor, self.queue, self.deliverer, self.metrics
         )
-        self.heartbeat = LoopingCall(self._heartbeat)
-        self.heartbeat.clock = reactor
         self.bulk = BulkRunner(self.queue, config.node.id, reactor)
         if config.admin.history:
             # the charts' samples, one a minute, taken by one node of the cluster
@@ -367,7 +375,7 @@ class RelayNode(Service):
         await self._listen_smtp()
         await self._listen_admin()
         self._start_workers()
-        self.heartbeat.start(config.queue.heartbeat, now=True)
+        self.heartbeat = steady_loop("heartbeat", self._heartbeat, reactor, config.queue.heartbeat, now=True)
         self.scheduler.start()
         self.prober.start()
         self.bouncer.start()
@@ -406,10 +414,10 @@ class RelayNode(Service):
         that does not answer yet is not fatal (mail gets 451 until it does).
         """
         config, reactor = self.config, self.reactor
-        port = None
+        address = None
         if config.redis.embedded and self.role is NodeRole.SMTP_WORKER:
-            port = EmbeddedRedis.recorded_port(config.node.data_dir)
-            if port is None:
+            address = EmbeddedRedis.recorded(config.node.data_dir)
+            if address is None:
                 raise StartupError(f"no embedded Redis running under {config.node.data_dir}")
         elif config.redis.embedded:
             self.embedded = EmbeddedRedis(reactor, reactor, config.node.data_dir)
@@ -417,13 +425,21 @@ class RelayNode(Service):
                 await self.embedded.start()
             except Exception as e:
                 raise StartupError(f"embedded Redis: {e}") from None
-            port = self.embedded.port
-        redis = await open_redis(config.redis, reactor, port)
+            address = self.embedded.address
+        redis = await open_redis(config.redis, reactor, address)
         redis.observe = self.metrics.redis_seconds.observe
         if await redis.wait_connected(config.redis.timeout):
             log.info("connected to Redis at {where}", where=redis.where)
+        elif redis.refused is not None:
+            # wrong credentials, missing rights, an evicting Redis: waiting will not help
+            why = redis.refused
+            await redis.disconnect()
+            if self.embedded is not None:
+                await self.embedded.stop()
+            raise StartupError(why)
         else:
             log.warn("Redis at {where} is not answering; mail gets 451 until it does", where=redis.where)
+        redis.report_refusals()
         return redis
 
     @property
@@ -474,8 +490,11 @@ class RelayNode(Service):
         assert queue is not None and redis is not None
 
         def ready() -> str | None:
-            if not redis.connected:
-                return f"Redis at {redis.where} not connected"
+            if self._stopped:
+                return "shutting down"
+            why = redis.problem()
+            if why is not None:
+                return why
             if not self.ports:
                 return "not listening for SMTP"
             if self.bodies is not None and self.bodies.failing:
@@ -490,7 +509,7 @@ class RelayNode(Service):
                 domain_state=lambda domain: queue.domain_state(domain, self.reactor.seconds()),
                 queue_jobs=lambda domain: queue.counts([domain], self.reactor.seconds()),
                 clock=self.reactor,
-                redis_connected=lambda: redis.connected,
+                redis_connected=lambda: redis.problem() is None,
                 api=AdminAPI(
                     queue=queue,
                     bulk=queue,
@@ -578,20 +597,36 @@ class RelayNode(Service):
             )
         return FilterChain(chain)
 
-    def _heartbeat(self) -> Deferred[None]:
-        async def beat() -> None:
-            assert self.queue is not None
-            try:
-                await self.queue.heartbeat(
-                    self.config.node.id,
-                    self.reactor.seconds(),
-                    NODE_SILENCE * self.config.queue.heartbeat,
-                    {"hostname": self.config.node.hostname, "pid": str(os.getpid()), "version": __version__},
-                )
-            except StoreUnavailable as e:
-                log.warn("heartbeat not recorded: {why}", why=str(e))
+    async def _fqdn(self) -> str:
+        """
+        This host's fully qualified name (a DNS look-up, so in a thread), or
+        ``[node] hostname`` when the look-up fails or takes over 5 seconds.
+        """
+        reactor = self.reactor
+        try:
+            d: Deferred[str] = deferToThreadPool(reactor, reactor.getThreadPool(), socket.getfqdn)
+            d.addTimeout(5, reactor)
+            return await d
+        except Exception as e:
+            log.warn(
+                "cannot look up this host's name ({why}); using {name}", why=repr(e), name=self.config.node.hostname
+            )
+            return self.config.node.hostname
 
-        return Deferred.fromCoroutine(beat())
+    async def _beat(self) -> None:
+        assert self.queue is not None
+        await self.queue.heartbeat(
+            self.config.node.id,
+            self.reactor.seconds(),
+            NODE_SILENCE * self.config.queue.heartbeat,
+            {"hostname": self.config.node.hostname, "pid": str(os.getpid()), "version": __version__},
+        )
+
+    async def _heartbeat(self) -> None:
+        try:
+            await self._beat()
+        except StoreUnavailable as e:
+            log.warn("heartbeat not recorded: {why}", why=str(e))
 
     def stopService(self) -> Deferred[None]:
         super().stopService()

@@ -193,6 +193,7 @@ class NodeCase(TestCase):
         node_id: str = "node-a",
         admin_listen: list[str] | None = None,
         admin_tokens: dict[str, str] | None = None,
+        redis: dict[str, Any] | None = None,
         bodies: dict[str, Any] | None = None,
         **queue: Any,
     ) -> RelayNode:
@@ -204,6 +205,7 @@ class NodeCase(TestCase):
                 "url": redis_url or shared_redis().url,
                 "key_prefix": key_prefix or unique_prefix(),
                 "timeout": "2s",
+                **(redis or {}),
             },
             "filter": filters or {},
             "admin": {"listen": admin_listen or [], "tokens": admin_tokens or {}},

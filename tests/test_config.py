@@ -169,6 +169,42 @@ def test_replicated_needs_a_real_redis(tmp_path: Path) -> None:
         load(write(tmp_path, "[redis]\ndurability = 'replicated'\n" + MINIMAL))
 
 
+def test_redis_url_user_and_password_are_decoded(tmp_path: Path) -> None:
+    """When the URL has an ACL user and a URL-encoded password, both are read decoded."""
+    url = "redis://relay%2Bx:p%40ss%2Fw%3Ard@10.0.0.5:6380/2"
+    config = load(write(tmp_path, f"[redis]\nurl = '{url}'\n" + MINIMAL))
+    r = config.redis
+    assert (r.username, r.password, r.host, r.port, r.db, r.tls) == ("relay+x", "p@ss/w:rd", "10.0.0.5", 6380, 2, False)
+    assert "p@ss" not in repr(r) and "p%40ss" not in repr(r)
+
+
+def test_redis_url_password_only_is_the_default_user(tmp_path: Path) -> None:
+    """When the URL has a password and no user, the user is the default one (None)."""
+    config = load(write(tmp_path, "[redis]\nurl = 'redis://:secret@127.0.0.1/0'\n" + MINIMAL))
+    assert (config.redis.username, config.redis.password) == (None, "secret")
+
+
+def test_rediss_with_ca_file(tmp_path: Path) -> None:
+    """When the URL is rediss:// with a CA file, TLS is on and the file is kept."""
+    (tmp_path / "ca.pem").write_text("x")
+    config = load(write(tmp_path, "[redis]\nurl = 'rediss://u:p@redis.test:6380'\ntls_ca_file = 'ca.pem'\n" + MINIMAL))
+    assert config.redis.tls and config.redis.tls_ca_file == tmp_path / "ca.pem"
+
+
+def test_ca_file_without_tls_is_an_error(tmp_path: Path) -> None:
+    """When tls_ca_file is given with a redis:// URL, the error says it needs rediss://."""
+    (tmp_path / "ca.pem").write_text("x")
+    with pytest.raises(ConfigError, match=r"redis\.tls_ca_file: expected a 'rediss://' url"):
+        load(write(tmp_path, "[redis]\nurl = 'redis://redis.test'\ntls_ca_file = 'ca.pem'\n" + MINIMAL))
+
+
+def test_bad_redis_url_hides_the_password(tmp_path: Path) -> None:
+    """When the URL is refused, the one-line error does not show its password."""
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, "[redis]\nurl = 'http://u:topsecret@redis.test'\n" + MINIMAL))
+    assert "topsecret" not in str(caught.value) and "redis.url" in str(caught.value)
+
+
 def test_bodies_defaults(tmp_path: Path) -> None:
     """When [bodies] is absent, bodies go to a directory under data_dir with the embedded Redis, else stay in Redis."""
     config = load(write(tmp_path, MINIMAL))

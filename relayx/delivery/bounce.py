@@ -8,7 +8,7 @@ bounced itself.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred
@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from relayx.address import AddressError, Mailbox
 from relayx.delivery.dsn import FailedRecipient, build_dsn
 from relayx.interfaces import FailedJob, IFailedJobs, IncomingMessage, StoreUnavailable
+from relayx.loops import steady_loop
 
 log = Logger()
 
@@ -34,9 +35,7 @@ class Bouncer:
     _loop: LoopingCall | None = None
 
     def start(self) -> None:
-        self._loop = LoopingCall(self.run_once)
-        self._loop.clock = self.clock
-        self._loop.start(self.interval, now=False)
+        self._loop = steady_loop("bouncer", self.run_once, self.clock, self.interval)
 
     def stop(self) -> None:
         if self._loop is not None and self._loop.running:
@@ -48,11 +47,29 @@ class Bouncer:
     async def _run(self) -> None:
         try:
             for job in await self.queue.failed(self.batch):
-                await self._bounce(job)
+                if not await self._each(self._bounce, job, "DSN"):
+                    return
             for job in await self.queue.delayed(self.batch):
-                await self._warn(job)
+                if not await self._each(self._warn, job, "delay warning"):
+                    return
         except StoreUnavailable as e:
             log.warn("DSNs not sent now: {why}", why=str(e))
+
+    async def _each(self, send: Callable[[FailedJob], Awaitable[None]], job: FailedJob, what: str) -> bool:
+        """
+        Send one job's DSN; an odd job is logged and skipped, so it cannot
+        stop the others. ``False`` when Redis is unavailable (stop for now).
+        """
+        try:
+            await send(job)
+        except StoreUnavailable as e:
+            log.warn("DSNs not sent now: {why}", why=str(e))
+            return False
+        except Exception:
+            log.failure(
+                "{queue_id}: {what} for job {job} failed; skipped", queue_id=job.queue_id, what=what, job=job.job_id
+            )
+        return True
 
     async def _bounce(self, job: FailedJob) -> None:
         now = self.clock.seconds()

@@ -19,8 +19,10 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from relayx.interfaces import IDeliverer, IDeliveryQueue, Lease, Outcome, StaleLease, StoreUnavailable, Throttle
+from relayx.loops import logged, steady_loop
 from relayx.metrics import Metrics
 
 log = Logger()
@@ -92,10 +94,13 @@ def _build_lease_keeper() -> TypeMachine[LeaseKeeper, _LeaseCore]:
             except StoreUnavailable as e:
                 log.warn("lease {job} not renewed: {why}", job=core.lease.job_id, why=str(e))
                 keeper.unanswered()
+            except Exception:
+                log.failure("lease {job} not renewed: unexpected error", job=core.lease.job_id)
+                keeper.unanswered()
             else:
                 keeper.renewed(lease)
 
-        Deferred.fromCoroutine(renew())
+        logged(Deferred.fromCoroutine(renew()), f"renewal of lease {core.lease.job_id}")
 
     @renewing.upon(LeaseKeeper.renewed).to(holding)
     def _renewed(keeper: LeaseKeeper, core: _LeaseCore, lease: Lease) -> None:
@@ -158,9 +163,7 @@ class Scheduler:
 
     def start(self) -> None:
         self._stopping = False
-        self._loop = LoopingCall(self.poll)
-        self._loop.clock = self.clock
-        self._loop.start(self.poll_interval, now=True)
+        self._loop = steady_loop("delivery scheduler", self.poll, self.clock, self.poll_interval, now=True)
 
     async def stop(self) -> None:
         """
@@ -188,6 +191,9 @@ class Scheduler:
 
     def _claimed(self, full: object) -> None:
         self._claiming = False
+        if isinstance(full, Failure):
+            log.failure("cannot claim deliveries: unexpected error", full)
+            return
         if full is True:
             self.poll()
 
@@ -222,6 +228,8 @@ class Scheduler:
         self._wake = self.clock.callLater(delay, self.poll)
 
     def _ended(self, result: object, job_id: str) -> None:
+        if isinstance(result, Failure):
+            log.failure("job {job}: unexpected error after its delivery", result, job=job_id)
         del self._active[job_id]
         if not self._stopping:
             self.poll()
@@ -328,10 +336,8 @@ class Prober:
     _quiet: dict[str, tuple[float, int]] = field(default_factory=dict)
 
     def start(self) -> None:
-        self._loop = LoopingCall(self.check)
-        self._loop.clock = self.clock
         # look often; the cluster-wide lock keeps it to one probe per interval
-        self._loop.start(min(1.0, self.interval), now=False)
+        self._loop = steady_loop("prober", self.check, self.clock, min(1.0, self.interval))
 
     def stop(self) -> None:
         if self._loop is not None and self._loop.running:
@@ -368,7 +374,7 @@ class Prober:
             if domain in self._probing:
                 continue
             self._probing.add(domain)
-            Deferred.fromCoroutine(self._probe(domain))
+            logged(Deferred.fromCoroutine(self._probe(domain)), f"probe of {domain}")
 
     async def _probe(self, domain: str) -> None:
         try:
@@ -390,3 +396,5 @@ class Prober:
                 self.resumed(domain)
         except StoreUnavailable as e:
             log.warn("probe of {domain} not recorded: {why}", domain=domain, why=str(e))
+        except Exception:
+            log.failure("probe of {domain}: unexpected error", domain=domain)

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import attrs
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -161,7 +162,10 @@ class SMTPDeliverer:
         d.addTimeout(timeout, self._clock)
         try:
             result = await d
+        except (TimeoutError, defer.TimeoutError, defer.CancelledError):
+            return None
         except Exception:
+            log.failure("callout for {rcpt}: unexpected error", rcpt=address)
             return None
         return None if isinstance(result, str) else result
 

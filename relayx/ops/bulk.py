@@ -85,6 +85,9 @@ class BulkRunner:
                     steps += await self._run(bulk_id)
         except StoreUnavailable as e:
             log.warn("bulk actions: queue unavailable: {why}", why=str(e))
+        except Exception:
+            # logged, and the next tick tries again (a LoopingCall would stop for good)
+            log.failure("bulk actions: unexpected error")
         finally:
             self._busy = False
         return steps

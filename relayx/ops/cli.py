@@ -22,6 +22,7 @@ from typing import Any
 
 from twisted.internet.task import react
 
+from relayx.address import AddressError, normalize_domain
 from relayx.config import Config, ConfigError, load, parse_route
 from relayx.dns import dns_lookup, dns_lookup_mx
 from relayx.ops import check, preflight
@@ -72,17 +73,63 @@ def _parser(command: str) -> argparse.ArgumentParser:
     return parser
 
 
-async def _queue(reactor: Any, config: Config) -> RedisQueue:
-    port = None
+class UsageError(Exception):
+    """
+    The command line names something the configuration does not have.
+    """
+
+
+def configured_domain(config: Config, text: str) -> str:
+    """
+    ``text`` as a domain (or copy queue, ``example.org#1``) of the
+    configuration, normalised; ``UsageError`` naming the problem otherwise.
+    """
+    name, hash_, copy = text.partition("#")
+    try:
+        domain = normalize_domain(name) + hash_ + copy
+    except AddressError:
+        raise UsageError(f"{text!r} is not a domain name") from None
+    known = [queue for d in config.domains for queue in d.queues()]
+    if domain not in known:
+        listed = ", ".join(known) if known else "none"
+        raise UsageError(f"{domain} is not a domain of {config.source} (its domains: {listed})")
+    return domain
+
+
+def describe(record: dict[str, object]) -> str:
+    """
+    One line for an audit record of any action.
+    """
+    try:
+        when = datetime.fromtimestamp(int(str(record.get("at", 0))) / 1000).isoformat(timespec="seconds")
+    except (ValueError, OverflowError, OSError):
+        when = "?"
+    action = str(record.get("action", "?"))
+    target = record.get("domain", record.get("queue_id", ""))
+    line = f"{when}  {record.get('who', '?')}  {action} {target}"
+    if action == "route":
+        listed = record.get("routes")
+        routes = " ".join(str(r) for r in listed) if isinstance(listed, list) and listed else "configured routes"
+        return f"{line}: {routes}"
+    shown = {"at", "who", "action", "domain", "queue_id", "routes"}
+    details = " ".join(f"{k}={v}" for k, v in record.items() if k not in shown and v not in (None, "", 0))
+    return f"{line}: {details}" if details else line
+
+
+async def _queue(reactor: Any, config: Config, diagnose: bool = False) -> RedisQueue:
+    embedded = None
     if config.redis.embedded:
-        port = EmbeddedRedis.recorded_port(config.node.data_dir)
-        if port is None:
+        embedded = EmbeddedRedis.recorded(config.node.data_dir)
+        if embedded is None:
             raise ConfigError(
                 f"{config.source}: no [redis] url and no embedded Redis running under {config.node.data_dir}"
             )
-    redis = await open_redis(config.redis, reactor, port, poolsize=1)
+    # ``relayx check`` reads an evicting Redis to report it with everything else
+    redis = await open_redis(config.redis, reactor, embedded, poolsize=1, evicting_ok=diagnose)
     if not await redis.wait_connected(config.redis.timeout):
-        raise ConfigError(f"{config.source}: Redis at {redis.where} is not answering")
+        why = redis.refused or f"Redis at {redis.where} is not answering"
+        await redis.disconnect()
+        raise ConfigError(f"{config.source}: {why}")
     return RedisQueue.configured(redis, config)
 
 
@@ -91,11 +138,11 @@ async def _check(reactor: Any, options: argparse.Namespace, config: Config) -> N
     ``relayx check``: the findings, and exit status 1 when any is an error.
     """
     findings = check.check_files(config, datetime.now(UTC), os.geteuid() == 0)
-    if config.redis.embedded and EmbeddedRedis.recorded_port(config.node.data_dir) is None:
+    if config.redis.embedded and EmbeddedRedis.recorded(config.node.data_dir) is None:
         findings.append(check.Finding(check.Level.OK, "redis", "embedded Redis: started by the node (AOF always)"))
     else:
         try:
-            queue = await _queue(reactor, config)
+            queue = await _queue(reactor, config, diagnose=True)
         except ConfigError as e:
             findings.append(check.Finding(check.Level.ERROR, "redis", str(e), "start Redis, or fix [redis]"))
         else:
@@ -183,12 +230,7 @@ async def _run(reactor: Any, command: str, options: argparse.Namespace, config: 
             print(f"{options.domain}: queued and new mail goes to {target}")
         elif command == "audit":
             for record in await queue.audit(options.limit):
-                when = datetime.fromtimestamp(int(str(record["at"])) / 1000).isoformat(timespec="seconds")
-                listed = record.get("routes")
-                routes = (
-                    " ".join(str(r) for r in listed) if isinstance(listed, list) and listed else "configured routes"
-                )
-                print(f"{when}  {record['who']}  {record['action']} {record['domain']}: {routes}")
+                print(describe(record))
         elif command == "release":
             was_held = await queue.release(options.domain, now, options.rate, who=_operator())
             rate = f" at {options.rate:g} msg/s" if options.rate else ""
@@ -204,6 +246,12 @@ def main(command: str, argv: list[str]) -> None:
     except ConfigError as e:
         print(f"relayx: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    if command in ("status", "hold", "release", "route"):
+        try:
+            options.domain = configured_domain(config, options.domain)
+        except UsageError as e:
+            print(f"relayx {command}: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
 
     async def run(reactor: Any) -> None:
         try:

@@ -1,8 +1,9 @@
 """
 The admin HTTP tree (twisted.web) on ``[admin] listen``: ``/metrics``,
-``/healthz`` (the process answers) and ``/readyz`` (it can take mail: Redis
-connected and SMTP listening, so a load balancer takes a node without Redis
-out), the admin API under ``/api`` and the control panel at ``/``.
+``/healthz`` (the process answers) and ``/readyz`` (it can take and deliver
+mail: Redis connected, answering, not evicting, accepting its credentials,
+and SMTP listening, so a load balancer takes such a node out), the admin
+API under ``/api`` and the control panel at ``/``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from relayx.interfaces import DomainState, StoreUnavailable
+from relayx.loops import logged
 from relayx.metrics import Metrics
 from relayx.queue.states import JobState
 
@@ -62,11 +64,19 @@ class _MetricsPage(Resource):
                 await self._refresh()
             except Exception as e:
                 log.warn("metrics refresh failed: {why}", why=repr(e))
+            if request.finished or request.channel is None:
+                return  # the client went away while Redis was asked
+            try:
+                body = generate_latest(self._metrics.exposition)
+            except Exception:
+                log.failure("metrics page failed")
+                request.setResponseCode(500)
+                body = b"metrics unavailable\n"
             request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
-            request.write(generate_latest(self._metrics.exposition))
+            request.write(body)
             request.finish()
 
-        Deferred.fromCoroutine(render())
+        logged(Deferred.fromCoroutine(render()), "metrics page")
         return NOT_DONE_YET
 
 

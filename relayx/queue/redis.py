@@ -696,23 +696,27 @@ class RedisQueue:
             )
             if qid is None:
                 continue
-            if index == "failed":
-                failures = [tuple(f) for f in json.loads(failed)]
-            else:
-                failures = [(r, 0, "4.0.0", _text(error or b"not delivered yet")) for r in json.loads(owed)]
             sender, received, body = await self.redis.call(
                 "hmget", self.key("msg", _text(qid)), ["sender", "received", "body"]
             )
-            jobs.append(
-                FailedJob(
-                    job_id=job_id,
-                    queue_id=_text(qid),
-                    sender=_text(sender or b""),
-                    arrival=int(received or 0) / 1000,
-                    failures=tuple((str(r), int(c), str(s), str(t)) for r, c, s, t in failures),
-                    headers=_headers(bytes(body or b"")),
+            try:
+                if index == "failed":
+                    failures = [tuple(f) for f in json.loads(failed)]
+                else:
+                    failures = [(r, 0, "4.0.0", _text(error or b"not delivered yet")) for r in json.loads(owed)]
+                jobs.append(
+                    FailedJob(
+                        job_id=job_id,
+                        queue_id=_text(qid),
+                        sender=_text(sender or b""),
+                        arrival=int(received or 0) / 1000,
+                        failures=tuple((str(r), int(c), str(s), str(t)) for r, c, s, t in failures),
+                        headers=_headers(bytes(body or b"")),
+                    )
                 )
-            )
+            except (TypeError, ValueError, UnicodeDecodeError) as e:
+                # one unreadable job must not stop the DSNs of all the others
+                log.error("job {job} in {index} cannot be read, skipped: {why}", job=job_id, index=index, why=repr(e))
         return jobs
 
     def _dsn_args(self, job: FailedJob, dsn: IncomingMessage | None, now: float) -> tuple[str, list[object]]:
