@@ -335,7 +335,6 @@ class RelayNode(Service):
         queue = self.queue
         self.traffic = LoopingCall(lambda: Deferred.fromCoroutine(queue.flush_traffic()))
         self.traffic.clock = reactor
-        self.traffic.start(TRAFFIC_FLUSH, now=False)
         if self.role is NodeRole.SMTP_WORKER:
             # takes mail, nothing more: delivery, the admin listener, the
             # heartbeat and the orphan sweep are the first process's
@@ -343,6 +342,7 @@ class RelayNode(Service):
             self.deliverer = build_deliverer(config, reactor, build_routes(config, reactor, self.queue, fqdn))
             self.smtp = build_smtp_factory(config, reactor, self.metrics, self.queue, self.deliverer, self._filters())
             await self._listen_smtp()
+            self.traffic.start(TRAFFIC_FLUSH, now=False)
             log.info("relayx node {node}: SMTP worker ready", node=config.node.id)
             return
         if self.redis.connected:
@@ -380,6 +380,7 @@ class RelayNode(Service):
         self.prober.start()
         self.bouncer.start()
         self.bulk.start()
+        self.traffic.start(TRAFFIC_FLUSH, now=False)
         if self.history is not None:
             self.history.start()
         if self.bodies is not None:
