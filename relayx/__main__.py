@@ -1,6 +1,6 @@
 """
 ``relayx --config FILE``: run one node in the foreground (``twistd -n relayx``);
-``relayx nodes|status|hold|release ... --config FILE``: operate the queue.
+``relayx VERB ...`` and ``relayctl VERB ...``: operate the cluster (``relayx.ops.cli``).
 
 The options are checked here first, so a bad configuration ends with one
 line naming the file, the key and what was expected, not twistd's usage text.
@@ -16,6 +16,8 @@ from typing import Any
 
 from twisted.python import usage
 
+from relayx.ops.cli import VERBS
+
 
 def main(argv: list[str] | None = None) -> None:
     from twisted.scripts.twistd import run
@@ -23,11 +25,8 @@ def main(argv: list[str] | None = None) -> None:
     from relayx.tap import Options
 
     args = sys.argv[1:] if argv is None else argv
-    from relayx.ops import cli as admin
-
-    if args and args[0] in admin.COMMANDS:
-        admin.main(args[0], args[1:])
-        return
+    if not args or args[0] in ("-h", "--help") or args[0] in VERBS or _verb_after_options(args):
+        raise SystemExit(operate(args, "relayx"))
     if args and args[0] == "worker":
         run_worker(args[1:])
         return
@@ -50,6 +49,42 @@ def main(argv: list[str] | None = None) -> None:
 
     if any(node.failed_to_start for node in NODES):
         raise SystemExit(1)
+
+
+def operate(args: list[str], program: str) -> int:
+    """
+    One operator verb (``relayx.ops.cli``), which for ``--config`` opens the
+    admin API over the cluster's Redis and body store without a node.
+    """
+    from relayx.ops import cli
+
+    async def open_local(config: Any, reactor: Any) -> Any:
+        # the node's wiring (and its body store's libraries) only when --config asks for it
+        from relayx.service import operator_api
+
+        return await operator_api(config, reactor)
+
+    return cli.main(args, program=program, open_local=open_local)
+
+
+def _verb_after_options(args: list[str]) -> bool:
+    """
+    Whether a verb follows the operator's own options (``relayx --json
+    --config FILE status``); a node's ``--config FILE`` alone is no verb.
+    """
+    rest = list(args)
+    while rest and rest[0] in ("--json", "--config", "--url", "--token", "--token-file"):
+        name = rest.pop(0)
+        if name != "--json" and rest:
+            rest.pop(0)
+    return bool(rest) and rest[0] in VERBS
+
+
+def relayctl() -> None:
+    """
+    ``relayctl VERB``: the same verbs, over a node's admin API unless given ``--config``.
+    """
+    raise SystemExit(operate(sys.argv[1:], "relayctl"))
 
 
 def _shared_metrics(data_dir: Path) -> None:
@@ -101,6 +136,7 @@ def run_worker(argv: list[str]) -> None:
             print(f"relayx worker {index}: {e}", file=sys.stderr)
             raise SystemExit(1) from None
         reactor.addSystemEventTrigger("before", "shutdown", lambda: Deferred.fromCoroutine(node.stop()))
+
         def parent_gone() -> None:
             if not gone.called:
                 gone.callback(None)

@@ -7,9 +7,11 @@ these values; everything after it works with parsed, normalised addresses.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 import attrs
+import idna
 
 
 class AddressError(ValueError):
@@ -26,6 +28,22 @@ _LITERAL = re.compile(r"^\[[^\[\]\\\s]+\]$")
 _PARAM = re.compile(r"^([A-Za-z0-9][A-Za-z0-9-]*)(=([\x21-\x3c\x3e-\x7e\x80-\U0010ffff]+))?$")
 
 
+def client_ip(host: str) -> str:
+    """
+    A client's address as the checks and the ``Received:`` header see it:
+    an IPv4 client on an IPv6 socket (``::ffff:192.0.2.7``, RFC 4291
+    2.5.5.2) as the IPv4 address it is, so that SPF ``ip4:``, DNS lists,
+    greylisting networks and rate limits treat it as IPv4.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
 def normalize_domain(domain: str) -> str:
     """
     The lower-case ASCII (A-label) form of ``domain``, or ``AddressError``.
@@ -34,8 +52,12 @@ def normalize_domain(domain: str) -> str:
         return domain.lower()
     name = domain.rstrip(".")
     try:
-        ascii_name = name.encode("idna").decode("ascii").lower() if not name.isascii() else name.lower()
-    except UnicodeError as e:
+        # UTS 46 non-transitional (IDNA 2008), as browsers and current MTAs:
+        # Python's "idna" codec is IDNA 2003 and maps faß.de to fass.de
+        ascii_name = (
+            idna.encode(name, uts46=True, transitional=False).decode("ascii") if not name.isascii() else name
+        ).lower()
+    except (UnicodeError, idna.IDNAError) as e:
         raise AddressError(f"bad domain {domain!r}: {e}") from None
     labels = ascii_name.split(".")
     if len(ascii_name) > 253 or len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
@@ -68,6 +90,25 @@ class Mailbox:
         return cls(local, normalize_domain(domain))
 
     @property
+    def unquoted_local(self) -> str:
+        """
+        The local part with its quotes and backslash escapes removed.
+        """
+        if self.local.startswith('"'):
+            return re.sub(r"\\(.)", r"\1", self.local[1:-1])
+        return self.local
+
+    @property
+    def routed(self) -> bool:
+        """
+        Whether the local part carries a route to another host:
+        ``user%other@dom``, ``other!user@dom`` (UUCP) or ``"user@other"@dom``.
+        A mail system behind a backup MX may act on them and relay the
+        message on to ``other`` (Postfix's ``allow_untrusted_routing``).
+        """
+        return any(c in self.unquoted_local for c in "@%!")
+
+    @property
     def canonical(self) -> str:
         """
         The form used to compare addresses: local parts are case-sensitive
@@ -96,6 +137,8 @@ class Path:
 
     mailbox: Mailbox | None
     params: dict[str, str | None] = attrs.field(factory=dict, hash=False)
+    #: the hosts of a source route (``<@a,@b:user@dom>``), dropped from the address
+    route: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         return "" if self.mailbox is None else str(self.mailbox)
@@ -105,9 +148,11 @@ def parse_path(argument: str, prefix: str, allow_null: bool, utf8: bool = False)
     """
     Parse ``FROM:<a@b> SIZE=10`` (``prefix`` ``FROM:``) into a ``Path``.
 
-    A source route (``<@relay:a@b>``) is accepted and dropped, as RFC 5321
-    section 4.1.1.3 asks. Non-ASCII addresses are accepted only with the
-    ``SMTPUTF8`` parameter, or ``utf8`` (for ``RCPT``, the transaction's MAIL had it).
+    A source route (``<@relay:a@b>``) is accepted and dropped from the
+    address, as RFC 5321 section 4.1.1.3 asks; its hosts are kept in
+    ``route`` so that a recipient with one can be refused (3.6.1 allows it).
+    Non-ASCII addresses are accepted only with the ``SMTPUTF8`` parameter,
+    or ``utf8`` (for ``RCPT``, the transaction's MAIL had it).
     """
     if not argument[: len(prefix)].upper() == prefix:
         raise AddressError(f"expected {prefix}<address>")
@@ -124,15 +169,17 @@ def parse_path(argument: str, prefix: str, allow_null: bool, utf8: bool = False)
         if not match:
             raise AddressError(f"bad parameter {word!r}")
         params[match.group(1).upper()] = match.group(3)
+    route: tuple[str, ...] = ()
     if inner.startswith("@"):
-        _, colon, inner = inner.partition(":")
+        hops, colon, inner = inner.partition(":")
         if not colon:
             raise AddressError("bad source route")
+        route = tuple(hop.lstrip("@") for hop in hops.split(","))
     if inner == "":
-        if not allow_null:
+        if not allow_null or route:
             raise AddressError("null address not allowed here")
         return Path(None, params)
-    return Path(Mailbox.parse(inner, utf8=utf8 or "SMTPUTF8" in params), params)
+    return Path(Mailbox.parse(inner, utf8=utf8 or "SMTPUTF8" in params), params, route)
 
 
 def _closing_bracket(text: str) -> int:

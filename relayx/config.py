@@ -173,6 +173,9 @@ class DomainConfig:
     copy_to: tuple[SMTPRoute, ...] = ()
     #: this domain's own filtering ([filter] with its [domain.filter] over it), or None: [filter]
     filter: FilterConfig | None = None
+    #: this domain's quota (0: none), by default [queue] domain_quota_*
+    quota_messages: int = 0
+    quota_bytes: int = 0
 
     def queues(self) -> list[str]:
         """
@@ -209,6 +212,11 @@ class SMTPConfig:
     bare_lf: str
     tls_certificate: Path | None
     tls_key: Path | None
+    #: a message larger than this is written to node.data_dir/spool while it comes in
+    spool_threshold: int = 1024 * 1024
+    #: bytes/s a message must average once data_rate_grace has passed (0: no minimum)
+    min_data_rate: int = 500
+    data_rate_grace: float = 30.0
 
 
 @attrs.frozen
@@ -285,6 +293,15 @@ class QueueConfig:
     heartbeat: float
     throttle: Throttle
     delay_warning: float
+    #: cluster-wide and per-domain quotas (0: none); past one, mail gets 452 4.3.1
+    quota_messages: int = 0
+    quota_bytes: int = 0
+    domain_quota_messages: int = 0
+    domain_quota_bytes: int = 0
+    #: the share of Redis's maxmemory kept free for delivery, settling and bounces
+    memory_headroom: float = 0.1
+    #: a quota this full is logged (once) as a warning
+    quota_warning: float = 0.8
 
 
 @attrs.frozen
@@ -411,6 +428,8 @@ class AdminConfig:
     tokens: tuple[tuple[str, str], ...] = attrs.field(default=(), repr=False)
     #: how long the queue's history (the panel's charts, a sample a minute) is kept; 0: none
     history: float = 7 * 86400.0
+    #: whether /metrics, like the API, needs one of the tokens
+    metrics_token_required: bool = False
 
 
 BODY_BACKENDS = ("directory", "s3", "redis")
@@ -584,6 +603,15 @@ def _networks(value: object) -> tuple[str, ...]:
         except ValueError:
             raise ValueError(f"networks such as '192.0.2.0/24', got {entry!r}") from None
     return _strings(value)
+
+
+def _fraction(low: float, high: float) -> Callable[[object], float]:
+    def convert(value: object) -> float:
+        if isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high:
+            return float(value)
+        raise ValueError(f"a fraction from {low:g} to {high:g} (e.g. 0.1 for 10 %), got {value!r}")
+
+    return convert
 
 
 def _count(value: object) -> int:
@@ -1015,18 +1043,23 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
         max_errors=smtp.get("max_errors", 10, _positive_int),
         max_hops=smtp.get("max_hops", 50, _positive_int),
         command_timeout=smtp.get("command_timeout", 300.0, _positive_duration),
-        data_timeout=smtp.get("data_timeout", 600.0, _positive_duration),
+        data_timeout=smtp.get("data_timeout", 1800.0, _positive_duration),
         max_connections=smtp.get("max_connections", 1000, _positive_int),
         max_connections_per_ip=smtp.get("max_connections_per_ip", 50, _positive_int),
         shutdown_grace=smtp.get("shutdown_grace", 30.0, _positive_duration),
         bare_lf=smtp.get("bare_lf", "normalize", _choice("normalize", "reject")),
         tls_certificate=smtp.get("tls_certificate", None, _file(base)),
         tls_key=smtp.get("tls_key", None, _file(base)),
+        spool_threshold=smtp.get("spool_threshold", 1024 * 1024, parse_size),
+        min_data_rate=smtp.get("min_data_rate", 500, _count),
+        data_rate_grace=smtp.get("data_rate_grace", 30.0, _positive_duration),
     )
     if (smtp_config.tls_certificate is None) != (smtp_config.tls_key is None):
         raise smtp.fail("tls_key", "tls_certificate and tls_key together, or neither")
     if smtp_config.max_line_length < 512:
         raise smtp.fail("max_line_length", "at least 512 (RFC 5321, section 4.5.3.1.4)")
+    if smtp_config.data_rate_grace >= smtp_config.data_timeout:
+        raise smtp.fail("data_rate_grace", f"less than smtp.data_timeout ({smtp_config.data_timeout:g}s)")
     smtp.finish()
 
     redis = root.sub("redis")
@@ -1061,6 +1094,12 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
         heartbeat=queue.get("heartbeat", 5.0, _positive_duration),
         throttle=_throttle(queue, Throttle(concurrency=1, rate=0.0, ramp_up=30.0)),
         delay_warning=queue.get("delay_warning", 0.0, _duration_or_zero),
+        quota_messages=queue.get("quota_messages", 0, _count),
+        quota_bytes=queue.get("quota_bytes", 0, parse_size),
+        domain_quota_messages=queue.get("domain_quota_messages", 0, _count),
+        domain_quota_bytes=queue.get("domain_quota_bytes", 0, parse_size),
+        memory_headroom=queue.get("memory_headroom", 0.1, _fraction(0.01, 0.5)),
+        quota_warning=queue.get("quota_warning", 0.8, _fraction(0.1, 1.0)),
     )
     if queue_config.lease < 3:
         raise queue.fail("lease", "at least '3s', so that it can be renewed in time")
@@ -1088,7 +1127,10 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
         listen=admin.get("listen", (), _listen_or_none),
         tokens=admin.get("tokens", (), _tokens),
         history=admin.get("history", 7 * 86400.0, _history),
+        metrics_token_required=admin.get("metrics_token_required", False, _boolean),
     )
+    if admin_config.metrics_token_required and not admin_config.tokens:
+        raise admin.fail("metrics_token_required", "[admin.tokens] to check the token against, or false")
     admin.finish()
 
     bodies = root.sub("bodies")
@@ -1115,6 +1157,8 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
                 tls_name=section.get("tls_name", None, _domain_name),
                 copy_to=section.get("copy_to", (), _copy_routes),
                 filter=_domain_filter(section, filter_config),
+                quota_messages=section.get("quota_messages", queue_config.domain_quota_messages, _count),
+                quota_bytes=section.get("quota_bytes", queue_config.domain_quota_bytes, parse_size),
             )
         )
         section.finish()

@@ -11,6 +11,7 @@ server on loopback or a table.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -154,3 +155,68 @@ def make_resolver(nameservers: tuple[tuple[str, int], ...], timeout: float) -> A
         resolver.port = nameservers[0][1]
     resolver.lifetime = timeout
     return resolver
+
+
+_HOSTNAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
+#: names of one address tried for forward confirmation (Postfix: all; a bound here)
+MAX_PTR_NAMES = 10
+
+
+class ReverseNames:
+    """
+    A client's forward-confirmed reverse DNS name (FCrDNS): a PTR name of
+    the address whose A/AAAA records lead back to it, as Postfix shows in
+    ``Received:``; ``None`` when there is none, it does not confirm, or DNS
+    does not answer within ``timeout``. Answers are kept for ``keep``
+    seconds (failures for a minute), bounded like any ``TTLCache``.
+    Loopback and link-local clients are not looked up.
+    """
+
+    def __init__(self, lookup: Lookup, clock: Any, timeout: float, keep: float = 3600.0) -> None:
+        from relayx.ttlcache import TTLCache
+
+        self._lookup = lookup
+        self._clock = clock
+        self._timeout = timeout
+        self._keep = keep
+        self._names: TTLCache[str, tuple[str | None]] = TTLCache(clock)
+
+    async def name(self, ip: str) -> str | None:
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return None
+        if address.is_loopback or address.is_link_local or address.is_unspecified:
+            return None
+        cached = self._names.get(str(address))
+        if cached is not None:
+            return cached[0]
+        from twisted.internet.defer import Deferred
+
+        work = Deferred.fromCoroutine(self._confirmed(address))
+        work.addTimeout(self._timeout, self._clock)
+        try:
+            name = await work
+        except Exception:
+            self._names.put(str(address), (None,), NEGATIVE_TTL)
+            return None
+        self._names.put(str(address), (name,), self._keep if name else NEGATIVE_TTL)
+        return name
+
+    async def _confirmed(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+        kind = "A" if address.version == 4 else "AAAA"
+        for name in (await self._lookup(ptr_name(address), "PTR"))[:MAX_PTR_NAMES]:
+            name = name.rstrip(".").lower()
+            if not _HOSTNAME.fullmatch(name):
+                continue  # it goes into Received: as is
+            forward = await self._lookup(name, kind)
+            if any(_same(found, address) for found in forward):
+                return name
+        return None
+
+
+def _same(text: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    try:
+        return ipaddress.ip_address(text) == address
+    except ValueError:
+        return False

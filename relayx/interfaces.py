@@ -165,6 +165,30 @@ class DomainState:
     release_rate: float
 
 
+@attrs.frozen
+class HoldWindow:
+    """
+    A domain's hold as it was before an operator's change: whether it was in
+    force, and its scheduled start and its end (epoch seconds; ``None``: none).
+    """
+
+    held: bool
+    start: float | None
+    end: float | None
+
+
+@attrs.frozen
+class HoldChange:
+    """
+    What a hold did: ``applied`` is false when it would have replaced a
+    scheduled hold (or one in force by a later window) without ``replace``;
+    then nothing changed. ``previous`` is the hold before.
+    """
+
+    applied: bool
+    previous: HoldWindow
+
+
 class IMessageStore(Interface):
     """
     Where accepted mail is committed before the ``250`` to DATA.
@@ -387,18 +411,27 @@ class IQueueAdmin(Interface):
     """
 
     def hold(
-        domain: str, now: float, start: float | None = None, end: float | None = None, who: str = "relayx"
-    ) -> Awaitable[None]:
+        domain: str,
+        now: float,
+        start: float | None = None,
+        end: float | None = None,
+        who: str = "relayx",
+        replace: bool = False,
+    ) -> Awaitable[HoldChange]:
         """
         Accept and queue mail for ``domain`` but deliver none: from ``start``
         (default: now) until ``end`` (default: until released). Time held does
-        not count against the retention of the domain's mail. Audited as ``who``.
+        not count against the retention of the domain's mail. Audited as
+        ``who``, with the hold before. A scheduled hold not yet begun, or a
+        hold in force when ``start`` is later, is replaced only with
+        ``replace``; otherwise nothing changes (``applied`` false).
         """
 
-    def release(domain: str, now: float, rate: float = 0.0, who: str = "relayx") -> Awaitable[bool]:
+    def release(domain: str, now: float, rate: float = 0.0, who: str = "relayx") -> Awaitable[HoldWindow]:
         """
         End or cancel the hold; with ``rate``, drain the backlog at no more
-        than that many messages per second. Returns whether it was held.
+        than that many messages per second. Returns the hold before (a
+        ``start`` in it: a scheduled hold was cancelled). Audited with it.
         """
 
     def flush(queue: str, now: float, who: str) -> Awaitable[int]:
@@ -467,10 +500,27 @@ class IQueueAdmin(Interface):
         The domain's queue: ready and in-flight counts, hold and pause.
         """
 
-    def set_routes(domain: str, routes: tuple[str, ...] | None, now: float, who: str) -> Awaitable[None]:
+    def set_routes(
+        domain: str, routes: tuple[str, ...] | None, now: float, who: str
+    ) -> Awaitable[tuple[str, ...] | None]:
         """
         Send the domain's mail, queued and to come, to ``routes`` (``None``:
-        back to the configured routes), recording who did it and when.
+        back to the configured routes), recording who did it, when and the
+        routes before. Returns the routes set before (``None``: the configured ones).
+        """
+
+    def qshape(queue: str, now: float, edges: Sequence[float], waiting: bool = False) -> Awaitable[list[int]]:
+        """
+        The queue's jobs by age: ``[total, at most edges[0] old, older than
+        edges[0] and at most edges[1], ..., older than edges[-1]]`` (``edges``: ascending ages in
+        seconds); ``waiting``: only jobs waiting their turn (ready or held).
+        Bounded: a bisection per edge, never a walk of the queue.
+        """
+
+    def raw(queue_id: str) -> Awaitable[bytes | None]:
+        """
+        The message as accepted (our ``Received:`` and the content), from
+        Redis or the body store; ``None`` when it is not queued.
         """
 
     def route_override(domain: str) -> Awaitable[tuple[str, ...] | None]:

@@ -59,3 +59,40 @@ def _subject(raw: bytes | None) -> str:
         except Exception:  # a malformed encoded word is searched as it stands
             pass
     return " ".join(text.split())[:256]
+_CFWS = re.compile(rb"^(\s|\((?:[^()\\]|\\.)*\))*")
+
+
+def authserv_id(value: bytes) -> str:
+    """
+    The authserv-id of an ``Authentication-Results`` field's value (RFC 8601
+    2.2): its first token, after any comments, lower-cased.
+    """
+    rest = value[_CFWS.match(value).end() :]  # type: ignore[union-attr]
+    token = re.match(rb'^("(?:[^"\\]|\\.)*"|[^\s;()]+)', rest)
+    return token.group(1).strip(b'"').decode("utf-8", "replace").lower() if token else ""
+
+
+def strip_authentication_results(message: bytes, authserv: str) -> bytes:
+    """
+    The message without the ``Authentication-Results`` fields of its header
+    section that claim to come from ``authserv`` (RFC 8601 section 5: a
+    receiver must remove them before adding its own, or a sender could
+    forge a pass the primary trusts).
+    """
+    head = header_section(message)
+    if b"authentication-results" not in head.lower():
+        return message
+    fields: list[bytes] = []
+    for line in head.splitlines(keepends=True):
+        if fields and line[:1] in (b" ", b"\t"):
+            fields[-1] += line
+        else:
+            fields.append(line)
+    wanted = authserv.lower()
+    kept = []
+    for field in fields:
+        name, colon, value = field.partition(b":")
+        if colon and name.strip().lower() == b"authentication-results" and authserv_id(value) == wanted:
+            continue
+        kept.append(field)
+    return b"".join(kept) + message[len(head) :]

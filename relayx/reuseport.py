@@ -94,6 +94,9 @@ def listen_shared(reactor: Any, address: TCPListen, factory: ServerFactory) -> I
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if address.family == socket.AF_INET6:
+            # as every relayx listener: tcp:25 and tcp6:25 side by side
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         host = address.interface or ("::" if address.family == socket.AF_INET6 else "")
         sock.bind((host, address.port))
         sock.listen(address.backlog)

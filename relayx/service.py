@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.application.service import Service
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import HostnameEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort
@@ -25,7 +26,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web.client import Agent
-from twisted.web.server import Site
 
 from relayx import __version__
 from relayx.bodies.compressed import CompressedBodyStore
@@ -45,7 +45,7 @@ from relayx.delivery.bounce import Bouncer
 from relayx.delivery.routes import RouteTable, TLSPolicy
 from relayx.delivery.scheduler import Prober, Scheduler
 from relayx.delivery.smtp import SMTPDeliverer, Timeouts
-from relayx.dns import dns_lookup, dns_lookup_addresses, dns_lookup_mx
+from relayx.dns import ReverseNames, dns_lookup, dns_lookup_addresses, dns_lookup_mx
 from relayx.interfaces import IBodyStore, StoreUnavailable
 from relayx.loops import steady_loop
 from relayx.metrics import Metrics
@@ -53,7 +53,7 @@ from relayx.ops.api import AdminAPI, Cluster
 from relayx.ops.bulk import BulkRunner
 from relayx.ops.history import INTERVAL as HISTORY_INTERVAL
 from relayx.ops.history import History
-from relayx.ops.http import admin_site
+from relayx.ops.http import admin_http, admin_site
 from relayx.ops.panel import Panel
 from relayx.queue.redis import RedisQueue
 from relayx.redis.connection import RedisConnection, RedisRefused, open_redis
@@ -62,6 +62,7 @@ from relayx.reuseport import listen_shared, parse_tcp
 from relayx.smtp.client import SMTPClientProtocol
 from relayx.smtp.server import Limits, SMTPServerFactory
 from relayx.smtp.tls import ReloadingTLS, TLSFilesError, client_tls_factory
+from relayx.spool import Spool
 from relayx.workers import WorkerSupervisor, worker_command
 
 log = Logger()
@@ -188,7 +189,13 @@ def build_smtp_factory(
             tls = ReloadingTLS(s.tls_certificate, s.tls_key)
         except TLSFilesError as e:
             raise StartupError(f"{config.source}: smtp.tls_certificate: {e}") from None
+    spool = Spool(config.node.data_dir / "spool", threshold=s.spool_threshold)
+    try:
+        spool.prepare()
+    except OSError as e:
+        raise StartupError(f"{config.source}: node.data_dir: no SMTP spool at {spool.directory}: {e}") from None
     return SMTPServerFactory(
+        spool=spool,
         metrics=metrics,
         filters=filters,
         hostname=config.node.hostname,
@@ -203,12 +210,21 @@ def build_smtp_factory(
             max_connections=s.max_connections,
             max_connections_per_ip=s.max_connections_per_ip,
             reject_bare_lf=s.bare_lf == "reject",
+            min_data_rate=s.min_data_rate,
+            data_rate_grace=s.data_rate_grace,
         ),
         tls=tls,
         policy=RecipientPolicy(config.domains, cache=queue, callout=deliverer.verify, clock=reactor),
         store=queue,
         clock=reactor,
         new_queue_id=new_queue_id,
+        # RFC 5321 4.5.1: <Postmaster> without a domain is the first domain's
+        postmaster_domain=config.domains[0].name if config.domains else None,
+        reverse_names=ReverseNames(
+            dns_lookup(config.delivery.nameservers, config.filter.dns_timeout),
+            reactor,
+            config.filter.dns_timeout,
+        ).name,
     )
 
 
@@ -248,6 +264,47 @@ def build_delivery_loops(
         interval=max(1.0, 2 * q.poll_interval),
     )
     return scheduler, prober, bouncer
+
+class _V6OnlyPort(tcp.Port):
+    """
+    A TCP port whose IPv6 socket takes IPv6 only (``IPV6_V6ONLY``), as
+    Postfix's are: ``tcp:25`` and ``tcp6:25:interface=\\:\\:`` then listen side
+    by side instead of the second failing with "address in use", whatever
+    the system's ``net.ipv6.bindv6only`` says.
+    """
+
+    def createInternetSocket(self) -> socket.socket:
+        sock: socket.socket = super().createInternetSocket()
+        if self.addressFamily == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        return sock
+
+
+class _ListeningReactor:
+    """
+    The reactor as the endpoint parser sees it: TCP listeners are
+    ``_V6OnlyPort``; everything else is the reactor's own.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> IListeningPort:
+        listening = _V6OnlyPort(port, factory, backlog, interface, self._reactor)
+        listening.startListening()
+        return listening
+
+
+async def listen(reactor: Any, description: str, factory: Any) -> IListeningPort:
+    """
+    Listen as an endpoint description says (``tcp:25``, ``tcp6:25:interface=\\:\\:``),
+    IPv6 sockets taking IPv6 only: a dual-stack node lists both.
+    """
+    port: IListeningPort = await serverFromString(_ListeningReactor(reactor), description).listen(factory)
+    return port
 
 
 class NodeRole(enum.Enum):
@@ -464,7 +521,7 @@ class RelayNode(Service):
                 elif self.role is NodeRole.SMTP_WORKER:
                     continue  # a unix socket or TLS port stays with the first process
                 else:
-                    port = await serverFromString(self.reactor, description).listen(self.smtp)
+                    port = await listen(self.reactor, description, self.smtp)
             except Exception as e:
                 raise StartupError(f"{config.source}: smtp.listen: cannot listen on {description!r}: {e}") from None
             self.ports.append(port)
@@ -502,7 +559,7 @@ class RelayNode(Service):
                 return f"body store failing: {self.bodies.failing}"
             return None
 
-        site = Site(
+        site = admin_http(
             admin_site(
                 self.metrics,
                 ready=ready,
@@ -527,12 +584,12 @@ class RelayNode(Service):
                     ),
                 ),
                 panel=Panel(),
+                metrics_tokens=config.admin.tokens if config.admin.metrics_token_required else None,
             )
         )
-        site.noisy = False
         for description in config.admin.listen:
             try:
-                port = await serverFromString(self.reactor, description).listen(site)
+                port = await listen(self.reactor, description, site)
             except Exception as e:
                 raise StartupError(f"{config.source}: admin.listen: cannot listen on {description!r}: {e}") from None
             self.ports.append(port)
@@ -695,3 +752,65 @@ def _process_ended(pid: int) -> None:
 
 async def _stop_listening(port: IListeningPort) -> None:
     await maybeDeferred(port.stopListening)
+
+
+class OperatorAPI:
+    """
+    The admin API over a configuration's Redis and body store, without a
+    node or HTTP: what ``relayx VERB --config FILE`` runs its verbs through,
+    so that they work whichever nodes are up.
+    """
+
+    def __init__(self, api: AdminAPI, redis: RedisConnection, pool: ThreadPool | None) -> None:
+        self.api = api
+        self.redis = redis
+        self.pool = pool
+
+    async def close(self) -> None:
+        await self.redis.disconnect()
+        if self.pool is not None:
+            self.pool.stop()
+
+
+async def operator_api(config: Config, reactor: Any) -> OperatorAPI:
+    """
+    Connect to the cluster's Redis (for an embedded one, the port its node
+    recorded) and open the body store; ``StartupError`` in one line when
+    either cannot be reached.
+    """
+    embedded = None
+    if config.redis.embedded:
+        embedded = EmbeddedRedis.recorded(config.node.data_dir)
+        if embedded is None:
+            raise StartupError(
+                f"{config.source}: no [redis] url and no embedded Redis running under {config.node.data_dir}"
+            )
+    pool: ThreadPool | None = None
+    bodies = None
+    if config.bodies.backend != "redis":
+        pool = ThreadPool(minthreads=0, maxthreads=config.bodies.threads, name="relayx-bodies")
+        pool.start()
+        bodies = body_store(config, reactor, pool)
+    redis = await open_redis(config.redis, reactor, embedded, poolsize=1)
+    if not await redis.wait_connected(config.redis.timeout):
+        why = redis.refused or f"Redis at {redis.where} is not answering"
+        await redis.disconnect()
+        if pool is not None:
+            pool.stop()
+        raise StartupError(f"{config.source}: {why}")
+    queue = RedisQueue.configured(redis, config, bodies)
+    api = AdminAPI(
+        queue=queue,
+        bulk=queue,
+        domains=config.domains,
+        tokens=(),
+        clock=reactor,
+        cluster=Cluster(
+            node_id=f"{config.node.id} (direct)",
+            durability=config.redis.durability,
+            redis_where=redis.where,
+            redis_connected=lambda: redis.connected,
+            node_silence=NODE_SILENCE * config.queue.heartbeat,
+        ),
+    )
+    return OperatorAPI(api, redis, pool)

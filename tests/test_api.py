@@ -6,13 +6,23 @@ viewed, released and re-routed over HTTP, each change in the audit log.
 from __future__ import annotations
 
 import json
+import tempfile
 import urllib.error
 import urllib.request
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, cast
 
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 
-from relayx.ops.api import authenticate
+from relayx.interfaces import DomainState, IBulkActions, IQueueAdmin, StoreUnavailable
+from relayx.metrics import Metrics
+from relayx.ops.api import MAX_BODY, AdminAPI, Cluster, authenticate
+from relayx.ops.http import admin_http, admin_site
 from relayx.redis.embedded import free_port
 from tests.helpers import LoopbackSink, NodeCase, eventually, send, wait_for
 from tests.test_queue_redis import deferred_test
@@ -208,3 +218,121 @@ class APITests(NodeCase):
         cluster = (await self.api(port, "GET", "history?limit=1"))[1]
         assert cluster["domain"] is None and cluster["next_since"] is not None
         assert [(s["accepted"], s["delivered"]) for s in cluster["samples"]] == [(2, 0)]
+
+
+def _admin_channel(
+    metrics_tokens: list[tuple[str, str]] | None = None,
+    domain_state: Callable[[str], Awaitable[DomainState]] | None = None,
+) -> Callable[[], tuple[Any, StringTransport]]:
+    """
+    Connections to an admin site (API, metrics) over StringTransports.
+    """
+    clock = Clock()
+
+    async def no_state(domain: str) -> DomainState:
+        raise StoreUnavailable("not in this test")
+
+    async def no_jobs(domain: str) -> Mapping[str, Any]:
+        raise StoreUnavailable("not in this test")
+
+    site = admin_http(
+        admin_site(
+            Metrics(),
+            ready=lambda: None,
+            domains=["example.com"],
+            domain_state=domain_state or no_state,
+            queue_jobs=no_jobs,
+            clock=clock,
+            redis_connected=lambda: True,
+            api=AdminAPI(
+                queue=cast(IQueueAdmin, object()),
+                bulk=cast(IBulkActions, object()),
+                domains=(),
+                tokens=[("ops", TOKEN)],
+                clock=clock,
+                cluster=Cluster("n", "aof", "here", lambda: True, 15.0),
+            ),
+            metrics_tokens=metrics_tokens,
+        )
+    )
+
+    def connect() -> tuple[Any, StringTransport]:
+        channel: Any = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        channel.callLater = clock.callLater
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        channel.makeConnection(transport)
+        return channel, transport
+
+    return connect
+
+
+def test_chunked_body_refused_before_authentication(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When a chunked POST without a token grows past the cap, it gets 413 and is cut off, never written to disk."""
+
+    def no_temporary_files(*args: Any, **kw: Any) -> Any:
+        raise AssertionError("request body spooled to a temporary file")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", no_temporary_files)
+    channel, transport = _admin_channel()()
+    channel.dataReceived(
+        b"POST /api/v1/domains/example.com/hold HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    chunk = b"4000\r\n" + b"a" * 0x4000 + b"\r\n"
+    sent = 0
+    while not transport.disconnecting and sent < 500 * 1024 * 1024:
+        channel.dataReceived(chunk)
+        sent += 0x4000
+    assert sent <= MAX_BODY + 0x4000
+    assert transport.value().startswith(b"HTTP/1.1 413 Payload Too Large\r\n")
+    assert b"401" not in transport.value()
+
+
+def test_declared_large_body_refused_at_once() -> None:
+    """When a request declares a body over the cap, it gets 413 before any of it is read."""
+    channel, transport = _admin_channel()()
+    channel.dataReceived(
+        b"POST /api/v1/domains/example.com/hold HTTP/1.1\r\nHost: x\r\nContent-Length: 524288000\r\n\r\n"
+    )
+    assert transport.value().startswith(b"HTTP/1.1 413 ")
+    assert transport.disconnecting
+
+
+def test_small_body_reaches_authentication() -> None:
+    """When a request body is under the cap, the API answers it (here 401: no token)."""
+    channel, transport = _admin_channel()()
+    body = b'{"start": 1}'
+    channel.dataReceived(
+        b"POST /api/v1/domains/example.com/hold HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    assert transport.value().startswith(b"HTTP/1.1 401 ")
+
+
+def test_metrics_token_required_when_configured() -> None:
+    """When /metrics needs a token, a scrape without one gets 401 and one with it the metrics."""
+    connect = _admin_channel(metrics_tokens=[("prometheus", TOKEN)])
+    channel, transport = connect()
+    channel.dataReceived(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 401 ")
+    channel, transport = connect()
+    channel.dataReceived(b"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n\r\n" % TOKEN.encode())
+    assert transport.value().startswith(b"HTTP/1.1 200 ") and b"relayx_redis_up 1.0" in transport.value()
+
+
+def test_concurrent_scrapes_share_one_refresh() -> None:
+    """When scrapes come while the metrics are being read from Redis, they all get that one reading."""
+    calls: list[Deferred[DomainState]] = []
+
+    async def state(domain: str) -> DomainState:
+        waiting: Deferred[DomainState] = Deferred()
+        calls.append(waiting)
+        await waiting
+        raise StoreUnavailable("the test's Redis")
+
+    connect = _admin_channel(domain_state=state)
+    scrapes = [connect() for _ in range(5)]
+    for channel, _ in scrapes:
+        channel.dataReceived(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert len(calls) == 1
+    calls[0].callback(cast(DomainState, None))
+    for _, transport in scrapes:
+        assert transport.value().startswith(b"HTTP/1.1 200 ")

@@ -58,6 +58,9 @@ def test_defaults(tmp_path: Path) -> None:
     assert config.domains[0].name == "example.com"
     assert config.domains[0].recipients == AnyRecipient()
     assert config.node.data_dir == tmp_path / "relayx-data"
+    assert (config.smtp.spool_threshold, config.smtp.min_data_rate, config.smtp.data_rate_grace) == (1024**2, 500, 30)
+    assert (config.smtp.command_timeout, config.smtp.data_timeout) == (300, 1800)
+    assert config.admin.metrics_token_required is False
 
 
 def test_recipient_file_and_overrides(tmp_path: Path) -> None:
@@ -82,6 +85,12 @@ def test_recipient_file_and_overrides(tmp_path: Path) -> None:
         ("[smtp]\nmax_message_size = 'big'\n" + MINIMAL, "smtp.max_message_size: expected a size in bytes"),
         ("[smtp]\nlisten = ['2525']\n" + MINIMAL, "smtp.listen: expected Twisted endpoint strings"),
         ("[smtp]\nmax_line_length = 100\n" + MINIMAL, "smtp.max_line_length: expected at least 512"),
+        ("[smtp]\nspool_threshold = 'lots'\n" + MINIMAL, "smtp.spool_threshold: expected a size in bytes"),
+        ("[smtp]\nmin_data_rate = -1\n" + MINIMAL, "smtp.min_data_rate: expected a whole number, 0 for no limit"),
+        ("[smtp]\ndata_rate_grace = '0s'\n" + MINIMAL, "smtp.data_rate_grace: expected"),
+        ("[smtp]\ndata_rate_grace = '40m'\n" + MINIMAL, "smtp.data_rate_grace: expected less than smtp.data_timeout"),
+        ("[admin]\nmetrics_token_required = 'yes'\n" + MINIMAL, "admin.metrics_token_required: expected true or"),
+        ("[admin]\nmetrics_token_required = true\n" + MINIMAL, "admin.metrics_token_required: expected [admin.tokens]"),
         ("[redis]\nurl = 'http://x'\n" + MINIMAL, "redis.url: expected a URL such as 'redis://"),
         ("[redis]\nkey_prefix = 'a b'\n" + MINIMAL, "redis.key_prefix: expected letters, digits"),
         ("[smtp]\nlisen = ['tcp:25']\n" + MINIMAL, "smtp.lisen: unknown key"),

@@ -32,7 +32,7 @@ class CutoverTests(NodeCase):
         await deferToThread(time.sleep, 1)
         assert old_tenant.messages == []
         await queue.set_routes("example.com", (f"smtp://127.0.0.1:{new_tenant.port}",), time.time(), "ops@test")
-        assert await queue.release("example.com", time.time()) is True
+        assert (await queue.release("example.com", time.time())).held is True
         await wait_for(lambda: len(new_tenant.messages) == 3, 30, "the held mail at the new tenant")
         assert [m.body.split(b"Subject: ")[1][:8] for m in new_tenant.messages] == [
             b"cutover ",
@@ -49,7 +49,7 @@ class CutoverTests(NodeCase):
         assert [r["action"] for r in records] == ["release", "route", "hold"]
         record = records[1]
         assert record["who"] == "ops@test" and record["action"] == "route" and record["domain"] == "example.com"
-        assert record["routes"] == [f"smtp://127.0.0.1:{new_tenant.port}"] and record["previous"] == ""
+        assert record["routes"] == [f"smtp://127.0.0.1:{new_tenant.port}"] and record["previous"] is None
         # and back to the configured route
         await queue.set_routes("example.com", None, time.time(), "ops@test")
         assert await queue.route_override("example.com") is None

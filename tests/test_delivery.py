@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from relayx.config import MXRoute, SMTPRoute
-from relayx.delivery.routes import NoRoute, RouteTable, Target
+from relayx.delivery.routes import RouteTable, Target, Undeliverable
 from relayx.delivery.smtp import SMTPDeliverer, Timeouts
 from relayx.interfaces import IDeliverer, Outcome
 from relayx.reply import Reply
@@ -208,9 +208,10 @@ def test_routes_fixed_and_mx_below_our_preference() -> None:
 
 
 def test_routes_we_are_best_mx() -> None:
-    """When this node is the most preferred MX, there is no route (temporary), not a loop to ourselves."""
+    """When this node is the most preferred MX, the mail is undeliverable (5.4.4, RFC 5321 5.1), not looped to us."""
     table = _table([(10, "mx2.example.net")], {"mx2.example.net"})
-    assert isinstance(_targets(table, "mx.test"), NoRoute)
+    error = _targets(table, "mx.test")
+    assert isinstance(error, Undeliverable) and error.reply.status == "5.4.4"
 
 
 def test_routes_implicit_mx() -> None:

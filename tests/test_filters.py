@@ -317,8 +317,8 @@ class FilterTests(NodeCase):
         body = sink.messages[0].body
         assert b"Received-SPF: pass (mx2.relayx.test: domain of bob@good.test designates 127.0.0.1" in body
         assert b"Authentication-Results: mx2.relayx.test; spf=pass smtp.mailfrom=bob@good.test" in body
-        # the headers follow relayx's Received: line, ahead of the message's own
-        assert body.index(b"Received:") < body.index(b"Received-SPF:") < body.index(b"Subject: hi")
+        # trace fields of this hop: above relayx's Received: line (RFC 7208 9.1)
+        assert body.index(b"Received-SPF:") < body.index(b"Received:") < body.index(b"Subject: hi")
 
     @deferred_test
     async def test_rspamd_unreachable_fails_open_or_closed(self) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 from twisted.internet.threads import deferToThread
 
 from tests.certs import CA
-from tests.helpers import LoopbackSink, NodeCase, wait_for
+from tests.helpers import LoopbackSink, NodeCase, send, wait_for
 from tests.test_queue_redis import deferred_test
 
 
@@ -189,3 +189,48 @@ class FrontDoorTests(NodeCase):
         assert [code for code, _ in later] == [250, 550, 451]
         # the callouts sent no message
         assert sink.messages == []
+
+    @deferred_test
+    async def test_trickling_crowd_does_not_lock_out_a_real_client(self) -> None:
+        """When 200 trickling connections from four addresses fill every slot, a client from another gets served."""
+        sink = LoopbackSink()
+        sink.start()
+        await self.start_node(sink, smtp={"max_connections": 100, "max_connections_per_ip": 50})
+
+        def crowd_then_client() -> tuple[list[str], dict[str, Any]]:
+            crowd: list[socket.socket] = []
+            banners: list[str] = []
+            try:
+                for n in range(200):
+                    s = socket.create_connection(
+                        ("127.0.0.1", self.smtp_port), timeout=10, source_address=(f"127.0.0.{2 + n % 4}", 0)
+                    )
+                    crowd.append(s)
+                    banners.append(s.makefile("rb").readline().decode()[:9])
+                    s.sendall(b"EHLO tr")  # and never the rest of the line
+                with smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=30) as client:
+                    refused = client.sendmail("bob@sender.test", ["alice@example.com"], b"Subject: hi\r\n\r\nx\r\n")
+                return banners, refused
+            finally:
+                for s in crowd:
+                    s.close()
+
+        banners, refused = await deferToThread(crowd_then_client)
+        assert refused == {}
+        assert banners.count("220 mx2.r") >= 100
+        await wait_for(lambda: len(sink.messages) == 1, 30, "the delivery")
+
+    @deferred_test
+    async def test_large_message_through_the_spool(self) -> None:
+        """When a 3 MB message comes over a real socket, it is spooled, delivered intact, and the spool left empty."""
+        sink = LoopbackSink()
+        sink.start()
+        node = await self.start_node(sink, smtp={"spool_threshold": "64KB"})
+        spool = node.config.node.data_dir / "spool"
+        assert oct(spool.stat().st_mode & 0o777) == "0o700"
+        line = b"0123456789" * 7 + b"\r\n"
+        body = b"Subject: big\r\n\r\n" + line * (3_000_000 // len(line)) + b".leading dot\r\n"
+        assert await send(self.smtp_port, "bob@sender.test", ["alice@example.com"], body) == {}
+        assert [p for p in spool.rglob("*") if p.is_file()] == []
+        await wait_for(lambda: len(sink.messages) == 1, 60, "the delivery")
+        assert sink.messages[0].body.endswith(body)

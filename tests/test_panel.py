@@ -84,6 +84,7 @@ def browse(admin_port: int, smtp_port: int, sink: LoopbackSink, sample: Callable
             )
 
             page.screenshot(path=str(shots / "1-scheduled.png"))
+            page.once("dialog", lambda dialog: dialog.accept())
             page.click("#hold")
             expect(page.locator("#domain-name")).to_have_text("example.com (held)")
             expect(page.locator("#action-result")).to_contain_text("example.com is held")
@@ -166,7 +167,9 @@ def browse(admin_port: int, smtp_port: int, sink: LoopbackSink, sample: Callable
             audit = page.locator("#audit tbody tr")
             expect(audit).to_have_count(4)
             expect(audit.nth(0)).to_contain_text("release")
-            expect(audit.nth(1)).to_contain_text("now, until released")
+            expect(audit.nth(1)).to_contain_text(
+                f"now, until released; it replaced the hold scheduled from {day} 09:00 until {day} 12:30"
+            )
             expect(audit.nth(2)).to_contain_text(f"from {day} 09:00 until {day} 12:30")
             expect(audit.nth(0)).to_contain_text("ops (127.0.0.1)")
             page.screenshot(path=str(shots / "3-audit.png"), full_page=True)

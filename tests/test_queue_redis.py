@@ -304,7 +304,7 @@ class ClusterQueueTests(QueueCase):
         assert [lease.domain for lease in await take(q, "n", T0 + 10, 10)] == ["two.test"]
         state = await q.domain_state("one.test", T0 + 10)
         assert state.held and state.ready == 3
-        assert await q.release("one.test", T0 + 20) is True
+        assert (await q.release("one.test", T0 + 20)).held is True
         [lease] = await take(q, "n", T0 + 20, 10)
         assert lease.queue_id == "M0"
 
@@ -499,7 +499,7 @@ class OperatorTests(QueueCase):
         [failed] = [j for j in await q.failed(10) if j.job_id == "B.1"]
         assert failed.failures[0][:3] == ("b@one.test", 0, "5.0.0")
         assert (await q.counts(["one.test", "two.test"], T0 + 3))["states"] == {"failed": 2}
-        assert await q.release("one.test", T0 + 3, who="ops") is True
+        assert (await q.release("one.test", T0 + 3, who="ops")).held is True
         assert await take(q, "n", T0 + 4, 10) == []
         actions = [r["action"] for r in await q.audit(10)]
         assert actions == ["release", "bounce", "delete", "hold"]

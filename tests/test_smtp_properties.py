@@ -6,7 +6,10 @@ the store does not hold, nor accepts a recipient it does not serve.
 
 from __future__ import annotations
 
+import itertools
 import re
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -85,3 +88,68 @@ def test_random_sessions_keep_the_promises(steps: list[str], chunk: int, outage:
         assert re.match(r"^\d{3}[ -]", line), line
         if line[0] in "45":
             assert re.match(r"^\d{3}[ -][45]\.\d{1,3}\.\d{1,3} ", line), f"no enhanced status code: {line}"
+
+
+PIECES = st.sampled_from([b"\r\n", b"\r", b"\n", b".", b"..", b"x", b"yz", b"\0", b"Received: h\r\n", b"\r\n.\r"])
+
+
+def unstuffed(stream: bytes) -> tuple[bytes, bytes]:
+    """
+    The message in a DATA stream and what follows it, found all at once.
+    """
+    buffer = b"\r\n" + stream
+    end = buffer.find(b"\r\n.\r\n")
+    return buffer[: end + 2].replace(b"\r\n.", b"\r\n")[2:], buffer[end + 5 :]
+
+
+def stored_content(body: bytes) -> bytes:
+    """
+    A stored message without our Received: header (three lines).
+    """
+    return body.split(b"\r\n", 3)[3]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    pieces=st.lists(PIECES, max_size=60),
+    cuts=st.lists(st.integers(min_value=1, max_value=9), min_size=1, max_size=8),
+    threshold=st.sampled_from([0, 7, 10**6]),
+    bdat=st.booleans(),
+)
+def test_streamed_message_is_the_message_read_whole(
+    pieces: list[bytes], cuts: list[int], threshold: int, bdat: bool
+) -> None:
+    """When a message comes in any chunking, in memory or spooled, what is stored is what reading it whole gives."""
+    from relayx.smtp.server import _BARE_LF, HOP_SCAN, count_hops
+    from tests.test_smtp_limits import Node
+
+    raw = b"".join(pieces)
+    if bdat:
+        content = raw
+        stream = b"BDAT %d LAST\r\n" % len(raw) + raw + b"NOOP\r\n"
+        after = b"NOOP\r\n"
+    else:
+        content, after = unstuffed(raw + b"\r\n.\r\nNOOP\r\n")
+        stream = b"DATA\r\n" + raw + b"\r\n.\r\nNOOP\r\n"
+    with tempfile.TemporaryDirectory() as directory:
+        node = Node(Path(directory) / "spool", threshold=threshold)
+        s = node.connect()
+        s.transaction()
+        output = ""
+        position = 0
+        for cut in itertools.cycle(cuts):
+            if position >= len(stream) or s.transport.disconnecting:
+                break
+            output += s.send(stream[position : position + cut])
+            position += cut
+        assert node.spool_files() == [] and node.spool.in_memory == 0
+    normal = _BARE_LF.sub(b"\r\n", content)
+    if b"\0" in content:
+        assert "554 5.6.0" in output
+    elif count_hops(normal[:HOP_SCAN]) >= 5:
+        assert "554 5.4.6" in output
+    else:
+        [message] = node.store.messages
+        assert stored_content(message.body) == normal, output
+    if after.startswith(b"NOOP"):
+        assert output.endswith("250 2.0.0 Ok\r\n"), output

@@ -6,6 +6,7 @@ triplet is deferred; its state lives in Redis so every node decides the same.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +31,27 @@ def _network(client: str) -> str:
         return client
     prefix = 24 if address.version == 4 else 64
     return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+
+
+_BATV = re.compile(r"^(?:prvs|msprvs1|btv1)=[^=@]*=")
+_SRS = re.compile(r"^(srs[01])=[^=@]+=[^=@]+=")
+_DIGITS = re.compile(r"\b\d+\b")
+
+
+def sender_key(sender: str) -> str:
+    """
+    The sender as greylisting remembers it, as postgrey does: a BATV tag
+    (``prvs=1234abcdef=user@dom``) and an SRS hash and timestamp removed, an
+    address extension (``+...``) dropped and numbers (VERP) replaced by
+    ``#``, so that a retry with a fresh tag or bounce address still matches.
+    """
+    local, at, domain = sender.lower().rpartition("@")
+    if not at:
+        return sender.lower()
+    local = _BATV.sub("", local)
+    local = _SRS.sub(r"\1=#=#=", local)
+    local = local.split("+", 1)[0] if not local.startswith("+") else local
+    return f"{_DIGITS.sub('#', local)}@{domain}"
 
 
 @attrs.define
@@ -58,7 +80,7 @@ class Greylist(Filter):
             return None
         if sender and sender.rpartition("@")[2].lower() in self.domains:
             return None
-        key = f"{self.prefix}:grey:{_network(client.ip)}:{sender.lower()}:{recipient.canonical}"
+        key = f"{self.prefix}:grey:{_network(client.ip)}:{sender_key(sender)}:{recipient.canonical}"
         now_ms = int(self.clock.seconds() * 1000)
         expiry_ms = int(self.expiry * 1000)
         first = await self.redis.call("set", key, now_ms, None, expiry_ms, True)

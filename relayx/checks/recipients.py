@@ -30,6 +30,8 @@ ANSWER_KEPT = 30 * 86400.0
 
 ACCEPT = Reply(250, "2.1.5", "Recipient ok")
 RELAY_DENIED = Reply(550, "5.7.1", "Relaying denied")
+#: Postfix's answer under ``allow_untrusted_routing = no``
+ROUTING_DENIED = Reply(550, "5.7.1", "Relaying denied: sender-specified routing (%, ! or @ in the local part)")
 UNKNOWN_USER = Reply(550, "5.1.1", "Recipient address rejected: user unknown")
 UNVERIFIED = Reply(451, "4.4.3", "Recipient address cannot be verified now, try again later")
 
@@ -57,6 +59,8 @@ class RecipientPolicy:
         domain = self._domains.get(recipient.domain)
         if domain is None:
             return RELAY_DENIED
+        if recipient.routed:
+            return ROUTING_DENIED
         rule = domain.recipients
         if isinstance(rule, AnyRecipient):
             return ACCEPT

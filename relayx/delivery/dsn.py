@@ -8,6 +8,7 @@ to identify the message, without sending a large message back.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
@@ -33,6 +34,43 @@ def _date(timestamp: float) -> str:
     return format_datetime(datetime.fromtimestamp(timestamp, UTC))
 
 
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def one_line(text: str) -> str:
+    """
+    A destination's reply text on one line: a multi-line reply (Gmail sends
+    them) joined with spaces as Postfix does, no CR, LF or other control
+    character left to become a bare LF in the DSN.
+    """
+    return " ".join(_UNPRINTABLE.sub(" ", text).split())
+
+
+def fold(field: str, width: int = 78) -> str:
+    """
+    A header-style field folded at spaces into lines of at most ``width``
+    octets where it can be (CRLF and four spaces, as Postfix folds them).
+    """
+    words = field.split(" ")
+    lines: list[str] = []
+    line = words[0]
+    for word in words[1:]:
+        if len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = "    " + word
+        else:
+            line += " " + word
+    lines.append(line)
+    return "\r\n".join(lines)
+
+
+def _address_type(address: str) -> str:
+    """
+    ``rfc822; a@b``, or ``utf-8; ...`` for an internationalised address (RFC 6533 3).
+    """
+    return f"rfc822; {address}" if address.isascii() else f"utf-8; {address}"
+
+
 def build_dsn(
     *,
     reporting_mta: str,
@@ -48,13 +86,20 @@ def build_dsn(
     """
     The DSN for ``failures`` of the message queued as ``queue_id``; with
     ``delayed``, a warning that they are not delivered yet but still tried.
+
+    When an address or the original header section is not ASCII (mail
+    received with SMTPUTF8), the report is ``message/global-delivery-status``
+    with ``message/global-headers`` (RFC 6533), as Postfix sends them.
     """
+    headers = header_section(original)
+    utf8 = not (sender.isascii() and all(f.recipient.isascii() for f in failures) and headers.isascii())
     boundary = f"{message_id}/{reporting_mta}"
     lines = ["This is the mail system at host " + reporting_mta + ".", ""]
     if delayed:
         lines += [
-            "Your message could not be delivered yet to one or more recipients. It will be tried again;",
-            "you do not need to send it again. Its headers are attached below.",
+            "Your message could not be delivered yet to one or more recipients.",
+            "The mail system is still trying; you do not need to send it again.",
+            "It will tell you if it gives up. The message's headers are attached below.",
             "",
         ]
     else:
@@ -64,32 +109,39 @@ def build_dsn(
             "",
         ]
     for f in failures:
-        why = f"{f.code} {f.status} {f.text}".strip() if f.code else f"gave up: {f.text}"
-        lines.append(f"<{f.recipient}>: {why}")
+        text = one_line(f.text)
+        if f.code:
+            why = f"{f.code} {f.status} {text}".replace("  ", " ").strip()
+        else:
+            why = f"still trying: {text}" if delayed else f"gave up: {text}"
+        lines.append(fold(f"<{f.recipient}>: {why}", 76).replace("\r\n    ", "\r\n  "))
     human = "\r\n".join(lines) + "\r\n"
 
     per_message = [
         f"Reporting-MTA: dns; {reporting_mta}",
         f"X-Relayx-Queue-ID: {queue_id}",
-        f"X-Original-Sender: rfc822; {sender}",
+        f"X-Original-Sender: {_address_type(sender)}",
         f"Arrival-Date: {_date(arrival)}",
     ]
     per_recipient = []
     for f in failures:
         status = f.status or ("5.0.0" if f.code >= 500 else "4.0.0")
+        text = one_line(f.text)
         block = [
-            f"Final-Recipient: rfc822; {f.recipient}",
+            f"Final-Recipient: {_address_type(f.recipient)}",
             f"Action: {'delayed' if delayed else 'failed'}",
             f"Status: {status}",
         ]
         if f.code:
-            block.append(f"Diagnostic-Code: smtp; {f.code} {f.status} {f.text}".replace("  ", " ").rstrip())
+            block.append(fold(f"Diagnostic-Code: smtp; {f.code} {f.status} {text}".replace("  ", " ").rstrip()))
         else:
-            block.append(f"Diagnostic-Code: x-relayx; {f.text}")
+            block.append(fold(f"Diagnostic-Code: x-relayx; {text}"))
         block.append(f"Last-Attempt-Date: {_date(now)}")
         per_recipient.append("\r\n".join(block))
     status_part = "\r\n".join(per_message) + "\r\n\r\n" + "\r\n\r\n".join(per_recipient) + "\r\n"
 
+    status_type = "message/global-delivery-status" if utf8 else "message/delivery-status"
+    headers_type = "message/global-headers" if utf8 else "text/rfc822-headers"
     head = [
         f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
         f"To: <{sender}>",
@@ -98,19 +150,21 @@ def build_dsn(
         f"Message-ID: <{message_id}@{reporting_mta}>",
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
-        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
+        # report-type stays delivery-status for a global report, as in Postfix
+        f'Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary="{boundary}"',
     ]
     parts = [
-        "\r\n".join(head).encode() + b"\r\n\r\nThis is a MIME-encapsulated message.\r\n\r\n",
+        "\r\n".join(head).encode("utf-8") + b"\r\n\r\nThis is a MIME-encapsulated message.\r\n\r\n",
         f"--{boundary}\r\nContent-Description: Notification\r\n"
-        "Content-Type: text/plain; charset=utf-8\r\n\r\n".encode(),
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Transfer-Encoding: {'8bit' if not human.isascii() else '7bit'}\r\n\r\n".encode(),
         human.encode("utf-8"),
-        f"\r\n--{boundary}\r\nContent-Description: Delivery report\r\n"
-        "Content-Type: message/delivery-status\r\n\r\n".encode(),
+        f"\r\n--{boundary}\r\nContent-Description: {'Delayed' if delayed else 'Delivery'} report\r\n"
+        f"Content-Type: {status_type}\r\n\r\n".encode(),
         status_part.encode("utf-8"),
         f"\r\n--{boundary}\r\nContent-Description: Undelivered Message Headers\r\n"
-        "Content-Type: text/rfc822-headers\r\n\r\n".encode(),
-        header_section(original),
+        f"Content-Type: {headers_type}\r\n\r\n".encode(),
+        headers,
         f"\r\n--{boundary}--\r\n".encode(),
     ]
     return b"".join(parts)

@@ -16,6 +16,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from relayx.config import MXRoute, Route, parse_route
 from relayx.dns import LookupAddresses, LookupFailed, LookupMX, MXRecords
+from relayx.reply import Reply
 from relayx.ttlcache import TTLCache
 
 
@@ -44,6 +45,19 @@ class NoRoute(Exception):
     """
     No host can take the domain's mail now (temporary, from our side).
     """
+
+
+class Undeliverable(NoRoute):
+    """
+    The domain's DNS says its mail can never be delivered from here: a null
+    MX (RFC 7505) or no MX host left below this node's own preference (RFC
+    5321 5.1: "the message MUST be returned as undeliverable"). The
+    recipients fail at once with ``reply``, and their senders get a DSN.
+    """
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(reply.text)
+        self.reply = reply
 
 
 class RouteTable:
@@ -140,7 +154,7 @@ class RouteTable:
         if not records:
             return [domain]  # the implicit MX: the domain's own address records
         if any(host == "" for _, host in records):
-            raise NoRoute(f"{domain} publishes a null MX (RFC 7505)")
+            raise Undeliverable(Reply(550, "5.1.10", f"{domain} accepts no mail: it publishes a null MX (RFC 7505)"))
         ours = [pref for pref, host in records if host in self._own]
         ceiling = min(ours) if ours else None
         hosts: list[str] = []
@@ -151,5 +165,7 @@ class RouteTable:
             self._shuffle(same)
             hosts += same
         if not hosts:
-            raise NoRoute(f"this node is the most preferred MX of {domain}")
+            raise Undeliverable(
+                Reply(550, "5.4.4", f"unable to route: this host is the best MX left for {domain} (RFC 5321 5.1)")
+            )
         return hosts

@@ -19,10 +19,11 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from relayx.delivery.routes import Target
+from relayx.delivery.routes import Target, Undeliverable
 from relayx.interfaces import IDeliverer, Outcome
+from relayx.message import header_section
 from relayx.reply import Reply
-from relayx.smtp.client import ConversationError, SMTPClientProtocol, dot_stuff
+from relayx.smtp.client import ConversationError, SMTPClientProtocol, dot_stuff, fold_long_lines
 
 log = Logger()
 T = TypeVar("T")
@@ -43,6 +44,13 @@ ClientTLS = Callable[[str, str], Any]
 class _TryNext(Exception):
     """
     This destination host cannot take the message now; try the next one.
+    """
+
+
+class _TLSFailed(_TryNext):
+    """
+    The TLS handshake with the host failed after STARTTLS: under the
+    ``opportunistic`` policy, the host is tried again in the clear.
     """
 
 
@@ -85,7 +93,17 @@ class SMTPDeliverer:
             await self._park_or_quit(conn, target)
             return outcome
 
-        result = await self._first_answer(domain, transaction, reuse=True)
+        try:
+            result = await self._first_answer(domain, transaction, reuse=True)
+        except Undeliverable as e:
+            log.info(
+                "{domain}: {count} recipient(s) undeliverable: {reply}",
+                domain=domain,
+                count=len(recipients),
+                reply=str(e.reply),
+                code=e.reply.code,
+            )
+            return Outcome(failed=tuple((r, e.reply) for r in recipients))
         return Outcome(unreachable=result) if isinstance(result, str) else result
 
     async def _park_or_quit(self, conn: SMTPClientProtocol, target: Target) -> None:
@@ -140,7 +158,10 @@ class SMTPDeliverer:
             await self._quit(conn)
             return True
 
-        result = await self._first_answer(domain, hello)
+        try:
+            result = await self._first_answer(domain, hello)
+        except Undeliverable as e:
+            return str(e)
         return result if isinstance(result, str) else None
 
     async def verify(self, domain: str, address: str, timeout: float) -> bool | None:
@@ -180,6 +201,8 @@ class SMTPDeliverer:
         """
         try:
             targets = await self._targets(domain)
+        except Undeliverable:
+            raise
         except Exception as e:
             return f"no destination for {domain}: {e}"
         reasons = []
@@ -201,6 +224,20 @@ class SMTPDeliverer:
                 continue
             try:
                 return await attempt(connection, target)
+            except _TLSFailed as e:
+                if target.tls != "opportunistic":
+                    reasons.append(f"{where}: {e}")
+                    continue
+                # as Postfix and Exim do: a broken TLS stack is not a reason
+                # to keep the mail; a new connection without STARTTLS
+                log.info("{mx}: {why}; trying again without TLS", mx=where, why=str(e))
+                clear = attrs.evolve(target, tls="none")
+                try:
+                    connection.close()
+                    connection = await self._connect(target.address, target.port)
+                    return await attempt(connection, clear)
+                except (_TryNext, ConversationError, OSError) as e2:
+                    reasons.append(f"{where}: {e}; without TLS: {e2}")
             except (_TryNext, ConversationError) as e:
                 reasons.append(f"{where}: {e}")
             finally:
@@ -233,7 +270,7 @@ class SMTPDeliverer:
         try:
             extensions = await self._ehlo(conn, wait)
         except ConversationError as e:
-            raise _TryNext(f"TLS with {target.name} failed ({target.tls}): {e}") from None
+            raise _TLSFailed(f"TLS with {target.name} failed ({target.tls}): {e}") from None
         conn.tls = True
         return extensions
 
@@ -258,15 +295,22 @@ class SMTPDeliverer:
         t = self._timeouts
         where = f"{target.name} [{target.address}]:{target.port}"
 
+        body = fold_long_lines(body)
         params = ""
         if "SIZE" in extensions:
             params += f" SIZE={len(body)}"
         if "8BITMIME" in extensions and not body.isascii():
             params += " BODY=8BITMIME"
+        # as Postfix (SMTPUTF8_README): SMTPUTF8 is asked for when the
+        # envelope or the header section needs it and the host offers it;
+        # only UTF-8 addresses make a host without it a failure (5.6.7),
+        # UTF-8 headers alone go as 8BITMIME
         if not (sender.isascii() and all(r.isascii() for r in recipients)):
             if "SMTPUTF8" not in extensions:
-                refused = Reply(553, "5.6.7", f"{where} does not support SMTPUTF8")
+                refused = Reply(553, "5.6.7", f"SMTPUTF8 is required, but was not offered by host {where}")
                 return Outcome(failed=tuple((r, refused) for r in recipients))
+            params += " SMTPUTF8"
+        elif "SMTPUTF8" in extensions and not header_section(body).isascii():
             params += " SMTPUTF8"
 
         commands = [f"MAIL FROM:<{sender}>{params}", *(f"RCPT TO:<{r}>" for r in recipients)]

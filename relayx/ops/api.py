@@ -14,7 +14,8 @@ step as the change.
     GET    /api/v1/domains/<domain>/history?since=&limit=
                                                 its samples, one a minute (ops/history.py), with the
                                                 rates per minute and the current drain's progress
-    POST   /api/v1/domains/<domain>/hold        {"start": epoch s, "end": epoch s} (both optional)
+    POST   /api/v1/domains/<domain>/hold        {"start": epoch s, "end": epoch s, "replace": bool} (all optional;
+                                                without replace, 409 instead of replacing a scheduled hold)
     POST   /api/v1/domains/<domain>/release     {"rate": messages/s} (optional)
     POST   /api/v1/domains/<domain>/flush       deliver now (ends the wait for a failing destination)
     POST   /api/v1/domains/<domain>/route       {"routes": ["smtp://host:port", ...] or null: configured}
@@ -22,11 +23,13 @@ step as the change.
                &sender=&recipient=&message_id=             exact (indexes)
                &sender_has=&recipient_has=&subject_has=    parts of them (examined job by job)
     GET    /api/v1/messages/<queue id>          envelope, header section, jobs and their history
+    GET    /api/v1/messages/<queue id>/raw      the message as accepted (message/rfc822: an .eml file)
     DELETE /api/v1/messages/<queue id>          delete
     POST   /api/v1/messages/<queue id>/bounce   return to the sender with a DSN
     POST   /api/v1/messages/<queue id>/requeue  try deferred and failed recipients again now
-    GET    /api/v1/audit?limit=                 the newest changes
+    GET    /api/v1/audit?limit=                 the newest changes, each with what it changed from
     GET    /api/v1/history?since=&limit=        the cluster's samples (all domains summed)
+    GET    /api/v1/qshape?domain=&state=&first=&buckets=   jobs by age per domain (see ``qshape``)
     POST   /api/v1/bulk                         {"action": "delete"|"bounce"|"requeue", "filter": {...}}
     GET    /api/v1/bulk                         the newest bulk actions and their progress
     GET    /api/v1/bulk/<id>                    one bulk action's progress
@@ -37,6 +40,10 @@ has ``next_cursor`` (``null`` at the end), which the next request passes as
 ``cursor``. No Redis call examines more than ``PAGE_BUDGET`` jobs; a request
 makes at most ``PAGE_CALLS`` of them, so a page of a search that matches
 rarely can hold fewer than ``limit`` messages and still have a next cursor.
+
+``AdminAPI.call`` answers the same requests without HTTP: ``relayx VERB
+--config FILE`` runs the operator's verbs through it straight over Redis, so
+that they and ``relayctl`` share every check, answer and error.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from __future__ import annotations
 import hmac
 import json
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import attrs
@@ -53,8 +61,9 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from relayx.address import AddressError, normalize_domain
 from relayx.config import DomainConfig, parse_duration, parse_route
-from relayx.interfaces import IBulkActions, IQueueAdmin, StoreUnavailable
+from relayx.interfaces import HoldWindow, IBulkActions, IQueueAdmin, StoreUnavailable
 from relayx.ops.bulk import ACTIONS
 from relayx.ops.history import KEPT, History, delivery_rate, replay
 from relayx.queue.states import JobState
@@ -67,6 +76,8 @@ MAX_BODY = 64 * 1024
 #: most jobs one Redis call of a listing examines, and most such calls per request
 PAGE_BUDGET = 300
 PAGE_CALLS = 10
+#: most age buckets of a qshape (each edge costs a bisection per queue)
+QSHAPE_MAX_BUCKETS = 20
 #: the filter's names in a query string or a bulk action: exact ones, parts, the rest
 EXACT = ("sender", "recipient", "message_id")
 PARTS = ("sender_has", "recipient_has", "subject_has")
@@ -82,6 +93,37 @@ class APIError(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+
+
+@attrs.frozen
+class Call:
+    """
+    One request, from HTTP or from ``AdminAPI.call``: the method, the path's
+    parts after ``/api``, the query's arguments (the first of each) and the body.
+    """
+
+    method: str
+    parts: list[str]
+    args: Mapping[str, str]
+    content: bytes
+
+    @classmethod
+    def of(cls, request: Request) -> Call:
+        args = {k.decode(): v[0].decode("utf-8", "replace") for k, v in (request.args or {}).items() if v}
+        content = request.content.read(MAX_BODY + 1) if request.content is not None else b""
+        parts = [p.decode("utf-8", "replace") for p in request.postpath or [] if p]
+        return cls(request.method.decode(), parts, args, content)
+
+
+@attrs.frozen
+class RawBody:
+    """
+    An answer that is not JSON: a message as a file.
+    """
+
+    content_type: str
+    filename: str
+    body: bytes
 
 
 @attrs.frozen
@@ -155,7 +197,7 @@ class AdminAPI(Resource):
             if name is None:
                 request.setHeader(b"www-authenticate", b'Bearer realm="relayx"')
                 raise APIError(401, "a valid bearer token is required")
-            status, body = 200, await self._route(request, f"{name} ({peer})")
+            status, body = 200, await self._route(Call.of(request), f"{name} ({peer})")
         except APIError as e:
             status, body = e.status, {"error": e.reason}
         except StoreUnavailable as e:
@@ -167,14 +209,28 @@ class AdminAPI(Resource):
         if request.finished or getattr(request, "_disconnected", False):
             return
         request.setResponseCode(status)
-        request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
-        request.write(json.dumps(body).encode() + b"\n")
+        if isinstance(body, RawBody):
+            request.setHeader(b"content-type", body.content_type.encode())
+            request.setHeader(b"content-disposition", f'attachment; filename="{body.filename}"'.encode())
+            request.write(body.body)
+        else:
+            request.setHeader(b"content-type", b"application/json")
+            request.write(json.dumps(body).encode() + b"\n")
         request.finish()
 
-    async def _route(self, request: Request, who: str) -> Any:
-        method = request.method.decode()
-        parts = [p.decode("utf-8", "replace") for p in request.postpath or [] if p]
+    async def call(self, method: str, path: str, query: Mapping[str, str], body: Any, who: str) -> Any:
+        """
+        Answer one request without HTTP or a token (for ``relayx VERB
+        --config``, which reaches Redis itself): ``path`` below
+        ``/api/v1/``; the answer as HTTP would give it, a ``RawBody``, or
+        ``APIError`` with the status and reason HTTP would give.
+        """
+        content = json.dumps(body).encode() if body is not None else b""
+        return await self._route(Call(method, ["v1", *(p for p in path.split("/") if p)], query, content), who)
+
+    async def _route(self, request: Call, who: str) -> Any:
+        method, parts = request.method, request.parts
         if parts[:1] != ["v1"] or len(parts) < 2:
             raise APIError(404, "no such endpoint; see /api/v1/domains")
         kind, rest = parts[1], parts[2:]
@@ -185,6 +241,8 @@ class AdminAPI(Resource):
             return await self._history(request, None, now)
         if kind == "audit" and not rest and method == "GET":
             return {"records": await self.queue.audit(_int_arg(request, "limit", 50, 1, 1000))}
+        if kind == "qshape" and not rest and method == "GET":
+            return await self._qshape(request, now)
         if kind == "domains":
             if not rest and method == "GET":
                 return {"domains": [await self._summary(d, now) for d in self.domains]}
@@ -209,6 +267,11 @@ class AdminAPI(Resource):
                 for job in found["jobs"]:
                     job["history"] = [[at / 1000, what] for at, what in job["history"]]
                 return {"queue_id": queue_id, **found}
+            if len(rest) == 2 and rest[1] == "raw" and method == "GET":
+                raw = await self.queue.raw(queue_id)
+                if raw is None:
+                    raise APIError(404, f"no message {queue_id} in the queue")
+                return RawBody("message/rfc822", f"{_safe_name(queue_id)}.eml", raw)
             if len(rest) == 1 and method == "DELETE":
                 return self._dropped(queue_id, await self.queue.drop(queue_id, now, who, bounce=False))
             if len(rest) == 2 and rest[1] == "bounce" and method == "POST":
@@ -218,9 +281,12 @@ class AdminAPI(Resource):
         raise APIError(404 if method in ("GET", "POST", "DELETE") else 405, f"no {method} /api/{'/'.join(parts)}")
 
     def _domain(self, name: str) -> str:
-        domain = name.lower()
+        try:
+            domain = normalize_domain(name)
+        except AddressError:
+            raise APIError(404, f"{name!r} is not a domain name") from None
         if domain not in self.domains:
-            raise APIError(404, f"{name} is not a domain of this cluster")
+            raise APIError(404, unknown_domain(domain, list(self.domains)))
         return domain
 
     @staticmethod
@@ -264,7 +330,7 @@ class AdminAPI(Resource):
             "routes_overridden": bool(override),
         }
 
-    async def _history(self, request: Request, domain: str | None, now: float) -> dict[str, Any]:
+    async def _history(self, request: Call, domain: str | None, now: float) -> dict[str, Any]:
         """
         Samples from ``since`` (seconds since the epoch, or a duration back
         from now; default 3 hours back), at most ``limit``; for a domain, its
@@ -294,16 +360,41 @@ class AdminAPI(Resource):
     ) -> dict[str, Any]:
         if action == "hold":
             start, end = _epoch(body, "start"), _epoch(body, "end")
+            replace = body.get("replace", False)
+            if not isinstance(replace, bool):
+                raise APIError(400, "replace: expected true or false")
             if end is not None and end <= max(now, start or now):
                 raise APIError(400, "end: expected a time after the start of the hold")
-            await self.queue.hold(domain, now, start, end, who=who)
-            return {"domain": domain, "held": start is None or start <= now, "scheduled": bool(start and start > now)}
+            change = await self.queue.hold(domain, now, start, end, who=who, replace=replace)
+            previous = _window(change.previous)
+            if not change.applied:
+                if change.previous.start and change.previous.start > now:
+                    what = f"a hold is scheduled from {_iso(change.previous.start)}"
+                else:
+                    what = f"{domain} is held now"
+                what += f" until {_iso(change.previous.end)}" if change.previous.end else " until released"
+                raise APIError(409, f"{what}; give replace (--replace) to replace it, or release it first")
+            scheduled = bool(start and start > now)
+            return {
+                "domain": domain,
+                "held": not scheduled,
+                "scheduled": scheduled,
+                "start": start if scheduled else None,
+                "end": end,
+                "previous": previous,
+            }
         if action == "release":
             rate = body.get("rate", 0)
             if not _is_number(rate) or rate < 0:
                 raise APIError(400, "rate: expected messages per second, a number of 0 or more")
-            was_held = await self.queue.release(domain, now, float(rate), who=who)
-            return {"domain": domain, "was_held": was_held, "rate": rate}
+            before = await self.queue.release(domain, now, float(rate), who=who)
+            return {
+                "domain": domain,
+                "was_held": before.held,
+                "cancelled_schedule": bool(not before.held and before.start),
+                "rate": rate,
+                "previous": _window(before),
+            }
         if action == "flush":
             moved = 0
             for queue in self.domains[domain].queues():
@@ -311,9 +402,10 @@ class AdminAPI(Resource):
             return {"domain": domain, "deferred_jobs_due_now": moved}
         if action == "route":
             routes = body.get("routes", ...)
+            configured = [str(r) for r in self.domains[domain].routes]
             if routes is None:
-                await self.queue.set_routes(domain, None, now, who)
-                return {"domain": domain, "routes": [str(r) for r in self.domains[domain].routes]}
+                was = await self.queue.set_routes(domain, None, now, who)
+                return {"domain": domain, "routes": configured, "overridden": False, **_before(was, configured)}
             if not isinstance(routes, list) or not routes or not all(isinstance(r, str) for r in routes):
                 raise APIError(
                     400, "routes: expected a list of smtp://host:port or mx, or null for the configured ones"
@@ -322,9 +414,46 @@ class AdminAPI(Resource):
                 parsed = tuple(str(parse_route(r)) for r in routes)
             except ValueError as e:
                 raise APIError(400, f"routes: expected {e}") from None
-            await self.queue.set_routes(domain, parsed, now, who)
-            return {"domain": domain, "routes": list(parsed)}
+            was = await self.queue.set_routes(domain, parsed, now, who)
+            return {"domain": domain, "routes": list(parsed), "overridden": True, **_before(was, configured)}
         raise APIError(404, f"no action {action!r}; expected hold, release, flush or route")
+
+    async def _qshape(self, request: Call, now: float) -> dict[str, Any]:
+        """
+        Every domain's jobs (or one's: ``domain``) by age: ``buckets`` age
+        buckets whose edges start at ``first`` seconds and double, like
+        Postfix's qshape; ``state=waiting`` counts only jobs waiting their
+        turn (ready or held). A domain's copy queues count with it.
+        """
+        unknown = set(request.args) - {"domain", "state", "first", "buckets"}
+        if unknown:
+            raise APIError(400, f"unknown parameter {sorted(unknown)[0]!r}; expected domain, state, first, buckets")
+        state = request.args.get("state", "all")
+        if state not in ("all", "waiting"):
+            raise APIError(400, "state: expected all or waiting")
+        first = _int_arg(request, "first", 300, 1, 10 * 365 * 86400)
+        count = _int_arg(request, "buckets", 10, 1, QSHAPE_MAX_BUCKETS)
+        edges = [first * 2**i for i in range(count - 1)] if count > 1 else []
+        if "domain" in request.args:
+            names = [self._domain(d) for d in request.args["domain"].split(",") if d]
+        else:
+            names = list(self.domains)
+        rows: list[dict[str, Any]] = []
+        for name in names:
+            counts = [0] * (len(edges) + 2)
+            for queue in self.domains[name].queues():
+                found = await self.queue.qshape(queue, now, edges, waiting=state == "waiting")
+                counts = [a + b for a, b in zip(counts, found, strict=True)]
+            rows.append({"domain": name, "total": counts[0], "buckets": counts[1:]})
+        return {
+            "state": state,
+            "edges": edges,
+            "total": {
+                "total": sum(r["total"] for r in rows),
+                "buckets": [sum(r["buckets"][i] for r in rows) for i in range(len(edges) + 1)],
+            },
+            "domains": rows,
+        }
 
     def _search(self, args: Mapping[str, object], now: float) -> tuple[list[str], dict[str, object]]:
         """
@@ -366,8 +495,8 @@ class AdminAPI(Resource):
             search["after"] = int((now - _seconds(text, "newer_than")) * 1000)
         return queues, search
 
-    async def _messages(self, request: Request, now: float) -> dict[str, Any]:
-        args = {k.decode(): v[0].decode("utf-8", "replace") for k, v in (request.args or {}).items() if v}
+    async def _messages(self, request: Call, now: float) -> dict[str, Any]:
+        args = dict(request.args)
         for name in ("offset",):
             if name in args:
                 raise APIError(400, "offset: pages now go by cursor; pass the answer's next_cursor as cursor")
@@ -453,8 +582,35 @@ class AdminAPI(Resource):
         )
 
 
-def _json_body(request: Request) -> Mapping[str, Any]:
-    content = request.content.read(MAX_BODY + 1) if request.content is not None else b""
+def unknown_domain(name: str, known: Sequence[str]) -> str:
+    """
+    The one answer to a domain the cluster does not have, naming a few it has.
+    """
+    listed = ", ".join(known[:10]) + (f" and {len(known) - 10} more" if len(known) > 10 else "")
+    return f"{name} is not a domain of this cluster (its domains: {listed or 'none'})"
+
+
+def _window(window: HoldWindow) -> dict[str, Any]:
+    return {"held": window.held, "start": window.start, "end": window.end}
+
+
+def _before(routes: tuple[str, ...] | None, configured: list[str]) -> dict[str, Any]:
+    """
+    The routes before a change: the ones set at run time, or the configured ones.
+    """
+    return {"previous": list(routes) if routes else configured, "previous_overridden": routes is not None}
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds")
+
+
+def _safe_name(queue_id: str) -> str:
+    return "".join(c for c in queue_id if c.isalnum() or c in "-_.") or "message"
+
+
+def _json_body(request: Call) -> Mapping[str, Any]:
+    content = request.content
     if len(content) > MAX_BODY:
         raise APIError(413, f"a request body of at most {MAX_BODY} bytes")
     if not content.strip():
@@ -468,11 +624,10 @@ def _json_body(request: Request) -> Mapping[str, Any]:
     return body
 
 
-def _int_arg(request: Request, name: str, default: int, low: int, high: int) -> int:
-    values = (request.args or {}).get(name.encode())
-    if not values:
+def _int_arg(request: Call, name: str, default: int, low: int, high: int) -> int:
+    text = request.args.get(name)
+    if not text:
         return default
-    text = values[0].decode("utf-8", "replace")
     if not text.isdigit() or not low <= int(text) <= high:
         raise APIError(400, f"{name}: expected a whole number from {low} to {high}, got {text!r}")
     return int(text)
@@ -485,11 +640,10 @@ def _seconds(args: Mapping[str, str], name: str) -> float:
         raise APIError(400, f"{name}: expected a duration such as '30s', '5m', '2h' or '5d'") from None
 
 
-def _since(request: Request, now: float) -> float:
-    values = (request.args or {}).get(b"since")
-    if not values:
+def _since(request: Call, now: float) -> float:
+    text = request.args.get("since", "").strip()
+    if not text:
         return now - 3 * 3600
-    text = values[0].decode("utf-8", "replace").strip()
     try:
         return float(text) if text.replace(".", "", 1).isdigit() else now - parse_duration(text)
     except ValueError:

@@ -129,6 +129,12 @@ end
 -- keeping the newest `keep`. Every script that changes what an operator can
 -- change calls this in the same step, so no change goes unrecorded; a bulk
 -- action's steps pass "" (its one record is written when it starts).
+-- An audit record (a JSON object's text) with "previous": what the change
+-- replaced (JSON text), spliced in so that the rest stays as Python wrote it.
+local function with_previous(record, previous)
+  return string.sub(record, 1, -2) .. ',"previous":' .. previous .. '}'
+end
+
 local function audit(key, record, keep)
   if record == '' then return end  -- one step of a bulk action, audited once at its start
   redis.call('LPUSH', key, record)

@@ -25,6 +25,8 @@ from relayx.interfaces import (
     Claim,
     DomainState,
     FailedJob,
+    HoldChange,
+    HoldWindow,
     IBodyStore,
     IBulkActions,
     IDeliveryQueue,
@@ -88,6 +90,14 @@ def _headers(stored: bytes) -> bytes:
     return header_section(stored) if stub is None else stub.headers
 
 
+def _window(fields: Sequence[Any]) -> HoldWindow:
+    """
+    A hold as hold.lua and release.lua return it: held (1/0), start and end (ms, 0: none).
+    """
+    held, start, end = (int(f) for f in fields)
+    return HoldWindow(held=bool(held), start=start / 1000 or None, end=end / 1000 or None)
+
+
 def _throttle(t: Throttle) -> str:
     return json.dumps({"c": t.concurrency, "r": t.rate, "u": _ms(t.ramp_up)})
 
@@ -134,6 +144,7 @@ class RedisQueue:
     _BULK_CANCEL = load_script("relayx.queue", "bulk_cancel.lua", prelude=True)
     _MESSAGE = load_script("relayx.queue", "message.lua", prelude=True)
     _TRAFFIC = load_script("relayx.queue", "traffic.lua")
+    _QSHAPE = load_script("relayx.queue", "qshape.lua")
 
     def __init__(
         self,
@@ -444,18 +455,25 @@ class RedisQueue:
         return json.dumps({"at": _ms(now), "who": who, "action": action, **what})
 
     async def hold(
-        self, domain: str, now: float, start: float | None = None, end: float | None = None, who: str = "relayx"
-    ) -> None:
+        self,
+        domain: str,
+        now: float,
+        start: float | None = None,
+        end: float | None = None,
+        who: str = "relayx",
+        replace: bool = False,
+    ) -> HoldChange:
         keys = [self.key("dom", domain), self.key("held"), self.key("audit")]
         record = self._audit_record(now, who, "hold", domain=domain, start=_ms(start or 0), end=_ms(end or 0))
-        args = [_ms(now), _ms(start or 0), _ms(end or 0), domain, record, AUDIT_KEPT]
-        await self._write(self._HOLD, keys, args, f"hold of {domain}", strict=True)
+        args = [_ms(now), _ms(start or 0), _ms(end or 0), domain, record, AUDIT_KEPT, "1" if replace else "0"]
+        applied, *before = await self._write(self._HOLD, keys, args, f"hold of {domain}", strict=True)
+        return HoldChange(applied=bool(int(applied)), previous=_window(before))
 
-    async def release(self, domain: str, now: float, rate: float = 0.0, who: str = "relayx") -> bool:
+    async def release(self, domain: str, now: float, rate: float = 0.0, who: str = "relayx") -> HoldWindow:
         keys = [self.key("dom", domain), self.key("held"), self.key("audit")]
         record = self._audit_record(now, who, "release", domain=domain, rate=rate)
         args = [_ms(now), rate, domain, record, AUDIT_KEPT]
-        return bool(int(await self._write(self._RELEASE, keys, args, f"release of {domain}", strict=True)))
+        return _window(await self._write(self._RELEASE, keys, args, f"release of {domain}", strict=True))
 
     async def flush(self, queue: str, now: float, who: str) -> int:
         keys = [
@@ -537,6 +555,25 @@ class RedisQueue:
             found["size"] = stub.size
             found["header"] = stub.headers.decode("utf-8", "replace")
         return found
+
+    async def qshape(self, queue: str, now: float, edges: Sequence[float], waiting: bool = False) -> list[int]:
+        key = self.key("ready" if waiting else "q", queue)
+        args: list[object] = [self.prefix, _ms(now), *(_ms(e) for e in edges)]
+        return [int(n) for n in await self.redis.script(self._QSHAPE, [key], args)]
+
+    async def raw(self, queue_id: str) -> bytes | None:
+        stored = await self.redis.call("hget", self.key("msg", queue_id), "body")
+        if stored is None:
+            return None
+        stub = read_stub(bytes(stored))
+        if stub is None:
+            return bytes(stored)
+        if self.bodies is None:
+            raise StoreUnavailable(f"message {queue_id}: its body is in a body store ({stub.ref}), none is set")
+        try:
+            return await self.bodies.get(stub.ref)
+        except BodyNotFound as e:
+            raise StoreUnavailable(f"message {queue_id}: {e}") from None
 
     async def heartbeat(self, node: str, now: float, keep: float, info: Mapping[str, str]) -> None:
         keys = [self.key("nodes"), self.key("node", node)]
@@ -750,11 +787,14 @@ class RedisQueue:
 
     # -- routes changed at run time, and the audit log ----------------------
 
-    async def set_routes(self, domain: str, routes: tuple[str, ...] | None, now: float, who: str) -> None:
+    async def set_routes(
+        self, domain: str, routes: tuple[str, ...] | None, now: float, who: str
+    ) -> tuple[str, ...] | None:
         record = {"at": _ms(now), "who": who, "action": "route", "domain": domain, "routes": list(routes or [])}
         keys = [self.key("routes"), self.key("audit")]
         args = [domain, json.dumps(list(routes)) if routes else "", json.dumps(record), AUDIT_KEPT]
-        await self._write(self._REROUTE, keys, args, f"new routes of {domain}", strict=True)
+        previous = _text(await self._write(self._REROUTE, keys, args, f"new routes of {domain}", strict=True) or b"")
+        return tuple(json.loads(previous)) if previous else None
 
     async def route_override(self, domain: str) -> tuple[str, ...] | None:
         value = await self.redis.call("hget", self.key("routes"), domain)

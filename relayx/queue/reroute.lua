@@ -4,7 +4,8 @@
 -- KEYS[2]  <p>:audit    list of JSON audit records, newest first
 -- ARGV[1]  domain
 -- ARGV[2]  JSON array of routes, or "" to go back to the configured routes
--- ARGV[3]  the audit record (JSON), to which the previous override is added
+-- ARGV[3]  the audit record (JSON), to which the previous override is added as
+--          "previous" (a JSON array of routes, or null: the configured ones)
 -- ARGV[4]  how many audit records to keep
 --
 -- Invariant: every change of a domain's routes has its audit record, and the
@@ -16,8 +17,8 @@ if ARGV[2] == '' then
 else
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 end
-local record = cjson.decode(ARGV[3])
-record['previous'] = previous
-redis.call('LPUSH', KEYS[2], cjson.encode(record))
+local before = previous
+if before == '' then before = 'null' end
+redis.call('LPUSH', KEYS[2], string.sub(ARGV[3], 1, -2) .. ',"previous":' .. before .. '}')
 redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[4]) - 1)
 return previous

@@ -48,6 +48,31 @@ def parse_reply(lines: list[bytes]) -> Reply:
     return Reply(code, status, "\n".join(texts))
 
 
+#: the longest line sent, CRLF not counted (RFC 5321 4.5.3.1.6; Postfix's smtp_line_length_limit)
+LINE_LENGTH_LIMIT = 998
+
+
+def fold_long_lines(body: bytes, limit: int = LINE_LENGTH_LIMIT) -> bytes:
+    """
+    The body with every line longer than ``limit`` octets broken by
+    inserting CRLF and a space, as Postfix does (``smtp_line_length_limit``),
+    so that a header line becomes folded and MIME is least damaged.
+    """
+    if len(body) <= limit or max(map(len, body.split(b"\r\n"))) <= limit:
+        return body
+    out = []
+    for line in body.split(b"\r\n"):
+        if len(line) > limit:
+            pieces = [line[:limit]]
+            rest = line[limit:]
+            while rest:
+                pieces.append(b" " + rest[: limit - 1])
+                rest = rest[limit - 1 :]
+            line = b"\r\n".join(pieces)
+        out.append(line)
+    return b"\r\n".join(out)
+
+
 def dot_stuff(body: bytes) -> bytes:
     """
     The body as sent after DATA: leading dots doubled, ending in CRLF, then

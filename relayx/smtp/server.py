@@ -9,7 +9,18 @@ committed the message. Any failure not known to be permanent is answered
 bounce mail that could have waited.
 
 DATA is collected in bulk (one ``find`` per network read, not one Python call
-per line), which is where an SMTP server spends its time.
+per line), which is where an SMTP server spends its time. It is checked and
+unstuffed as it comes and written to a ``SpooledMessage``: in memory while it
+is small, in a file of the spool directory once it grows, so that memory does
+not grow with the size of the messages. While a session waits for the store
+or the filters, the server stops reading from its client.
+
+No trickle keeps a session: each command line has ``command_timeout`` from
+the previous reply to its end, a message ``data_timeout`` from its first byte
+to its last, and after ``data_rate_grace`` it must have come at
+``min_data_rate`` bytes/s on average; bytes arriving do not reset these.
+When every connection slot is taken, a client from an address holding fewer
+sessions than the busiest address takes one of that address's slots.
 """
 
 from __future__ import annotations
@@ -27,12 +38,14 @@ from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relayx.address import AddressError, Mailbox, Path, normalize_domain, parse_path
+from relayx.address import AddressError, Mailbox, Path, client_ip, normalize_domain, parse_path
 from relayx.checks.chain import Client, FilterChains, add_lines
 from relayx.interfaces import IMessageStore, IncomingMessage, IRecipientPolicy, StoreUnavailable
+from relayx.message import strip_authentication_results
 from relayx.metrics import Metrics
 from relayx.reply import Reply
 from relayx.smtp.tls import ReloadingTLS, describe
+from relayx.spool import Spool, SpooledMessage
 
 log = Logger()
 
@@ -53,6 +66,10 @@ TOO_MANY_HOPS = Reply(554, "5.4.6", "Error: too many hops, mail loop suspected")
 NUL_IN_MESSAGE = Reply(554, "5.6.0", "Error: message contains NUL characters")
 BARE_LF = Reply(550, "5.5.2", "Error: bare <LF> received, lines must end in <CR><LF>")
 BARE_LF_COMMAND = Reply(500, "5.5.2", "Error: bare <LF> received, lines must end in <CR><LF>")
+POSTMASTER_OK = Reply(250, "2.1.5", "Ok")
+#: 452s past max_recipients before they count as errors (Postfix's smtpd_recipient_overshoot_limit)
+RECIPIENT_OVERSHOOT = 1000
+SOURCE_ROUTE = Reply(550, "5.7.1", "Relaying denied: source routes are not accepted")
 STORE_FAILED = Reply(451, "4.3.0", "Error: temporary queue failure, try again later")
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 
@@ -73,6 +90,9 @@ class Limits:
     max_connections: int = 1000
     max_connections_per_ip: int = 50
     reject_bare_lf: bool = False
+    #: after data_rate_grace seconds, a message must have come at least this fast (bytes/s; 0: no minimum)
+    min_data_rate: int = 500
+    data_rate_grace: float = 30.0
 
 
 @attrs.define
@@ -83,6 +103,8 @@ class Session:
 
     peer_ip: str
     helo: str | None = None
+    #: the client's forward-confirmed reverse DNS name, once looked up
+    rdns: str | None = None
     esmtp: bool = False
     tls: bool = False
     errors: int = 0
@@ -103,14 +125,24 @@ class Envelope:
     utf8: bool
     recipients: list[Mailbox] = attrs.field(factory=list)
     rejected: int = 0
+    #: RCPTs refused with 452 4.5.3 beyond max_recipients (not errors: the
+    #: sender retries them in another transaction)
+    overshoot: int = 0
     #: the message so far when it comes in BDAT chunks (RFC 3030)
-    chunks: bytearray | None = None
-    overflow: bool = False
+    chunks: _Content | None = None
     #: header lines the filters asked for (an SPF result, a spam score)
     headers: list[str] = attrs.field(factory=list)
 
     def add_headers(self, lines: tuple[str, ...]) -> None:
         add_lines(self.headers, lines)
+
+    def discard(self) -> None:
+        """
+        Drop the message read so far (its spool file with it).
+        """
+        if self.chunks is not None:
+            self.chunks.discard()
+            self.chunks = None
 
 
 @attrs.define
@@ -125,24 +157,151 @@ class _Chunk:
     error: Reply | None
 
 
+class _Content:
+    """
+    A message as it comes in (after dot-stuffing is undone): its size checked
+    against the limit, NUL and bare LF looked for (bare LFs made CRLF unless
+    they are refused), and the rest written to a ``SpooledMessage``. A
+    trailing CR waits for the next piece, so that no check sees half a CRLF.
+    Once the message cannot be accepted, nothing more is written.
+    """
+
+    def __init__(self, message: SpooledMessage, limit: int, normalize: bool) -> None:
+        self.message = message
+        self.limit = limit
+        self.normalize = normalize
+        #: bytes as received (before bare LFs are made CRLF)
+        self.octets = 0
+        self.overflow = False
+        self.nul = False
+        self.bare_lf = False
+        self._carry = b""
+
+    @property
+    def refused(self) -> bool:
+        return self.overflow or self.nul or (self.bare_lf and not self.normalize)
+
+    def feed(self, piece: bytes) -> None:
+        self.octets += len(piece)
+        if self.refused:
+            return
+        if self.octets > self.limit:
+            self.overflow = True
+            self.message.discard()
+            return
+        if self._carry:
+            piece = self._carry + piece
+            self._carry = b""
+        if piece.endswith(b"\r"):
+            self._carry = b"\r"
+            piece = piece[:-1]
+        self._write(piece)
+
+    def _write(self, piece: bytes) -> None:
+        if not piece:
+            return
+        if b"\0" in piece:
+            self.nul = True
+        # two C-level counts: a regular expression here cost more than all
+        # the rest of accepting a 100 KiB message
+        if piece.count(b"\n") != piece.count(b"\r\n"):
+            # RFC 5321 2.3.8: a client must not send a bare LF. Postfix's
+            # default is to normalise; refusing is the operator's choice
+            self.bare_lf = True
+            if self.normalize:
+                piece = _BARE_LF.sub(b"\r\n", piece)
+        if self.refused:
+            self.message.discard()
+        else:
+            self.message.write(piece)
+
+    def finish(self) -> None:
+        carry, self._carry = self._carry, b""
+        if not self.refused:
+            self._write(carry)
+            self.message.finish()
+
+    def discard(self) -> None:
+        self.message.discard()
+
+
 @attrs.define
 class _DataCollector:
     """
-    The DATA phase: bytes so far (prefixed with CRLF so that the end marker
-    and dot-stuffing are found the same way on the first line) and how far
-    they have been searched for the end marker.
+    The DATA phase: the bytes not yet taken into the message (at first a
+    CRLF, so that the end marker and dot-stuffing are found the same way on
+    the first line), and where the message goes.
     """
 
-    limit: int
-    buffer: bytearray = attrs.field(factory=lambda: bytearray(b"\r\n"))
-    searched: int = 0
-    overflow: bool = False
+    content: _Content
+    pending: bytearray = attrs.field(factory=lambda: bytearray(b"\r\n"))
+    first: bool = True
+
+    def take(self, count: int) -> None:
+        """
+        Move ``count`` pending bytes (which end neither inside a CRLF nor
+        between a CRLF and a dot) into the message, unstuffed.
+        """
+        piece = bytes(self.pending[:count]).replace(b"\r\n.", b"\r\n")
+        del self.pending[:count]
+        if self.first:
+            piece = piece[2:]
+            self.first = False
+        self.content.feed(piece)
+
+    def safe_cut(self) -> int:
+        """
+        How many pending bytes may be taken before the end marker is found:
+        all but the last four (which may begin the marker), less one or two
+        so that the cut splits no CRLF and leaves no dot after a CRLF behind.
+        """
+        pending = self.pending
+        cut = len(pending) - (len(_END) - 1)
+        while cut > 0 and (
+            pending[cut - 1 : cut + 1] == b"\r\n"
+            or (pending[cut] == ord(".") and pending[max(0, cut - 2) : cut] == b"\r\n")
+        ):
+            cut -= 1
+        return cut
 
 
 _END = b"\r\n.\r\n"
 _LOST = Failure(ConnectionError("connection lost"))
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 _RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
+#: how much of a message's beginning is searched for Received: headers
+HOP_SCAN = 64 * 1024
+#: input held while a session waits for the store (the client is paused meanwhile)
+MAX_INPUT_WHILE_BUSY = 1024 * 1024
+
+
+_POSTMASTER = re.compile(r"^TO: *<postmaster>( .*)?$", re.IGNORECASE)
+
+
+def _bare_postmaster(argument: str) -> str | None:
+    """
+    The parameters of ``TO:<Postmaster>`` (no domain, any case), else ``None``.
+    """
+    match = _POSTMASTER.match(argument)
+    return None if match is None else (match.group(1) or "").strip()
+
+
+_TRACE = ("received-spf:", "authentication-results:")
+
+
+def _is_trace(line: str) -> bool:
+    """
+    Whether a filter's header line is a trace field of this hop.
+    """
+    return line[:24].lower().startswith(_TRACE)
+
+
+def printable(text: str, replacement: str = "?") -> str:
+    """
+    ``text`` with control and other non-printable characters replaced, as
+    Postfix's ``printable()`` does to a HELO name.
+    """
+    return "".join(c if c.isprintable() else replacement for c in text)
 
 
 def count_hops(content: bytes) -> int:
@@ -167,24 +326,44 @@ class SMTPServerProtocol(Protocol):
         self._data: _DataCollector | None = None
         self._chunk: _Chunk | None = None
         self._busy = False
+        self._paused = False
         self._closing = False
         self._discarding_line = False
         self._timer: IDelayedCall | None = None
+        self._reverse: Deferred[None] | None = None
+        #: when the command line being read must be complete
+        self._line_deadline: float | None = None
+        #: when the message being read (DATA, or a BDAT transaction) began, and its bytes so far
+        self._data_started: float | None = None
+        self._data_bytes = 0
 
     # -- connection ---------------------------------------------------------
 
     def connectionMade(self) -> None:
         peer: IAddress = self.transport.getPeer()  # type: ignore[union-attr]
-        self.session = Session(peer_ip=str(getattr(peer, "host", "unknown")), started=self.server.clock.seconds())
+        host = client_ip(str(getattr(peer, "host", "unknown")))
+        self.session = Session(peer_ip=host, started=self.server.clock.seconds())
         refusal = self.server.admit(self)
         if refusal is not None:
             self._close(refusal)
             return
+        if self.server.reverse_names is not None:
+            self._reverse = Deferred.fromCoroutine(self._look_up_name(self.server.reverse_names))
         if self.server.filters is not None:
             self._wait_for(self._greeting(self.server.filters))
             return
         self._reply(self._banner())
-        self._arm_timer(self.server.limits.command_timeout)
+        self._expect_line()
+
+    async def _look_up_name(self, reverse_names: Callable[[str], Awaitable[str | None]]) -> None:
+        """
+        The client's name for ``Received:``, looked up while it talks (the
+        look-up has its own timeout and never fails).
+        """
+        try:
+            self.session.rdns = await reverse_names(self.session.peer_ip)
+        except Exception as e:
+            log.debug("no reverse name for {peer}: {why}", peer=self.session.peer_ip, why=repr(e))
 
     def _banner(self) -> Reply:
         return Reply(220, "", f"{self.server.hostname} ESMTP relayx")
@@ -198,6 +377,7 @@ class SMTPServerProtocol(Protocol):
     def connectionLost(self, reason: Failure = _LOST) -> None:
         self._closing = True
         self._cancel_timer()
+        self._discard_message()
         self.server.leave(self)
         session = self.session
         log.info(
@@ -217,29 +397,89 @@ class SMTPServerProtocol(Protocol):
         if self._closing:
             return
         self._buffer += data
-        if not self._busy:
-            self._arm_timer(self._current_timeout())
+        if self._busy:
+            # the transport is paused: only what was already read lands here
+            if len(self._buffer) > MAX_INPUT_WHILE_BUSY:
+                self._close(Reply(421, "4.7.0", f"{self.server.hostname} Error: too much input while busy"))
+            return
         self._drain()
 
-    def _current_timeout(self) -> float:
-        limits = self.server.limits
-        reading = self._data is not None or self._chunk is not None
-        return limits.data_timeout if reading else limits.command_timeout
+    def _discard_message(self) -> None:
+        """
+        Drop a message being read (its spool file with it).
+        """
+        if self._data is not None:
+            self._data.content.discard()
+            self._data = None
+        if self.envelope is not None:
+            self.envelope.discard()
 
-    def _arm_timer(self, seconds: float) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(seconds)
-        else:
-            self._timer = self.server.clock.callLater(seconds, self._timed_out)
+    # -- time limits ----------------------------------------------------------
+
+    def _expect_line(self) -> None:
+        """
+        The next command line has ``command_timeout`` from now to arrive whole.
+        """
+        self._line_deadline = self.server.clock.seconds() + self.server.limits.command_timeout
+        self._schedule()
+
+    def _start_data_clock(self) -> None:
+        if self._data_started is None:
+            self._data_started = self.server.clock.seconds()
+            self._data_bytes = 0
+        self._schedule()
+
+    def _stop_data_clock(self) -> None:
+        self._data_started = None
+
+    def _due(self) -> tuple[float, str] | None:
+        """
+        The earliest deadline that applies now, and what passing it means.
+        """
+        if self._busy or self._closing:
+            return None
+        limits = self.server.limits
+        due: list[tuple[float, str]] = []
+        if self._data is None and self._chunk is None and self._line_deadline is not None:
+            due.append((self._line_deadline, "timeout exceeded"))
+        started = self._data_started
+        if started is not None:
+            due.append((started + limits.data_timeout, "timeout exceeded"))
+            if limits.min_data_rate > 0:
+                earned = max(limits.data_rate_grace, self._data_bytes / limits.min_data_rate)
+                due.append((started + earned, "data transfer too slow"))
+        return min(due) if due else None
+
+    def _schedule(self) -> None:
+        """
+        Have the timer go off at the earliest deadline (or before it: a
+        deadline that moved later is found when the timer goes off).
+        """
+        due = self._due()
+        if due is None:
+            self._cancel_timer()
+            return
+        timer = self._timer
+        if timer is not None and timer.active():
+            if timer.getTime() <= due[0]:
+                return
+            timer.cancel()
+        self._timer = self.server.clock.callLater(max(0.0, due[0] - self.server.clock.seconds()), self._check_time)
+
+    def _check_time(self) -> None:
+        self._timer = None
+        due = self._due()
+        if due is None:
+            return
+        if self.server.clock.seconds() >= due[0]:
+            self._close(Reply(421, "4.4.2", f"{self.server.hostname} Error: {due[1]}"))
+            return
+        self._schedule()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-
-    def _timed_out(self) -> None:
-        self._timer = None
-        self._close(Reply(421, "4.4.2", f"{self.server.hostname} Error: timeout exceeded"))
 
     def _reply(self, reply: Reply) -> None:
         if not self._closing:
@@ -250,7 +490,24 @@ class SMTPServerProtocol(Protocol):
         self._reply(reply)
         self._closing = True
         self._cancel_timer()
+        self._discard_message()
         self.transport.loseConnection()  # type: ignore[union-attr]
+
+    @property
+    def waiting(self) -> bool:
+        """
+        Whether the session waits for the store or the filters.
+        """
+        return self._busy
+
+    def evict(self) -> None:
+        """
+        Give up this session's slot to a client from a less busy address.
+        """
+        self.server.leave(self)
+        self._close(
+            Reply(421, "4.7.0", f"{self.server.hostname} Error: too many connections from your address, try later")
+        )
 
     def shut_down(self, force: bool = False) -> bool:
         """
@@ -289,6 +546,9 @@ class SMTPServerProtocol(Protocol):
                 return
             line = bytes(self._buffer[: end + 1])
             del self._buffer[: end + 1]
+            # the next line's time starts now (the timer, set for an earlier
+            # deadline, finds this one when it goes off)
+            self._line_deadline = self.server.clock.seconds() + self.server.limits.command_timeout
             if self._discarding_line:
                 self._discarding_line = False
                 continue
@@ -330,6 +590,9 @@ class SMTPServerProtocol(Protocol):
 
         def done(reply: Reply) -> None:
             self._busy = False
+            if self._paused and not self._closing:
+                self._paused = False
+                self.transport.resumeProducing()  # type: ignore[union-attr]
             if reply.code == 421:
                 self._close(reply)
                 return
@@ -338,7 +601,7 @@ class SMTPServerProtocol(Protocol):
             else:
                 self._reply(reply)
             if not self._closing:
-                self._arm_timer(self._current_timeout())
+                self._expect_line()
                 self._drain()
 
         def failed(failure: Failure) -> None:
@@ -346,6 +609,10 @@ class SMTPServerProtocol(Protocol):
             done(STORE_FAILED)
 
         Deferred.fromCoroutine(run()).addCallbacks(done, failed)
+        if self._busy and not self._paused and not self._closing:
+            # still waiting: read nothing more from this client until the answer
+            self._paused = True
+            self.transport.pauseProducing()  # type: ignore[union-attr]
 
     def _error(self, reply: Reply) -> None:
         """
@@ -369,9 +636,10 @@ class SMTPServerProtocol(Protocol):
         if not name:
             self._error(Reply(501, "5.5.4", f"Syntax: {'EHLO' if esmtp else 'HELO'} hostname"))
             return
-        self.session.helo = name
+        # as Postfix does: control characters never reach Received: or the logs
+        self.session.helo = printable(name)
         self.session.esmtp = esmtp
-        self.envelope = None
+        self._drop_envelope()
         hostname = self.server.hostname
         if not esmtp:
             self._reply(Reply(250, "", hostname))
@@ -425,6 +693,10 @@ class SMTPServerProtocol(Protocol):
             else:
                 self._error(Reply(555, "5.5.4", f"Error: unsupported parameter {name}"))
                 return None
+        room = self.server.room(None, int(params.get("SIZE") or 0)) if self.server.room is not None else None
+        if room is not None:
+            self._reply(room)  # the queue is full: temporary, and not the client's error
+            return None
         envelope = Envelope(sender=path, utf8="SMTPUTF8" in params)
         if self.server.filters is not None:
             return self._mail_checked(self.server.filters, envelope)
@@ -445,6 +717,9 @@ class SMTPServerProtocol(Protocol):
         if envelope is None:
             self._error(BAD_SEQUENCE_MAIL)
             return None
+        postmaster = _bare_postmaster(argument)
+        if postmaster is not None:
+            return self._postmaster(envelope, postmaster)
         try:
             path = parse_path(argument, "TO:", allow_null=False, utf8=envelope.utf8)
         except AddressError as e:
@@ -453,15 +728,55 @@ class SMTPServerProtocol(Protocol):
         if path.params:
             self._error(Reply(555, "5.5.4", "Error: unsupported RCPT parameter"))
             return None
-        if len(envelope.recipients) >= self.server.limits.max_recipients:
-            self._error(TOO_MANY_RECIPIENTS)
+        if path.route:
+            # RFC 5321 3.6.1 lets a server decline source routes; a primary
+            # that honoured one would relay to a host the sender chose
+            envelope.rejected += 1
+            self._error(SOURCE_ROUTE)
+            return None
+        if self._too_many(envelope):
             return None
         mailbox = path.mailbox
         assert mailbox is not None
+        room = self.server.room(mailbox.domain, 0) if self.server.room is not None else None
+        if room is not None:
+            self._reply(room)
+            return None
         return self._check_recipient(envelope, mailbox)
 
-    async def _check_recipient(self, envelope: Envelope, mailbox: Mailbox) -> Reply:
-        verdict = await self.server.policy.check(mailbox)
+    def _too_many(self, envelope: Envelope) -> bool:
+        """
+        Answer ``452 4.5.3`` past ``max_recipients``; like Postfix, not an
+        error (the sender retries the rest later) until the overshoot is absurd.
+        """
+        if len(envelope.recipients) < self.server.limits.max_recipients:
+            return False
+        envelope.overshoot += 1
+        if envelope.overshoot > RECIPIENT_OVERSHOOT:
+            self._error(TOO_MANY_RECIPIENTS)
+        else:
+            self._reply(TOO_MANY_RECIPIENTS)
+        return True
+
+    def _postmaster(self, envelope: Envelope, params: str) -> Awaitable[Reply] | None:
+        """
+        ``RCPT TO:<Postmaster>`` without a domain, which RFC 5321 4.5.1 says
+        MUST be accepted: postmaster of the primary domain (the first one
+        configured), accepted whatever that domain's recipient rule says.
+        """
+        if params:
+            self._error(Reply(555, "5.5.4", "Error: unsupported RCPT parameter"))
+            return None
+        domain = self.server.postmaster_domain
+        if domain is None:
+            self._error(Reply(550, "5.1.1", "Error: no postmaster here"))
+            return None
+        if self._too_many(envelope):
+            return None
+        return self._check_recipient(envelope, Mailbox("postmaster", domain), postmaster=True)
+
+    async def _check_recipient(self, envelope: Envelope, mailbox: Mailbox, postmaster: bool = False) -> Reply:
+        verdict = POSTMASTER_OK if postmaster else await self.server.policy.check(mailbox)
         filters = self.server.filters
         if verdict.positive and filters is not None:
             chain = filters.for_recipient(mailbox)
@@ -498,9 +813,13 @@ class SMTPServerProtocol(Protocol):
         if envelope.chunks is not None:
             self._error(Reply(503, "5.5.1", "Error: DATA after BDAT"))
             return
-        self._data = _DataCollector(limit=self.server.limits.max_message_size)
+        self._data = _DataCollector(self._new_content())
         self._reply(START_DATA)
-        self._arm_timer(self.server.limits.data_timeout)
+        self._start_data_clock()
+
+    def _new_content(self) -> _Content:
+        limits = self.server.limits
+        return _Content(self.server.spool.new(), limits.max_message_size, normalize=not limits.reject_bare_lf)
 
     def _collect_data(self) -> bool:
         """
@@ -509,44 +828,61 @@ class SMTPServerProtocol(Protocol):
         """
         data = self._data
         assert data is not None
-        data.buffer += self._buffer
+        data.pending += self._buffer
+        self._data_bytes += len(self._buffer)
         self._buffer.clear()
-        end = data.buffer.find(_END, data.searched)
+        end = data.pending.find(_END)
         if end < 0:
-            data.searched = max(0, len(data.buffer) - len(_END) + 1)
-            if len(data.buffer) - 2 > data.limit:
-                # too big: keep only what may begin the end marker (not the
-                # CRLF prefix, which would make a false one) and scan on
-                data.overflow = True
-                del data.buffer[: len(data.buffer) - (len(_END) - 1)]
-                data.searched = 0
+            cut = data.safe_cut()
+            if cut > 0:
+                data.take(cut)
             return False
-        self._buffer = data.buffer[end + len(_END) :]
-        overflow = data.overflow or end > data.limit
-        content = b"" if overflow else bytes(data.buffer[: end + 2]).replace(b"\r\n.", b"\r\n")[2:]
+        self._buffer = data.pending[end + len(_END) :]
+        data.take(end + 2)
         self._data = None
-        self._wait_for(self._end_of_data(content, overflow))
+        self._stop_data_clock()
+        self._wait_for(self._end_of_data(data.content))
         return True
 
-    async def _end_of_data(self, content: bytes, overflow: bool) -> Reply:
+    async def _end_of_data(self, content: _Content) -> Reply:
         envelope = self.envelope
         assert envelope is not None
         self.envelope = None
-        if overflow:
-            return TOO_BIG
-        if b"\0" in content:
-            return NUL_IN_MESSAGE
-        # two C-level counts: a regular expression here cost more than all
-        # the rest of accepting a 100 KiB message
-        if content.count(b"\n") != content.count(b"\r\n"):
-            # RFC 5321 2.3.8: a client must not send a bare LF. Postfix's
-            # default is to normalise; refusing is the operator's choice
-            if self.server.limits.reject_bare_lf:
+        message = content.message
+        try:
+            content.finish()
+            if content.overflow:
+                return TOO_BIG
+            if content.nul:
+                return NUL_IN_MESSAGE
+            if content.bare_lf and not content.normalize:
                 return BARE_LF
-            content = _BARE_LF.sub(b"\r\n", content)
-        if count_hops(content) >= self.server.limits.max_hops:
-            return TOO_MANY_HOPS
+            if count_hops(message.peek(HOP_SCAN)) >= self.server.limits.max_hops:
+                return TOO_MANY_HOPS
+            if not message.spooled:
+                return await self._commit(envelope, message)
+            # a spooled message is read back whole for the store: a few at a time
+            async with self.server.spool.read_back(message.size):
+                return await self._commit(envelope, message)
+        finally:
+            message.discard()
+
+    async def _commit(self, envelope: Envelope, message: SpooledMessage) -> Reply:
+        """
+        Filter and store the message; the reply to its end.
+        """
+        if self._closing:
+            # the client is gone (or timed out) while the message waited: it
+            # never sees a 250, so it sends again; storing this copy would
+            # deliver the message twice
+            return STORE_FAILED
+        content = message.read()
         factory = self.server
+        # RFC 8601 5: results claiming our authserv-id are forgeries
+        content = strip_authentication_results(content, factory.hostname)
+        if self._reverse is not None:
+            reverse, self._reverse = self._reverse, None
+            await reverse
         now = factory.clock.seconds()
         queue_id = factory.new_queue_id()
         header = self._received_header(envelope, queue_id, now)
@@ -555,16 +891,27 @@ class SMTPServerProtocol(Protocol):
             if refusal is not None:
                 return refusal
         if envelope.headers:
-            header += "".join(f"{line}\r\n" for line in envelope.headers).encode()
-        message = IncomingMessage(
+            # trace fields of this hop above its Received: (RFC 7208 9.1), as
+            # Postfix places a policy service's PREPEND; others (a spam score) below
+            trace = [line for line in envelope.headers if _is_trace(line)]
+            other = [line for line in envelope.headers if not _is_trace(line)]
+            header = "".join(f"{line}\r\n" for line in trace).encode() + header
+            header += "".join(f"{line}\r\n" for line in other).encode()
+        incoming = IncomingMessage(
             queue_id=queue_id,
             sender=str(envelope.sender),
             recipients=tuple(envelope.recipients),
             received_at=now,
             body=header + content,
         )
+        del content
+        if factory.room is not None:
+            for domain in incoming.by_domain():
+                room = factory.room(domain, len(incoming.body))
+                if room is not None:
+                    return room
         try:
-            await factory.store.enqueue(message)
+            await factory.store.enqueue(incoming)
         except StoreUnavailable as e:
             log.error("message {queue_id} not stored: {why}", queue_id=queue_id, why=str(e), code=451)
             return STORE_FAILED
@@ -601,10 +948,11 @@ class SMTPServerProtocol(Protocol):
             version, _, cipher = (describe(handle) or "TLS:unknown").partition(":")
             tls = f"\r\n\t(using {version} with cipher {cipher})"
         helo = self.session.helo or "unknown"
+        rdns = f"{self.session.rdns} " if self.session.rdns else ""
         stamp = format_datetime(datetime.fromtimestamp(now, UTC))
         recipient = f"\r\n\tfor <{envelope.recipients[0]}>" if len(envelope.recipients) == 1 else ""
         return (
-            f"Received: from {helo} ([{self.session.peer_ip}]){tls}\r\n"
+            f"Received: from {helo} ({rdns}[{self.session.peer_ip}]){tls}\r\n"
             f"\tby {self.server.hostname} (relayx) with {protocol} id {queue_id}"
             f"{recipient}; {stamp}\r\n"
         ).encode()
@@ -641,7 +989,8 @@ class SMTPServerProtocol(Protocol):
         elif not envelope.recipients:
             error = NO_VALID_RECIPIENTS if envelope.rejected else BAD_SEQUENCE_RCPT
         self._chunk = _Chunk(remaining=int(words[0]), last=len(words) == 2, error=error)
-        self._arm_timer(self.server.limits.data_timeout)
+        # the transaction's chunks share one clock, from the first to the last
+        self._start_data_clock()
 
     def _collect_chunk(self) -> bool:
         """
@@ -650,33 +999,45 @@ class SMTPServerProtocol(Protocol):
         """
         chunk = self._chunk
         assert chunk is not None
-        piece = self._buffer[: chunk.remaining]
+        piece = bytes(self._buffer[: chunk.remaining])
         del self._buffer[: chunk.remaining]
         chunk.remaining -= len(piece)
+        self._data_bytes += len(piece)
         envelope = self.envelope
         if chunk.error is None and envelope is not None:
             if envelope.chunks is None:
-                envelope.chunks = bytearray()
-            if len(envelope.chunks) + len(piece) > self.server.limits.max_message_size:
-                envelope.overflow = True
-                envelope.chunks.clear()
-            elif not envelope.overflow:
-                envelope.chunks += piece
+                envelope.chunks = self._new_content()
+            envelope.chunks.feed(piece)
         if chunk.remaining:
             return False
         self._chunk = None
         if chunk.error is not None:
+            self._stop_data_clock()
             self._error(chunk.error)
         elif envelope is not None and chunk.last:
-            content = bytes(envelope.chunks or b"")
-            self._wait_for(self._end_of_data(content, envelope.overflow))
+            content = envelope.chunks or self._new_content()
+            envelope.chunks = None
+            self._stop_data_clock()
+            self._wait_for(self._end_of_data(content))
+            return True
         elif envelope is not None:
-            self._reply(Reply(250, "2.0.0", f"{len(envelope.chunks or b'')} octets received"))
+            self._reply(Reply(250, "2.0.0", f"{envelope.chunks.octets if envelope.chunks else 0} octets received"))
+        if not self._closing:
+            self._expect_line()
         return True
 
     def do_RSET(self, argument: str) -> None:
-        self.envelope = None
+        if argument:
+            self._error(Reply(501, "5.5.4", "Syntax: RSET"))
+            return
+        self._drop_envelope()
         self._reply(OK)
+
+    def _drop_envelope(self) -> None:
+        if self.envelope is not None:
+            self.envelope.discard()
+            self.envelope = None
+        self._stop_data_clock()
 
     def do_NOOP(self, argument: str) -> None:
         self._reply(OK)
@@ -685,6 +1046,9 @@ class SMTPServerProtocol(Protocol):
         self._close(Reply(221, "2.0.0", "Bye"))
 
     def do_VRFY(self, argument: str) -> None:
+        if not argument:
+            self._error(Reply(501, "5.5.4", "Syntax: VRFY address"))
+            return
         self._reply(Reply(252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery"))
 
     def do_HELP(self, argument: str) -> None:
@@ -733,8 +1097,14 @@ class SMTPServerFactory(ServerFactory):
         tls: ReloadingTLS | None = None,
         filters: FilterChains | None = None,
         metrics: Metrics | None = None,
+        postmaster_domain: str | None = None,
+        reverse_names: Callable[[str], Awaitable[str | None]] | None = None,
+        spool: Spool | None = None,
+        room: Callable[[str | None, int], Reply | None] | None = None,
     ) -> None:
         self.hostname = normalize_domain(hostname) if "." in hostname else hostname
+        #: the queue's quotas: a refusal (452 4.3.1) for a domain (None: any) and size, or None
+        self.room = room
         self.limits = limits
         self.policy = policy
         self.store = store
@@ -742,9 +1112,15 @@ class SMTPServerFactory(ServerFactory):
         self.new_queue_id = new_queue_id
         self.tls = tls
         self.filters = filters
+        #: where ``RCPT TO:<Postmaster>`` (no domain) goes: the primary domain
+        self.postmaster_domain = postmaster_domain
+        #: the client's forward-confirmed reverse name, for Received:
+        self.reverse_names = reverse_names
         self.metrics = metrics or Metrics()
+        #: where messages too big to hold in memory go while they come in
+        self.spool = spool or Spool(None)
         self.sessions: set[SMTPServerProtocol] = set()
-        self.per_ip: dict[str, int] = {}
+        self.per_ip: dict[str, set[SMTPServerProtocol]] = {}
         self.stopping = False
 
     def buildProtocol(self, addr: IAddress | None) -> SMTPServerProtocol:
@@ -759,21 +1135,44 @@ class SMTPServerFactory(ServerFactory):
         ip = session.session.peer_ip
         if self.stopping:
             return Reply(421, "4.3.2", f"{self.hostname} Service shutting down")
-        if len(self.sessions) >= self.limits.max_connections:
-            return Reply(421, "4.7.0", f"{self.hostname} Error: too many connections")
-        if self.per_ip.get(ip, 0) >= self.limits.max_connections_per_ip:
+        mine = len(self.per_ip.get(ip, ()))
+        if mine >= self.limits.max_connections_per_ip:
             return Reply(421, "4.7.0", f"{self.hostname} Error: too many connections from {ip}")
+        if len(self.sessions) >= self.limits.max_connections:
+            victim = self._crowding(mine)
+            if victim is None:
+                return Reply(421, "4.7.0", f"{self.hostname} Error: too many connections")
+            log.info(
+                "smtp session from {victim} closed to let {peer} in: all {count} slots taken",
+                victim=victim.session.peer_ip,
+                peer=ip,
+                count=len(self.sessions),
+            )
+            victim.evict()
         self.sessions.add(session)
-        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        self.per_ip.setdefault(ip, set()).add(session)
         self.metrics.sessions.inc()
         return None
+
+    def _crowding(self, mine: int) -> SMTPServerProtocol | None:
+        """
+        When every slot is taken: the oldest idle session of the address
+        holding the most, if it holds at least two more than the newcomer's
+        address (so that a few addresses cannot keep all others out).
+        """
+        busiest = max(self.per_ip.values(), key=len, default=set())
+        if len(busiest) < mine + 2:
+            return None
+        idle = [s for s in busiest if not s.waiting]
+        return min(idle, key=lambda s: s.session.started, default=None)
 
     def leave(self, session: SMTPServerProtocol) -> None:
         if session in self.sessions:
             self.sessions.discard(session)
             ip = session.session.peer_ip
-            self.per_ip[ip] -= 1
-            if not self.per_ip[ip]:
+            held = self.per_ip[ip]
+            held.discard(session)
+            if not held:
                 del self.per_ip[ip]
 
     def shut_down(self) -> list[SMTPServerProtocol]:

@@ -1,7 +1,8 @@
 """
-The inbound TLS context for STARTTLS: certificate and key from files,
-TLS 1.2 at least, reloaded when either file changes so a renewed
-certificate takes effect without a restart.
+The inbound TLS context for STARTTLS: certificate (with its chain) and key
+from files, TLS 1.2 at least with forward-secret AEAD ciphers only, ALPN
+ignored, reloaded when either file changes so a renewed certificate takes
+effect without a restart.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from OpenSSL import SSL
-from twisted.internet.ssl import CertificateOptions, PrivateCertificate, TLSVersion
+from twisted.internet.ssl import AcceptableCiphers, Certificate, CertificateOptions, PrivateCertificate, TLSVersion
 from twisted.logger import Logger
 
 log = Logger()
@@ -23,7 +24,42 @@ class TLSFilesError(Exception):
     """
 
 
+#: TLS 1.2 suites: ECDHE key exchange, AEAD only (TLS 1.3's are all so)
+SERVER_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+_PEM_END = b"-----END CERTIFICATE-----"
+
+
+def _ignore_alpn(connection: SSL.Connection, offered: list[bytes]) -> Any:
+    """
+    SMTP has no ALPN protocol: a client that offers some (a library's
+    default, ``h2``) is answered without one (RFC 7301 3.2 lets a server
+    ignore it), not with Twisted's internal_error alert.
+    """
+    return SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+class ServerTLSOptions(CertificateOptions):
+    """
+    ``CertificateOptions`` whose contexts ignore ALPN.
+    """
+
+    _alpn_ignored = False
+
+    def getContext(self) -> SSL.Context:
+        context = super().getContext()
+        if not self._alpn_ignored:
+            context.set_alpn_select_callback(_ignore_alpn)
+            self._alpn_ignored = True
+        return context
+
+
 def load_options(certificate: Path, key: Path) -> CertificateOptions:
+    """
+    TLS options from a PEM certificate file (the server's certificate first,
+    then its intermediates, all sent to the client, as in a fullchain.pem)
+    and a PEM key file.
+    """
     try:
         chain = certificate.read_bytes()
         private = key.read_bytes()
@@ -33,10 +69,17 @@ def load_options(certificate: Path, key: Path) -> CertificateOptions:
         pem = PrivateCertificate.loadPEM(chain + b"\n" + private)
     except Exception as e:
         raise TLSFilesError(f"{certificate} / {key}: not a PEM certificate and matching key ({e})") from None
-    return CertificateOptions(
+    try:
+        blocks = [b + _PEM_END for b in chain.split(_PEM_END) if b"-----BEGIN CERTIFICATE-----" in b]
+        intermediates = [Certificate.loadPEM(b).original for b in blocks[1:]]
+    except Exception as e:
+        raise TLSFilesError(f"{certificate}: a certificate after the first is not PEM ({e})") from None
+    return ServerTLSOptions(
         privateKey=pem.privateKey.original,
         certificate=pem.original,
+        extraCertChain=intermediates,
         raiseMinimumTo=TLSVersion.TLSv1_2,
+        acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(SERVER_CIPHERS),
     )
 
 
