@@ -153,6 +153,65 @@ class NodeStatus:
 
 
 @attrs.frozen
+class QueueCounts:
+    """
+    What one or more delivery queues hold, read from the counters the queue's
+    scripts keep: jobs by state (a held domain's ready jobs count as held),
+    the bytes of their messages, and the arrival (epoch seconds) of the
+    oldest job, if any. ``on_hold``: whether the domain is held now.
+    """
+
+    ready: int = 0
+    held: int = 0
+    deferred: int = 0
+    in_flight: int = 0
+    failed: int = 0
+    bytes: int = 0
+    oldest: float | None = None
+    on_hold: bool = False
+
+    @property
+    def total(self) -> int:
+        return self.ready + self.held + self.deferred + self.in_flight + self.failed
+
+    def by_state(self) -> dict[str, int]:
+        """
+        The counts by state name (``ready``, ``held``, ``deferred``, ``in_flight``, ``failed``).
+        """
+        return {
+            "ready": self.ready,
+            "held": self.held,
+            "deferred": self.deferred,
+            "in_flight": self.in_flight,
+            "failed": self.failed,
+        }
+
+    def __add__(self, other: QueueCounts) -> QueueCounts:
+        oldest = min((t for t in (self.oldest, other.oldest) if t is not None), default=None)
+        return QueueCounts(
+            ready=self.ready + other.ready,
+            held=self.held + other.held,
+            deferred=self.deferred + other.deferred,
+            in_flight=self.in_flight + other.in_flight,
+            failed=self.failed + other.failed,
+            bytes=self.bytes + other.bytes,
+            oldest=oldest,
+            on_hold=self.on_hold or other.on_hold,
+        )
+
+
+@attrs.frozen
+class QueueTotals:
+    """
+    The whole queue: messages (each once, however many jobs), their bytes, and jobs.
+    """
+
+    messages: int = 0
+    bytes: int = 0
+    jobs: int = 0
+
+
+@attrs.frozen
 class DomainState:
     domain: str
     ready: int
@@ -469,7 +528,8 @@ class IQueueAdmin(Interface):
     def counts(queues: Sequence[str], now: float) -> Awaitable[dict[str, Any]]:
         """
         How many jobs ``queues`` hold (``total``, by state in ``states``) and
-        the oldest's arrival (``oldest``, ms; 0: none), without walking them.
+        the oldest's arrival (``oldest``, ms; 0: none), without walking them:
+        ``queue_summary`` added up.
         """
 
     def traffic(queues: Sequence[str]) -> Awaitable[dict[str, int]]:
@@ -498,6 +558,17 @@ class IQueueAdmin(Interface):
     def domain_state(domain: str, now: float) -> Awaitable[DomainState]:
         """
         The domain's queue: ready and in-flight counts, hold and pause.
+        """
+
+    def queue_summary(queues: Sequence[str], now: float) -> Awaitable[dict[str, QueueCounts]]:
+        """
+        Each delivery queue's counts by state, bytes and oldest job, from
+        counters: the cost grows with the number of queues, not their depth.
+        """
+
+    def totals() -> Awaitable[QueueTotals]:
+        """
+        The messages, bytes and jobs of the whole queue, from counters.
         """
 
     def set_routes(

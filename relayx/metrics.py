@@ -72,8 +72,22 @@ class Metrics:
         self.held = Gauge(
             "relayx_domain_held", "1 while the domain is held", ["domain"], registry=r, multiprocess_mode="mostrecent"
         )
+        self.quota = Gauge(
+            "relayx_quota_used_ratio",
+            "How full each quota is (1: at its limit; memory: of maxmemory less the headroom)",
+            ["scope"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
         self.redis_up = Gauge(
             "relayx_redis_up", "1 while Redis is connected", registry=r, multiprocess_mode="mostrecent"
+        )
+        self.queue_bytes = Gauge(
+            "relayx_queue_bytes",
+            "Bytes of the messages queued by domain (each job counts its message)",
+            ["domain"],
+            registry=r,
+            multiprocess_mode="mostrecent",
         )
 
     def refuse(self, code: int) -> None:

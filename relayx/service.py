@@ -55,6 +55,7 @@ from relayx.ops.history import INTERVAL as HISTORY_INTERVAL
 from relayx.ops.history import History
 from relayx.ops.http import admin_http, admin_site
 from relayx.ops.panel import Panel
+from relayx.queue.quota import QuotaLimits, Quotas, Usage, memory
 from relayx.queue.redis import RedisQueue
 from relayx.redis.connection import RedisConnection, RedisRefused, open_redis
 from relayx.redis.embedded import EmbeddedRedis
@@ -177,10 +178,11 @@ def build_smtp_factory(
     queue: RedisQueue,
     deliverer: SMTPDeliverer,
     filters: FilterChains | None,
+    quotas: Quotas | None = None,
 ) -> SMTPServerFactory:
     """
     The front door: limits, TLS, the recipient policy (with callouts
-    through the deliverer) and the queue as the store.
+    through the deliverer), the queue as the store and its quotas.
     """
     s = config.smtp
     tls = None
@@ -196,6 +198,7 @@ def build_smtp_factory(
         raise StartupError(f"{config.source}: node.data_dir: no SMTP spool at {spool.directory}: {e}") from None
     return SMTPServerFactory(
         spool=spool,
+        room=quotas.refuse if quotas is not None else None,
         metrics=metrics,
         filters=filters,
         hostname=config.node.hostname,
@@ -225,6 +228,24 @@ def build_smtp_factory(
             reactor,
             config.filter.dns_timeout,
         ).name,
+    )
+
+
+def build_quotas(config: Config) -> Quotas:
+    """
+    The queue's quotas as ``[queue]`` and the domains set them.
+    """
+    q = config.queue
+    return Quotas(
+        QuotaLimits(
+            messages=q.quota_messages,
+            bytes=q.quota_bytes,
+            domain_messages=q.domain_quota_messages,
+            domain_bytes=q.domain_quota_bytes,
+            domains={d.name: (d.quota_messages, d.quota_bytes) for d in config.domains},
+            memory_headroom=q.memory_headroom,
+            warn_at=q.quota_warning,
+        )
     )
 
 
@@ -307,6 +328,14 @@ async def listen(reactor: Any, description: str, factory: Any) -> IListeningPort
     return port
 
 
+#: how often each process reads the queue's usage for its quotas (seconds)
+QUOTA_READ_EVERY = 1.0
+
+
+def _text(value: object) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
 class NodeRole(enum.Enum):
     """
     What a process of a node does: everything (the first, or the only one),
@@ -352,6 +381,8 @@ class RelayNode(Service):
         self.deliverer: SMTPDeliverer | None = None
         self.bouncer: Bouncer | None = None
         self.heartbeat: LoopingCall | None = None
+        self.quotas = build_quotas(config)
+        self.quota_loop: LoopingCall | None = None
         self.bulk: BulkRunner | None = None
         self.history: History | None = None
         self.traffic: LoopingCall | None = None
@@ -397,7 +428,10 @@ class RelayNode(Service):
             # heartbeat and the orphan sweep are the first process's
             fqdn = await self._fqdn()
             self.deliverer = build_deliverer(config, reactor, build_routes(config, reactor, self.queue, fqdn))
-            self.smtp = build_smtp_factory(config, reactor, self.metrics, self.queue, self.deliverer, self._filters())
+            self.smtp = build_smtp_factory(
+                config, reactor, self.metrics, self.queue, self.deliverer, self._filters(), self.quotas
+            )
+            self.quota_loop = steady_loop("quota", self._read_usage, reactor, QUOTA_READ_EVERY, now=True)
             await self._listen_smtp()
             self.traffic.start(TRAFFIC_FLUSH, now=False)
             log.info("relayx node {node}: SMTP worker ready", node=config.node.id)
@@ -413,7 +447,10 @@ class RelayNode(Service):
                 raise StartupError(str(e)) from None
         fqdn = await self._fqdn()
         self.deliverer = build_deliverer(config, reactor, build_routes(config, reactor, self.queue, fqdn))
-        self.smtp = build_smtp_factory(config, reactor, self.metrics, self.queue, self.deliverer, self._filters())
+        self.smtp = build_smtp_factory(
+            config, reactor, self.metrics, self.queue, self.deliverer, self._filters(), self.quotas
+        )
+        self.quota_loop = steady_loop("quota", self._read_usage, reactor, QUOTA_READ_EVERY, now=True)
         self.scheduler, self.prober, self.bouncer = build_delivery_loops(
             config, reactor, self.queue, self.deliverer, self.metrics
         )
@@ -557,15 +594,14 @@ class RelayNode(Service):
                 return "not listening for SMTP"
             if self.bodies is not None and self.bodies.failing:
                 return f"body store failing: {self.bodies.failing}"
-            return None
+            return self.quotas.full
 
         site = admin_http(
             admin_site(
                 self.metrics,
                 ready=ready,
                 domains=[q for d in config.domains for q in d.queues()],
-                domain_state=lambda domain: queue.domain_state(domain, self.reactor.seconds()),
-                queue_jobs=lambda domain: queue.counts([domain], self.reactor.seconds()),
+                queue_summary=lambda queues: queue.queue_summary(queues, self.reactor.seconds()),
                 clock=self.reactor,
                 redis_connected=lambda: redis.problem() is None,
                 api=AdminAPI(
@@ -680,6 +716,32 @@ class RelayNode(Service):
             {"hostname": self.config.node.hostname, "pid": str(os.getpid()), "version": __version__},
         )
 
+    async def _read_usage(self) -> None:
+        """
+        What the quotas compare against: the queue's totals and its queues'
+        counts (counters: a few keys whatever the depth) and Redis's memory.
+        """
+        queue, redis = self.queue, self.redis
+        assert queue is not None and redis is not None
+        try:
+            totals = await queue.totals()
+            names = [q for d in self.config.domains for q in d.queues()]
+            summary = await queue.queue_summary(names, self.reactor.seconds())
+            used, maximum = memory(_text(await redis.call("execute_command", "INFO", "memory")))
+        except StoreUnavailable:
+            return  # Redis itself says no to mail meanwhile; keep the last reading
+        self.quotas.update(
+            Usage(
+                messages=totals.messages,
+                bytes=totals.bytes,
+                queues={name: (counts.total, counts.bytes) for name, counts in summary.items()},
+                memory_used=used,
+                memory_max=maximum,
+            )
+        )
+        for scope, ratio in self.quotas.ratios().items():
+            self.metrics.quota.labels(scope=scope).set(ratio)
+
     async def _heartbeat(self) -> None:
         try:
             await self._beat()
@@ -712,6 +774,8 @@ class RelayNode(Service):
                 session.shut_down(force=True)
         if workers_ended is not None:
             await workers_ended
+        if self.quota_loop is not None and self.quota_loop.running:
+            self.quota_loop.stop()
         if self.heartbeat is not None and self.heartbeat.running:
             self.heartbeat.stop()
         if self.bulk is not None:

@@ -9,7 +9,7 @@ import json
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, cast
 
 import pytest
@@ -19,7 +19,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 
-from relayx.interfaces import DomainState, IBulkActions, IQueueAdmin, StoreUnavailable
+from relayx.interfaces import IBulkActions, IQueueAdmin, QueueCounts, StoreUnavailable
 from relayx.metrics import Metrics
 from relayx.ops.api import MAX_BODY, AdminAPI, Cluster, authenticate
 from relayx.ops.http import admin_http, admin_site
@@ -222,17 +222,14 @@ class APITests(NodeCase):
 
 def _admin_channel(
     metrics_tokens: list[tuple[str, str]] | None = None,
-    domain_state: Callable[[str], Awaitable[DomainState]] | None = None,
+    queue_summary: Callable[[Sequence[str]], Awaitable[Mapping[str, QueueCounts]]] | None = None,
 ) -> Callable[[], tuple[Any, StringTransport]]:
     """
     Connections to an admin site (API, metrics) over StringTransports.
     """
     clock = Clock()
 
-    async def no_state(domain: str) -> DomainState:
-        raise StoreUnavailable("not in this test")
-
-    async def no_jobs(domain: str) -> Mapping[str, Any]:
+    async def no_summary(queues: Sequence[str]) -> Mapping[str, QueueCounts]:
         raise StoreUnavailable("not in this test")
 
     site = admin_http(
@@ -240,8 +237,7 @@ def _admin_channel(
             Metrics(),
             ready=lambda: None,
             domains=["example.com"],
-            domain_state=domain_state or no_state,
-            queue_jobs=no_jobs,
+            queue_summary=queue_summary or no_summary,
             clock=clock,
             redis_connected=lambda: True,
             api=AdminAPI(
@@ -320,19 +316,19 @@ def test_metrics_token_required_when_configured() -> None:
 
 def test_concurrent_scrapes_share_one_refresh() -> None:
     """When scrapes come while the metrics are being read from Redis, they all get that one reading."""
-    calls: list[Deferred[DomainState]] = []
+    calls: list[Deferred[None]] = []
 
-    async def state(domain: str) -> DomainState:
-        waiting: Deferred[DomainState] = Deferred()
+    async def summary(queues: Sequence[str]) -> Mapping[str, QueueCounts]:
+        waiting: Deferred[None] = Deferred()
         calls.append(waiting)
         await waiting
         raise StoreUnavailable("the test's Redis")
 
-    connect = _admin_channel(domain_state=state)
+    connect = _admin_channel(queue_summary=summary)
     scrapes = [connect() for _ in range(5)]
     for channel, _ in scrapes:
         channel.dataReceived(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
     assert len(calls) == 1
-    calls[0].callback(cast(DomainState, None))
+    calls[0].callback(None)
     for _, transport in scrapes:
         assert transport.value().startswith(b"HTTP/1.1 200 ")

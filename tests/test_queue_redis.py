@@ -160,7 +160,10 @@ class RedisQueueTests(QueueCase):
             await q.settle(lease, Outcome(delivered=lease.recipients), T0)
         keys = await q.redis.call("keys", q.prefix + ":*")
         names = sorted(k.decode().split(":", 1)[1] for k in keys)
-        assert names == ["fence", "seq"]
+        # what stays: the sequences, and the counters (at zero) of the queues that had jobs
+        assert names == ["count:one.test", "count:two.test", "fence", "queues", "seq", "totals"]
+        assert (await q.totals()).messages == 0 and (await q.totals()).bytes == 0
+        assert (await q.queue_summary(["one.test", "two.test"], T0))["two.test"].total == 0
 
     @deferred_test
     async def test_stale_token_refused(self) -> None:

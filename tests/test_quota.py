@@ -6,10 +6,16 @@ warnings from the same numbers.
 
 from __future__ import annotations
 
+import urllib.error
+import urllib.request
 from typing import Any
 
+from twisted.internet.threads import deferToThread
+
 from relayx.queue.quota import QUEUE_FULL, QuotaLimits, Quotas, Usage, memory
-from tests.helpers import logged_events
+from relayx.redis.embedded import free_port
+from tests.helpers import LoopbackSink, NodeCase, logged_events, send, wait_for
+from tests.test_queue_redis import deferred_test
 from tests.test_smtp_server import Harness
 
 
@@ -87,3 +93,37 @@ def test_smtp_452_at_mail_with_size_and_after_data() -> None:
     assert h.send("MAIL FROM:<bob@sender.test> SIZE=20\r\n").startswith("452 4.3.1")
     state.update(Usage(bytes=0))
     assert h.send("MAIL FROM:<bob@sender.test> SIZE=20\r\n").startswith("250")
+
+
+class QuotaNodeTests(NodeCase):
+    @deferred_test
+    async def test_full_queue_gets_452_and_drains(self) -> None:
+        """When a node's queue reaches its quota, mail gets 452 4.3.1 and /readyz 503; once it drains, mail is taken."""
+        sink = LoopbackSink()
+        admin = free_port()
+        node = await self.start_node(
+            sink, admin_listen=[f"tcp:{admin}:interface=127.0.0.1"], quota_messages=3, quota_warning=0.5
+        )
+        for n in range(3):
+            message = b"Subject: %d\r\n\r\nx\r\n" % n
+            assert await send(self.smtp_port, "bob@sender.test", ["a@example.com"], message) == {}
+        await wait_for(lambda: node.quotas.full is not None, 10, "the quota loop to see 3 queued")
+        refused = await send(self.smtp_port, "bob@sender.test", ["a@example.com"], b"Subject: 4\r\n\r\nx\r\n")
+        assert isinstance(refused, Exception) and "452" in str(refused), refused
+        ready = await readyz(admin)
+        assert ready.startswith("503") and "queue full" in ready
+        sink.start()
+        await wait_for(lambda: len(sink.messages) == 3, 30, "the queue to drain")
+        await wait_for(lambda: node.quotas.full is None, 10, "the quota loop to see the queue empty")
+        assert await send(self.smtp_port, "bob@sender.test", ["a@example.com"], b"Subject: 5\r\n\r\nx\r\n") == {}
+
+
+async def readyz(port: int) -> str:
+    def get() -> str:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as answer:
+                return f"{answer.status} {answer.read().decode()}"
+        except urllib.error.HTTPError as e:
+            return f"{e.code} {e.read().decode()}"
+
+    return await deferToThread(get)

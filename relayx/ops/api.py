@@ -63,7 +63,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from relayx.address import AddressError, normalize_domain
 from relayx.config import DomainConfig, parse_duration, parse_route
-from relayx.interfaces import HoldWindow, IBulkActions, IQueueAdmin, StoreUnavailable
+from relayx.interfaces import HoldWindow, IBulkActions, IQueueAdmin, QueueCounts, StoreUnavailable
 from relayx.ops.bulk import ACTIONS
 from relayx.ops.history import KEPT, History, delivery_rate, replay
 from relayx.queue.states import JobState
@@ -311,14 +311,15 @@ class AdminAPI(Resource):
         config = self.domains[domain]
         queues = config.queues()
         state = await self.queue.domain_state(domain, now)
-        counts = await self.queue.counts(queues, now)
-        oldest = counts["oldest"] / 1000 if counts["oldest"] else None
+        counts = sum((await self.queue.queue_summary(queues, now)).values(), QueueCounts())
+        oldest = counts.oldest
         override = await self.queue.route_override(domain)
         return {
             "domain": domain,
             "queues": queues,
-            "total": counts["total"],
-            "jobs": {s: counts["states"].get(s, 0) for s in STATES},
+            "total": counts.total,
+            "jobs": counts.by_state(),
+            "bytes": counts.bytes,
             "held": state.held,
             "hold_start": state.hold_start,
             "hold_end": state.hold_end,

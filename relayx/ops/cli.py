@@ -47,6 +47,8 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import IO, Any, Protocol, TextIO
 
+import attrs
+
 from relayx.address import AddressError, normalize_domain
 from relayx.config import Config, ConfigError, load, parse_duration, parse_route
 from relayx.dns import dns_lookup, dns_lookup_mx
@@ -82,6 +84,7 @@ VERBS: dict[str, str] = {
     "bulk-cancel": "stop a running bulk action",
     "audit": "the newest changes: who, when, what before and after",
     "check": "check the configuration and what it points at (needs --config)",
+    "check-queue": "recount the queue in bounded steps against its counters; --repair mends (needs --config)",
     "preflight": "a domain's MX, primary, STARTTLS and MTA-STS before a cutover (needs --config)",
     "completion": "a bash or zsh completion script",
 }
@@ -340,6 +343,9 @@ def parser(program: str = "relayx") -> argparse.ArgumentParser:
     verb("bulk-cancel").add_argument("bulk_id")
     verb("audit").add_argument("--limit", type=int, default=20)
     verb("check")
+    verb("check-queue").add_argument(
+        "--repair", action="store_true", help="mend locations and indexes and set each wrong counter to its recount"
+    )
     verb("preflight").add_argument("domain")
     verb("completion").add_argument("shell", choices=["bash", "zsh"])
     return top
@@ -919,6 +925,35 @@ async def _check(reactor: Any, as_json: bool, config: Config, out: TextIO) -> in
     return 1 if any(f.level is check.Level.ERROR for f in findings) else 0
 
 
+async def _check_queue(reactor: Any, repair: bool, as_json: bool, config: Config, out: TextIO) -> int:
+    """
+    ``check-queue``: the counters against a recount; exit status 1 when they
+    differ (without ``--repair``) or a queue changed while it was repaired.
+    """
+    queue = await _queue(reactor, config)
+    try:
+        report = await queue.check_queue([q for d in config.domains for q in d.queues()], repair)
+    finally:
+        await queue.redis.disconnect()
+    if as_json:
+        out.write(json.dumps(attrs.asdict(report), indent=2, default=list) + "\n")
+    else:
+        out.write(f"checked {report.queues} queue(s), {report.walked} entries\n")
+        for name, field, counter, recount in report.differences:
+            out.write(f"{name:<30} {field:<10} counter {counter}, recount {recount}\n")
+        for name, n in report.problems.items():
+            out.write(f"{name:<30} {n} entr{'y' if n == 1 else 'ies'}" + (" mended\n" if repair else "\n"))
+        for name in report.repaired:
+            out.write(f"{name}: counters set to the recount\n")
+        for name in report.busy:
+            out.write(f"{name}: changed during the check, not repaired; run again (or hold the domain first)\n")
+        if report.consistent:
+            out.write("consistent\n")
+        elif not repair:
+            out.write("inconsistent: run again with --repair to mend\n")
+    return 1 if not report.consistent and (not repair or report.busy) else 0
+
+
 async def _preflight(reactor: Any, name: str, as_json: bool, config: Config, out: TextIO) -> int:
     """
     ``preflight DOMAIN``: the checklist, and exit status 1 when any item is an error.
@@ -1057,7 +1092,7 @@ def _main(
         out.write(shtab.complete(parser(program), shell=options.shell))
         return 0
     config_path = getattr(options, "config", None)
-    if verb in ("check", "preflight"):
+    if verb in ("check", "check-queue", "preflight"):
         if not config_path:
             raise Failure(f"{verb} reads a configuration: give --config FILE", 2)
         config = _config(options)
@@ -1065,6 +1100,8 @@ def _main(
         try:
             if verb == "check":
                 return int(runner.call(lambda: _check(runner.reactor, as_json, config, out)))
+            if verb == "check-queue":
+                return int(runner.call(lambda: _check_queue(runner.reactor, options.repair, as_json, config, out)))
             return int(runner.call(lambda: _preflight(runner.reactor, options.domain, as_json, config, out)))
         finally:
             runner.stop()

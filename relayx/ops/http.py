@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
 
 from prometheus_client import generate_latest
 from twisted.internet.defer import Deferred
@@ -26,7 +25,7 @@ from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from relayx.interfaces import DomainState, StoreUnavailable
+from relayx.interfaces import QueueCounts, StoreUnavailable
 from relayx.loops import logged
 from relayx.metrics import Metrics
 from relayx.ops.api import MAX_BODY, authenticate
@@ -170,8 +169,7 @@ def admin_site(
     *,
     ready: Callable[[], str | None],
     domains: Sequence[str],
-    domain_state: Callable[[str], Awaitable[DomainState]],
-    queue_jobs: Callable[[str], Awaitable[Mapping[str, Any]]],
+    queue_summary: Callable[[Sequence[str]], Awaitable[Mapping[str, QueueCounts]]],
     clock: IReactorTime,
     redis_connected: Callable[[], bool],
     api: Resource | None = None,
@@ -182,21 +180,24 @@ def admin_site(
     The HTTP tree: ``ready`` says why the node is not ready, or ``None``;
     the admin ``api`` under ``/api`` and the control ``panel`` at ``/``;
     ``/metrics`` needs one of ``metrics_tokens`` unless that is ``None``.
+    A scrape reads the queue's counters (``queue_summary``, one small
+    read-only script over the delivery queues), never its jobs.
     """
 
     async def refresh() -> None:
         metrics.redis_up.set(1 if redis_connected() else 0)
-        for domain in domains:
-            try:
-                state = await domain_state(domain)
-                jobs = await queue_jobs(domain)
-            except StoreUnavailable:
-                return
+        try:
+            summary = await queue_summary(domains)
+        except StoreUnavailable:
+            return
+        for domain, counts in summary.items():
+            by_state = counts.by_state()
             for name in JobState:
-                metrics.queue.labels(domain=domain, state=name).set(jobs["states"].get(name, 0))
-            oldest = jobs["oldest"] / 1000
+                metrics.queue.labels(domain=domain, state=name).set(by_state[name])
+            oldest = counts.oldest
             metrics.oldest.labels(domain=domain).set(max(0.0, clock.seconds() - oldest) if oldest else 0)
-            metrics.held.labels(domain=domain).set(1 if state.held else 0)
+            metrics.held.labels(domain=domain).set(1 if counts.on_hold else 0)
+            metrics.queue_bytes.labels(domain=domain).set(counts.bytes)
 
     def readiness() -> tuple[int, bytes]:
         why = ready()

@@ -17,15 +17,21 @@
 -- Invariant: as in enqueue.lua; a failed job leaves <p>:failed exactly once, with
 -- its DSN queued in the same step, so a DSN is neither lost nor sent twice when
 -- several nodes bounce at once. Returns 1, or 0 if another node already did.
+-- The job leaves through retire_job (common.lua), which keeps the counters.
+--
+-- Cost bound: O(1) keys (the job, its message, the DSN's message and job).
 
-if redis.call('ZREM', KEYS[1], ARGV[2]) == 0 then return 0 end
+if not redis.call('ZSCORE', KEYS[1], ARGV[2]) then return 0 end
+local domain = redis.call('HGET', KEYS[2], 'domain')
+if not domain then
+  redis.call('ZREM', KEYS[1], ARGV[2])  -- a stale entry: no job behind it
+  return 0
+end
 local now = tonumber(ARGV[3])
 if ARGV[4] ~= '' then
   local r = enqueue_message(ARGV[1], KEYS[4], KEYS[5], KEYS[6], ARGV[4], now, '', ARGV[5],
     {ARGV[7], cjson.encode({ARGV[6]})})
   if type(r) == 'table' and r.err then return r end
 end
-unindex_job(ARGV[1], ARGV[2])
-redis.call('DEL', KEYS[2])
-if redis.call('HINCRBY', KEYS[3], 'jobs', -1) <= 0 then redis.call('DEL', KEYS[3]) end
+retire_job(ARGV[1], ARGV[2], domain, 'failed')
 return 1

@@ -18,40 +18,43 @@
 -- attempts, created}, the earliest time (ms) a rate-limited domain gets its next token
 -- (0: none), and how many expired leases this call took back.
 --
--- Invariant (with enqueue.lua): a job is in exactly one of ready, deferred, leased
--- or failed; a leased job has a token no earlier lease had, so settle.lua and
--- renew.lua refuse whoever held it before. A domain never has more leased jobs
--- than its concurrency, never takes more than its token bucket allows, and a
--- paused or held domain gets none.
+-- Invariant (with enqueue.lua): a job is in exactly one location (common.lua),
+-- changed only through move(), which keeps the counters; a leased job has a
+-- token no earlier lease had, so settle.lua and renew.lua refuse whoever held
+-- it before. A domain never has more leased jobs than its concurrency, never
+-- takes more than its token bucket allows, and a paused or held domain gets none.
+--
+-- Cost bound, whatever the queue's depth: 2 * ARGV[9] jobs moved back (each O(1)
+-- keys, O(log n) writes), SMEMBERS of <p>:domains and O(1) reads per domain, and
+-- at most ARGV[5] jobs leased (each ZRANGE of the head, O(log n)); never a walk
+-- of a queue. With ARGV[5], ARGV[9] <= 100 it touches a few hundred keys.
 
 local prefix, now, lease_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local owner, limit = ARGV[4], tonumber(ARGV[5])
 local default, throttles = cjson.decode(ARGV[6]), cjson.decode(ARGV[7])
 local start, batch = tonumber(ARGV[8]), tonumber(ARGV[9])
 
-local function requeue(jid)
-  local job = prefix .. ':job:' .. jid
-  local domain, seq = unpack(redis.call('HMGET', job, 'domain', 'seq'))
-  if not domain then return end
-  redis.call('ZADD', prefix .. ':ready:' .. domain, seq, jid)
-  redis.call('SADD', KEYS[1], domain)
-  return domain
+-- a job goes back to its place in its queue (a stale entry without a job is dropped)
+local function requeue(jid, from, key)
+  local domain, seq = unpack(redis.call('HMGET', prefix .. ':job:' .. jid, 'domain', 'seq'))
+  if not domain then
+    redis.call('ZREM', key, jid)
+    return
+  end
+  move(prefix, jid, domain, from, 'ready', seq)
 end
 
 -- retries that are due go back to their place in the domain's queue
 for _, jid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, batch)) do
-  redis.call('ZREM', KEYS[2], jid)
-  requeue(jid)
+  requeue(jid, 'deferred', KEYS[2])
 end
 
 -- leases that ran out: the holder is dead or cut off; its token is void
 local taken_over = 0
 for _, jid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, batch)) do
   taken_over = taken_over + 1
-  redis.call('ZREM', KEYS[3], jid)
   redis.call('HSET', prefix .. ':job:' .. jid, 'token', 0, 'owner', '')
-  local domain = requeue(jid)
-  if domain then redis.call('ZREM', prefix .. ':inflight:' .. domain, jid) end
+  requeue(jid, 'in_flight', KEYS[3])
 end
 
 -- how many jobs the domain may start now (at most `room`), and when it may
@@ -107,11 +110,9 @@ for i = 0, n - 1 do
           local job = prefix .. ':job:' .. jid
           local token = redis.call('INCR', KEYS[4])
           local expires = now + lease_ms
-          redis.call('ZREM', ready, jid)
+          move(prefix, jid, domain, 'ready', 'in_flight', expires)
           redis.call('HSET', job, 'token', token, 'owner', owner, 'expires', expires)
           local attempts = redis.call('HINCRBY', job, 'attempts', 1)
-          redis.call('ZADD', KEYS[3], expires, jid)
-          redis.call('ZADD', inflight, expires, jid)
           local qid, owed, created = unpack(redis.call('HMGET', job, 'qid', 'owed', 'created'))
           claimed[#claimed + 1] = {jid, token, expires, qid, domain, owed, attempts, created}
         end

@@ -1,6 +1,31 @@
 -- common.lua: helpers shared by the queue scripts; prepended to each script
 -- that uses them when it is loaded (Redis 6 has no shared script functions).
 --
+-- Job states, defined once here. While its hash <p>:job:<jid> exists, a job of
+-- delivery queue <q> ("example.org", or "example.org#1" for a copy destination)
+-- is in exactly one LOCATION, and only move() below changes which:
+--   ready      <p>:ready:<q>                        score: acceptance seq (and <q> in <p>:domains)
+--   in_flight  <p>:leased and <p>:inflight:<q>      score: lease expiry (ms)
+--   deferred   <p>:deferred and <p>:deferred:<q>    score: when its retry is due (ms)
+--   failed     <p>:failed                           score: when it failed (waits for its DSN)
+-- "held" is not a location but a property of the domain (held_at below): a
+-- ready job of a held domain is held. Counts follow the same rule: while a
+-- domain is held, its queues' ready count is reported as held and ready as 0
+-- (cheap, and consistent with job_state; deferred and in-flight jobs of a held
+-- domain keep their state). Mirrored once in Python by relayx.queue.states.
+--
+-- Counters, kept by move(), add_job() and retire_job() in the same step as the
+-- change, so every reader's count is O(1) per queue:
+--   <p>:count:<q>   hash: ready, in_flight, deferred, failed (jobs in each
+--                   location), bytes (the sizes of its jobs' messages), v (how
+--                   many changes so far: a repair's compare-and-set)
+--   <p>:q:<q>       zset jid -> seq: every job of the queue, any location, in
+--                   acceptance order (a search index too, below); its head is
+--                   the queue's oldest job
+--   <p>:queues      set of every queue that has had a job (and a count hash)
+--   <p>:totals      hash: messages, bytes (each message once), jobs, v (changes)
+-- A message's size is its "size" field (older messages: its body's length).
+--
 -- Domain state lives in the hash <p>:dom:<domain>:
 --   paused_until, failures, last_error   destination failing (settle.lua, resume.lua)
 --   recovered_at                          when it last came back (ramp-up)
@@ -28,14 +53,139 @@ local function held_at(dom, now)
   return s[1] == '1' or (start > 0 and start <= now)
 end
 
--- The one definition of a job's state (for views and counts): in_flight,
--- deferred, failed, held or ready. Mirrored by relayx.queue.states.JobState.
-local function job_state(prefix, jid, queue, now)
+-- A job's location (see the top): in_flight, deferred, failed, ready, or nil
+-- when it is in none (its hash is gone). O(1) reads.
+local function location(prefix, jid, queue)
   if redis.call('ZSCORE', prefix .. ':leased', jid) then return 'in_flight' end
   if redis.call('ZSCORE', prefix .. ':deferred', jid) then return 'deferred' end
   if redis.call('ZSCORE', prefix .. ':failed', jid) then return 'failed' end
-  if held_at(prefix .. ':dom:' .. base_domain(queue), now) then return 'held' end
-  return 'ready'
+  if redis.call('ZSCORE', prefix .. ':ready:' .. queue, jid) then return 'ready' end
+  return nil
+end
+
+-- The one definition of a job's state (for views and counts): in_flight,
+-- deferred, failed, held or ready. Mirrored by relayx.queue.states.JobState.
+local function job_state(prefix, jid, queue, now)
+  local where = location(prefix, jid, queue) or 'ready'
+  if where == 'ready' and held_at(prefix .. ':dom:' .. base_domain(queue), now) then return 'held' end
+  return where
+end
+
+-- Move a job of `queue` from one location to another (see the top), keeping
+-- the queue's counters in the same step: the one place a job changes location.
+-- `from` nil: the job enters (add_job); `to` nil: it leaves (retire_job).
+-- `score` is the new location's (seq, lease expiry, due time, failure time).
+-- Cost: at most 6 O(log n) writes.
+local function move(prefix, jid, queue, from, to, score)
+  local counts = prefix .. ':count:' .. queue
+  if from == 'ready' then
+    redis.call('ZREM', prefix .. ':ready:' .. queue, jid)
+  elseif from == 'in_flight' then
+    redis.call('ZREM', prefix .. ':leased', jid)
+    redis.call('ZREM', prefix .. ':inflight:' .. queue, jid)
+  elseif from == 'deferred' then
+    redis.call('ZREM', prefix .. ':deferred', jid)
+    redis.call('ZREM', prefix .. ':deferred:' .. queue, jid)
+  elseif from == 'failed' then
+    redis.call('ZREM', prefix .. ':failed', jid)
+  end
+  if from then redis.call('HINCRBY', counts, from, -1) end
+  if to == 'ready' then
+    redis.call('ZADD', prefix .. ':ready:' .. queue, score, jid)
+    redis.call('SADD', prefix .. ':domains', queue)
+  elseif to == 'in_flight' then
+    redis.call('ZADD', prefix .. ':leased', score, jid)
+    redis.call('ZADD', prefix .. ':inflight:' .. queue, score, jid)
+  elseif to == 'deferred' then
+    redis.call('ZADD', prefix .. ':deferred', score, jid)
+    redis.call('ZADD', prefix .. ':deferred:' .. queue, score, jid)
+  elseif to == 'failed' then
+    redis.call('ZADD', prefix .. ':failed', score, jid)
+  end
+  if to then redis.call('HINCRBY', counts, to, 1) end
+  redis.call('HINCRBY', counts, 'v', 1)
+end
+
+-- Search indexes, kept for every job while its hash exists (all zsets jid -> seq):
+--   <p>:q:<queue>          every job of a delivery queue, in acceptance order
+--   <p>:ix:from:<sender>   jobs by their message's sender (lower case; "" for <>)
+--   <p>:ix:rcpt:<address>  jobs by each of their recipients (lower case)
+--   <p>:ix:mid:<id>        jobs by their message's Message-ID (lower case, no <>)
+-- index_job adds a job (add_job); unindex_job removes it and must be called
+-- just before its hash is deleted (it reads the job and its message): retire_job.
+-- Cost: one ZADD/ZREM per recipient of the job, plus three.
+local function index_job(prefix, jid, seq, queue, sender, mid, rcpts)
+  redis.call('ZADD', prefix .. ':q:' .. queue, seq, jid)
+  redis.call('ZADD', prefix .. ':ix:from:' .. string.lower(sender), seq, jid)
+  if mid and mid ~= '' then redis.call('ZADD', prefix .. ':ix:mid:' .. mid, seq, jid) end
+  for _, rcpt in ipairs(cjson.decode(rcpts)) do
+    redis.call('ZADD', prefix .. ':ix:rcpt:' .. string.lower(rcpt), seq, jid)
+  end
+end
+
+local function unindex_job(prefix, jid)
+  local job = redis.call('HMGET', prefix .. ':job:' .. jid, 'domain', 'rcpts', 'qid')
+  if not job[1] then return end
+  local msg = redis.call('HMGET', prefix .. ':msg:' .. job[3], 'sender', 'mid')
+  redis.call('ZREM', prefix .. ':q:' .. job[1], jid)
+  redis.call('ZREM', prefix .. ':ix:from:' .. string.lower(msg[1] or ''), jid)
+  if msg[2] and msg[2] ~= '' then redis.call('ZREM', prefix .. ':ix:mid:' .. msg[2], jid) end
+  for _, rcpt in ipairs(cjson.decode(job[2])) do
+    redis.call('ZREM', prefix .. ':ix:rcpt:' .. string.lower(rcpt), jid)
+  end
+end
+
+-- A message's size from its hash's "body" field: the body's length, or the
+-- size a body store's stub records (relayx/queue/bodyref.py: a NUL, "relayx-body ",
+-- the reference, a space, the size, CRLF, then the header section).
+local function body_size(body)
+  if string.byte(body, 1) == 0 and string.sub(body, 2, 13) == 'relayx-body ' then
+    local stop = string.find(body, '\r\n', 1, true) or (#body + 1)
+    local size = string.match(string.sub(body, 14, stop - 1), ' (%d+)$')
+    if size then return tonumber(size) end
+  end
+  return #body
+end
+
+-- The size counted for a message: its "size" field (messages from before
+-- counters: read from its body field).
+local function message_size(msg_key)
+  local size = redis.call('HGET', msg_key, 'size')
+  if size then return tonumber(size) end
+  return body_size(redis.call('HGET', msg_key, 'body') or '')
+end
+
+-- A new job (its hash written) enters its queue, ready: counters, the queue's
+-- acceptance index and the search indexes (index_job), the totals.
+-- Cost: O(1) writes, plus one per recipient (index_job).
+local function add_job(prefix, jid, queue, seq, size, sender, mid, rcpts)
+  index_job(prefix, jid, seq, queue, sender, mid, rcpts)
+  redis.call('SADD', prefix .. ':queues', queue)
+  redis.call('HINCRBY', prefix .. ':count:' .. queue, 'bytes', size)
+  redis.call('HINCRBY', prefix .. ':totals', 'jobs', 1)
+  move(prefix, jid, queue, nil, 'ready', seq)
+end
+
+-- A job leaves the queue for good (delivered, bounced, deleted): out of its
+-- location `from`, its counters and the index; its hash deleted, and its
+-- message too when this was the message's last job. Returns the message key.
+-- Cost: O(1) writes.
+local function retire_job(prefix, jid, queue, from)
+  local job = prefix .. ':job:' .. jid
+  local msg = prefix .. ':msg:' .. (redis.call('HGET', job, 'qid') or '')
+  local size = message_size(msg)
+  move(prefix, jid, queue, from, nil)
+  unindex_job(prefix, jid)
+  redis.call('HINCRBY', prefix .. ':count:' .. queue, 'bytes', -size)
+  redis.call('HINCRBY', prefix .. ':totals', 'jobs', -1)
+  redis.call('HINCRBY', prefix .. ':totals', 'v', 1)
+  redis.call('DEL', job)
+  if redis.call('HINCRBY', msg, 'jobs', -1) <= 0 then
+    redis.call('DEL', msg)
+    redis.call('HINCRBY', prefix .. ':totals', 'messages', -1)
+    redis.call('HINCRBY', prefix .. ':totals', 'bytes', -size)
+  end
+  return msg
 end
 
 -- Whether the domain is held at `now`, and its total held time (ms) up to `now`.
@@ -67,49 +217,25 @@ local function held_clock(dom, now)
   return false, total
 end
 
--- Search indexes, kept for every job while its hash exists (all zsets jid -> seq):
---   <p>:q:<queue>          every job of a delivery queue, in acceptance order
---   <p>:ix:from:<sender>   jobs by their message's sender (lower case; "" for <>)
---   <p>:ix:rcpt:<address>  jobs by each of their recipients (lower case)
---   <p>:ix:mid:<id>        jobs by their message's Message-ID (lower case, no <>)
--- index_job adds a job (enqueue); unindex_job removes it and must be called
--- just before its hash is deleted (it reads the job and its message).
--- Cost: one ZADD/ZREM per recipient of the job, plus three.
-local function index_job(prefix, jid, seq, queue, sender, mid, rcpts)
-  redis.call('ZADD', prefix .. ':q:' .. queue, seq, jid)
-  redis.call('ZADD', prefix .. ':ix:from:' .. string.lower(sender), seq, jid)
-  if mid and mid ~= '' then redis.call('ZADD', prefix .. ':ix:mid:' .. mid, seq, jid) end
-  for _, rcpt in ipairs(cjson.decode(rcpts)) do
-    redis.call('ZADD', prefix .. ':ix:rcpt:' .. string.lower(rcpt), seq, jid)
-  end
-end
-
-local function unindex_job(prefix, jid)
-  local job = redis.call('HMGET', prefix .. ':job:' .. jid, 'domain', 'rcpts', 'qid')
-  if not job[1] then return end
-  local msg = redis.call('HMGET', prefix .. ':msg:' .. job[3], 'sender', 'mid')
-  redis.call('ZREM', prefix .. ':q:' .. job[1], jid)
-  redis.call('ZREM', prefix .. ':ix:from:' .. string.lower(msg[1] or ''), jid)
-  if msg[2] and msg[2] ~= '' then redis.call('ZREM', prefix .. ':ix:mid:' .. msg[2], jid) end
-  for _, rcpt in ipairs(cjson.decode(job[2])) do
-    redis.call('ZREM', prefix .. ':ix:rcpt:' .. string.lower(rcpt), jid)
-  end
-end
-
 -- Store a message and one delivery job per destination domain (pairs: domain,
 -- JSON array of recipients, ...). Each job records its domain's held time at
 -- acceptance (held_base), so that time held later does not count against its
 -- retention. `mid` and `subject` (optional) are the header's Message-ID (lower
 -- case, no <>) and Subject, for search. Returns the number of jobs, or an
--- error if the queue id is taken.
+-- error if the queue id is taken. Cost: O(jobs of the message) writes.
 local function enqueue_message(prefix, seq_key, domains_key, msg_key, qid, now, sender, body, pairs, mid, subject)
   if redis.call('EXISTS', msg_key) == 1 then
     return redis.error_reply('DUPLICATE queue id ' .. qid)
   end
   local njobs = #pairs / 2
-  redis.call('HSET', msg_key, 'sender', sender, 'body', body, 'received', now, 'jobs', njobs, 'njobs', njobs)
+  local size = body_size(body)
+  redis.call('HSET', msg_key, 'sender', sender, 'body', body, 'received', now, 'jobs', njobs, 'njobs', njobs,
+    'size', size)
   if mid and mid ~= '' then redis.call('HSET', msg_key, 'mid', mid) end
   if subject and subject ~= '' then redis.call('HSET', msg_key, 'subject', subject) end
+  redis.call('HINCRBY', prefix .. ':totals', 'messages', 1)
+  redis.call('HINCRBY', prefix .. ':totals', 'bytes', size)
+  redis.call('HINCRBY', prefix .. ':totals', 'v', 1)
   for i = 1, njobs do
     local domain, rcpts = pairs[2 * i - 1], pairs[2 * i]
     local jid = qid .. '.' .. i
@@ -118,9 +244,7 @@ local function enqueue_message(prefix, seq_key, domains_key, msg_key, qid, now, 
     redis.call('HSET', prefix .. ':job:' .. jid,
       'qid', qid, 'domain', domain, 'rcpts', rcpts, 'owed', rcpts, 'failed', '[]',
       'seq', seq, 'created', now, 'held_base', held_base, 'attempts', 0, 'token', 0)
-    redis.call('ZADD', prefix .. ':ready:' .. domain, seq, jid)
-    redis.call('SADD', domains_key, domain)
-    index_job(prefix, jid, seq, domain, sender, mid, rcpts)
+    add_job(prefix, jid, domain, seq, size, sender, mid, rcpts)
   end
   return njobs
 end

@@ -18,6 +18,9 @@
 -- Invariant: as in enqueue.lua. A job being delivered loses its lease token, so
 -- the node delivering it cannot settle it (renew and settle refuse it); a
 -- bounced job goes to <p>:failed with every recipient still owed as failed.
+-- Jobs move through move()/retire_job() (common.lua), which keep the counters.
+--
+-- Cost bound: O(1) keys per job of the one message (its domains and copies).
 
 local prefix, qid, now, mode = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -25,10 +28,7 @@ local jobs = message_jobs(prefix, qid)
 for _, jid in ipairs(jobs) do
   local job = prefix .. ':job:' .. jid
   local domain, owed, failed = unpack(redis.call('HMGET', job, 'domain', 'owed', 'failed'))
-  redis.call('ZREM', prefix .. ':ready:' .. domain, jid)
-  redis.call('ZREM', prefix .. ':inflight:' .. domain, jid)
-  redis.call('ZREM', KEYS[2], jid)
-  redis.call('ZREM', KEYS[3], jid)
+  local from = location(prefix, jid, domain)
   redis.call('ZREM', KEYS[5], jid)
   if mode == 'bounce' then
     local failures = cjson.decode(failed)
@@ -36,13 +36,18 @@ for _, jid in ipairs(jobs) do
       failures[#failures + 1] = {rcpt, 0, '5.0.0', 'returned to the sender by the postmaster'}
     end
     redis.call('HSET', job, 'owed', '[]', 'failed', cjson.encode(failures), 'finished', now, 'token', 0, 'owner', '')
-    redis.call('ZADD', KEYS[4], now, jid)
+    move(prefix, jid, domain, from, 'failed', now)
   else
-    redis.call('ZREM', KEYS[4], jid)
-    unindex_job(prefix, jid)
-    redis.call('DEL', job)
+    retire_job(prefix, jid, domain, from)
   end
 end
-if mode ~= 'bounce' then redis.call('DEL', KEYS[1]) end
+if mode ~= 'bounce' and redis.call('EXISTS', KEYS[1]) == 1 then
+  -- jobs already gone left their message behind (only before counters): it goes too
+  local size = message_size(KEYS[1])
+  redis.call('DEL', KEYS[1])
+  redis.call('HINCRBY', prefix .. ':totals', 'messages', -1)
+  redis.call('HINCRBY', prefix .. ':totals', 'bytes', -size)
+  redis.call('HINCRBY', prefix .. ':totals', 'v', 1)
+end
 audit(KEYS[6], ARGV[5], ARGV[6])
 return #jobs

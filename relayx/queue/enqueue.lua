@@ -16,8 +16,12 @@
 -- <p>:deferred, <p>:leased (and <p>:inflight:<domain>) or <p>:failed, and the
 -- message's "jobs" field counts the job hashes that still exist. A job records
 -- its domain's held time at acceptance (held_base), so that time held later
--- does not count against its retention. Each job is in its queue's <p>:q:<queue>
--- and the search indexes (common.lua) exactly while its hash exists.
+-- does not count against its retention. Each job enters through add_job
+-- (common.lua), which keeps the counters, its queue's <p>:q:<queue> and the
+-- search indexes, and the totals.
+--
+-- Cost bound: O(1) keys per destination queue of the message (its domains and
+-- their copies) plus one per recipient, O(log n) writes; independent of the depth.
 -- Per-domain keys are built from the prefix: standalone or Sentinel Redis, not Redis Cluster.
 
 local pairs_ = {}

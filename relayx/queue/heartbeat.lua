@@ -9,6 +9,7 @@
 --
 -- Invariant: a node is listed while its last heartbeat is recent; the hash of a
 -- node gone longer than that is removed with it.
+-- Cost bound: two keys, plus the nodes gone silent.
 
 local now, keep = tonumber(ARGV[2]), tonumber(ARGV[3])
 redis.call('ZADD', KEYS[1], now, ARGV[1])

@@ -18,8 +18,8 @@
 --
 -- Invariant: as in common.lua; a hold already in force keeps its held_since, so
 -- the held time is counted once. Every change has its audit record naming the
--- hold before it.
--- Cost bound: O(1).
+-- hold before it. Moves no job: held is read from the domain (common.lua).
+-- Cost bound: three keys.
 
 local now, start, stop = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local held = held_clock(KEYS[1], now)

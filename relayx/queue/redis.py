@@ -38,6 +38,8 @@ from relayx.interfaces import (
     Lease,
     NodeStatus,
     Outcome,
+    QueueCounts,
+    QueueTotals,
     StoredMessage,
     StoreUnavailable,
     Throttle,
@@ -53,6 +55,12 @@ log = Logger()
 
 #: audit records kept in Redis
 AUDIT_KEPT = 10000
+#: jobs one flush.lua call brings back (the rest in further calls)
+FLUSH_BATCH = 500
+#: entries one step of the consistency check looks at (tally.lua: ~5 keys each)
+CHECK_BATCH = 100
+#: the counted fields of a queue's <p>:count:<q>, as common.lua defines them
+COUNTED = ("ready", "in_flight", "deferred", "failed", "bytes")
 #: most jobs one listing or search call to Redis examines (~20 us each: a few ms)
 PAGE_BUDGET = 300
 #: how far nodes' clocks may disagree (acceptance order is time order within this)
@@ -117,6 +125,27 @@ class Replication:
     timeout: float
 
 
+@attrs.frozen
+class CheckReport:
+    """
+    What a consistency check found: each counter that differs from its
+    recount (queue or ``totals``, field, counter, recount), problems in the
+    locations and indexes by kind (see tally.lua), and with repair, what was
+    set and what changed while it was counted (``busy``: not set).
+    """
+
+    queues: int
+    walked: int
+    differences: tuple[tuple[str, str, int, int], ...]
+    problems: Mapping[str, int]
+    repaired: tuple[str, ...] = ()
+    busy: tuple[str, ...] = ()
+
+    @property
+    def consistent(self) -> bool:
+        return not self.differences and not self.problems
+
+
 @implementer(IMessageStore, IDeliveryQueue, IQueueAdmin, IBulkActions, IRecipientCache, IFailedJobs)
 class RedisQueue:
     """
@@ -138,13 +167,15 @@ class RedisQueue:
     _DROP = load_script("relayx.queue", "drop.lua", prelude=True)
     _REQUEUE = load_script("relayx.queue", "requeue.lua", prelude=True)
     _PAGE = load_script("relayx.queue", "page.lua", prelude=True)
-    _COUNTS = load_script("relayx.queue", "counts.lua", prelude=True)
     _BULK_START = load_script("relayx.queue", "bulk_start.lua", prelude=True)
     _BULK_STEP = load_script("relayx.queue", "bulk_step.lua")
     _BULK_CANCEL = load_script("relayx.queue", "bulk_cancel.lua", prelude=True)
     _MESSAGE = load_script("relayx.queue", "message.lua", prelude=True)
     _TRAFFIC = load_script("relayx.queue", "traffic.lua")
     _QSHAPE = load_script("relayx.queue", "qshape.lua")
+    _SUMMARY = load_script("relayx.queue", "summary.lua", prelude=True)
+    _TALLY = load_script("relayx.queue", "tally.lua", prelude=True)
+    _RECOUNT = load_script("relayx.queue", "recount.lua")
 
     def __init__(
         self,
@@ -159,6 +190,7 @@ class RedisQueue:
         replication: Replication | None = None,
         copies: Mapping[str, int] | None = None,
         delay_warning: float = 0.0,
+        flush_batch: int = FLUSH_BATCH,
         bodies: IBodyStore | None = None,
     ) -> None:
         self.redis = redis
@@ -173,6 +205,7 @@ class RedisQueue:
         #: jobs accepted and delivered here and not yet added to the counters in Redis
         self._traffic: dict[tuple[str, str], int] = {}
         self.delay_warning = delay_warning
+        self.flush_batch = flush_batch
         #: where bodies go (``None``: in the message hashes, as before body stores)
         self.bodies = bodies
         #: the body reference of each job loaded and not yet settled
@@ -479,13 +512,21 @@ class RedisQueue:
         keys = [
             self.key("dom", queue),
             self.key("paused"),
-            self.key("deferred"),
+            self.key("deferred", queue),
             self.key("ready", queue),
             self.key("domains"),
             self.key("audit"),
         ]
-        args = [self.prefix, queue, self._audit_record(now, who, "flush", domain=queue), AUDIT_KEPT]
-        return int(await self._write(self._FLUSH, keys, args, f"flush of {queue}", strict=True))
+        # in bounded batches, each its own script; audited once, with the first
+        record = self._audit_record(now, who, "flush", domain=queue)
+        total = 0
+        while True:
+            args = [self.prefix, queue, record, AUDIT_KEPT, self.flush_batch]
+            moved, left = await self._write(self._FLUSH, keys, args, f"flush of {queue}", strict=True)
+            total += int(moved)
+            record = ""
+            if not int(left) or not int(moved):
+                return total
 
     async def drop(self, queue_id: str, now: float, who: str, bounce: bool, audited: bool = True) -> int:
         action = "bounce" if bounce else "delete"
@@ -538,10 +579,13 @@ class RedisQueue:
         return answer
 
     async def counts(self, queues: Sequence[str], now: float) -> dict[str, Any]:
-        args = [self.prefix, json.dumps(list(queues)), _ms(now), PAGE_BUDGET]
-        answer: dict[str, Any] = json.loads(_text(await self.redis.script(self._COUNTS, [self.key("failed")], args)))
-        answer["states"] = dict(answer["states"] or {})
-        return answer
+        """
+        The queues' counts added up (from the counters, as ``queue_summary``).
+        """
+        counts = sum((await self.queue_summary(queues, now)).values(), QueueCounts())
+        states = {state: n for state, n in counts.by_state().items() if n}
+        oldest = _ms(counts.oldest) if counts.oldest is not None else 0
+        return {"total": counts.total, "states": states, "oldest": oldest, "exact": True}
 
     async def message(self, queue_id: str, now: float) -> dict[str, Any] | None:
         keys = [self.key("msg", queue_id), self.key("deferred"), self.key("failed"), self.key("leased")]
@@ -626,6 +670,140 @@ class RedisQueue:
             last_error=state.get("last_error", ""),
             release_rate=float(state.get("release_rate", 0)),
         )
+
+    async def queue_summary(self, queues: Sequence[str], now: float) -> dict[str, QueueCounts]:
+        """
+        Each queue's counts by state, bytes and oldest job, read from the
+        counters in one read-only script: O(queues) keys, whatever the depth.
+        """
+        answer = json.loads(_text(await self._summary(queues, now)))
+        result = {}
+        for queue, row in zip(queues, answer["queues"] or [], strict=True):
+            ready, deferred, in_flight, failed, size, oldest, held = (int(n) for n in row)
+            result[queue] = QueueCounts(
+                ready=0 if held else ready,
+                held=ready if held else 0,
+                deferred=deferred,
+                in_flight=in_flight,
+                failed=failed,
+                bytes=size,
+                oldest=oldest / 1000 if oldest else None,
+                on_hold=bool(held),
+            )
+        return result
+
+    async def totals(self) -> QueueTotals:
+        messages, size, jobs = (int(n) for n in json.loads(_text(await self._summary([], 0)))["totals"])
+        return QueueTotals(messages=messages, bytes=size, jobs=jobs)
+
+    async def _summary(self, queues: Sequence[str], now: float) -> Any:
+        args = [self.prefix, json.dumps(list(queues)), _ms(now)]
+        return await self.redis.script(self._SUMMARY, [self.key("totals")], args)
+
+    async def check_queue(
+        self, queues: Sequence[str] = (), repair: bool = False, batch: int = CHECK_BATCH
+    ) -> CheckReport:
+        """
+        Recount the queue in bounded steps (tally.lua, ``batch`` entries per
+        call, the cursor kept here) and compare with the counters; with
+        ``repair``, mend the locations and indexes and set each counter that
+        differs to its recount, unless its queue changed during the check
+        (then it is reported busy: check again, or hold the domain first).
+        Read-only without ``repair``.
+        """
+        batch = max(1, min(batch, 1000))
+        known = {_text(q) for q in await self.redis.call("smembers", self.key("queues"))}
+        known |= {_text(q) for q in await self.redis.call("smembers", self.key("domains"))}
+        names = sorted(known | set(queues))
+        before = {q: await self._version(self.key("count", q)) for q in names}
+        totals_before = await self._version(self.key("totals"))
+        counted: dict[str, dict[str, int]] = {}
+        messages = [0, 0]
+        problems: dict[str, int] = {}
+        walked = 0
+
+        async def walk(kind: str, key: str, queue: str = "", pair: str = "") -> None:
+            nonlocal walked
+            offset = 0
+            while True:
+                keys = [key, pair or key]
+                args = [self.prefix, kind, offset, batch, "1" if repair else "0", queue]
+                step = json.loads(_text(await self.redis.script(self._TALLY, keys, args)))
+                for name, n in (step["problems"] or {}).items():
+                    problems[name] = problems.get(name, 0) + int(n)
+                for q, (jobs, size, msgs, msg_bytes) in (step["queues"] or {}).items():
+                    row = counted.setdefault(q, dict.fromkeys(COUNTED, 0))
+                    row[kind] += int(jobs)
+                    row["bytes"] += int(size)
+                    messages[0] += int(msgs)
+                    messages[1] += int(msg_bytes)
+                seen, removed = int(step["seen"]), int(step["removed"])
+                walked += seen
+                if seen < batch:
+                    return
+                offset += seen - removed
+
+        for kind, where in (("in_flight", "leased"), ("deferred", "deferred"), ("failed", "failed")):
+            await walk(kind, self.key(where))
+        for q in sorted(set(names) | set(counted)):
+            await walk("ready", self.key("ready", q), q)
+            await walk("index", self.key("q", q), q)
+            await walk("pair", self.key("inflight", q), q, self.key("leased"))
+            await walk("pair", self.key("deferred", q), q, self.key("deferred"))
+
+        differences: list[tuple[str, str, int, int]] = []
+        repaired: list[str] = []
+        busy: list[str] = []
+        for q in sorted(set(names) | set(counted)):
+            values = await self.redis.call("hmget", self.key("count", q), list(COUNTED))
+            recount = counted.get(q, dict.fromkeys(COUNTED, 0))
+            wrong = [
+                (q, field, int(value or 0), recount[field])
+                for field, value in zip(COUNTED, values, strict=True)
+                if int(value or 0) != recount[field]
+            ]
+            differences += wrong
+            if wrong and repair:
+                version = before.get(q, "0")
+                if await self._recount(self.key("count", q), version, recount):
+                    await self.redis.call("sadd", self.key("queues"), q)
+                    repaired.append(q)
+                else:
+                    busy.append(q)
+        values = await self.redis.call("hmget", self.key("totals"), ["messages", "bytes", "jobs"])
+        recount_totals = {
+            "messages": messages[0],
+            "bytes": messages[1],
+            "jobs": sum(row[k] for row in counted.values() for k in ("ready", "in_flight", "deferred", "failed")),
+        }
+        wrong_totals = [
+            ("totals", field, int(value or 0), recount_totals[field])
+            for field, value in zip(recount_totals, values, strict=True)
+            if int(value or 0) != recount_totals[field]
+        ]
+        differences += wrong_totals
+        if wrong_totals and repair:
+            if await self._recount(self.key("totals"), totals_before, recount_totals):
+                repaired.append("totals")
+            else:
+                busy.append("totals")
+        return CheckReport(
+            queues=len(set(names) | set(counted)),
+            walked=walked,
+            differences=tuple(differences),
+            problems=dict(sorted(problems.items())),
+            repaired=tuple(repaired),
+            busy=tuple(busy),
+        )
+
+    async def _version(self, key: str) -> str:
+        return _text(await self.redis.call("hget", key, "v") or b"0")
+
+    async def _recount(self, key: str, version: str, values: Mapping[str, int]) -> bool:
+        args: list[object] = [version]
+        for field, value in values.items():
+            args += [field, value]
+        return bool(int(await self._write(self._RECOUNT, [key], args, f"repair of {key}", strict=True)))
 
     # -- bulk actions (IBulkActions) ---------------------------------------
 

@@ -13,7 +13,8 @@
 -- a scheduled start means a scheduled hold was cancelled.
 --
 -- Invariant: as in common.lua; the time held so far is added to held_ms once.
--- Cost bound: O(1).
+-- Moves no job: the ready jobs count as ready again (common.lua).
+-- Cost bound: three keys.
 
 local now, rate = tonumber(ARGV[1]), tonumber(ARGV[2])
 local held, total = held_clock(KEYS[1], now)

@@ -9,6 +9,8 @@
 --
 -- Invariant: only the holder of the current token moves the expiry; a stale
 -- token (the job was reclaimed and leased again, or finished) gets STALE.
+-- The job stays in flight: no counter changes.
+-- Cost bound: three keys.
 
 if redis.call('HGET', KEYS[1], 'token') ~= ARGV[2] then
   return redis.error_reply('STALE lease token')

@@ -14,7 +14,10 @@
 -- Returns the number of jobs requeued.
 --
 -- Invariant: as in enqueue.lua; recipients already accepted by the destination
--- are never owed again, only those deferred or failed.
+-- are never owed again, only those deferred or failed. Jobs move through
+-- move() (common.lua), which keeps the counters.
+--
+-- Cost bound: O(1) keys per job of the one message (its domains and copies).
 
 local prefix, qid = ARGV[1], ARGV[2]
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -22,19 +25,16 @@ local moved = 0
 for _, jid in ipairs(message_jobs(prefix, qid)) do
   local job = prefix .. ':job:' .. jid
   local domain, seq, owed, failed = unpack(redis.call('HMGET', job, 'domain', 'seq', 'owed', 'failed'))
-  local back = false
-  if redis.call('ZREM', KEYS[2], jid) == 1 then back = true end
-  if redis.call('ZREM', KEYS[3], jid) == 1 then
+  local from = location(prefix, jid, domain)
+  if from == 'failed' then
     local again = cjson.decode(owed)
     for _, entry in ipairs(cjson.decode(failed)) do again[#again + 1] = entry[1] end
     redis.call('HSET', job, 'owed', cjson.encode(again), 'failed', '[]')
     redis.call('HDEL', job, 'finished')
-    back = true
   end
-  if back then
+  if from == 'failed' or from == 'deferred' then
     redis.call('HSET', job, 'attempts', 0)
-    redis.call('ZADD', prefix .. ':ready:' .. domain, seq, jid)
-    redis.call('SADD', KEYS[4], domain)
+    move(prefix, jid, domain, from, 'ready', seq)
     moved = moved + 1
   end
 end

@@ -10,6 +10,8 @@
 --
 -- Invariant: every change of a domain's routes has its audit record, and the
 -- record names what the routes were before. Returns the previous override or "".
+-- Moves no job: queued jobs stay in their queue and go to the new routes.
+-- Cost bound: two keys.
 
 local previous = redis.call('HGET', KEYS[1], ARGV[1]) or ''
 if ARGV[2] == '' then

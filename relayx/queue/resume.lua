@@ -8,6 +8,7 @@
 --
 -- Invariant: a domain is in <p>:paused exactly while its paused_until is set;
 -- recovered_at starts the ramp-up.
+-- Cost bound: two keys.
 
 if redis.call('HEXISTS', KEYS[1], 'paused_until') == 0 then return 0 end
 redis.call('HDEL', KEYS[1], 'paused_until', 'failures', 'last_error')

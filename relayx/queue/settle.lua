@@ -27,7 +27,12 @@
 --
 -- Invariant: as in enqueue.lua. Only the current token's holder settles; recipients
 -- once accepted or failed are never owed again, so a retry resends only to the rest.
--- A domain is in <p>:paused exactly while its paused_until is set.
+-- A domain is in <p>:paused exactly while its paused_until is set. Every change
+-- of a job's location goes through move() (common.lua), keeping the counters.
+--
+-- Cost bound, whatever the queue's depth: O(1) keys for the job itself; when the
+-- destination is unreachable, the queue's first 100 jobs are looked at twice
+-- (retention, delay warning), each O(1) keys: at most ~1,000 keys, O(log n) writes.
 
 local jid, token, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 if redis.call('HGET', KEYS[1], 'token') ~= token then
@@ -40,8 +45,7 @@ for step in string.gmatch(ARGV[9], '[^,]+') do schedule[#schedule + 1] = tonumbe
 local function step(n) return schedule[math.max(1, math.min(n, #schedule))] end
 local _, held_now = held_clock(prefix .. ':dom:' .. base_domain(domain), now)
 
-redis.call('ZREM', KEYS[2], jid)
-redis.call('ZREM', KEYS[3], jid)
+-- the job is still in flight until one of the moves below takes it elsewhere
 redis.call('HSET', KEYS[1], 'token', 0, 'owner', '')
 
 -- the job's last attempts that did not end it, for an operator's message view
@@ -69,18 +73,15 @@ for _, entry in ipairs(cjson.decode(ARGV[5])) do
   failed[#failed + 1] = entry
 end
 
--- a job with nothing owed ends: deleted, or kept in <p>:failed for its DSN
-local function finish(job, jobid, failures)
+-- a job with nothing owed ends, from location `from`: deleted, or kept in
+-- <p>:failed for its DSN
+local function finish(job, jobid, failures, from)
   if #failures > 0 then
     redis.call('HSET', job, 'owed', '[]', 'failed', cjson.encode(failures), 'finished', now)
-    redis.call('ZADD', KEYS[5], now, jobid)
+    move(prefix, jobid, domain, from, 'failed', now)
     return 'failed'
   end
-  local qid = redis.call('HGET', job, 'qid')
-  unindex_job(prefix, jobid)
-  redis.call('DEL', job)
-  local msg = prefix .. ':msg:' .. qid
-  if redis.call('HINCRBY', msg, 'jobs', -1) <= 0 then redis.call('DEL', msg) end
+  retire_job(prefix, jobid, domain, from)
   return 'done'
 end
 
@@ -102,11 +103,11 @@ local function warn(job, jobid)
 end
 
 -- what is still owed fails once the job has outlived its retention
-local function expire(job, jobid, owed, failures, why)
+local function expire(job, jobid, owed, failures, why, from)
   for _, rcpt in ipairs(owed) do
     failures[#failures + 1] = {rcpt, 0, '4.4.7', 'retention expired; last error: ' .. why}
   end
-  return finish(job, jobid, failures)
+  return finish(job, jobid, failures, from)
 end
 
 local owed = {}
@@ -115,7 +116,7 @@ for _, rcpt in ipairs(cjson.decode(redis.call('HGET', KEYS[1], 'owed'))) do
 end
 if #owed == 0 then
   if ARGV[7] == '' then destination_up() end
-  return finish(KEYS[1], jid, failed)
+  return finish(KEYS[1], jid, failed, 'in_flight')
 end
 redis.call('HSET', KEYS[1], 'owed', cjson.encode(owed), 'failed', cjson.encode(failed))
 
@@ -130,16 +131,14 @@ if unreachable ~= '' then
   redis.call('ZADD', KEYS[10], until_ms, domain)
   redis.call('HSET', KEYS[1], 'error', unreachable)
   remember('unreachable: ' .. unreachable)
-  redis.call('ZADD', KEYS[6], redis.call('HGET', KEYS[1], 'seq'), jid)
-  redis.call('SADD', KEYS[7], domain)
+  move(prefix, jid, domain, 'in_flight', 'ready', redis.call('HGET', KEYS[1], 'seq'))
   -- jobs at the head of the queue that outlived their retention fail now
   local result = 'paused'
   for _, head in ipairs(redis.call('ZRANGE', KEYS[6], 0, 99)) do
     local job = prefix .. ':job:' .. head
     if not expired(job) then break end
-    redis.call('ZREM', KEYS[6], head)
     local r = expire(job, head, cjson.decode(redis.call('HGET', job, 'owed')),
-      cjson.decode(redis.call('HGET', job, 'failed')), unreachable)
+      cjson.decode(redis.call('HGET', job, 'failed')), unreachable, 'ready')
     if head == jid then result = r end
   end
   -- and those waiting past the delay warning get it (oldest first, a bounded batch)
@@ -160,9 +159,9 @@ if #deferred > 0 then why = deferred[1][2] .. ' ' .. deferred[1][3] .. ' ' .. de
 redis.call('HSET', KEYS[1], 'error', why)
 remember(why)
 if expired(KEYS[1]) then
-  return expire(KEYS[1], jid, owed, failed, why)
+  return expire(KEYS[1], jid, owed, failed, why, 'in_flight')
 end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts'))
-redis.call('ZADD', KEYS[4], now + step(attempts), jid)
+move(prefix, jid, domain, 'in_flight', 'deferred', now + step(attempts))
 warn(KEYS[1], jid)
 return 'deferred'

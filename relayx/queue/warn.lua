@@ -15,6 +15,8 @@
 -- Invariant: as in enqueue.lua; a job leaves <p>:delayed once, with its warning
 -- queued in the same step; the job itself goes on being retried. Returns 1, or 0
 -- if another node already sent it.
+--
+-- Cost bound: O(1) keys (the warning's message and job, through enqueue_message).
 
 if redis.call('ZREM', KEYS[1], ARGV[2]) == 0 then return 0 end
 if ARGV[4] ~= '' then
