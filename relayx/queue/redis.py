@@ -69,8 +69,8 @@ PAGE_BUDGET = 300
 CLOCK_SKEW = 5.0
 #: bulk actions kept for operators to read (running ones are always kept)
 BULK_KEPT = 100
-#: how long a node keeps trying to take back an enqueue it could not confirm (seconds)
-TAKE_BACK_FOR = 15.0
+#: how far Redis's clock may be from the nodes' (NTP); an enqueue's deadline allows for it
+CLOCK_SKEW_REDIS = 2.0
 #: how long a taken-back queue id stays refused (an enqueue stuck in a stalled Redis)
 TOMBSTONE_KEPT = 3600.0
 #: body references remembered from load to settle (a bound in case leases are lost)
@@ -253,6 +253,7 @@ class RedisQueue:
             message.sender,
             body,
             *search_fields(message.body),
+            _ms(self.redis.clock.seconds() + self.redis.timeout + 1 + CLOCK_SKEW_REDIS),
         ]
         queues: list[str] = []
         for domain, rcpts in message.by_domain().items():
@@ -281,24 +282,26 @@ class RedisQueue:
 
     async def _take_back(self, queue_id: str, why: str) -> bool:
         """
-        Undo an enqueue whose outcome is unknown (abort.lua), retrying for up
-        to ``TAKE_BACK_FOR`` seconds while Redis does not answer. ``True``:
-        the message is already being delivered, so it stays and its sender
-        gets 250. ``False``: no copy remains, and a late arrival of the
-        enqueue is refused, so the 451 is true.
+        Undo an enqueue whose outcome is unknown (abort.lua). ``True``: the
+        message is already being delivered, so it stays and its sender gets
+        250. ``False``: no copy remains, and the enqueue, should it still
+        arrive, is refused (by the tombstone, or by its deadline), so the 451
+        is true. While Redis does not answer, the abort is tried again until
+        the enqueue's deadline has passed by Redis's clock too: from then on
+        a write stuck in a stalled Redis can no longer land.
         """
         keys = [self.key("msg", queue_id), self.key("aborted", queue_id)]
         args = [self.prefix, queue_id, _ms(TOMBSTONE_KEPT)]
         clock = self.redis.clock
-        deadline = clock.seconds() + TAKE_BACK_FOR
+        give_up = clock.seconds() + self.redis.timeout + 1 + 2 * CLOCK_SKEW_REDIS
         while True:
             try:
                 answer = _text(await self._write(self._ABORT, keys, args, f"abort of {queue_id}", strict=False))
             except StoreUnavailable as e:
-                if clock.seconds() >= deadline:
-                    log.error(
-                        "message {queue_id} could not be taken back ({why}; first: {first}): it may be "
-                        "delivered although its sender got 451",
+                if clock.seconds() >= give_up:
+                    log.warn(
+                        "message {queue_id} not taken back ({why}; first: {first}): its enqueue is past its "
+                        "deadline, so it lands only if it ran before it and its reply was lost",
                         queue_id=queue_id,
                         why=str(e),
                         first=why,
