@@ -23,6 +23,14 @@ class StoreUnavailable(Exception):
     """
 
 
+class NotApplied(StoreUnavailable):
+    """
+    The store certainly did not make the change: the command was never sent
+    (no connection) or was answered with an error. Unlike a timeout or a
+    lost reply, nothing has to be taken back.
+    """
+
+
 class BodyStoreUnavailable(StoreUnavailable):
     """
     The body store could not confirm an operation (a directory not
@@ -530,6 +538,13 @@ class IQueueAdmin(Interface):
         How many jobs ``queues`` hold (``total``, by state in ``states``) and
         the oldest's arrival (``oldest``, ms; 0: none), without walking them:
         ``queue_summary`` added up.
+        """
+
+    def traffic(queues: Sequence[str]) -> Awaitable[dict[str, int]]:
+        """
+        How many jobs of ``queues`` (all queues when none are named) were
+        ``accepted`` and ``delivered`` (in full) since the counters began:
+        two counters that only grow, read without walking anything.
         """
 
     def message(queue_id: str, now: float) -> Awaitable[dict[str, Any] | None]:

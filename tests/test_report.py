@@ -139,6 +139,18 @@ class EventLogTests(QueueCase):
         assert len((await report.build(q, "one.test", T0 - 1, T0 + 1)).rows) < 100
 
 
+class WithdrawnTests(QueueCase):
+    @deferred_test
+    async def test_taken_back_message_is_not_in_the_report(self) -> None:
+        """When an enqueue is taken back (its sender got 451), the report does not count it as accepted."""
+        q = await self.make_queue()
+        await q.enqueue(message("GONE", "a@one.test"))
+        await q.enqueue(message("KEPT", "b@one.test"))
+        assert not await q._take_back("GONE", "the reply never came")
+        got = (await report.build(q, "one.test", T0 - 1, T0 + 1)).as_json()
+        assert [m["queue_id"] for m in got["messages"]] == ["KEPT"] and got["totals"]["accepted"] == 1
+
+
 class RetryLogTests(QueueCase):
     @deferred_test
     async def test_same_deferral_is_logged_once(self) -> None:

@@ -144,6 +144,9 @@ class Report:
         row = self.rows.get(qid)
         if row is None:
             return
+        if kind == "withdrawn":  # taken back after a 451: never accepted
+            del self.rows[qid]
+            return
         if kind == "dsn":
             row.dsn = e.get("dsn", "")
             return

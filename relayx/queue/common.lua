@@ -224,6 +224,10 @@ end
 -- case, no <>) and Subject, for search. Returns the number of jobs, or an
 -- error if the queue id is taken. Cost: O(jobs of the message) writes.
 local function enqueue_message(prefix, seq_key, domains_key, msg_key, qid, now, sender, body, pairs, mid, subject)
+  if redis.call('EXISTS', prefix .. ':aborted:' .. qid) == 1 then
+    -- abort.lua took this message back (its sender got 451) before it arrived
+    return redis.error_reply('ABORTED enqueue of ' .. qid .. ' was taken back')
+  end
   if redis.call('EXISTS', msg_key) == 1 then
     return redis.error_reply('DUPLICATE queue id ' .. qid)
   end
@@ -281,7 +285,7 @@ end
 -- <p>:events:<domain> (the delivery queue's base domain), one entry per change
 -- of a message's fate, written by the script that makes the change, in the same
 -- step: accepted (enqueue.lua), delivered / failed / deferred (settle.lua),
--- bounced / deleted (drop.lua), dsn (bounce.lua). Every entry has kind, queue,
+-- bounced / deleted (drop.lua), dsn (bounce.lua), withdrawn (abort.lua). Every entry has kind, queue,
 -- qid, jid and at (the node's now, ms); the rest by kind (JSON lists as text):
 --   accepted   sender, rcpts, mid, subject, size
 --   delivered  rcpts, mx, reply (the destination's reply to the message: its queue id)
@@ -289,6 +293,7 @@ end
 --   deferred   rcpts (still owed), why, mx
 --   bounced, deleted  rcpts (still owed)
 --   dsn        dsn (the DSN's queue id)
+--   withdrawn  (nothing: an enqueue taken back by abort.lua, its sender told 451)
 -- Entry IDs are the node's now in ms (or the stream's last ms, if later: IDs only
 -- grow), so a window is one XRANGE between its ms bounds. Bounded: each XADD
 -- trims (MINID ~) what is older than <p>:events:keep (ms), which settle.lua sets

@@ -10,7 +10,12 @@
 -- ARGV[5]  body, as stored
 -- ARGV[6]  the header's Message-ID (lower case, without <>; "" if none), for search
 -- ARGV[7]  the header's Subject ("" if none), for search
--- ARGV[8], ARGV[9], ...  pairs of destination domain and its recipients (JSON array)
+-- ARGV[8]  deadline (ms since the epoch, by Redis's clock; 0: none): an enqueue that runs
+--          later was given up by its node (which answered 451) and is refused
+-- ARGV[9], ARGV[10], ...  pairs of destination domain and its recipients (JSON array)
+--
+-- A queue id that abort.lua took back (<p>:aborted:<qid>) is refused, so an
+-- enqueue still in flight when its node gave up (and answered 451) never lands.
 --
 -- Invariant: every job hash <p>:job:<jid> is in exactly one of <p>:ready:<domain>,
 -- <p>:deferred, <p>:leased (and <p>:inflight:<domain>) or <p>:failed, and the
@@ -26,11 +31,18 @@
 -- domain's stream: O(1) keys); O(log n) writes; independent of the depth.
 -- Per-domain keys are built from the prefix: standalone or Sentinel Redis, not Redis Cluster.
 
+local deadline = tonumber(ARGV[8])
+if deadline > 0 then
+  local t = redis.call('TIME')
+  if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > deadline then
+    return redis.error_reply('LATE enqueue of ' .. ARGV[2] .. ' ran after its deadline; its node answered 451')
+  end
+end
 local pairs_ = {}
-for i = 8, #ARGV do pairs_[#pairs_ + 1] = ARGV[i] end
+for i = 9, #ARGV do pairs_[#pairs_ + 1] = ARGV[i] end
 local njobs = enqueue_message(ARGV[1], KEYS[1], KEYS[2], KEYS[3], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5],
   pairs_, ARGV[6], ARGV[7])
-if type(njobs) == 'table' then return njobs end  -- the queue id is taken
+if type(njobs) == 'table' then return njobs end  -- the queue id is taken or was taken back
 local size = tostring(body_size(ARGV[5]))
 for i = 1, #pairs_ / 2 do
   record_event(ARGV[1], pairs_[2 * i - 1], ARGV[2], ARGV[2] .. '.' .. i, tonumber(ARGV[3]), 'accepted',
