@@ -104,6 +104,12 @@ class EventLogTests(QueueCase):
         # a window of a few messages stops reading once they are all settled... or the log ends
         only = await report.build(q, "one.test", T0 + 5, T0 + 6, page=10)
         assert sorted(only.rows) == ["M05", "M06"]
+        # at most `limit` messages, and where to ask again from
+        first = (await report.build(q, "one.test", T0, T0 + 100, page=10, limit=20)).as_json()
+        assert len(first["messages"]) == 20 and first["next_from"] == T0 + 20
+        assert "ask again from" in first["note"] and "ask again from" in report.as_text(first)
+        rest = await report.build(q, "one.test", first["next_from"], T0 + 100, page=10, limit=20)
+        assert sorted(rest.rows) == [f"M{n}" for n in range(20, 25)]
 
     @deferred_test
     async def test_empty_window_is_a_clear_answer(self) -> None:

@@ -21,7 +21,8 @@ step as the change.
     POST   /api/v1/domains/<domain>/route       {"routes": ["smtp://host:port", ...] or null: configured}
     GET    /api/v1/domains/<domain>/report?from=&until=&format=json|csv|html
                                                 proof of delivery for the mail accepted in a window
-                                                (epoch seconds or ISO 8601; see relayx.ops.report)
+                                                (epoch seconds or ISO 8601; see relayx.ops.report;
+                                                at most 50,000 messages, then next_from)
     GET    /api/v1/messages?domain=&state=&older_than=&newer_than=&cursor=&limit=
                &sender=&recipient=&message_id=             exact (indexes)
                &sender_has=&recipient_has=&subject_has=    parts of them (examined job by job)

@@ -29,6 +29,10 @@ from relayx.interfaces import IQueueAdmin
 #: event log entries read per Redis call
 PAGE = 1000
 
+#: messages in one report at most (a node's memory); past them the answer is
+#: truncated and names the time to ask again from (``next_from``)
+MAX_MESSAGES = 50_000
+
 #: what a recipient's fate can be; the first two are "still queued"
 QUEUED, DEFERRED = "queued", "deferred"
 FINAL = ("delivered", "failed", "bounced", "deleted")
@@ -102,6 +106,9 @@ class Report:
     start: float
     end: float
     rows: dict[str, Row] = attrs.Factory(dict)
+    limit: int = MAX_MESSAGES
+    #: when the first message left out was accepted (epoch seconds), if any
+    next_from: float | None = None
     #: Redis calls made and entries read (bounded reads, for the tests)
     calls: int = 0
     entries: int = 0
@@ -122,6 +129,11 @@ class Report:
         }
         if not self.rows:
             answer["note"] = f"no message for {self.domain} was accepted from {_iso(self.start)} to {_iso(self.end)}"
+        if self.next_from is not None:
+            answer["next_from"] = self.next_from
+            answer["note"] = (
+                f"only the first {len(self.rows)} messages; ask again from {_iso(self.next_from)} for the rest"
+            )
         return answer
 
     def fold(self, entry_id: str, e: dict[str, str]) -> None:
@@ -135,6 +147,10 @@ class Report:
                 return
             row = self.rows.get(qid)
             if row is None:
+                if len(self.rows) >= self.limit:
+                    if self.next_from is None:
+                        self.next_from = at
+                    return
                 row = self.rows[qid] = Row(
                     qid, at, e.get("sender", ""), e.get("mid", ""), e.get("subject", ""), int(e.get("size") or 0)
                 )
@@ -175,12 +191,16 @@ class Report:
         return any(row.state == QUEUED for row in self.rows.values())
 
 
-async def build(queue: IQueueAdmin, domain: str, start: float, end: float, page: int = PAGE) -> Report:
+async def build(
+    queue: IQueueAdmin, domain: str, start: float, end: float, page: int = PAGE, limit: int = MAX_MESSAGES
+) -> Report:
     """
     The report of ``domain`` for messages accepted from ``start`` to ``end``
-    (epoch seconds, inclusive), read ``page`` entries at a time.
+    (epoch seconds, inclusive; the first ``limit`` of them), read ``page``
+    entries at a time. Past the window it reads on only while a message of
+    the window has no outcome yet (to the log's end if one is still queued).
     """
-    report = Report(domain, start, end)
+    report = Report(domain, start, end, limit=limit)
     end_ms = round(end * 1000)
     cursor = str(max(0, round(start * 1000)))
     while True:
@@ -272,6 +292,8 @@ def as_text(answer: dict[str, Any]) -> str:
     if not answer["messages"]:
         return head + str(answer.get("note", "nothing accepted in this window")) + "\n"
     out = [head, _totals_line(answer) + "\n"]
+    if "next_from" in answer:
+        out.append(answer["note"] + "\n")
     for line in lines(answer):
         qid, received, sender, rcpt, _mid, _subject, _size, state, at, mx, reply, dsn = line
         where = f" via {mx}" if mx else ""
@@ -291,6 +313,8 @@ def as_html(answer: dict[str, Any]) -> str:
         for line in lines(answer)
     )
     summary = _totals_line(answer) if answer["messages"] else answer.get("note", "nothing accepted in this window")
+    if "next_from" in answer:
+        summary += "; " + answer["note"]
     return (
         "<!doctype html>\n<html lang=en><head><meta charset=utf-8>"
         f"<title>{e(title)}</title>\n<style>"
