@@ -77,6 +77,15 @@ class EventLogTests(QueueCase):
         assert rows["M2"]["state"] == "queued" and rows["M2"]["recipients"][0]["reply"] == "451 4.3.0 try later"
         assert rows["M4"]["recipients"][0]["state"] == "bounced"
         assert rows["M5"]["recipients"][0]["state"] == "deleted"
+        # an operator's requeue makes a failed recipient owed again, then it is delivered
+        assert await q.requeue("M1", now, "ops") == 1
+        requeued = (await report.build(q, "one.test", T0, T0 + 60)).as_json()
+        assert requeued["totals"]["queued"] == 2 and requeued["messages"][1]["state"] == "queued"
+        leases = [x for x in await take(q, "n", now + 600, 10) if x.queue_id == "M1"]
+        assert leases, "M1 is ready again"
+        await q.settle(leases[0], Outcome(delivered=leases[0].recipients, destination=MX, accepted=_ok("M1")), now)
+        again = (await report.build(q, "one.test", T0, T0 + 60)).as_json()
+        assert again["messages"][1]["recipients"][0]["state"] == "delivered"
 
     @deferred_test
     async def test_dsn_queue_id_is_shown(self) -> None:

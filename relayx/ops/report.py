@@ -163,6 +163,11 @@ class Report:
         if kind == "withdrawn":  # taken back after a 451: never accepted
             del self.rows[qid]
             return
+        if kind == "requeued":  # failed recipients owed again (an operator's requeue)
+            for rcpt in _list(e.get("rcpts")):
+                fate = row.fates.setdefault((str(rcpt), queue), Fate(str(rcpt), queue))
+                fate.state, fate.at, fate.reply = QUEUED, at, "requeued by the operator"
+            return
         if kind == "dsn":
             row.dsn = e.get("dsn", "")
             return

@@ -285,7 +285,8 @@ end
 -- <p>:events:<domain> (the delivery queue's base domain), one entry per change
 -- of a message's fate, written by the script that makes the change, in the same
 -- step: accepted (enqueue.lua), delivered / failed / deferred (settle.lua),
--- bounced / deleted (drop.lua), dsn (bounce.lua), withdrawn (abort.lua). Every entry has kind, queue,
+-- bounced / deleted (drop.lua), dsn (bounce.lua), withdrawn (abort.lua),
+-- requeued (requeue.lua). Every entry has kind, queue,
 -- qid, jid and at (the node's now, ms); the rest by kind (JSON lists as text):
 --   accepted   sender, rcpts, mid, subject, size
 --   delivered  rcpts, mx, reply (the destination's reply to the message: its queue id)
@@ -294,6 +295,7 @@ end
 --   bounced, deleted  rcpts (still owed)
 --   dsn        dsn (the DSN's queue id)
 --   withdrawn  (nothing: an enqueue taken back by abort.lua, its sender told 451)
+--   requeued   rcpts (failed ones owed again, requeue.lua)
 -- Entry IDs are the node's now in ms (or the stream's last ms, if later: IDs only
 -- grow), so a window is one XRANGE between its ms bounds. Bounded: each XADD
 -- trims (MINID ~) what is older than <p>:events:keep (ms), which settle.lua sets

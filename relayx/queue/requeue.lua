@@ -15,9 +15,12 @@
 --
 -- Invariant: as in enqueue.lua; recipients already accepted by the destination
 -- are never owed again, only those deferred or failed. Jobs move through
--- move() (common.lua), which keeps the counters.
+-- move() (common.lua), which keeps the counters. Failed recipients owed again
+-- are "requeued" in the domain's event log (record_event, common.lua; at
+-- Redis's clock, as this script is given no time).
 --
--- Cost bound: O(1) keys per job of the one message (its domains and copies).
+-- Cost bound: O(1) keys per job of the one message (its domains and copies),
+-- and one event log entry per failed job.
 
 local prefix, qid = ARGV[1], ARGV[2]
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -31,6 +34,9 @@ for _, jid in ipairs(message_jobs(prefix, qid)) do
     for _, entry in ipairs(cjson.decode(failed)) do again[#again + 1] = entry[1] end
     redis.call('HSET', job, 'owed', cjson.encode(again), 'failed', '[]')
     redis.call('HDEL', job, 'finished')
+    local t = redis.call('TIME')
+    record_event(prefix, domain, qid, jid, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), 'requeued',
+      {'rcpts', cjson.encode(again)})
   end
   if from == 'failed' or from == 'deferred' then
     redis.call('HSET', job, 'attempts', 0)
