@@ -18,7 +18,7 @@ from twisted.logger import Logger
 
 from relayx.address import AddressError, Mailbox
 from relayx.delivery.dsn import FailedRecipient, build_dsn
-from relayx.interfaces import FailedJob, IFailedJobs, IncomingMessage, StoreUnavailable
+from relayx.interfaces import FailedJob, IFailedJobs, IncomingMessage, Notify, Ret, StoreUnavailable
 from relayx.loops import steady_loop
 
 log = Logger()
@@ -79,7 +79,7 @@ class Bouncer:
                 "{queue_id}: {count} recipient(s) failed, {what}",
                 queue_id=job.queue_id,
                 count=len(job.failures),
-                what=f"DSN {dsn.queue_id} to <{job.sender}>" if dsn is not None else "no DSN (null sender)",
+                what=f"DSN {dsn.queue_id} to <{job.sender}>" if dsn is not None else "no DSN (null sender, or NOTIFY)",
             )
 
     async def _warn(self, job: FailedJob) -> None:
@@ -106,6 +106,15 @@ class Bouncer:
                 why=str(e),
             )
             return None
+        # RFC 3461 4.1: only the recipients whose NOTIFY asks for this kind
+        wanted = Notify.DELAY if delayed else Notify.FAILURE
+        failures = [
+            FailedRecipient(*f, orcpt=job.dsn.recipient(f[0]).orcpt)
+            for f in job.failures
+            if job.dsn.recipient(f[0]).wants(wanted)
+        ]
+        if not failures:
+            return None
         queue_id = self.new_queue_id()
         body = build_dsn(
             reporting_mta=self.hostname,
@@ -114,8 +123,10 @@ class Bouncer:
             sender=job.sender,
             arrival=job.arrival,
             now=now,
-            failures=[FailedRecipient(*f) for f in job.failures],
+            failures=failures,
             original=job.headers,
             delayed=delayed,
+            envid=job.dsn.envid,
+            full=job.full if not delayed and job.dsn.ret is Ret.FULL else None,
         )
         return IncomingMessage(queue_id=queue_id, sender="", recipients=(recipient,), received_at=now, body=body)

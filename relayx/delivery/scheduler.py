@@ -240,7 +240,9 @@ class Scheduler:
         started = self.clock.seconds()
         try:
             stored = await self.queue.load(lease)
-            outcome = await self.deliverer.deliver(lease.domain, stored.sender, lease.recipients, stored.body)
+            outcome = await self.deliverer.deliver(
+                lease.domain, stored.sender, lease.recipients, stored.body, dsn=stored.dsn
+            )
         except StoreUnavailable as e:
             keeper.stop()
             log.warn("job {job} not attempted: {why}", job=lease.job_id, why=str(e), queue_id=lease.queue_id)

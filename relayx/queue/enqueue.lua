@@ -10,7 +10,8 @@
 -- ARGV[5]  body, as stored
 -- ARGV[6]  the header's Message-ID (lower case, without <>; "" if none), for search
 -- ARGV[7]  the header's Subject ("" if none), for search
--- ARGV[8], ARGV[9], ...  pairs of destination domain and its recipients (JSON array)
+-- ARGV[8]  the envelope's DSN parameters (JSON: ret, envid, rcpts), "" when none were given
+-- ARGV[9], ARGV[10], ...  pairs of destination domain and its recipients (JSON array)
 --
 -- Invariant: every job hash <p>:job:<jid> is in exactly one of <p>:ready:<domain>,
 -- <p>:deferred, <p>:leased (and <p>:inflight:<domain>) or <p>:failed, and the
@@ -25,6 +26,8 @@
 -- Per-domain keys are built from the prefix: standalone or Sentinel Redis, not Redis Cluster.
 
 local pairs_ = {}
-for i = 8, #ARGV do pairs_[#pairs_ + 1] = ARGV[i] end
-return enqueue_message(ARGV[1], KEYS[1], KEYS[2], KEYS[3], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], pairs_,
+for i = 9, #ARGV do pairs_[#pairs_ + 1] = ARGV[i] end
+local njobs = enqueue_message(ARGV[1], KEYS[1], KEYS[2], KEYS[3], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], pairs_,
   ARGV[6], ARGV[7])
+if ARGV[8] ~= '' and type(njobs) == 'number' then redis.call('HSET', KEYS[3], 'dsn', ARGV[8]) end
+return njobs
