@@ -24,6 +24,14 @@ class StoreUnavailable(Exception):
     """
 
 
+class NotApplied(StoreUnavailable):
+    """
+    The store certainly did not make the change: the command was never sent
+    (no connection) or was answered with an error. Unlike a timeout or a
+    lost reply, nothing has to be taken back.
+    """
+
+
 class BodyStoreUnavailable(StoreUnavailable):
     """
     The body store could not confirm an operation (a directory not

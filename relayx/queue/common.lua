@@ -224,6 +224,10 @@ end
 -- case, no <>) and Subject, for search. Returns the number of jobs, or an
 -- error if the queue id is taken. Cost: O(jobs of the message) writes.
 local function enqueue_message(prefix, seq_key, domains_key, msg_key, qid, now, sender, body, pairs, mid, subject)
+  if redis.call('EXISTS', prefix .. ':aborted:' .. qid) == 1 then
+    -- abort.lua took this message back (its sender got 451) before it arrived
+    return redis.error_reply('ABORTED enqueue of ' .. qid .. ' was taken back')
+  end
   if redis.call('EXISTS', msg_key) == 1 then
     return redis.error_reply('DUPLICATE queue id ' .. qid)
   end

@@ -13,6 +13,9 @@
 -- ARGV[8]  the envelope's DSN parameters (JSON: ret, envid, rcpts), "" when none were given
 -- ARGV[9], ARGV[10], ...  pairs of destination domain and its recipients (JSON array)
 --
+-- A queue id that abort.lua took back (<p>:aborted:<qid>) is refused, so an
+-- enqueue still in flight when its node gave up (and answered 451) never lands.
+--
 -- Invariant: every job hash <p>:job:<jid> is in exactly one of <p>:ready:<domain>,
 -- <p>:deferred, <p>:leased (and <p>:inflight:<domain>) or <p>:failed, and the
 -- message's "jobs" field counts the job hashes that still exist. A job records

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -38,6 +39,7 @@ from relayx.interfaces import (
     Lease,
     MessageDsn,
     NodeStatus,
+    NotApplied,
     Notify,
     Outcome,
     QueueCounts,
@@ -71,6 +73,10 @@ PAGE_BUDGET = 300
 CLOCK_SKEW = 5.0
 #: bulk actions kept for operators to read (running ones are always kept)
 BULK_KEPT = 100
+#: how long a node keeps trying to take back an enqueue it could not confirm (seconds)
+TAKE_BACK_FOR = 15.0
+#: how long a taken-back queue id stays refused (an enqueue stuck in a stalled Redis)
+TOMBSTONE_KEPT = 3600.0
 #: body references remembered from load to settle (a bound in case leases are lost)
 REFS_KEPT = 10000
 
@@ -207,6 +213,7 @@ class RedisQueue:
     """
 
     _ENQUEUE = load_script("relayx.queue", "enqueue.lua", prelude=True)
+    _ABORT = load_script("relayx.queue", "abort.lua", prelude=True)
     _CLAIM = load_script("relayx.queue", "claim.lua", prelude=True)
     _RENEW = load_script("relayx.queue", "renew.lua")
     _SETTLE = load_script("relayx.queue", "settle.lua", prelude=True)
@@ -306,7 +313,49 @@ class RedisQueue:
             for n in range(1, self.copies.get(domain, 0) + 1):
                 args += [f"{domain}#{n}", owed]
         keys = [self.key("seq"), self.key("domains"), self.key("msg", message.queue_id)]
-        await self._write(self._ENQUEUE, keys, args, f"message {message.queue_id}", strict=True)
+        try:
+            await self._write(self._ENQUEUE, keys, args, f"message {message.queue_id}", strict=True)
+        except NotApplied:
+            raise
+        except StoreUnavailable as e:
+            # the write may have happened: take it back before the client hears 451
+            if not await self._take_back(message.queue_id, str(e)):
+                raise
+            log.warn(
+                "message {queue_id} confirmed after all ({why}): a delivery had begun",
+                queue_id=message.queue_id,
+                why=str(e),
+            )
+
+    async def _take_back(self, queue_id: str, why: str) -> bool:
+        """
+        Undo an enqueue whose outcome is unknown (abort.lua), retrying for up
+        to ``TAKE_BACK_FOR`` seconds while Redis does not answer. ``True``:
+        the message is already being delivered, so it stays and its sender
+        gets 250. ``False``: no copy remains, and a late arrival of the
+        enqueue is refused, so the 451 is true.
+        """
+        keys = [self.key("msg", queue_id), self.key("aborted", queue_id)]
+        args = [self.prefix, queue_id, _ms(TOMBSTONE_KEPT)]
+        clock = self.redis.clock
+        deadline = clock.seconds() + TAKE_BACK_FOR
+        while True:
+            try:
+                answer = _text(await self._write(self._ABORT, keys, args, f"abort of {queue_id}", strict=False))
+            except StoreUnavailable as e:
+                if clock.seconds() >= deadline:
+                    log.error(
+                        "message {queue_id} could not be taken back ({why}; first: {first}): it may be "
+                        "delivered although its sender got 451",
+                        queue_id=queue_id,
+                        why=str(e),
+                        first=why,
+                        code=451,
+                    )
+                    return False
+                await deferLater(clock, 0.5, lambda: None)
+                continue
+            return answer == "taken"
 
     async def _write(self, script: Script, keys: list[str], args: list[Any], what: str, strict: bool) -> Any:
         """

@@ -37,7 +37,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relayx.config import RedisConfig
-from relayx.interfaces import StaleLease, StoreUnavailable
+from relayx.interfaces import NotApplied, StaleLease, StoreUnavailable
 from relayx.redis.embedded import EmbeddedAddress
 from relayx.redis.scripts import Script
 
@@ -87,7 +87,7 @@ def eviction_problem(policy: str, where: str) -> str | None:
     )
 
 
-class RedisRefused(StoreUnavailable):
+class RedisRefused(NotApplied):
     """
     Redis refuses this node for a reason that waiting does not cure (wrong
     credentials, missing rights, an eviction policy); ``str()`` is one line.
@@ -404,7 +404,7 @@ class RedisConnection:
         from txredisapi import ResponseError
 
         if not self.connected:
-            raise StoreUnavailable(f"not connected to Redis at {self.where}")
+            raise NotApplied(f"not connected to Redis at {self.where}")
         started = self._clock.seconds()
         d: Deferred[Any] = getattr(self._pool, method)(*args, **kwargs)
         # a little later than txredisapi's reply timeout, which fires first
@@ -419,7 +419,7 @@ class RedisConnection:
                 raise StaleLease(text) from None
             if is_refusal(text):
                 raise RedisRefused(f"Redis at {self.where} refused {method}: {text}") from None
-            raise StoreUnavailable(f"Redis at {self.where} refused {method}: {text}") from None
+            raise NotApplied(f"Redis at {self.where} refused {method}: {text}") from None
         except Exception as e:
             raise StoreUnavailable(f"Redis at {self.where}: {type(e).__name__}: {e}") from None
 
@@ -437,7 +437,7 @@ class RedisConnection:
         if self._link.refused is not None:
             raise RedisRefused(self._link.refused)
         if not self.connected:
-            raise StoreUnavailable(f"not connected to Redis at {self.where}")
+            raise NotApplied(f"not connected to Redis at {self.where}")
         try:
             taken: Deferred[Any] = self._pool.pipeline()
             taken.addTimeout(self._timeout, self._clock)
@@ -451,6 +451,8 @@ class RedisConnection:
             error = e.subFailure.value
             if isinstance(error, ResponseError) and str(error).startswith("STALE"):
                 raise StaleLease(str(error)) from None
+            if isinstance(error, ResponseError):
+                raise NotApplied(f"Redis at {self.where}: {error}") from None
             raise StoreUnavailable(f"Redis at {self.where}: {error}") from None
         except Exception as e:
             raise StoreUnavailable(f"Redis at {self.where}: {type(e).__name__}: {e}") from None
@@ -459,6 +461,13 @@ class RedisConnection:
     def _observed(self, result: Any, started: float) -> Any:
         self.observe(self._clock.seconds() - started)
         return result
+
+    @property
+    def clock(self) -> IReactorTime:
+        """
+        The clock the connection times its calls with.
+        """
+        return self._clock
 
     async def wait_connected(self, timeout: float) -> bool:
         """

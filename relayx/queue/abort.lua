@@ -1,0 +1,35 @@
+-- abort.lua: take back a message whose enqueue was not confirmed (no reply in
+-- time, a lost connection, fewer replicas than durability asks), so that the
+-- 451 its sender gets leaves no copy that could be delivered later.
+--
+-- KEYS[1]  <p>:msg:<qid>
+-- KEYS[2]  <p>:aborted:<qid>   tombstone: an enqueue of <qid> arriving after this one
+--                              (still in flight when the node gave up) is refused
+-- ARGV[1]  key prefix <p>
+-- ARGV[2]  queue id
+-- ARGV[3]  how long the tombstone lasts (ms)
+-- Returns "aborted" (no copy remains and none can arrive later), or "taken": a
+-- job of the message was already leased or finished, so it is being or has been
+-- delivered and its sender must get 250 (a 451 would have it sent twice).
+--
+-- Invariant: as in enqueue.lua; jobs leave through retire_job (common.lua),
+-- which keeps the counters and indexes. A message is either wholly queued or
+-- wholly gone.
+-- Cost bound: O(1) keys per job of the one message (its domains and copies).
+
+local prefix, qid = ARGV[1], ARGV[2]
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('SET', KEYS[2], 1, 'PX', ARGV[3])
+  return 'aborted'
+end
+local jobs = message_jobs(prefix, qid)
+if #jobs < tonumber(redis.call('HGET', KEYS[1], 'njobs') or '0') then return 'taken' end
+for _, jid in ipairs(jobs) do
+  if tonumber(redis.call('HGET', prefix .. ':job:' .. jid, 'attempts') or '0') > 0 then return 'taken' end
+end
+for _, jid in ipairs(jobs) do
+  local domain = redis.call('HGET', prefix .. ':job:' .. jid, 'domain')
+  retire_job(prefix, jid, domain, location(prefix, jid, domain))
+end
+redis.call('SET', KEYS[2], 1, 'PX', ARGV[3])
+return 'aborted'
