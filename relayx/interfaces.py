@@ -218,6 +218,9 @@ class Outcome:
     #: message when it took it: the proof of delivery, with its queue id
     destination: str = ""
     accepted: Reply | None = None
+    #: delivered recipients that asked NOTIFY=SUCCESS, taken by a host that does
+    #: not offer DSN: they are owed a "relayed" DSN (RFC 3461 6.2.2)
+    relayed: tuple[str, ...] = ()
 
 
 @attrs.frozen

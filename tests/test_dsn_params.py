@@ -20,9 +20,12 @@ from twisted.internet.threads import deferToThread
 
 from relayx.address import AddressError, xtext_decode, xtext_encode
 from relayx.delivery.bounce import Bouncer
-from relayx.interfaces import FailedJob, MessageDsn, Notify, Outcome, RecipientDsn, Ret, Throttle
+from relayx.interfaces import FailedJob, Lease, MessageDsn, Notify, Outcome, RecipientDsn, Ret, StoredMessage, Throttle
 from relayx.queue.redis import dsn_from_json, dsn_to_json
+from relayx.redis.embedded import free_port
 from relayx.reply import Reply
+from tests.dns import LoopbackDNS, a, mx
+from tests.fakes import MemoryStore
 from tests.helpers import LoopbackSink, NodeCase, wait_for
 from tests.test_conformance import Harness
 from tests.test_delivery import Scripted
@@ -302,3 +305,86 @@ class PassThroughEndToEnd(NodeCase):
         [received] = primary.messages
         assert "RET=HDRS" in received.mail_params and "ENVID=id+2B7" in received.mail_params
         assert received.rcpt_params == {"a@example.com": "NOTIFY=SUCCESS,DELAY ORCPT=rfc822;a@example.com"}
+
+
+# -- relayed DSNs (RFC 3461 6.2.2) -------------------------------------------------
+
+
+def _outcome(ehlo: bytes, asked: MessageDsn) -> Outcome:
+    s = Scripted({"a": b"220 dest.test\r\n" + ehlo + ACCEPT})
+    d = Deferred.fromCoroutine(
+        s.deliverer(["a"]).deliver("example.com", "bob@sender.test", ("a@example.com",), b"S: x\r\n\r\nb\r\n", asked)
+    )
+    outcomes: list[Outcome] = []
+    d.addCallback(outcomes.append)
+    assert outcomes
+    return outcomes[0]
+
+
+def test_success_asked_of_a_primary_without_dsn_is_relayed() -> None:
+    """When NOTIFY=SUCCESS meets a primary without DSN, the outcome owes a relayed DSN; with DSN, the primary does."""
+    assert _outcome(EHLO_NO_DSN, PASSED).relayed == ("a@example.com",)
+    assert _outcome(EHLO_DSN, PASSED).relayed == ()
+    failure_only = MessageDsn(recipients=(("a@example.com", RecipientDsn(frozenset({Notify.FAILURE}))),))
+    assert _outcome(EHLO_NO_DSN, failure_only).relayed == ()
+    assert _outcome(EHLO_NO_DSN, MessageDsn()).relayed == ()
+
+
+def test_relayed_dsn_is_queued_for_the_sender() -> None:
+    """When a delivery owes a relayed DSN, the bouncer queues one: Action relayed, Status 2.0.0, no failure to flufl."""
+    store = MemoryStore()
+    bouncer = _bouncer()
+    bouncer.store = store
+    lease = Lease("Q.1", 1, T0 + 60, "Q", "example.com", ("a@example.com",), 0, T0)
+    stored = StoredMessage(sender="bob@sender.test", body=b"Subject: hi\r\n\r\nsecret\r\n", dsn=PASSED)
+    outcome = Outcome(
+        delivered=("a@example.com",),
+        destination="a [a]:25",
+        accepted=Reply(250, "2.0.0", "queued as X"),
+        relayed=("a@example.com",),
+    )
+    Deferred.fromCoroutine(bouncer.relayed(lease, stored, outcome))
+    [dsn] = store.messages
+    assert dsn.sender == "" and [str(r) for r in dsn.recipients] == ["bob@sender.test"]
+    parsed = email.message_from_bytes(dsn.body)
+    per_message, block = parts(parts(parsed)[1])
+    assert (block["Action"], block["Status"]) == ("relayed", "2.0.0")
+    assert block["Original-Recipient"] == "rfc822; o=1@x.test" and per_message["Original-Envelope-Id"] == "e+1"
+    assert all_failures(parsed) == (frozenset(), frozenset())
+    assert b"secret" not in dsn.body
+
+
+class RelayedEndToEnd(NodeCase):
+    @deferred_test
+    async def test_notify_success_to_a_primary_without_dsn_sends_a_relayed_dsn(self) -> None:
+        """When NOTIFY=SUCCESS meets a primary without DSN, the sender's MX gets a relayed DSN after the 250."""
+        primary = LoopbackSink()
+        primary.start()
+        mx_port = free_port()
+        senders_mx = LoopbackSink(mx_port, interface="127.0.0.2")
+        senders_mx.start()
+        self.addCleanup(lambda: Deferred.fromCoroutine(senders_mx.stop()))
+        dns = LoopbackDNS(
+            {"sender.test": {"sender.test": [mx(10, "mx.sender.test")], "mx.sender.test": [a("127.0.0.2")]}}
+        )
+        self.addCleanup(lambda: Deferred.fromCoroutine(dns.stop()))
+        await self.start_node(primary, delivery={"nameservers": [dns.address], "mx_port": mx_port})
+
+        def run() -> Any:
+            with smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=30) as client:
+                return client.sendmail(
+                    "bob@sender.test",
+                    ["a@example.com"],
+                    b"Subject: relayed\r\n\r\nbody\r\n",
+                    mail_options=["ENVID=e7"],
+                    rcpt_options=["NOTIFY=SUCCESS"],
+                )
+
+        assert await deferToThread(run) == {}
+        await wait_for(lambda: len(senders_mx.messages) == 1, 30, "the relayed DSN at the sender's MX")
+        assert len(primary.messages) == 1 and primary.messages[0].rcpt_params == {"a@example.com": ""}
+        dsn = senders_mx.messages[0]
+        assert dsn.sender == "" and dsn.recipients == ["bob@sender.test"]
+        per_message, block = parts(parts(email.message_from_bytes(dsn.body))[1])
+        assert per_message["Original-Envelope-Id"] == "e7"
+        assert (block["Final-Recipient"], block["Action"]) == ("rfc822; a@example.com", "relayed")

@@ -92,6 +92,7 @@ def build_dsn(
     failures: list[FailedRecipient],
     original: bytes,
     delayed: bool = False,
+    relayed: bool = False,
     envid: str | None = None,
     full: bytes | None = None,
 ) -> bytes:
@@ -103,6 +104,9 @@ def build_dsn(
     received with SMTPUTF8), the report is ``message/global-delivery-status``
     with ``message/global-headers`` (RFC 6533), as Postfix sends them.
 
+    With ``relayed``, a success notice (RFC 3461 6.2.2): the recipients were
+    handed to a host that will not report their delivery.
+
     RFC 3461: ``envid`` (the sender's ENVID) becomes Original-Envelope-Id,
     a recipient's ORCPT its Original-Recipient; with ``full`` (RET=FULL) the
     whole message is returned as ``message/rfc822`` instead of its headers.
@@ -113,7 +117,13 @@ def build_dsn(
     )
     boundary = f"{message_id}/{reporting_mta}"
     lines = ["This is the mail system at host " + reporting_mta + ".", ""]
-    if delayed:
+    if relayed:
+        lines += [
+            "Your message was relayed to the following recipients' mail system, which",
+            "does not send delivery notifications; you may get no further notice.",
+            "",
+        ]
+    elif delayed:
         lines += [
             "Your message could not be delivered yet to one or more recipients.",
             "The mail system is still trying; you do not need to send it again.",
@@ -149,7 +159,7 @@ def build_dsn(
         block = [f"Original-Recipient: {_original(f.orcpt)}"] if f.orcpt is not None else []
         block += [
             f"Final-Recipient: {_address_type(f.recipient)}",
-            f"Action: {'delayed' if delayed else 'failed'}",
+            f"Action: {'relayed' if relayed else 'delayed' if delayed else 'failed'}",
             f"Status: {status}",
         ]
         if f.code:
@@ -161,6 +171,9 @@ def build_dsn(
     status_part = "\r\n".join(per_message) + "\r\n\r\n" + "\r\n\r\n".join(per_recipient) + "\r\n"
 
     status_type = "message/global-delivery-status" if utf8 else "message/delivery-status"
+    returned_description = ("Relayed" if relayed else "Undelivered") + (
+        " Message" if full is not None else " Message Headers"
+    )
     if full is None:
         headers_type = "message/global-headers" if utf8 else "text/rfc822-headers"
     else:
@@ -168,7 +181,14 @@ def build_dsn(
     head = [
         f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
         f"To: <{sender}>",
-        "Subject: " + ("Delayed Mail (still being retried)" if delayed else "Undelivered Mail Returned to Sender"),
+        "Subject: "
+        + (
+            "Successful Mail Delivery Report"
+            if relayed
+            else "Delayed Mail (still being retried)"
+            if delayed
+            else "Undelivered Mail Returned to Sender"
+        ),
         f"Date: {_date(now)}",
         f"Message-ID: <{message_id}@{reporting_mta}>",
         "Auto-Submitted: auto-replied",
@@ -185,7 +205,7 @@ def build_dsn(
         f"\r\n--{boundary}\r\nContent-Description: {'Delayed' if delayed else 'Delivery'} report\r\n"
         f"Content-Type: {status_type}\r\n\r\n".encode(),
         status_part.encode("utf-8"),
-        f"\r\n--{boundary}\r\nContent-Description: Undelivered Message{'' if full is not None else ' Headers'}\r\n"
+        f"\r\n--{boundary}\r\nContent-Description: {returned_description}\r\n"
         f"Content-Type: {headers_type}\r\n"
         f"{'Content-Transfer-Encoding: 8bit' + chr(13) + chr(10) if not headers.isascii() else ''}\r\n".encode(),
         headers,

@@ -390,6 +390,9 @@ class SMTPDeliverer:
                 deferred=tuple(deferred),
                 destination=where,
                 accepted=final,
+                relayed=()
+                if passes or dsn.empty
+                else tuple(r for r in accepted if dsn.recipient(r).wants(Notify.SUCCESS)),
             )
         return attrs.evolve(_merge(_all(tuple(accepted), final), failed, deferred), destination=where)
 
