@@ -426,6 +426,8 @@ class AdminConfig:
     listen: tuple[str, ...] = ()
     #: bearer tokens of the admin API by the name audited for changes made with them
     tokens: tuple[tuple[str, str], ...] = attrs.field(default=(), repr=False)
+    #: how long the queue's history (the panel's charts, a sample a minute) is kept; 0: none
+    history: float = 7 * 86400.0
     #: whether /metrics, like the API, needs one of the tokens
     metrics_token_required: bool = False
 
@@ -976,6 +978,13 @@ def _duration_or_zero(value: object) -> float:
     return 0.0 if value in ("0", "0s") else parse_duration(value)
 
 
+def _history(value: object) -> float:
+    seconds = _duration_or_zero(value)
+    if seconds and not 3600 <= seconds <= 90 * 86400:
+        raise ValueError(f"0 (no history) or a duration from '1h' to '90d', got {value!r}")
+    return seconds
+
+
 def _throttle(section: _Section, default: Throttle) -> Throttle:
     return Throttle(
         concurrency=section.get("concurrency", default.concurrency, _positive_int),
@@ -1117,6 +1126,7 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
     admin_config = AdminConfig(
         listen=admin.get("listen", (), _listen_or_none),
         tokens=admin.get("tokens", (), _tokens),
+        history=admin.get("history", 7 * 86400.0, _history),
         metrics_token_required=admin.get("metrics_token_required", False, _boolean),
     )
     if admin_config.metrics_token_required and not admin_config.tokens:

@@ -617,6 +617,13 @@ class IQueueAdmin(Interface):
         ``queue_summary`` added up.
         """
 
+    def traffic(queues: Sequence[str]) -> Awaitable[dict[str, int]]:
+        """
+        How many jobs of ``queues`` (all queues when none are named) were
+        ``accepted`` and ``delivered`` (in full) since the counters began:
+        two counters that only grow, read without walking anything.
+        """
+
     def message(queue_id: str, now: float) -> Awaitable[dict[str, Any] | None]:
         """
         One message: envelope, header section, and its jobs with their

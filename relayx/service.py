@@ -51,6 +51,8 @@ from relayx.loops import steady_loop
 from relayx.metrics import Metrics
 from relayx.ops.api import AdminAPI, Cluster
 from relayx.ops.bulk import BulkRunner
+from relayx.ops.history import INTERVAL as HISTORY_INTERVAL
+from relayx.ops.history import History
 from relayx.ops.http import admin_http, admin_site
 from relayx.ops.panel import Panel
 from relayx.queue.quota import QuotaLimits, Quotas, Usage, memory
@@ -66,6 +68,8 @@ from relayx.workers import WorkerSupervisor, worker_command
 
 log = Logger()
 
+#: seconds between two additions of a process's counts of jobs accepted and delivered to Redis
+TRAFFIC_FLUSH = 1.0
 #: heartbeats a node may miss before it is no longer listed as live
 NODE_SILENCE = 3
 
@@ -383,6 +387,8 @@ class RelayNode(Service):
         self.quotas = build_quotas(config)
         self.quota_loop: LoopingCall | None = None
         self.bulk: BulkRunner | None = None
+        self.history: History | None = None
+        self.traffic: LoopingCall | None = None
         self.bodies: WatchedBodyStore | None = None
         self.body_threads: ThreadPool | None = None
         self.sweep: OrphanSweep | None = None
@@ -416,6 +422,10 @@ class RelayNode(Service):
         await self._open_bodies()
         self.redis = await self._connect_redis()
         self.queue = RedisQueue.configured(self.redis, config, self.bodies)
+        # the counts of jobs accepted and delivered (the history's rates) reach Redis once a second
+        queue = self.queue
+        self.traffic = LoopingCall(lambda: Deferred.fromCoroutine(queue.flush_traffic()))
+        self.traffic.clock = reactor
         if self.role is NodeRole.SMTP_WORKER:
             # takes mail, nothing more: delivery, the admin listener, the
             # heartbeat and the orphan sweep are the first process's
@@ -426,6 +436,7 @@ class RelayNode(Service):
             )
             self.quota_loop = steady_loop("quota", self._read_usage, reactor, QUOTA_READ_EVERY, now=True)
             await self._listen_smtp()
+            self.traffic.start(TRAFFIC_FLUSH, now=False)
             log.info("relayx node {node}: SMTP worker ready", node=config.node.id)
             return
         if self.redis.connected:
@@ -447,6 +458,17 @@ class RelayNode(Service):
             config, reactor, self.queue, self.deliverer, self.metrics
         )
         self.bulk = BulkRunner(self.queue, config.node.id, reactor)
+        if config.admin.history:
+            # the charts' samples, one a minute, taken by one node of the cluster
+            self.history = History(
+                self.queue,
+                self.redis,
+                self.queue.prefix,
+                {d.name: d.queues() for d in config.domains},
+                config.node.id,
+                reactor,
+                kept=int(config.admin.history // HISTORY_INTERVAL),
+            )
         await self._listen_smtp()
         await self._listen_admin()
         self._start_workers()
@@ -455,6 +477,9 @@ class RelayNode(Service):
         self.prober.start()
         self.bouncer.start()
         self.bulk.start()
+        self.traffic.start(TRAFFIC_FLUSH, now=False)
+        if self.history is not None:
+            self.history.start()
         if self.bodies is not None:
             b = config.bodies
             self.sweep = OrphanSweep(
@@ -586,6 +611,7 @@ class RelayNode(Service):
                     domains=config.domains,
                     tokens=config.admin.tokens,
                     clock=self.reactor,
+                    history=self.history,
                     cluster=Cluster(
                         node_id=config.node.id,
                         durability=config.redis.durability,
@@ -755,6 +781,8 @@ class RelayNode(Service):
             self.heartbeat.stop()
         if self.bulk is not None:
             self.bulk.stop()
+        if self.history is not None:
+            self.history.stop()
         if self.prober is not None:
             self.prober.stop()
         if self.bouncer is not None:
@@ -767,6 +795,10 @@ class RelayNode(Service):
             self.deliverer.close_idle()
         if self.body_threads is not None:
             self.body_threads.stop()
+        if self.traffic is not None and self.traffic.running:
+            self.traffic.stop()
+        if self.queue is not None and self.redis is not None and self.redis.connected:
+            await self.queue.flush_traffic()
         if self.redis is not None:
             await self.redis.disconnect()
         if self.embedded is not None:

@@ -133,6 +133,9 @@ class APITests(NodeCase):
             ("GET", "messages/NOSUCHID", None, 404, "no message NOSUCHID in the queue"),
             ("DELETE", "messages/NOSUCHID", None, 404, "no message NOSUCHID"),
             ("POST", "domains/example.com/explode", {}, 404, "no action 'explode'"),
+            ("GET", "domains/example.com/history?since=yesterday", None, 400, "since: expected seconds since"),
+            ("GET", "history?limit=0", None, 400, "limit: expected a whole number from 1 to 10080"),
+            ("GET", "domains/nowhere.test/history", None, 404, "nowhere.test is not a domain"),
         ]
         for method, path, body, status, reason in cases:
             code, answer = await self.api(port, method, path, body)
@@ -180,6 +183,42 @@ class APITests(NodeCase):
         assert code == 200 and nothing["id"] is None and nothing["matched"] == 0
         assert "nothing in the queue matches" in nothing["message"]
         assert [b["id"] for b in (await self.api(port, "GET", "bulk"))[1]["bulk"]] == [started["id"]]
+
+    @deferred_test
+    async def test_history_of_a_domain_and_the_cluster(self) -> None:
+        """When the history has samples, a domain's history gives its counts, rates and drain, and the cluster's the
+        sums; the samples are read from `since` (a time or a duration back) on."""
+        sink = LoopbackSink()
+        sink.start()
+        port = free_port()
+        node = await self.start_node(
+            sink, admin_listen=[f"tcp:{port}:interface=127.0.0.1"], admin_tokens={"ops": TOKEN}
+        )
+        assert node.history is not None
+        assert (await self.api(port, "POST", "domains/example.com/hold", {}))[0] == 200
+        for n in range(2):
+            assert (
+                await send(self.smtp_port, "bob@sender.test", [f"u{n}@example.com"], b"Subject: s\r\n\r\nx\r\n") == {}
+            )
+        now = node.reactor.seconds()
+        assert await node.history.sample(now - 60)
+        code, answer = await self.api(port, "GET", "domains/example.com/history?since=1h")
+        assert code == 200 and answer["interval"] == 60 and answer["next_since"] is None
+        [sample] = answer["samples"]
+        assert (sample["held"], sample["total"], sample["hold"], sample["accepted"]) == (2, 2, 1, 2)
+        assert (
+            answer["replay"]["held"] is True and answer["replay"]["remaining"] == 2 and answer["replay"]["eta"] is None
+        )
+        assert (await self.api(port, "POST", "domains/example.com/release", {}))[0] == 200
+        await wait_for(lambda: len(sink.messages) == 2, 20, "delivery after release")
+        assert await node.history.sample(now)
+        answer = (await self.api(port, "GET", f"domains/example.com/history?since={int(now - 3600)}"))[1]
+        assert [s["delivered_per_minute"] for s in answer["samples"]] == [None, 2.0]
+        assert answer["replay"]["remaining"] == 0 and answer["replay"]["delivered_per_minute"] == 2.0
+        cluster = (await self.api(port, "GET", "history?limit=1"))[1]
+        assert cluster["domain"] is None and cluster["next_since"] is not None
+        assert [(s["accepted"], s["delivered"]) for s in cluster["samples"]] == [(2, 0)]
+
 
 def _admin_channel(
     metrics_tokens: list[tuple[str, str]] | None = None,

@@ -18,22 +18,24 @@ import subprocess
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from twisted.internet import reactor
+from twisted.internet.interfaces import IReactorTime
 
 from relayx.address import Mailbox
 from relayx.interfaces import (
     FailedJob,
     IncomingMessage,
     Lease,
+    NotApplied,
     Outcome,
     QueueCounts,
     StaleLease,
-    StoreUnavailable,
     Throttle,
 )
 from relayx.queue.redis import RedisQueue
@@ -73,6 +75,9 @@ class SyncRedis:
 
     where = "test"
     connected = True
+    timeout = 5.0
+    #: an enqueue's deadline is read on the real clock, as Redis's TIME is
+    clock: IReactorTime = cast(IReactorTime, reactor)
 
     def __init__(self, port: int) -> None:
         self.r = redis.Redis(port=port)
@@ -86,7 +91,7 @@ class SyncRedis:
         except redis.exceptions.ResponseError as e:
             if str(e).startswith("STALE"):
                 raise StaleLease(str(e)) from None
-            raise StoreUnavailable(str(e)) from None
+            raise NotApplied(str(e)) from None
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return getattr(self.r, method)(*args, **kwargs)

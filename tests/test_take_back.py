@@ -70,3 +70,18 @@ class TakeBackTests(QueueCase):
         assert await q._take_back("BUSY", "the reply was lost")
         assert (await q.message("BUSY", T0 + 1)) is not None
         assert lease.queue_id == "BUSY"
+
+    @deferred_test
+    async def test_enqueue_past_its_deadline_is_refused(self) -> None:
+        """When an enqueue runs after its deadline (stuck in a stalled Redis), Redis refuses it: its node said 451."""
+        from twisted.internet.task import Clock
+
+        q = await self.make_queue()
+        q.redis._clock = Clock()  # the node's clock says 1970: every deadline has passed by Redis's
+        try:
+            await q.enqueue(message("STUCK", "a@one.test"))
+        except NotApplied as e:
+            assert "LATE" in str(e)
+        else:
+            raise AssertionError("a late enqueue must be refused")
+        assert await q.message("STUCK", T0 + 1) is None

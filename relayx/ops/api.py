@@ -11,6 +11,9 @@ step as the change.
     GET    /api/v1/cluster                      nodes, Redis, durability
     GET    /api/v1/domains                      one summary per configured domain
     GET    /api/v1/domains/<domain>             one domain's summary
+    GET    /api/v1/domains/<domain>/history?since=&limit=
+                                                its samples, one a minute (ops/history.py), with the
+                                                rates per minute and the current drain's progress
     POST   /api/v1/domains/<domain>/hold        {"start": epoch s, "end": epoch s, "replace": bool} (all optional;
                                                 without replace, 409 instead of replacing a scheduled hold)
     POST   /api/v1/domains/<domain>/release     {"rate": messages/s} (optional)
@@ -25,6 +28,7 @@ step as the change.
     POST   /api/v1/messages/<queue id>/bounce   return to the sender with a DSN
     POST   /api/v1/messages/<queue id>/requeue  try deferred and failed recipients again now
     GET    /api/v1/audit?limit=                 the newest changes, each with what it changed from
+    GET    /api/v1/history?since=&limit=        the cluster's samples (all domains summed)
     GET    /api/v1/qshape?domain=&state=&first=&buckets=   jobs by age per domain (see ``qshape``)
     POST   /api/v1/bulk                         {"action": "delete"|"bounce"|"requeue", "filter": {...}}
     GET    /api/v1/bulk                         the newest bulk actions and their progress
@@ -61,6 +65,7 @@ from relayx.address import AddressError, normalize_domain
 from relayx.config import DomainConfig, parse_duration, parse_route
 from relayx.interfaces import HoldWindow, IBulkActions, IQueueAdmin, QueueCounts, StoreUnavailable
 from relayx.ops.bulk import ACTIONS
+from relayx.ops.history import KEPT, History, delivery_rate, replay
 from relayx.queue.states import JobState
 
 log = Logger()
@@ -168,10 +173,12 @@ class AdminAPI(Resource):
         tokens: Sequence[tuple[str, str]],
         clock: IReactorTime,
         cluster: Cluster,
+        history: History | None = None,
     ) -> None:
         super().__init__()
         self.queue = queue
         self.bulk = bulk
+        self.history = history
         self.domains = {d.name: d for d in domains}
         self.tokens = tokens
         self.clock = clock
@@ -230,6 +237,8 @@ class AdminAPI(Resource):
         now = self.clock.seconds()
         if kind == "cluster" and not rest and method == "GET":
             return await self._cluster(now)
+        if kind == "history" and not rest and method == "GET":
+            return await self._history(request, None, now)
         if kind == "audit" and not rest and method == "GET":
             return {"records": await self.queue.audit(_int_arg(request, "limit", 50, 1, 1000))}
         if kind == "qshape" and not rest and method == "GET":
@@ -240,6 +249,8 @@ class AdminAPI(Resource):
             domain = self._domain(rest[0])
             if len(rest) == 1 and method == "GET":
                 return await self._summary(domain, now)
+            if len(rest) == 2 and rest[1] == "history" and method == "GET":
+                return await self._history(request, domain, now)
             if len(rest) == 2 and method == "POST":
                 return await self._domain_change(domain, rest[1], _json_body(request), now, who)
         if kind == "bulk":
@@ -319,6 +330,31 @@ class AdminAPI(Resource):
             "routes": list(override) if override else [str(r) for r in config.routes],
             "routes_overridden": bool(override),
         }
+
+    async def _history(self, request: Call, domain: str | None, now: float) -> dict[str, Any]:
+        """
+        Samples from ``since`` (seconds since the epoch, or a duration back
+        from now; default 3 hours back), at most ``limit``; for a domain, its
+        current drain too (``replay``). Bounded: one XRANGE with a COUNT.
+        """
+        if self.history is None:
+            raise APIError(404, "this node keeps no history")
+        since = _since(request, now)
+        limit = _int_arg(request, "limit", 1440, 1, KEPT)
+        samples = await self.history.read(domain, since, limit)
+        answer: dict[str, Any] = {
+            "domain": domain,
+            "interval": self.history.interval,
+            "since": since,
+            "samples": samples,
+            "next_since": samples[-1]["at"] + 0.001 if len(samples) == limit else None,
+        }
+        if domain is not None:
+            recent = await self.history.recent(domain)
+            counts = await self.queue.counts(self.domains[domain].queues(), now)
+            held = (await self.queue.domain_state(domain, now)).held
+            answer["replay"] = replay(recent[-1] if recent else None, delivery_rate(recent), counts["total"], held)
+        return answer
 
     async def _domain_change(
         self, domain: str, action: str, body: Mapping[str, Any], now: float, who: str
@@ -603,6 +639,18 @@ def _seconds(args: Mapping[str, str], name: str) -> float:
         return parse_duration(args[name])
     except ValueError:
         raise APIError(400, f"{name}: expected a duration such as '30s', '5m', '2h' or '5d'") from None
+
+
+def _since(request: Call, now: float) -> float:
+    text = request.args.get("since", "").strip()
+    if not text:
+        return now - 3 * 3600
+    try:
+        return float(text) if text.replace(".", "", 1).isdigit() else now - parse_duration(text)
+    except ValueError:
+        raise APIError(
+            400, f"since: expected seconds since the epoch or a duration back from now ('3h'), got {text!r}"
+        ) from None
 
 
 def _is_number(value: object) -> bool:

@@ -10,8 +10,10 @@
 -- ARGV[5]  body, as stored
 -- ARGV[6]  the header's Message-ID (lower case, without <>; "" if none), for search
 -- ARGV[7]  the header's Subject ("" if none), for search
--- ARGV[8]  the envelope's DSN parameters (JSON: ret, envid, rcpts), "" when none were given
--- ARGV[9], ARGV[10], ...  pairs of destination domain and its recipients (JSON array)
+-- ARGV[8]  deadline (ms since the epoch, by Redis's clock; 0: none): an enqueue that runs
+--          later was given up by its node (which answered 451) and is refused
+-- ARGV[9]  the envelope's DSN parameters (JSON: ret, envid, rcpts), "" when none were given
+-- ARGV[10], ARGV[11], ...  pairs of destination domain and its recipients (JSON array)
 --
 -- A queue id that abort.lua took back (<p>:aborted:<qid>) is refused, so an
 -- enqueue still in flight when its node gave up (and answered 451) never lands.
@@ -28,9 +30,16 @@
 -- their copies) plus one per recipient, O(log n) writes; independent of the depth.
 -- Per-domain keys are built from the prefix: standalone or Sentinel Redis, not Redis Cluster.
 
+local deadline = tonumber(ARGV[8])
+if deadline > 0 then
+  local t = redis.call('TIME')
+  if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > deadline then
+    return redis.error_reply('LATE enqueue of ' .. ARGV[2] .. ' ran after its deadline; its node answered 451')
+  end
+end
 local pairs_ = {}
-for i = 9, #ARGV do pairs_[#pairs_ + 1] = ARGV[i] end
+for i = 10, #ARGV do pairs_[#pairs_ + 1] = ARGV[i] end
 local njobs = enqueue_message(ARGV[1], KEYS[1], KEYS[2], KEYS[3], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], pairs_,
   ARGV[6], ARGV[7])
-if ARGV[8] ~= '' and type(njobs) == 'number' then redis.call('HSET', KEYS[3], 'dsn', ARGV[8]) end
+if ARGV[9] ~= '' and type(njobs) == 'number' then redis.call('HSET', KEYS[3], 'dsn', ARGV[9]) end
 return njobs

@@ -73,8 +73,8 @@ PAGE_BUDGET = 300
 CLOCK_SKEW = 5.0
 #: bulk actions kept for operators to read (running ones are always kept)
 BULK_KEPT = 100
-#: how long a node keeps trying to take back an enqueue it could not confirm (seconds)
-TAKE_BACK_FOR = 15.0
+#: how far Redis's clock may be from the nodes' (NTP); an enqueue's deadline allows for it
+CLOCK_SKEW_REDIS = 2.0
 #: how long a taken-back queue id stays refused (an enqueue stuck in a stalled Redis)
 TOMBSTONE_KEPT = 3600.0
 #: body references remembered from load to settle (a bound in case leases are lost)
@@ -232,6 +232,7 @@ class RedisQueue:
     _BULK_STEP = load_script("relayx.queue", "bulk_step.lua")
     _BULK_CANCEL = load_script("relayx.queue", "bulk_cancel.lua", prelude=True)
     _MESSAGE = load_script("relayx.queue", "message.lua", prelude=True)
+    _TRAFFIC = load_script("relayx.queue", "traffic.lua")
     _QSHAPE = load_script("relayx.queue", "qshape.lua")
     _SUMMARY = load_script("relayx.queue", "summary.lua", prelude=True)
     _TALLY = load_script("relayx.queue", "tally.lua", prelude=True)
@@ -262,6 +263,8 @@ class RedisQueue:
         self._batch = batch
         self.replication = replication
         self.copies = dict(copies or {})
+        #: jobs accepted and delivered here and not yet added to the counters in Redis
+        self._traffic: dict[tuple[str, str], int] = {}
         self.delay_warning = delay_warning
         self.flush_batch = flush_batch
         #: where bodies go (``None``: in the message hashes, as before body stores)
@@ -304,14 +307,18 @@ class RedisQueue:
             message.sender,
             body,
             *search_fields(message.body),
+            _ms(self.redis.clock.seconds() + self.redis.timeout + 1 + CLOCK_SKEW_REDIS),
             dsn_to_json(message.dsn),
         ]
+        queues: list[str] = []
         for domain, rcpts in message.by_domain().items():
             owed = json.dumps(list(rcpts))
             args += [domain, owed]
+            queues.append(domain)
             # dual delivery: each copy destination has a job of its own
             for n in range(1, self.copies.get(domain, 0) + 1):
                 args += [f"{domain}#{n}", owed]
+                queues.append(f"{domain}#{n}")
         keys = [self.key("seq"), self.key("domains"), self.key("msg", message.queue_id)]
         try:
             await self._write(self._ENQUEUE, keys, args, f"message {message.queue_id}", strict=True)
@@ -326,27 +333,30 @@ class RedisQueue:
                 queue_id=message.queue_id,
                 why=str(e),
             )
+        self._count("accepted", queues)
 
     async def _take_back(self, queue_id: str, why: str) -> bool:
         """
-        Undo an enqueue whose outcome is unknown (abort.lua), retrying for up
-        to ``TAKE_BACK_FOR`` seconds while Redis does not answer. ``True``:
-        the message is already being delivered, so it stays and its sender
-        gets 250. ``False``: no copy remains, and a late arrival of the
-        enqueue is refused, so the 451 is true.
+        Undo an enqueue whose outcome is unknown (abort.lua). ``True``: the
+        message is already being delivered, so it stays and its sender gets
+        250. ``False``: no copy remains, and the enqueue, should it still
+        arrive, is refused (by the tombstone, or by its deadline), so the 451
+        is true. While Redis does not answer, the abort is tried again until
+        the enqueue's deadline has passed by Redis's clock too: from then on
+        a write stuck in a stalled Redis can no longer land.
         """
         keys = [self.key("msg", queue_id), self.key("aborted", queue_id)]
         args = [self.prefix, queue_id, _ms(TOMBSTONE_KEPT)]
         clock = self.redis.clock
-        deadline = clock.seconds() + TAKE_BACK_FOR
+        give_up = clock.seconds() + self.redis.timeout + 1 + 2 * CLOCK_SKEW_REDIS
         while True:
             try:
                 answer = _text(await self._write(self._ABORT, keys, args, f"abort of {queue_id}", strict=False))
             except StoreUnavailable as e:
-                if clock.seconds() >= deadline:
-                    log.error(
-                        "message {queue_id} could not be taken back ({why}; first: {first}): it may be "
-                        "delivered although its sender got 451",
+                if clock.seconds() >= give_up:
+                    log.warn(
+                        "message {queue_id} not taken back ({why}; first: {first}): its enqueue is past its "
+                        "deadline, so it lands only if it ran before it and its reply was lost",
                         queue_id=queue_id,
                         why=str(e),
                         first=why,
@@ -490,8 +500,54 @@ class RedisQueue:
         # replicated too, so that a failover does not forget a delivery and send it again
         fate = _text(await self._write(self._SETTLE, keys, args, f"settling {lease.job_id}", strict=False))
         if fate == "done":
+            self._count("delivered", [lease.domain])
             await self._retire_body(lease.queue_id, ref)
         return fate
+
+    def _count(self, what: str, queues: Sequence[str]) -> None:
+        """
+        Count jobs ``accepted`` or ``delivered`` once the change itself is
+        committed: in memory, added to the counters in Redis by
+        ``flush_traffic`` (each second from the node's wiring, and before
+        ``traffic`` reads them), so the mail's path gains no Redis call.
+        """
+        for queue in queues:
+            self._traffic[what, queue] = self._traffic.get((what, queue), 0) + 1
+
+    async def flush_traffic(self) -> None:
+        """
+        Add the jobs counted here since the last flush to the counters in
+        Redis (traffic.lua, one call); on failure they are kept for the next
+        one, and the failure is logged, never raised.
+        """
+        pending, self._traffic = self._traffic, {}
+        if not pending:
+            return
+        args: list[object] = []
+        # accepted first: a queue's deliveries count once it has accepted mail
+        for (what, queue), n in sorted(pending.items()):
+            args += [what, queue, n]
+        try:
+            await self.redis.script(self._TRAFFIC, [self.key("accepted"), self.key("delivered")], args)
+        except StoreUnavailable as e:
+            for key, n in pending.items():
+                self._traffic[key] = self._traffic.get(key, 0) + n
+            log.warn("jobs accepted and delivered not counted yet: {why}", why=str(e))
+
+    async def traffic(self, queues: Sequence[str]) -> dict[str, int]:
+        """
+        Jobs ``accepted`` and ``delivered`` (in full) so far in ``queues``
+        (all of them when none are named): two ``HMGET`` of ``len(queues)``
+        fields, after this process's own counts are flushed.
+        """
+        await self.flush_traffic()
+        fields = list(queues) or ["*"]
+        accepted = await self.redis.call("hmget", self.key("accepted"), fields)
+        delivered = await self.redis.call("hmget", self.key("delivered"), fields)
+        return {
+            "accepted": sum(int(n or 0) for n in accepted),
+            "delivered": sum(int(n or 0) for n in delivered),
+        }
 
     async def persistence_warnings(self) -> list[str]:
         """

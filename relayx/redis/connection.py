@@ -463,6 +463,13 @@ class RedisConnection:
         return result
 
     @property
+    def timeout(self) -> float:
+        """
+        How long a call may take before it counts as failed (seconds).
+        """
+        return self._timeout
+
+    @property
     def clock(self) -> IReactorTime:
         """
         The clock the connection times its calls with.
