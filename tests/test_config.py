@@ -266,3 +266,23 @@ def test_bad_bodies_settings(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError) as caught:
         load(write(tmp_path, text + MINIMAL))
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_redis_password_file(tmp_path: Path) -> None:
+    """When [redis] password_file names a private file, its first line is the password; else refused."""
+    secret = tmp_path / "redis.password"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o600)
+    sentinels = '[redis]\nsentinels = ["127.0.0.1:26379"]\npassword_file = "redis.password"\n'
+    assert load(write(tmp_path, sentinels + MINIMAL)).redis.password == "s3cret"
+    secret.chmod(0o644)
+    with pytest.raises(ConfigError, match=r"redis.password_file: expected a file only its owner can read"):
+        load(write(tmp_path, sentinels + MINIMAL))
+    secret.chmod(0o600)
+    secret.write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        load(write(tmp_path, sentinels + MINIMAL))
+    secret.write_text("s3cret\n")
+    doubled = '[redis]\nurl = "redis://:other@127.0.0.1:6379/0"\npassword_file = "redis.password"\n'
+    with pytest.raises(ConfigError, match="give it in one place"):
+        load(write(tmp_path, doubled + MINIMAL))

@@ -52,5 +52,12 @@ def test_shipped_configurations_load(tmp_path: Path) -> None:
     (tmp_path / "tls").mkdir()
     for name in ("tls/fullchain.pem", "tls/privkey.pem", "example.org.recipients"):
         (tmp_path / name).write_text("someone@example.org\n")
+    # the password the shipped Redis and Sentinel configurations set
+    secret = re.search(r"^requirepass (\S+)", (DEPLOY / "redis" / "redis-aof.conf").read_text(), re.M)
+    assert secret is not None
+    (tmp_path / "redis.password").write_text(secret.group(1) + "\n")
+    (tmp_path / "redis.password").chmod(0o600)
     (tmp_path / "relayx.toml").write_text(text)
-    assert load(tmp_path / "relayx.toml").redis.sentinels
+    cluster = load(tmp_path / "relayx.toml")
+    assert cluster.redis.sentinels and cluster.redis.password == secret.group(1)
+    assert cluster.admin.listen, "the cluster template serves metrics, health and the panel"
