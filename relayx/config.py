@@ -1057,7 +1057,7 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
         hostname=node.get("hostname", host, _string),
         data_dir=base / node.get("data_dir", "relayx-data", _string),
         log_format=node.get("log_format", "text", _choice("text", "json")),
-        processes=node.get("processes", _processes("auto"), _processes),
+        processes=node.get("processes", 1, _processes),
     )
     node.finish()
 

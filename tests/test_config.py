@@ -5,6 +5,7 @@ mistake.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -166,7 +167,16 @@ def test_cluster_example_loads(tmp_path: Path) -> None:
         local = tmp_path / Path(name).name
         local.write_text("alice@example.org\n" if name.endswith("recipients") else "")
         text = text.replace(name, str(local))
+    # the password the shipped Redis and Sentinel configurations set, in a private file
+    secret = re.search(r"^requirepass (\S+)", (ROOT / "deploy" / "redis" / "redis-aof.conf").read_text(), re.M)
+    assert secret is not None
+    password = tmp_path / "redis.password"
+    password.write_text(secret.group(1) + "\n")
+    password.chmod(0o600)
+    text = text.replace("/etc/relayx/redis.password", str(password))
     config = load(write(tmp_path, text))
+    assert config.redis.password == secret.group(1)
+    assert config.admin.listen, "the cluster template serves metrics, health and the panel"
     assert config.redis.sentinels == (("10.0.0.11", 26379), ("10.0.0.12", 26379), ("10.0.0.13", 26379))
     assert config.redis.durability == "replicated"
     assert config.smtp.listen == ("tcp:25", "tcp6:25:interface=\\:\\:")
