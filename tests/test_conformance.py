@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import email
 import email.policy
-import itertools
 import shutil
 import smtplib
 import socket
@@ -24,18 +23,16 @@ import attrs
 import pytest
 from flufl.bounce import all_failures, scan_message
 from twisted.internet import reactor
-from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.address import IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from relayx.address import AddressError, Mailbox, normalize_domain
 from relayx.checks.chain import Client, Filter, FilterChain, FilterChains, Verdict
 from relayx.checks.greylist import Greylist, sender_key
-from relayx.checks.recipients import RecipientPolicy
 from relayx.checks.spf_filter import SPF, SPFCache
 from relayx.config import AnyRecipient, DomainConfig, RecipientList, SMTPRoute
 from relayx.delivery.dsn import FailedRecipient, build_dsn
@@ -45,26 +42,17 @@ from relayx.redis.embedded import free_port
 from relayx.reply import Reply
 from relayx.service import listen
 from relayx.smtp.client import fold_long_lines
-from relayx.smtp.server import Limits, SMTPServerFactory, SMTPServerProtocol
+from relayx.smtp.server import Limits
 from relayx.smtp.tls import load_options
+from tests import test_smtp_server as smtp_server
 from tests.certs import CA
 from tests.dns import LoopbackDNS, a, mx
-from tests.fakes import MemoryStore
 from tests.helpers import LoopbackSink, NodeCase, send, wait_for
 from tests.test_delivery import Scripted
 
-LIMITS = Limits(
-    max_message_size=100_000,
-    max_recipients=3,
-    max_line_length=512,
-    max_errors=5,
-    max_hops=5,
-    command_timeout=300,
-    data_timeout=600,
-)
-
+LIMITS = attrs.evolve(smtp_server.LIMITS, max_message_size=100_000)
 DOMAINS = (
-    DomainConfig("example.com", (SMTPRoute("127.0.0.1", 2526),), AnyRecipient(), Throttle(1)),
+    *smtp_server.DOMAINS[:1],
     DomainConfig("example.org", (SMTPRoute("127.0.0.1", 2526),), AnyRecipient(), Throttle(1)),
 )
 
@@ -96,44 +84,13 @@ class Recorder(Filter):
         return None
 
 
-class Harness:
-    def __init__(
-        self,
-        limits: Limits = LIMITS,
-        peer: IPv4Address | IPv6Address | None = None,
-        filters: FilterChains | None = None,
-        domains: tuple[DomainConfig, ...] = DOMAINS,
-        reverse_names: Callable[[str], Awaitable[str | None]] | None = None,
-    ) -> None:
-        self.clock = Clock()
-        self.clock.advance(1_700_000_000)
-        self.store = MemoryStore()
-        ids = itertools.count(1)
-        self.factory = SMTPServerFactory(
-            hostname="mx2.example.net",
-            limits=limits,
-            policy=RecipientPolicy(domains),
-            store=self.store,
-            clock=self.clock,
-            new_queue_id=lambda: f"Q{next(ids)}",
-            filters=filters,
-            reverse_names=reverse_names,
-        )
-        peer = peer or IPv4Address("TCP", "192.0.2.7", 40000)
-        self.transport = StringTransport(peerAddress=peer)
-        self.protocol = self.factory.buildProtocol(peer)
-        assert isinstance(self.protocol, SMTPServerProtocol)
-        self.protocol.makeConnection(self.transport)
-        self.banner = self.take()
+class Harness(smtp_server.Harness):
+    """
+    The SMTP server harness with this module's limits (larger messages).
+    """
 
-    def take(self) -> str:
-        value: str = self.transport.value().decode("utf-8")
-        self.transport.clear()
-        return value
-
-    def send(self, data: bytes | str) -> str:
-        self.protocol.dataReceived(data.encode("utf-8") if isinstance(data, str) else data)
-        return self.take()
+    def __init__(self, limits: Limits = LIMITS, domains: tuple[DomainConfig, ...] = DOMAINS, **kw: Any) -> None:
+        super().__init__(limits, domains=domains, **kw)
 
 
 def spf_table(records: dict[tuple[str, str], list[str]]) -> SPFCache:

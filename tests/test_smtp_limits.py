@@ -17,25 +17,17 @@ import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
 from relayx.checks.recipients import RecipientPolicy
 from relayx.interfaces import IMessageStore, IncomingMessage, StoreUnavailable
-from relayx.smtp.server import MAX_INPUT_WHILE_BUSY, Limits, SMTPServerFactory, SMTPServerProtocol
+from relayx.smtp.server import MAX_INPUT_WHILE_BUSY, Limits, SMTPServerFactory
 from relayx.spool import Spool
-from tests.test_smtp_server import DOMAINS
+from tests import test_smtp_server as smtp_server
+from tests.test_smtp_server import DOMAINS, Dialogue
 
-LIMITS = Limits(
-    max_message_size=10_000_000,
-    max_recipients=3,
-    max_line_length=512,
-    max_errors=5,
-    max_hops=5,
-    command_timeout=300,
-    data_timeout=1800,
-    min_data_rate=500,
-    data_rate_grace=30,
+LIMITS = attrs.evolve(
+    smtp_server.LIMITS, max_message_size=10_000_000, data_timeout=1800, min_data_rate=500, data_rate_grace=30
 )
 
 
@@ -95,29 +87,10 @@ class Node:
         return sorted(p for p in self.spool.directory.rglob("*") if p.is_file()) if self.spool.directory else []
 
 
-class Session:
+class Session(Dialogue):
     def __init__(self, node: Node, ip: str) -> None:
         self.node = node
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", ip, 40000))
-        protocol = node.factory.buildProtocol(IPv4Address("TCP", ip, 40000))
-        assert isinstance(protocol, SMTPServerProtocol)
-        self.protocol = protocol
-        protocol.makeConnection(self.transport)
-        self.banner = self.take()
-
-    def take(self) -> str:
-        value: str = self.transport.value().decode("utf-8")
-        self.transport.clear()
-        return value
-
-    def send(self, data: bytes | str) -> str:
-        self.protocol.dataReceived(data.encode("utf-8") if isinstance(data, str) else data)
-        return self.take()
-
-    def transaction(self) -> None:
-        assert self.send("EHLO client.test\r\n").startswith("250-")
-        assert self.send("MAIL FROM:<bob@sender.test>\r\n").startswith("250 2.1.0")
-        assert self.send("RCPT TO:<alice@example.com>\r\n").startswith("250 2.1.5")
+        super().__init__(node.factory, IPv4Address("TCP", ip, 40000))
 
     def lose(self) -> None:
         self.transport.loseConnection()

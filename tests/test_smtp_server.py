@@ -5,13 +5,15 @@ The inbound SMTP protocol, driven over a StringTransport with a Clock.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Awaitable, Callable
 
 import pytest
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from zope.interface.verify import verifyObject
 
+from relayx.checks.chain import FilterChains
 from relayx.checks.recipients import RecipientPolicy
 from relayx.config import AnyRecipient, DomainConfig, RecipientList, SMTPRoute
 from relayx.interfaces import IMessageStore, IRecipientPolicy, Throttle
@@ -36,24 +38,18 @@ DOMAINS = (
 )
 
 
-class Harness:
-    def __init__(self, limits: Limits = LIMITS) -> None:
-        self.clock = Clock()
-        self.clock.advance(1_700_000_000)
-        self.store = MemoryStore()
-        ids = itertools.count(1)
-        self.factory = SMTPServerFactory(
-            hostname="mx2.example.net",
-            limits=limits,
-            policy=RecipientPolicy(DOMAINS),
-            store=self.store,
-            clock=self.clock,
-            new_queue_id=lambda: f"Q{next(ids)}",
-        )
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
-        self.protocol = self.factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 40000))
-        assert isinstance(self.protocol, SMTPServerProtocol)
-        self.protocol.makeConnection(self.transport)
+class Dialogue:
+    """
+    One client's session with a server factory over a StringTransport: what
+    the client sends and the replies it reads.
+    """
+
+    def __init__(self, factory: SMTPServerFactory, peer: IPv4Address | IPv6Address) -> None:
+        self.transport = StringTransport(peerAddress=peer)
+        protocol = factory.buildProtocol(peer)
+        assert isinstance(protocol, SMTPServerProtocol)
+        self.protocol = protocol
+        protocol.makeConnection(self.transport)
         self.banner = self.take()
 
     def take(self) -> str:
@@ -72,6 +68,36 @@ class Harness:
         assert self.send("EHLO client.test\r\n").startswith("250-")
         assert self.send("MAIL FROM:<bob@sender.test>\r\n").startswith("250 2.1.0")
         assert self.send("RCPT TO:<alice@example.com>\r\n").startswith("250 2.1.5")
+
+
+class Harness(Dialogue):
+    """
+    A server with a memory store on a Clock, and one client session.
+    """
+
+    def __init__(
+        self,
+        limits: Limits = LIMITS,
+        peer: IPv4Address | IPv6Address | None = None,
+        filters: FilterChains | None = None,
+        domains: tuple[DomainConfig, ...] = DOMAINS,
+        reverse_names: Callable[[str], Awaitable[str | None]] | None = None,
+    ) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.store = MemoryStore()
+        ids = itertools.count(1)
+        self.factory = SMTPServerFactory(
+            hostname="mx2.example.net",
+            limits=limits,
+            policy=RecipientPolicy(domains),
+            store=self.store,
+            clock=self.clock,
+            new_queue_id=lambda: f"Q{next(ids)}",
+            filters=filters,
+            reverse_names=reverse_names,
+        )
+        super().__init__(self.factory, peer or IPv4Address("TCP", "192.0.2.7", 40000))
 
 
 def test_fakes_provide_their_interfaces() -> None:
