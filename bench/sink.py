@@ -30,6 +30,9 @@ class Received:
     body: bytes
     at: float
     tls: bool = False
+    #: MAIL's parameters and each recipient's RCPT parameters, as sent
+    mail_params: str = ""
+    rcpt_params: dict[str, str] = attrs.field(factory=dict)
 
 
 @attrs.define
@@ -50,6 +53,8 @@ class Sink:
     tls: Any = None
     #: SMTP sessions opened so far
     connections: int = 0
+    #: offer DSN (RFC 3461); MAIL and RCPT parameters are recorded either way
+    dsn: bool = False
 
     def factory(self) -> SinkFactory:
         return SinkFactory(self)
@@ -63,6 +68,8 @@ class SinkProtocol(LineReceiver):
         self.sink = sink
         self.sender = ""
         self.recipients: list[str] = []
+        self.mail_params = ""
+        self.rcpt_params: dict[str, str] = {}
         self.lines: list[bytes] | None = None
         self.secure = False
 
@@ -77,7 +84,15 @@ class SinkProtocol(LineReceiver):
                 self.lines = None
                 reply = self.sink.data_reply(self.recipients)
                 if reply.startswith(b"250"):
-                    message = Received(self.sender, self.recipients, body, self.sink.clock(), self.secure)
+                    message = Received(
+                        self.sender,
+                        self.recipients,
+                        body,
+                        self.sink.clock(),
+                        self.secure,
+                        self.mail_params,
+                        {r: p for r, p in self.rcpt_params.items() if r in self.recipients},
+                    )
                     self.sink.messages.append(message)
                     self.sink.on_message(message)
                 self.recipients = []
@@ -93,8 +108,12 @@ class SinkProtocol(LineReceiver):
         verb = line[:4].upper()
         if verb == b"EHLO":
             starttls = b"250-STARTTLS\r\n" if self.sink.tls is not None and not self.secure else b""
+            dsn = b"250-DSN\r\n" if self.sink.dsn else b""
             self.sendLine(
-                b"250-sink\r\n" + starttls + b"250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 SIZE 100000000"
+                b"250-sink\r\n"
+                + starttls
+                + dsn
+                + b"250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 SIZE 100000000"
             )
         elif verb == b"STAR" and self.sink.tls is not None:
             self.sendLine(b"220 2.0.0 go ahead")
@@ -104,13 +123,16 @@ class SinkProtocol(LineReceiver):
             self.sendLine(b"250 sink")
         elif verb == b"MAIL":
             self.sender = line[10:].split(b">")[0].lstrip(b" <").decode("utf-8", "replace")
+            self.mail_params = line.partition(b">")[2].strip().decode("utf-8", "replace")
             self.recipients = []
+            self.rcpt_params = {}
             self.sendLine(b"250 2.1.0 ok")
         elif verb == b"RCPT":
             rcpt = line[8:].split(b">")[0].lstrip(b" <").decode("utf-8", "replace")
             reply = self.sink.rcpt_reply(rcpt)
             if reply.startswith(b"250"):
                 self.recipients.append(rcpt)
+                self.rcpt_params[rcpt] = line.partition(b">")[2].strip().decode("utf-8", "replace")
             self.sendLine(reply)
         elif verb == b"DATA":
             if self.recipients:

@@ -195,3 +195,40 @@ def _closing_bracket(text: str) -> int:
         elif char == ">" and not quoted:
             return index
     raise AddressError("missing '>'")
+
+
+_XTEXT_CHAR = re.compile(r"[!-*,-<>-~]")  # xchar: "!" to "~" except "+" and "="
+_XTEXT_HEX = re.compile(r"\+([0-9A-F]{2})")
+
+
+def xtext_decode(text: str) -> str:
+    """
+    The text an ``xtext`` value (RFC 3461 4) encodes: ``+XX`` (upper-case
+    hex) for any octet, other printable ASCII but ``+`` and ``=`` as is.
+    Raises ``AddressError`` for anything else, or an encoding that is not UTF-8.
+    """
+    out = bytearray()
+    i = 0
+    while i < len(text):
+        if text[i] == "+":
+            match = _XTEXT_HEX.match(text, i)
+            if match is None:
+                raise AddressError("bad xtext: '+' must be followed by two upper-case hex digits")
+            out.append(int(match.group(1), 16))
+            i += 3
+        elif _XTEXT_CHAR.match(text[i]):
+            out.append(ord(text[i]))
+            i += 1
+        else:
+            raise AddressError(f"bad xtext character {text[i]!r}")
+    try:
+        return out.decode("utf-8")
+    except UnicodeDecodeError:
+        raise AddressError("bad xtext: not UTF-8") from None
+
+
+def xtext_encode(text: str) -> str:
+    """
+    ``text`` as xtext: octets outside ``!``-``~``, and ``+`` and ``=``, as ``+XX``.
+    """
+    return "".join(chr(b) if 0x21 <= b <= 0x7E and b not in (0x2B, 0x3D) else f"+{b:02X}" for b in text.encode("utf-8"))

@@ -239,6 +239,8 @@ class RedisConfig:
     replication_timeout: float = 2.0
     #: for ``rediss://``: the CA certificates (PEM) that sign the server's, or None: the system's
     tls_ca_file: Path | None = None
+    #: the password read from ``password_file`` (Sentinel setups have no URL to carry one)
+    password_from_file: str | None = attrs.field(default=None, repr=False)
 
     @property
     def embedded(self) -> bool:
@@ -269,10 +271,13 @@ class RedisConfig:
     @property
     def password(self) -> str | None:
         """
-        The password of the URL, URL-decoded (``%40`` is ``@``), or None.
+        The password of the URL, URL-decoded (``%40`` is ``@``), else the
+        one of ``password_file``, or None.
         """
         password = urlsplit(self.url or "").password
-        return unquote(password) if password is not None else None
+        if password is not None:
+            return unquote(password)
+        return self.password_from_file
 
     @property
     def tls(self) -> bool:
@@ -603,6 +608,28 @@ def _networks(value: object) -> tuple[str, ...]:
         except ValueError:
             raise ValueError(f"networks such as '192.0.2.0/24', got {entry!r}") from None
     return _strings(value)
+
+
+def _secret_file(base: Path) -> Callable[[object], str]:
+    """
+    The first line of a file only its owner may read (a Redis password).
+    """
+
+    def convert(value: object) -> str:
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"a file path, got {value!r}")
+        path = base / value
+        try:
+            if path.stat().st_mode & 0o077:
+                raise ValueError(f"a file only its owner can read (chmod 600 {path})")
+            secret = path.read_text().splitlines()[0].strip() if path.read_text().strip() else ""
+        except OSError as e:
+            raise ValueError(f"a readable file, {path}: {e.strerror}") from None
+        if not secret:
+            raise ValueError(f"a file holding the password, {path} is empty")
+        return secret
+
+    return convert
 
 
 def _fraction(low: float, high: float) -> Callable[[object], float]:
@@ -1030,7 +1057,7 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
         hostname=node.get("hostname", host, _string),
         data_dir=base / node.get("data_dir", "relayx-data", _string),
         log_format=node.get("log_format", "text", _choice("text", "json")),
-        processes=node.get("processes", _processes("auto"), _processes),
+        processes=node.get("processes", 1, _processes),
     )
     node.finish()
 
@@ -1073,7 +1100,10 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
         replicas=redis.get("replicas", 1, _positive_int),
         replication_timeout=redis.get("replication_timeout", 2.0, _positive_duration),
         tls_ca_file=redis.get("tls_ca_file", None, _file(base)),
+        password_from_file=redis.get("password_file", None, _secret_file(base)),
     )
+    if redis_config.password_from_file is not None and urlsplit(redis_config.url or "").password is not None:
+        raise redis.fail("password_file", "no password in the url as well: give it in one place")
     if redis_config.tls_ca_file is not None and not redis_config.tls:
         raise redis.fail("tls_ca_file", "a 'rediss://' url (TLS) to go with it")
     replicated = redis_config.durability == "replicated"

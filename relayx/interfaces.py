@@ -6,6 +6,7 @@ every implementation of an interface passes one shared test suite.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any
 
@@ -56,6 +57,71 @@ class StaleLease(Exception):
     """
 
 
+class Notify(enum.Enum):
+    """
+    One ``NOTIFY=`` keyword of a recipient (RFC 3461 4.1).
+    """
+
+    NEVER = "NEVER"
+    SUCCESS = "SUCCESS"
+    FAILURE = "FAILURE"
+    DELAY = "DELAY"
+
+
+class Ret(enum.Enum):
+    """
+    How much of the message a failure DSN returns (``RET=``, RFC 3461 4.3).
+    """
+
+    FULL = "FULL"
+    HDRS = "HDRS"
+
+
+@attrs.frozen
+class RecipientDsn:
+    """
+    A recipient's DSN request: ``notify`` as given (``None``: not given, which
+    RFC 3461 4.1 lets mean ``FAILURE,DELAY``), and its ``ORCPT`` as
+    ``addr-type;address`` with the xtext decoded (``None``: not given).
+    """
+
+    notify: frozenset[Notify] | None = None
+    orcpt: str | None = None
+
+    def wants(self, what: Notify) -> bool:
+        if self.notify is None:
+            return what in (Notify.FAILURE, Notify.DELAY)
+        return what in self.notify
+
+
+NO_RECIPIENT_DSN = RecipientDsn()
+
+
+@attrs.frozen
+class MessageDsn:
+    """
+    The envelope's DSN parameters (RFC 3461): ``RET`` and ``ENVID`` (xtext
+    decoded) of the message, and each recipient's that gave any, by address.
+    """
+
+    ret: Ret | None = None
+    envid: str | None = None
+    recipients: tuple[tuple[str, RecipientDsn], ...] = ()
+
+    def recipient(self, address: str) -> RecipientDsn:
+        for rcpt, dsn in self.recipients:
+            if rcpt == address:
+                return dsn
+        return NO_RECIPIENT_DSN
+
+    @property
+    def empty(self) -> bool:
+        return self == NO_DSN
+
+
+NO_DSN = MessageDsn()
+
+
 @attrs.frozen
 class IncomingMessage:
     """
@@ -69,6 +135,7 @@ class IncomingMessage:
     recipients: tuple[Mailbox, ...]
     received_at: float
     body: bytes = attrs.field(repr=False)
+    dsn: MessageDsn = NO_DSN
 
     def by_domain(self) -> dict[str, tuple[str, ...]]:
         groups: dict[str, list[str]] = {}
@@ -130,6 +197,7 @@ class Claim:
 class StoredMessage:
     sender: str
     body: bytes = attrs.field(repr=False)
+    dsn: MessageDsn = NO_DSN
 
 
 @attrs.frozen
@@ -150,6 +218,9 @@ class Outcome:
     #: message when it took it: the proof of delivery, with its queue id
     destination: str = ""
     accepted: Reply | None = None
+    #: delivered recipients that asked NOTIFY=SUCCESS, taken by a host that does
+    #: not offer DSN: they are owed a "relayed" DSN (RFC 3461 6.2.2)
+    relayed: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -396,6 +467,9 @@ class FailedJob:
     arrival: float
     failures: tuple[tuple[str, int, str, str], ...]
     headers: bytes = attrs.field(repr=False)
+    dsn: MessageDsn = NO_DSN
+    #: the whole message, when the sender asked ``RET=FULL`` and this is a failure
+    full: bytes | None = attrs.field(default=None, repr=False)
 
 
 class IFailedJobs(Interface):
@@ -459,9 +533,12 @@ class IDeliverer(Interface):
     Carries one message to a domain's destination and reports per recipient.
     """
 
-    def deliver(domain: str, sender: str, recipients: tuple[str, ...], body: bytes) -> Awaitable[Outcome]:
+    def deliver(
+        domain: str, sender: str, recipients: tuple[str, ...], body: bytes, dsn: MessageDsn = NO_DSN
+    ) -> Awaitable[Outcome]:
         """
         Never raises for the destination's failures: they are in the outcome.
+        ``dsn``: the envelope's DSN parameters, passed on to a host that offers DSN.
         """
 
     def probe(domain: str) -> Awaitable[str | None]:

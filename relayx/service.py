@@ -283,8 +283,11 @@ def build_delivery_loops(
         hostname=config.node.hostname,
         new_queue_id=new_queue_id,
         interval=max(1.0, 2 * q.poll_interval),
+        store=queue,
     )
+    scheduler.relayed = bouncer.relayed
     return scheduler, prober, bouncer
+
 
 class _V6OnlyPort(tcp.Port):
     """
@@ -539,9 +542,7 @@ class RelayNode(Service):
 
     @property
     def _shares_ports(self) -> bool:
-        return self.role is NodeRole.SMTP_WORKER or (
-            self.worker_args is not None and self.config.node.processes > 1
-        )
+        return self.role is NodeRole.SMTP_WORKER or (self.worker_args is not None and self.config.node.processes > 1)
 
     async def _listen_smtp(self) -> None:
         """

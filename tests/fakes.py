@@ -11,6 +11,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from relayx.interfaces import (
+    NO_DSN,
     Claim,
     IDeliverer,
     IDeliveryQueue,
@@ -18,6 +19,7 @@ from relayx.interfaces import (
     IncomingMessage,
     IRecipientCache,
     Lease,
+    MessageDsn,
     Outcome,
     StaleLease,
     StoredMessage,
@@ -111,7 +113,9 @@ class ManualDeliverer:
         self.probes: list[str] = []
         self.up: set[str] = set()
 
-    async def deliver(self, domain: str, sender: str, recipients: tuple[str, ...], body: bytes) -> Outcome:
+    async def deliver(
+        self, domain: str, sender: str, recipients: tuple[str, ...], body: bytes, dsn: MessageDsn = NO_DSN
+    ) -> Outcome:
         d: Deferred[Outcome] = Deferred()
         self.pending[body.split(b"\r\n")[0][9:].decode()] = d
         return await d

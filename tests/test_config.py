@@ -5,6 +5,7 @@ mistake.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -166,7 +167,16 @@ def test_cluster_example_loads(tmp_path: Path) -> None:
         local = tmp_path / Path(name).name
         local.write_text("alice@example.org\n" if name.endswith("recipients") else "")
         text = text.replace(name, str(local))
+    # the password the shipped Redis and Sentinel configurations set, in a private file
+    secret = re.search(r"^requirepass (\S+)", (ROOT / "deploy" / "redis" / "redis-aof.conf").read_text(), re.M)
+    assert secret is not None
+    password = tmp_path / "redis.password"
+    password.write_text(secret.group(1) + "\n")
+    password.chmod(0o600)
+    text = text.replace("/etc/relayx/redis.password", str(password))
     config = load(write(tmp_path, text))
+    assert config.redis.password == secret.group(1)
+    assert config.admin.listen, "the cluster template serves metrics, health and the panel"
     assert config.redis.sentinels == (("10.0.0.11", 26379), ("10.0.0.12", 26379), ("10.0.0.13", 26379))
     assert config.redis.durability == "replicated"
     assert config.smtp.listen == ("tcp:25", "tcp6:25:interface=\\:\\:")
@@ -266,3 +276,23 @@ def test_bad_bodies_settings(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError) as caught:
         load(write(tmp_path, text + MINIMAL))
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_redis_password_file(tmp_path: Path) -> None:
+    """When [redis] password_file names a private file, its first line is the password; else refused."""
+    secret = tmp_path / "redis.password"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o600)
+    sentinels = '[redis]\nsentinels = ["127.0.0.1:26379"]\npassword_file = "redis.password"\n'
+    assert load(write(tmp_path, sentinels + MINIMAL)).redis.password == "s3cret"
+    secret.chmod(0o644)
+    with pytest.raises(ConfigError, match=r"redis.password_file: expected a file only its owner can read"):
+        load(write(tmp_path, sentinels + MINIMAL))
+    secret.chmod(0o600)
+    secret.write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        load(write(tmp_path, sentinels + MINIMAL))
+    secret.write_text("s3cret\n")
+    doubled = '[redis]\nurl = "redis://:other@127.0.0.1:6379/0"\npassword_file = "redis.password"\n'
+    with pytest.raises(ConfigError, match="give it in one place"):
+        load(write(tmp_path, doubled + MINIMAL))

@@ -44,13 +44,6 @@ def test_alerts_and_dashboard_name_real_metrics() -> None:
     assert used - exported == set()
 
 
-def test_shipped_configurations_load(tmp_path: Path) -> None:
-    """When the example and the cluster configuration are loaded, neither has an error."""
+def test_example_configuration_loads() -> None:
+    """When the example configuration is loaded as shipped, it has no error (the cluster's: test_config)."""
     assert load(DEPLOY / "relayx.example.toml").domains
-    # the files the cluster template names exist only on a real host: made here
-    text = (DEPLOY / "relayx.cluster.toml").read_text().replace("/etc/relayx/", f"{tmp_path}/")
-    (tmp_path / "tls").mkdir()
-    for name in ("tls/fullchain.pem", "tls/privkey.pem", "example.org.recipients"):
-        (tmp_path / name).write_text("someone@example.org\n")
-    (tmp_path / "relayx.toml").write_text(text)
-    assert load(tmp_path / "relayx.toml").redis.sentinels

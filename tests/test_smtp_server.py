@@ -118,7 +118,8 @@ def test_banner_and_ehlo_advertise_extensions() -> None:
         "250-8BITMIME",
         "250-SMTPUTF8",
         "250-ENHANCEDSTATUSCODES",
-        "250 CHUNKING",
+        "250-CHUNKING",
+        "250 DSN",
     ]
 
 

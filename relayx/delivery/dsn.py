@@ -28,6 +28,8 @@ class FailedRecipient:
     code: int
     status: str
     text: str
+    #: the sender's ORCPT for it (``addr-type;address``), for Original-Recipient
+    orcpt: str | None = None
 
 
 def _date(timestamp: float) -> str:
@@ -71,6 +73,14 @@ def _address_type(address: str) -> str:
     return f"rfc822; {address}" if address.isascii() else f"utf-8; {address}"
 
 
+def _original(orcpt: str) -> str:
+    """
+    An ORCPT as an Original-Recipient value: ``addr-type; address``.
+    """
+    addr_type, _, address = orcpt.partition(";")
+    return f"{addr_type}; {one_line(address)}"
+
+
 def build_dsn(
     *,
     reporting_mta: str,
@@ -82,6 +92,9 @@ def build_dsn(
     failures: list[FailedRecipient],
     original: bytes,
     delayed: bool = False,
+    relayed: bool = False,
+    envid: str | None = None,
+    full: bytes | None = None,
 ) -> bytes:
     """
     The DSN for ``failures`` of the message queued as ``queue_id``; with
@@ -90,12 +103,27 @@ def build_dsn(
     When an address or the original header section is not ASCII (mail
     received with SMTPUTF8), the report is ``message/global-delivery-status``
     with ``message/global-headers`` (RFC 6533), as Postfix sends them.
+
+    With ``relayed``, a success notice (RFC 3461 6.2.2): the recipients were
+    handed to a host that will not report their delivery.
+
+    RFC 3461: ``envid`` (the sender's ENVID) becomes Original-Envelope-Id,
+    a recipient's ORCPT its Original-Recipient; with ``full`` (RET=FULL) the
+    whole message is returned as ``message/rfc822`` instead of its headers.
     """
-    headers = header_section(original)
-    utf8 = not (sender.isascii() and all(f.recipient.isascii() for f in failures) and headers.isascii())
+    headers = header_section(original) if full is None else full
+    utf8 = not (
+        sender.isascii() and all(f.recipient.isascii() for f in failures) and header_section(original).isascii()
+    )
     boundary = f"{message_id}/{reporting_mta}"
     lines = ["This is the mail system at host " + reporting_mta + ".", ""]
-    if delayed:
+    if relayed:
+        lines += [
+            "Your message was relayed to the following recipients' mail system, which",
+            "does not send delivery notifications; you may get no further notice.",
+            "",
+        ]
+    elif delayed:
         lines += [
             "Your message could not be delivered yet to one or more recipients.",
             "The mail system is still trying; you do not need to send it again.",
@@ -117,7 +145,8 @@ def build_dsn(
         lines.append(fold(f"<{f.recipient}>: {why}", 76).replace("\r\n    ", "\r\n  "))
     human = "\r\n".join(lines) + "\r\n"
 
-    per_message = [
+    per_message = [f"Original-Envelope-Id: {envid}"] if envid is not None else []
+    per_message += [
         f"Reporting-MTA: dns; {reporting_mta}",
         f"X-Relayx-Queue-ID: {queue_id}",
         f"X-Original-Sender: {_address_type(sender)}",
@@ -127,9 +156,10 @@ def build_dsn(
     for f in failures:
         status = f.status or ("5.0.0" if f.code >= 500 else "4.0.0")
         text = one_line(f.text)
-        block = [
+        block = [f"Original-Recipient: {_original(f.orcpt)}"] if f.orcpt is not None else []
+        block += [
             f"Final-Recipient: {_address_type(f.recipient)}",
-            f"Action: {'delayed' if delayed else 'failed'}",
+            f"Action: {'relayed' if relayed else 'delayed' if delayed else 'failed'}",
             f"Status: {status}",
         ]
         if f.code:
@@ -141,11 +171,24 @@ def build_dsn(
     status_part = "\r\n".join(per_message) + "\r\n\r\n" + "\r\n\r\n".join(per_recipient) + "\r\n"
 
     status_type = "message/global-delivery-status" if utf8 else "message/delivery-status"
-    headers_type = "message/global-headers" if utf8 else "text/rfc822-headers"
+    returned_description = ("Relayed" if relayed else "Undelivered") + (
+        " Message" if full is not None else " Message Headers"
+    )
+    if full is None:
+        headers_type = "message/global-headers" if utf8 else "text/rfc822-headers"
+    else:
+        headers_type = "message/global" if utf8 else "message/rfc822"
     head = [
         f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
         f"To: <{sender}>",
-        "Subject: " + ("Delayed Mail (still being retried)" if delayed else "Undelivered Mail Returned to Sender"),
+        "Subject: "
+        + (
+            "Successful Mail Delivery Report"
+            if relayed
+            else "Delayed Mail (still being retried)"
+            if delayed
+            else "Undelivered Mail Returned to Sender"
+        ),
         f"Date: {_date(now)}",
         f"Message-ID: <{message_id}@{reporting_mta}>",
         "Auto-Submitted: auto-replied",
@@ -162,8 +205,9 @@ def build_dsn(
         f"\r\n--{boundary}\r\nContent-Description: {'Delayed' if delayed else 'Delivery'} report\r\n"
         f"Content-Type: {status_type}\r\n\r\n".encode(),
         status_part.encode("utf-8"),
-        f"\r\n--{boundary}\r\nContent-Description: Undelivered Message Headers\r\n"
-        f"Content-Type: {headers_type}\r\n\r\n".encode(),
+        f"\r\n--{boundary}\r\nContent-Description: {returned_description}\r\n"
+        f"Content-Type: {headers_type}\r\n"
+        f"{'Content-Transfer-Encoding: 8bit' + chr(13) + chr(10) if not headers.isascii() else ''}\r\n".encode(),
         headers,
         f"\r\n--{boundary}--\r\n".encode(),
     ]

@@ -10,7 +10,7 @@ takes the jobs back (``claim.lua``).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -21,7 +21,16 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relayx.interfaces import IDeliverer, IDeliveryQueue, Lease, Outcome, StaleLease, StoreUnavailable, Throttle
+from relayx.interfaces import (
+    IDeliverer,
+    IDeliveryQueue,
+    Lease,
+    Outcome,
+    StaleLease,
+    StoredMessage,
+    StoreUnavailable,
+    Throttle,
+)
 from relayx.loops import logged, steady_loop
 from relayx.metrics import Metrics
 
@@ -155,6 +164,8 @@ class Scheduler:
     default: Throttle
     throttles: Mapping[str, Throttle] = field(default_factory=dict)
     metrics: Metrics = field(default_factory=Metrics)
+    #: sends the "relayed" DSNs an outcome owes (RFC 3461 6.2.2), once it is settled
+    relayed: Callable[[Lease, StoredMessage, Outcome], Awaitable[None]] | None = None
     _active: dict[str, Deferred[None]] = field(default_factory=dict)
     _loop: LoopingCall | None = None
     _wake: IDelayedCall | None = None
@@ -240,7 +251,9 @@ class Scheduler:
         started = self.clock.seconds()
         try:
             stored = await self.queue.load(lease)
-            outcome = await self.deliverer.deliver(lease.domain, stored.sender, lease.recipients, stored.body)
+            outcome = await self.deliverer.deliver(
+                lease.domain, stored.sender, lease.recipients, stored.body, dsn=stored.dsn
+            )
         except StoreUnavailable as e:
             keeper.stop()
             log.warn("job {job} not attempted: {why}", job=lease.job_id, why=str(e), queue_id=lease.queue_id)
@@ -261,7 +274,11 @@ class Scheduler:
         m.deliveries.labels(result="deferred").inc(len(outcome.deferred))
         if outcome.unreachable:
             m.deliveries.labels(result="unreachable").inc(len(lease.recipients))
-        await self._settle(current, outcome)
+        if await self._settle(current, outcome) and outcome.relayed and self.relayed is not None:
+            try:
+                await self.relayed(current, stored, outcome)
+            except Exception:
+                log.failure("job {job}: relayed DSN not sent", job=lease.job_id, queue_id=lease.queue_id)
         replies = [reply for _, reply in (*outcome.failed, *outcome.deferred)]
         reply = outcome.accepted if outcome.accepted is not None else replies[0] if replies else None
         log.info(
@@ -282,22 +299,22 @@ class Scheduler:
             seconds=self.clock.seconds() - started,
         )
 
-    async def _settle(self, lease: Lease, outcome: Outcome) -> None:
+    async def _settle(self, lease: Lease, outcome: Outcome) -> bool:
         """
         Record the outcome, retrying while the lease holds: a settle lost
-        to a Redis hiccup would send the message again.
+        to a Redis hiccup would send the message again. ``True`` once recorded.
         """
         while True:
             try:
                 await self.queue.settle(lease, outcome, self.clock.seconds())
-                return
+                return True
             except StaleLease:
                 log.warn("job {job}: lease taken over before settling", job=lease.job_id)
-                return
+                return False
             except StoreUnavailable as e:
                 if self.clock.seconds() + 1 >= lease.expires:
                     log.error("job {job} not settled: {why}", job=lease.job_id, why=str(e))
-                    return
+                    return False
                 await deferLater(self.clock, 1, lambda: None)
 
 

@@ -19,8 +19,9 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from relayx.address import xtext_encode
 from relayx.delivery.routes import Target, Undeliverable
-from relayx.interfaces import IDeliverer, Outcome
+from relayx.interfaces import NO_DSN, IDeliverer, MessageDsn, Notify, Outcome
 from relayx.message import header_section
 from relayx.reply import Reply
 from relayx.smtp.client import ConversationError, SMTPClientProtocol, dot_stuff, fold_long_lines
@@ -85,11 +86,13 @@ class SMTPDeliverer:
         #: idle sessions per host, kept for the next messages to it
         self._idle: dict[tuple[str, int, str], list[tuple[SMTPClientProtocol, IDelayedCall]]] = {}
 
-    async def deliver(self, domain: str, sender: str, recipients: tuple[str, ...], body: bytes) -> Outcome:
+    async def deliver(
+        self, domain: str, sender: str, recipients: tuple[str, ...], body: bytes, dsn: MessageDsn = NO_DSN
+    ) -> Outcome:
         async def transaction(conn: SMTPClientProtocol, target: Target) -> Outcome:
             if conn.extensions is None:
                 conn.extensions = await self._hello(conn, target)
-            outcome = await self._transaction(conn, target, conn.extensions, sender, recipients, body)
+            outcome = await self._transaction(conn, target, conn.extensions, sender, recipients, body, dsn)
             await self._park_or_quit(conn, target)
             return outcome
 
@@ -291,6 +294,7 @@ class SMTPDeliverer:
         sender: str,
         recipients: tuple[str, ...],
         body: bytes,
+        dsn: MessageDsn = NO_DSN,
     ) -> Outcome:
         t = self._timeouts
         where = f"{target.name} [{target.address}]:{target.port}"
@@ -313,7 +317,14 @@ class SMTPDeliverer:
         elif "SMTPUTF8" in extensions and not header_section(body).isascii():
             params += " SMTPUTF8"
 
-        commands = [f"MAIL FROM:<{sender}>{params}", *(f"RCPT TO:<{r}>" for r in recipients)]
+        # RFC 3461 4: a relaying MTA passes the DSN parameters on to a host that offers DSN
+        passes = "DSN" in extensions and not dsn.empty
+        if passes:
+            params += _mail_dsn_params(dsn)
+        commands = [
+            f"MAIL FROM:<{sender}>{params}",
+            *(f"RCPT TO:<{r}>{_rcpt_dsn_params(dsn, r) if passes else ''}" for r in recipients),
+        ]
         pipelining = "PIPELINING" in extensions
         if pipelining:
             conn.send(*commands, "DATA")
@@ -379,6 +390,9 @@ class SMTPDeliverer:
                 deferred=tuple(deferred),
                 destination=where,
                 accepted=final,
+                relayed=()
+                if passes or dsn.empty
+                else tuple(r for r in accepted if dsn.recipient(r).wants(Notify.SUCCESS)),
             )
         return attrs.evolve(_merge(_all(tuple(accepted), final), failed, deferred), destination=where)
 
@@ -387,6 +401,29 @@ class SMTPDeliverer:
             await conn.command("QUIT", self._timeouts.command)
         except ConversationError:
             pass
+
+
+def _mail_dsn_params(dsn: MessageDsn) -> str:
+    """
+    MAIL's ``RET=`` and ``ENVID=`` as the sender gave them (xtext encoded again).
+    """
+    params = f" RET={dsn.ret.value}" if dsn.ret is not None else ""
+    return params + (f" ENVID={xtext_encode(dsn.envid)}" if dsn.envid is not None else "")
+
+
+def _rcpt_dsn_params(dsn: MessageDsn, recipient: str) -> str:
+    """
+    A recipient's ``NOTIFY=`` and ``ORCPT=`` as the sender gave them.
+    """
+    wanted = dsn.recipient(recipient)
+    params = ""
+    if wanted.notify is not None:
+        order = [n for n in Notify if n in wanted.notify]
+        params += " NOTIFY=" + ",".join(n.value for n in order)
+    if wanted.orcpt is not None:
+        addr_type, _, address = wanted.orcpt.partition(";")
+        params += f" ORCPT={addr_type};{xtext_encode(address)}"
+    return params
 
 
 def _all(recipients: tuple[str, ...], reply: Reply) -> Outcome:

@@ -12,7 +12,8 @@
 -- ARGV[7]  the header's Subject ("" if none), for search
 -- ARGV[8]  deadline (ms since the epoch, by Redis's clock; 0: none): an enqueue that runs
 --          later was given up by its node (which answered 451) and is refused
--- ARGV[9], ARGV[10], ...  pairs of destination domain and its recipients (JSON array)
+-- ARGV[9]  the envelope's DSN parameters (JSON: ret, envid, rcpts), "" when none were given
+-- ARGV[10], ARGV[11], ...  pairs of destination domain and its recipients (JSON array)
 --
 -- A queue id that abort.lua took back (<p>:aborted:<qid>) is refused, so an
 -- enqueue still in flight when its node gave up (and answered 451) never lands.
@@ -39,10 +40,11 @@ if deadline > 0 then
   end
 end
 local pairs_ = {}
-for i = 9, #ARGV do pairs_[#pairs_ + 1] = ARGV[i] end
+for i = 10, #ARGV do pairs_[#pairs_ + 1] = ARGV[i] end
 local njobs = enqueue_message(ARGV[1], KEYS[1], KEYS[2], KEYS[3], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5],
   pairs_, ARGV[6], ARGV[7])
 if type(njobs) == 'table' then return njobs end  -- the queue id is taken or was taken back
+if ARGV[9] ~= '' then redis.call('HSET', KEYS[3], 'dsn', ARGV[9]) end
 local size = tostring(body_size(ARGV[5]))
 for i = 1, #pairs_ / 2 do
   record_event(ARGV[1], pairs_[2 * i - 1], ARGV[2], ARGV[2] .. '.' .. i, tonumber(ARGV[3]), 'accepted',

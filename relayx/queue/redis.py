@@ -37,11 +37,15 @@ from relayx.interfaces import (
     IQueueAdmin,
     IRecipientCache,
     Lease,
+    MessageDsn,
     NodeStatus,
     NotApplied,
+    Notify,
     Outcome,
     QueueCounts,
     QueueTotals,
+    RecipientDsn,
+    Ret,
     StoredMessage,
     StoreUnavailable,
     Throttle,
@@ -102,6 +106,56 @@ def _headers(stored: bytes) -> bytes:
     """
     stub = read_stub(stored)
     return header_section(stored) if stub is None else stub.headers
+
+
+def dsn_to_json(dsn: MessageDsn) -> str:
+    """
+    The message hash's ``dsn`` field: the envelope's DSN parameters as JSON
+    (``""`` when none were given, and the field is not written).
+    """
+    if dsn.empty:
+        return ""
+    rcpts = {
+        rcpt: {
+            "notify": None if d.notify is None else sorted(n.value for n in d.notify),
+            "orcpt": d.orcpt,
+        }
+        for rcpt, d in dsn.recipients
+    }
+    return json.dumps({"ret": None if dsn.ret is None else dsn.ret.value, "envid": dsn.envid, "rcpts": rcpts})
+
+
+def dsn_from_json(field: bytes | str | None) -> MessageDsn:
+    """
+    The envelope's DSN parameters from a message hash's ``dsn`` field
+    (absent: none were given); a field that cannot be read is logged and
+    taken as none, so that it never stops a delivery.
+    """
+    if not field:
+        return MessageDsn()
+    try:
+        return _dsn_from(json.loads(field))
+    except (ValueError, TypeError, AttributeError, KeyError) as e:
+        log.error("unreadable DSN parameters {field!r} ignored: {why}", field=field, why=repr(e))
+        return MessageDsn()
+
+
+def _dsn_from(data: Any) -> MessageDsn:
+    ret = data.get("ret")
+    return MessageDsn(
+        ret=None if ret is None else Ret(ret),
+        envid=data.get("envid"),
+        recipients=tuple(
+            (
+                str(rcpt),
+                RecipientDsn(
+                    notify=None if d.get("notify") is None else frozenset(Notify(n) for n in d["notify"]),
+                    orcpt=d.get("orcpt"),
+                ),
+            )
+            for rcpt, d in data.get("rcpts", {}).items()
+        ),
+    )
 
 
 def _window(fields: Sequence[Any]) -> HoldWindow:
@@ -260,6 +314,7 @@ class RedisQueue:
             body,
             *search_fields(message.body),
             _ms(self.redis.clock.seconds() + self.redis.timeout + 1 + CLOCK_SKEW_REDIS),
+            dsn_to_json(message.dsn),
         ]
         queues: list[str] = []
         for domain, rcpts in message.by_domain().items():
@@ -381,12 +436,15 @@ class RedisQueue:
         return lease.renewed(_ms(expires) / 1000)
 
     async def load(self, lease: Lease) -> StoredMessage:
-        sender, body = await self.redis.call("hmget", self.key("msg", lease.queue_id), ["sender", "body"])
+        sender, body, dsn_field = await self.redis.call(
+            "hmget", self.key("msg", lease.queue_id), ["sender", "body", "dsn"]
+        )
         if body is None:
             raise StoreUnavailable(f"message {lease.queue_id} has no body in Redis")
+        dsn = dsn_from_json(dsn_field)
         stub = read_stub(bytes(body))
         if stub is None:
-            return StoredMessage(sender=_text(sender), body=bytes(body))
+            return StoredMessage(sender=_text(sender), body=bytes(body), dsn=dsn)
         if self.bodies is None:
             raise StoreUnavailable(f"message {lease.queue_id}: its body is in a body store ({stub.ref}), none is set")
         try:
@@ -396,7 +454,7 @@ class RedisQueue:
         if len(self._refs) >= REFS_KEPT:
             self._refs.pop(next(iter(self._refs)))
         self._refs[lease.job_id] = stub.ref
-        return StoredMessage(sender=_text(sender), body=content)
+        return StoredMessage(sender=_text(sender), body=content, dsn=dsn)
 
     async def _retire_body(self, queue_id: str, ref: str | None) -> None:
         """
@@ -971,10 +1029,14 @@ class RedisQueue:
             )
             if qid is None:
                 continue
-            sender, received, body = await self.redis.call(
-                "hmget", self.key("msg", _text(qid)), ["sender", "received", "body"]
+            sender, received, body, dsn_field = await self.redis.call(
+                "hmget", self.key("msg", _text(qid)), ["sender", "received", "body", "dsn"]
             )
             try:
+                dsn = dsn_from_json(dsn_field)
+                full = None
+                if index == "failed" and dsn.ret is Ret.FULL and body is not None:
+                    full = await self._whole(_text(qid), bytes(body))
                 if index == "failed":
                     failures = [tuple(f) for f in json.loads(failed)]
                 else:
@@ -987,12 +1049,30 @@ class RedisQueue:
                         arrival=int(received or 0) / 1000,
                         failures=tuple((str(r), int(c), str(s), str(t)) for r, c, s, t in failures),
                         headers=_headers(bytes(body or b"")),
+                        dsn=dsn,
+                        full=full,
                     )
                 )
             except (TypeError, ValueError, UnicodeDecodeError) as e:
                 # one unreadable job must not stop the DSNs of all the others
                 log.error("job {job} in {index} cannot be read, skipped: {why}", job=job_id, index=index, why=repr(e))
         return jobs
+
+    async def _whole(self, queue_id: str, stored: bytes) -> bytes | None:
+        """
+        The whole message of a hash's ``body`` field, from the body store for a
+        stub; ``None`` when it is gone (the DSN then returns the headers).
+        """
+        stub = read_stub(stored)
+        if stub is None:
+            return stored
+        if self.bodies is None:
+            return None
+        try:
+            return await self.bodies.get(stub.ref)
+        except BodyNotFound:
+            log.warn("{queue_id}: body gone, the DSN returns its headers only", queue_id=queue_id)
+            return None
 
     def _dsn_args(self, job: FailedJob, dsn: IncomingMessage | None, now: float) -> tuple[str, list[object]]:
         """

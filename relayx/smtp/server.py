@@ -38,9 +38,19 @@ from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relayx.address import AddressError, Mailbox, Path, client_ip, normalize_domain, parse_path
+from relayx.address import AddressError, Mailbox, Path, client_ip, normalize_domain, parse_path, xtext_decode
 from relayx.checks.chain import Client, FilterChains, add_lines
-from relayx.interfaces import IMessageStore, IncomingMessage, IRecipientPolicy, StoreUnavailable
+from relayx.interfaces import (
+    NO_DSN,
+    IMessageStore,
+    IncomingMessage,
+    IRecipientPolicy,
+    MessageDsn,
+    Notify,
+    RecipientDsn,
+    Ret,
+    StoreUnavailable,
+)
 from relayx.message import strip_authentication_results
 from relayx.metrics import Metrics
 from relayx.reply import Reply
@@ -132,6 +142,14 @@ class Envelope:
     chunks: _Content | None = None
     #: header lines the filters asked for (an SPF result, a spam score)
     headers: list[str] = attrs.field(factory=list)
+    #: the DSN parameters of MAIL (RET, ENVID) and of each recipient that gave any
+    dsn: MessageDsn = NO_DSN
+    rcpt_dsn: dict[Mailbox, RecipientDsn] = attrs.field(factory=dict)
+
+    def message_dsn(self) -> MessageDsn:
+        return attrs.evolve(
+            self.dsn, recipients=tuple((str(m), d) for m, d in self.rcpt_dsn.items() if m in self.recipients)
+        )
 
     def add_headers(self, lines: tuple[str, ...]) -> None:
         add_lines(self.headers, lines)
@@ -653,6 +671,7 @@ class SMTPServerProtocol(Protocol):
             "SMTPUTF8",
             "ENHANCEDSTATUSCODES",
             "CHUNKING",
+            "DSN",
         ]
         if self.server.tls is not None and not self.session.tls:
             lines.append("STARTTLS")
@@ -674,8 +693,15 @@ class SMTPServerProtocol(Protocol):
         if path.params and not self.session.esmtp:
             self._error(Reply(555, "5.5.4", "Error: parameters need EHLO"))
             return None
+        dsn = NO_DSN
         for name, value in params.items():
-            if name == "SIZE":
+            if name in ("RET", "ENVID"):
+                try:
+                    dsn = _mail_dsn(dsn, name, value)
+                except ValueError as e:
+                    self._error(Reply(501, "5.5.4", f"Error: {e}"))
+                    return None
+            elif name == "SIZE":
                 if value is None or not value.isdigit():
                     self._error(Reply(501, "5.5.4", "Error: bad SIZE parameter"))
                     return None
@@ -697,7 +723,7 @@ class SMTPServerProtocol(Protocol):
         if room is not None:
             self._reply(room)  # the queue is full: temporary, and not the client's error
             return None
-        envelope = Envelope(sender=path, utf8="SMTPUTF8" in params)
+        envelope = Envelope(sender=path, utf8="SMTPUTF8" in params, dsn=dsn)
         if self.server.filters is not None:
             return self._mail_checked(self.server.filters, envelope)
         self.envelope = envelope
@@ -725,8 +751,16 @@ class SMTPServerProtocol(Protocol):
         except AddressError as e:
             self._error(Reply(501, "5.1.3", f"Error: bad recipient address syntax ({e})"))
             return None
-        if path.params:
-            self._error(Reply(555, "5.5.4", "Error: unsupported RCPT parameter"))
+        if path.params and not self.session.esmtp:
+            self._error(Reply(555, "5.5.4", "Error: parameters need EHLO"))
+            return None
+        try:
+            rcpt_dsn = _rcpt_dsn(path.params)
+        except ValueError as e:
+            self._error(Reply(501, "5.5.4", f"Error: {e}"))
+            return None
+        except KeyError as e:
+            self._error(Reply(555, "5.5.4", f"Error: unsupported RCPT parameter {e.args[0]}"))
             return None
         if path.route:
             # RFC 5321 3.6.1 lets a server decline source routes; a primary
@@ -742,6 +776,9 @@ class SMTPServerProtocol(Protocol):
         if room is not None:
             self._reply(room)
             return None
+        if rcpt_dsn is not None:
+            # kept for the recipient only if it is accepted (message_dsn)
+            envelope.rcpt_dsn.setdefault(mailbox, rcpt_dsn)
         return self._check_recipient(envelope, mailbox)
 
     def _too_many(self, envelope: Envelope) -> bool:
@@ -903,6 +940,7 @@ class SMTPServerProtocol(Protocol):
             recipients=tuple(envelope.recipients),
             received_at=now,
             body=header + content,
+            dsn=envelope.message_dsn(),
         )
         del content
         if factory.room is not None:
@@ -1182,3 +1220,64 @@ class SMTPServerFactory(ServerFactory):
         """
         self.stopping = True
         return [session for session in list(self.sessions) if not session.shut_down()]
+
+
+_NOTIFY_KEYWORDS = {n.value: n for n in Notify}
+_ENVID_MAX = 100  # RFC 3461 4.4: at most 100 characters, counting xtext
+
+
+def _mail_dsn(dsn: MessageDsn, name: str, value: str | None) -> MessageDsn:
+    """
+    ``dsn`` with MAIL's ``RET=`` or ``ENVID=`` (RFC 3461 4.3, 4.4) added;
+    ``ValueError`` naming the fault for a malformed value.
+    """
+    if name == "RET":
+        try:
+            return attrs.evolve(dsn, ret=Ret((value or "").upper()))
+        except ValueError:
+            raise ValueError("RET must be FULL or HDRS") from None
+    if not value or len(value) > _ENVID_MAX:
+        raise ValueError(f"ENVID must be 1 to {_ENVID_MAX} characters of xtext")
+    try:
+        envid = xtext_decode(value)
+    except AddressError as e:
+        raise ValueError(f"bad ENVID ({e})") from None
+    if not envid.isprintable():
+        raise ValueError("bad ENVID (control characters)")
+    return attrs.evolve(dsn, envid=envid)
+
+
+def _rcpt_dsn(params: dict[str, str | None]) -> RecipientDsn | None:
+    """
+    RCPT's ``NOTIFY=`` and ``ORCPT=`` (RFC 3461 4.1, 4.2), ``None`` when
+    neither is given. ``ValueError`` for a malformed value, ``KeyError``
+    (the name) for any other parameter.
+    """
+    if not params:
+        return None
+    notify: frozenset[Notify] | None = None
+    orcpt: str | None = None
+    for name, value in params.items():
+        if name == "NOTIFY":
+            words = (value or "").upper().split(",")
+            if not all(w in _NOTIFY_KEYWORDS for w in words):
+                raise ValueError("NOTIFY must be NEVER, or SUCCESS, FAILURE and DELAY separated by commas")
+            notify = frozenset(_NOTIFY_KEYWORDS[w] for w in words)
+            if (Notify.NEVER in notify and len(notify) > 1) or len(words) != len(notify):
+                raise ValueError("NOTIFY=NEVER stands alone, and each keyword once")
+        elif name == "ORCPT":
+            addr_type, semicolon, encoded = (value or "").partition(";")
+            if not semicolon or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]*", addr_type) or not encoded:
+                raise ValueError("ORCPT must be addr-type;xtext, such as rfc822;user@example.org")
+            if len(value or "") > 500:
+                raise ValueError("ORCPT is too long")
+            try:
+                original = xtext_decode(encoded)
+            except AddressError as e:
+                raise ValueError(f"bad ORCPT ({e})") from None
+            if not original.isprintable():
+                raise ValueError("bad ORCPT (control characters)")
+            orcpt = f"{addr_type.lower()};{original}"
+        else:
+            raise KeyError(name)
+    return RecipientDsn(notify=notify, orcpt=orcpt)
