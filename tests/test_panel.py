@@ -106,6 +106,10 @@ def browse(admin_port: int, smtp_port: int, sink: LoopbackSink, sample: Callable
             held.first.locator("a").click()
             expect(page.locator("#message-header")).to_contain_text("Subject: panel test 0")
             expect(page.locator("#jobs tr[data-state='held']")).to_have_count(1)
+            with page.expect_download() as eml:
+                page.click("#download-eml")
+            assert eml.value.suggested_filename.endswith(".eml")
+            assert b"Subject: panel test 0" in Path(eml.value.path()).read_bytes()
             page.go_back()
             expect(page.locator("#replay-text")).to_contain_text("Held: 3 messages wait")
 
@@ -161,6 +165,15 @@ def browse(admin_port: int, smtp_port: int, sink: LoopbackSink, sample: Callable
             expect(page.locator("#chart-rates polyline[data-series='delivered_per_minute']")).to_have_count(1)
             expect(page.locator("#legend-rates")).to_contain_text("Delivered 0")
             expect(page.locator("#replay-text")).to_contain_text("Done: 3 messages delivered since")
+            # proof of delivery for the window: totals, and the CSV with each message's reply
+            page.fill("#report-from", time.strftime("%Y-%m-%dT%H:%M", time.localtime(now - 3600)))
+            page.click("#report-show")
+            expect(page.locator("#report-result")).to_contain_text("3 messages accepted in this window: 3 delivered")
+            with page.expect_download() as report:
+                page.click("#report-csv")
+            assert report.value.suggested_filename == "example.com-delivery-report.csv"
+            csv_text = Path(report.value.path()).read_text()
+            assert csv_text.count("carol") == 3 and "delivered" in csv_text
             page.screenshot(path=str(shots / "2-domain.png"), full_page=True)
 
             page.click("#nav-audit")
