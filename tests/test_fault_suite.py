@@ -3,7 +3,7 @@ The promise under Redis faults, with real redis-server and relayx processes
 and a real primary on loopback: every message answered 250 is delivered
 exactly once, and no message answered 451 is delivered at all (its sender
 sends it again). Redis is stalled (SIGSTOP), killed and restarted from its
-AOF, and filled to its maxmemory while mail arrives.
+AOF, shut down for 20 s, and filled to its maxmemory while mail arrives.
 
 The stall is 8 s, not the issue's 30 s, to keep CI short: past the
 [redis] timeout (2 s here) every in-flight call has given up either way.
@@ -40,6 +40,13 @@ def kill_and_restart(redis: RedisProcess) -> None:
     redis.kill()
     time.sleep(3)
     redis.start()  # the same directory: it loads its AOF
+
+
+def stop_for_20_seconds(redis: RedisProcess) -> None:
+    time.sleep(3)
+    redis.stop(keep=True)  # SIGTERM: Redis writes its AOF and exits
+    time.sleep(20)
+    redis.start()
 
 
 def fill_memory(redis: RedisProcess) -> None:
@@ -80,6 +87,7 @@ class FaultSuite(TestCase):
         accepted = {name for name, code in codes.items() if code == 250}
         refused = {name for name, code in codes.items() if code != 250}
         assert refused, "the fault changed nothing"
+        assert codes[max(codes)] == 250, "accepting did not resume after the fault"
         await wait_for(lambda: accepted <= {subject(m.body) for m in sink.messages}, 120, "every accepted message")
         await deferToThread(time.sleep, 3)
         received = [subject(m.body) for m in sink.messages]
@@ -97,6 +105,11 @@ class FaultSuite(TestCase):
     async def test_redis_killed_and_restarted(self) -> None:
         """When Redis is killed under load and restarted from its AOF, no 250 is lost and no 451 is delivered."""
         await self.survive(kill_and_restart)
+
+    @deferred_test
+    async def test_redis_down_for_20_seconds(self) -> None:
+        """When Redis is shut down for 20 s under load and started again, no 250 is lost and no 451 is delivered."""
+        await self.survive(stop_for_20_seconds, count=700)
 
     @deferred_test
     async def test_redis_memory_full(self) -> None:
