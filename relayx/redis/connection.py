@@ -583,18 +583,10 @@ async def connect(
     from twisted.internet import reactor
     from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 
-    where = f"{host}:{port}"
-    link = _Link(where, evicting_ok=evicting_ok)
     endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
     if tls is not None:
         endpoint = wrapClientTLS(tls, endpoint)
-
-    def make_pool() -> Any:
-        return _pool_on(endpoint, where, db, username, password, timeout, poolsize, link)
-
-    redis = RedisConnection(make_pool, clock, timeout, where, link=link)
-    redis.watch()
-    return redis
+    return _watched(endpoint, f"{host}:{port}", db, username, password, clock, timeout, poolsize, evicting_ok)
 
 
 async def connect_unix(
@@ -611,12 +603,28 @@ async def connect_unix(
     from twisted.internet import reactor
     from twisted.internet.endpoints import UNIXClientEndpoint
 
-    where = f"unix:{path}"
-    link = _Link(where, evicting_ok=evicting_ok)
     endpoint = UNIXClientEndpoint(reactor, str(path), timeout=timeout)
+    return _watched(endpoint, f"unix:{path}", 0, None, password, clock, timeout, poolsize, evicting_ok)
+
+
+def _watched(
+    endpoint: IStreamClientEndpoint,
+    where: str,
+    db: int,
+    username: str | None,
+    password: str | None,
+    clock: IReactorTime,
+    timeout: float,
+    poolsize: int,
+    evicting_ok: bool,
+) -> RedisConnection:
+    """
+    A watched pool of connections to one server through ``endpoint``.
+    """
+    link = _Link(where, evicting_ok=evicting_ok)
 
     def make_pool() -> Any:
-        return _pool_on(endpoint, where, 0, None, password, timeout, poolsize, link)
+        return _pool_on(endpoint, where, db, username, password, timeout, poolsize, link)
 
     redis = RedisConnection(make_pool, clock, timeout, where, link=link)
     redis.watch()
