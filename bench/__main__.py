@@ -22,6 +22,7 @@ import argparse
 import itertools
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -285,7 +286,9 @@ def main() -> None:
     a.add_argument("--seconds", type=float, default=120, help="stop sending after this long")
     a.add_argument("--fsync", default="always", choices=["always", "everysec", "no"])
     a.add_argument("--no-postfix", action="store_true")
-    a.add_argument("--processes", type=int, default=1, help="SMTP processes per node ([node] processes)")
+    a.add_argument(
+        "--processes", "--workers", type=int, default=1, help="SMTP worker processes per node ([node] processes)"
+    )
     r = sub.add_parser("replay", help="drain of a queue filled while the primary was down")
     r.add_argument("--nodes", type=int, default=2)
     r.add_argument("--count", type=int, default=1000)
@@ -306,7 +309,29 @@ def main() -> None:
     d.add_argument("--no-postfix", action="store_true", help="(no Postfix comparison in this benchmark)")
     for command in (a, r, d):
         command.add_argument("--results", type=Path, default=RESULTS, help="where to write the JSON and PNG")
+        command.add_argument(
+            "--rounds",
+            type=int,
+            default=1,
+            help="run the whole benchmark (relayx, then Postfix) this many times and report medians with ranges",
+        )
     options = parser.parse_args()
+    if options.rounds < 1:
+        parser.error("--rounds: expected a whole number of at least 1")
+    options.results.mkdir(parents=True, exist_ok=True)
+    rounds = [run_once(options) for _ in range(options.rounds)]
+    if len(rounds) > 1:
+        summary = {"kind": f"{options.kind}-rounds", "rounds": len(rounds), **medians(rounds)}
+        path = options.results / f"{options.kind}-rounds-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        path.write_text(json.dumps(summary, indent=1))
+        print(json.dumps(summary, indent=1))
+        print(f"medians of {len(rounds)} rounds: {path}")
+
+
+def run_once(options: argparse.Namespace) -> dict[str, Any]:
+    """
+    One round of the chosen benchmark: its JSON and plot written, its headline printed.
+    """
     if options.kind == "accept":
         options.size = options.size or [1024]
         result = accept(options)
@@ -317,7 +342,6 @@ def main() -> None:
         result = depth(options)
     else:
         result = replay(options)
-    options.results.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = options.results / f"{options.kind}-{stamp}.json"
     path.write_text(json.dumps(result, indent=1))
@@ -326,6 +350,33 @@ def main() -> None:
     picture = plot(result, path.with_suffix(".png"))
     print(json.dumps(headline(result), indent=1))
     print(f"result: {path}" + (f"\nplot: {picture}" if picture else "\nplot: not drawn (pip install matplotlib)"))
+    result["file"] = path.name
+    return result
+
+
+def medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """
+    Each number of the rounds' headlines as its median, least and greatest
+    (``{"median": m, "range": [lo, hi]}``), under the same path; the files
+    the figures come from under ``files``. README figures are copied from here.
+    """
+    flat: dict[str, list[float]] = {}
+
+    def walk(value: Any, path: str) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(inner, f"{path}.{key}" if path else key)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            flat.setdefault(path, []).append(float(value))
+
+    for result in rounds:
+        walk(headline({k: v for k, v in result.items() if k not in ("machine", "file")}), "")
+    figures = {
+        path: {"median": statistics.median(values), "range": [min(values), max(values)]}
+        for path, values in flat.items()
+        if len(values) == len(rounds)
+    }
+    return {"figures": figures, "files": [r["file"] for r in rounds], "machine": rounds[0].get("machine")}
 
 
 def headline(result: dict[str, Any]) -> dict[str, Any]:

@@ -53,3 +53,19 @@ def test_depth_smoke(tmp_path: Path) -> None:
     assert deep["depth"] >= 200 and deep["redis_bytes_per_msg"] > 0
     assert all(call["status"] == 200 for call in deep["calls"].values())
     assert deep["accept"]["accepted"] == 20 and deep["drain"]["delivered"] > 0
+
+
+def test_rounds_report_medians_with_ranges() -> None:
+    """
+    When a benchmark runs several rounds, every headline number is reported
+    as its median with the least and greatest value, and the series are left out.
+    """
+    from bench.__main__ import medians
+
+    rounds = [
+        {"file": f"accept-{n}.json", "machine": {"cpus": 2}, "relayx": {"msg_per_s": rate, "per_second": [1, 2]}}
+        for n, rate in enumerate((900.0, 700.0, 800.0))
+    ]
+    summary = medians(rounds)
+    assert summary["figures"] == {"relayx.msg_per_s": {"median": 800.0, "range": [700.0, 900.0]}}
+    assert summary["files"] == ["accept-0.json", "accept-1.json", "accept-2.json"]
