@@ -128,7 +128,7 @@ def numbered(n: int, rcpts: list[str]) -> bytes:
 class ParallelDeliveryTests(NodeCase):
     @deferred_test
     async def test_parallel_replay_keeps_each_mailbox_in_order(self) -> None:
-        """When 60 messages to 6 mailboxes (some to several) replay at concurrency 6, each mailbox gets them in order."""
+        """When 60 messages to 6 mailboxes (some to two) replay at concurrency 6, each mailbox gets them in order."""
         sink = LoopbackSink()
         await self.start_node(sink, concurrency=6, workers=6)
         sent: list[tuple[int, list[str]]] = []

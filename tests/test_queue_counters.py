@@ -97,7 +97,7 @@ class SyncRedis:
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         if method == "hscan":
             # txredisapi's answer: the cursor and a flat list of fields and values
-            cursor, fields = self.r.hscan(*args, **kwargs)
+            cursor, fields = cast(tuple[int, dict[bytes, bytes]], self.r.hscan(*args, **kwargs))
             return cursor, [x for pair in fields.items() for x in pair]
         return getattr(self.r, method)(*args, **kwargs)
 
