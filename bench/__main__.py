@@ -192,8 +192,16 @@ def replay(options: argparse.Namespace) -> dict[str, Any]:
         retry='"1m", "5m"',
         probe=options.probe,
     )
+    pids = {f"relayx-{n}": pid for n, pid in enumerate(nodes.pids)} | {"redis": redis.process.pid}
     try:
-        result["relayx"] = drain(options, directory / "relayx.jsonl", primary, nodes.ports, lambda: None)
+        result["relayx"] = drain(
+            options,
+            directory / "relayx.jsonl",
+            primary,
+            nodes.ports,
+            lambda: None,
+            lambda: {name: cpu_seconds(pid) for name, pid in pids.items()},
+        )
     finally:
         nodes.stop()
         redis.stop()
@@ -201,7 +209,14 @@ def replay(options: argparse.Namespace) -> dict[str, Any]:
         postfix = Postfix(directory, primary)
         try:
             # Postfix has no recovery probe: the operator flushes its queue
-            result["postfix"] = drain(options, directory / "postfix.jsonl", primary, [postfix.port], postfix.flush)
+            result["postfix"] = drain(
+                options,
+                directory / "postfix.jsonl",
+                primary,
+                [postfix.port],
+                postfix.flush,
+                lambda: {"postfix": postfix.process_cpu()},
+            )
         finally:
             postfix.stop()
     else:
@@ -211,11 +226,17 @@ def replay(options: argparse.Namespace) -> dict[str, Any]:
 
 
 def drain(
-    options: argparse.Namespace, record: Path, primary: int, ports: list[int], recovered: Callable[[], None]
+    options: argparse.Namespace,
+    record: Path,
+    primary: int,
+    ports: list[int],
+    recovered: Callable[[], None],
+    cpu: Callable[[], dict[str, float]],
 ) -> dict[str, Any]:
     """
     Fill the queue behind ``ports`` while the primary is down, bring a
-    recording sink up, and measure what it receives.
+    recording sink up, and measure what it receives and the CPU time the
+    servers (``cpu``: seconds by process) spent draining.
     """
     # one session: acceptance order is the order of the message numbers
     fill = run_load(ports, 1, options.count, [options.size], options.seconds, options.mailboxes)
@@ -230,6 +251,7 @@ def drain(
         assert sink.stderr is not None
         sink.stderr.readline()  # "sink listening on ...": the primary is back
         up = time.time()
+        cpu_before = cpu()
         recovered()
         deadline = time.monotonic() + options.seconds + accepted / max(options.rate or 1000, 1) * 2
         while time.monotonic() < deadline:
@@ -237,6 +259,7 @@ def drain(
             if len({a["subject"] for a in arrivals}) >= accepted:
                 break
             time.sleep(0.2)
+        cpu_spent = {name: seconds - cpu_before[name] for name, seconds in cpu().items()}
     finally:
         sink.terminate()
         sink.wait(10)
@@ -262,6 +285,8 @@ def drain(
         "first_delivery_after_s": round(first, 2) if first is not None else None,
         "measured_rate": round((len(times) - 1) / span, 2) if span else None,
         "worst_1s_window": worst,
+        # CPU time per delivered message (machine-independent, unlike the rate on a shared machine)
+        "cpu_ms_per_msg": {name: round(seconds * 1000 / max(1, len(unique)), 3) for name, seconds in cpu_spent.items()},
         "per_second": [per_second.get(s, 0) for s in range(0, int(max(per_second, default=0)) + 1)],
     }
 
