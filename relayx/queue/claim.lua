@@ -116,10 +116,10 @@ for i = 0, n - 1 do
   else
     local held = held_clock(prefix .. ':dom:' .. base_domain(domain), now)
     local paused = tonumber(redis.call('HGET', dom, 'paused_until') or '0')
-    if not held and paused <= now then
+    if not held and paused <= now and scanned < SCAN_BUDGET then
       local take, next_token = allowance(dom, domain, redis.call('ZCARD', inflight), limit - #claimed)
       if next_token > 0 and (wake == 0 or next_token < wake) then wake = next_token end
-      if take > 0 and scanned < SCAN_BUDGET then
+      if take > 0 then
         -- the head of the queue, in acceptance order: a job is leased only if
         -- none of its recipients is busy (in flight or deferred, common.lua)
         -- nor wanted by an earlier ready job passed over in this window
