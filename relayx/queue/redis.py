@@ -195,7 +195,8 @@ class Replication:
 class CheckReport:
     """
     What a consistency check found: each counter that differs from its
-    recount (queue or ``totals``, field, counter, recount), problems in the
+    recount (queue or ``totals``, field, counter, recount; a busy recipient's
+    count is the field ``"busy <recipient>"``), problems in the
     locations and indexes by kind (see tally.lua), and with repair, what was
     set and what changed while it was counted (``busy``: not set).
     """
@@ -825,7 +826,8 @@ class RedisQueue:
         Recount the queue in bounded steps (tally.lua, ``batch`` entries per
         call, the cursor kept here) and compare with the counters; with
         ``repair``, mend the locations and indexes and set each counter that
-        differs to its recount, unless its queue changed during the check
+        differs to its recount (a queue's busy recipients with its counters),
+        unless its queue changed during the check
         (then it is reported busy: check again, or hold the domain first).
         Read-only without ``repair``.
         """
