@@ -143,3 +143,22 @@ class ParallelDeliveryTests(NodeCase):
         assert recipient_order_violations(got) == 0
         # and the mailboxes went in parallel: more than one session to the primary
         assert sink.sink.connections > 1, sink.sink.connections
+
+
+class MailboxRateTests(QueueCase):
+    @deferred_test
+    async def test_rate_holds_with_mailboxes_shared(self) -> None:
+        """When 900 messages to 50 mailboxes drain at 200 msg/s, 20 at once, 800 (+ the burst) are leased in 4 s."""
+        q = await self.make_queue()
+        for n in range(900):
+            await q.enqueue(message(f"M{n:03}", f"m{n % 50}@one.test"))
+        throttle = {"one.test": Throttle(concurrency=20, rate=200.0)}
+        now, leased = T0, 0
+        while now < T0 + 4.0:
+            claim = await q.claim("node", now, 100, throttle, Throttle(concurrency=1))
+            leased += len(claim.leases)
+            for lease in claim.leases:
+                await q.settle(lease, Outcome(delivered=lease.recipients), now)
+            now = claim.wake if claim.wake is not None else now + 0.001
+        print(f"\n{leased} leased in 4 s at 200 msg/s")
+        assert 792 <= leased <= 811, leased
