@@ -40,6 +40,7 @@ from bench.harness import (
     postfix_available,
     redis_memory,
 )
+from bench.sink import recipient_order_violations
 from relayx.redis.embedded import free_port
 
 RESULTS = ROOT / "bench" / "results"
@@ -52,9 +53,11 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-def run_load(ports: list[int], sessions: int, count: int, sizes: list[int], seconds: float) -> dict[str, Any]:
+def run_load(
+    ports: list[int], sessions: int, count: int, sizes: list[int], seconds: float, mailboxes: int = 0
+) -> dict[str, Any]:
     command = [sys.executable, "-m", "bench.load", "--sessions", str(sessions), "--count", str(count)]
-    command += ["--seconds", str(seconds)]
+    command += ["--seconds", str(seconds), "--mailboxes", str(mailboxes)]
     for port in ports:
         command += ["--port", str(port)]
     for size in sizes:
@@ -174,6 +177,8 @@ def replay(options: argparse.Namespace) -> dict[str, Any]:
         "count": options.count,
         "rate": options.rate,
         "concurrency": options.concurrency,
+        "workers": options.workers,
+        "mailboxes": options.mailboxes,
         "machine": machine(),
     }
     redis = Redis(directory)
@@ -184,11 +189,20 @@ def replay(options: argparse.Namespace) -> dict[str, Any]:
         primary,
         rate=options.rate,
         concurrency=options.concurrency,
+        workers=options.workers,
         retry='"1m", "5m"',
         probe=options.probe,
     )
+    pids = {f"relayx-{n}": pid for n, pid in enumerate(nodes.pids)} | {"redis": redis.process.pid}
     try:
-        result["relayx"] = drain(options, directory / "relayx.jsonl", primary, nodes.ports, lambda: None)
+        result["relayx"] = drain(
+            options,
+            directory / "relayx.jsonl",
+            primary,
+            nodes.ports,
+            lambda: None,
+            lambda: {name: cpu_seconds(pid) for name, pid in pids.items()},
+        )
     finally:
         nodes.stop()
         redis.stop()
@@ -196,7 +210,14 @@ def replay(options: argparse.Namespace) -> dict[str, Any]:
         postfix = Postfix(directory, primary)
         try:
             # Postfix has no recovery probe: the operator flushes its queue
-            result["postfix"] = drain(options, directory / "postfix.jsonl", primary, [postfix.port], postfix.flush)
+            result["postfix"] = drain(
+                options,
+                directory / "postfix.jsonl",
+                primary,
+                [postfix.port],
+                postfix.flush,
+                lambda: {"postfix": postfix.process_cpu()},
+            )
         finally:
             postfix.stop()
     else:
@@ -206,14 +227,20 @@ def replay(options: argparse.Namespace) -> dict[str, Any]:
 
 
 def drain(
-    options: argparse.Namespace, record: Path, primary: int, ports: list[int], recovered: Callable[[], None]
+    options: argparse.Namespace,
+    record: Path,
+    primary: int,
+    ports: list[int],
+    recovered: Callable[[], None],
+    cpu: Callable[[], dict[str, float]],
 ) -> dict[str, Any]:
     """
     Fill the queue behind ``ports`` while the primary is down, bring a
-    recording sink up, and measure what it receives.
+    recording sink up, and measure what it receives and the CPU time the
+    servers (``cpu``: seconds by process) spent draining.
     """
     # one session: acceptance order is the order of the message numbers
-    fill = run_load(ports, 1, options.count, [options.size], options.seconds)
+    fill = run_load(ports, 1, options.count, [options.size], options.seconds, options.mailboxes)
     accepted = sum(1 for s in fill["samples"] if s[2] == 250)
     sink = subprocess.Popen(
         [sys.executable, "-m", "bench.sink", "--port", str(primary), "--record", str(record)],
@@ -225,6 +252,7 @@ def drain(
         assert sink.stderr is not None
         sink.stderr.readline()  # "sink listening on ...": the primary is back
         up = time.time()
+        cpu_before = cpu()
         recovered()
         deadline = time.monotonic() + options.seconds + accepted / max(options.rate or 1000, 1) * 2
         while time.monotonic() < deadline:
@@ -232,13 +260,17 @@ def drain(
             if len({a["subject"] for a in arrivals}) >= accepted:
                 break
             time.sleep(0.2)
+        cpu_spent = {name: seconds - cpu_before[name] for name, seconds in cpu().items()}
     finally:
         sink.terminate()
         sink.wait(10)
     times = sorted(a["t"] for a in arrivals)
-    numbers = [int(a["subject"].split()[-1]) for a in sorted(arrivals, key=lambda a: a["t"])]
+    in_order = sorted(arrivals, key=lambda a: a["t"])
+    numbers = [int(a["subject"].split()[-1]) for a in in_order]
     unique: list[int] = list(dict.fromkeys(numbers))
-    violations = sum(1 for previous, n in itertools.pairwise(unique) if n < previous)
+    # what a person sees: each mailbox's messages in acceptance order
+    violations = recipient_order_violations(zip(numbers, (a["rcpt"] for a in in_order), strict=True))
+    across = sum(1 for previous, n in itertools.pairwise(unique) if n < previous)
     first = times[0] - up if times else None
     span = times[-1] - times[0] if len(times) > 1 else 0.0
     per_second: dict[int, int] = {}
@@ -250,9 +282,12 @@ def drain(
         "delivered_unique": len(unique),
         "duplicates": len(numbers) - len(unique),
         "order_violations": violations,
+        "acceptance_order_violations": across,
         "first_delivery_after_s": round(first, 2) if first is not None else None,
         "measured_rate": round((len(times) - 1) / span, 2) if span else None,
         "worst_1s_window": worst,
+        # CPU time per delivered message (machine-independent, unlike the rate on a shared machine)
+        "cpu_ms_per_msg": {name: round(seconds * 1000 / max(1, len(unique)), 3) for name, seconds in cpu_spent.items()},
         "per_second": [per_second.get(s, 0) for s in range(0, int(max(per_second, default=0)) + 1)],
     }
 
@@ -294,7 +329,9 @@ def main() -> None:
     r.add_argument("--count", type=int, default=1000)
     r.add_argument("--size", type=int, default=1024)
     r.add_argument("--rate", type=float, default=50)
-    r.add_argument("--concurrency", type=int, default=1)
+    r.add_argument("--concurrency", type=int, default=20, help="the domain's deliveries at once")
+    r.add_argument("--workers", type=int, default=8, help="deliveries at once per node ([queue] workers)")
+    r.add_argument("--mailboxes", type=int, default=50, help="recipients' mailboxes the messages go to")
     r.add_argument("--probe", default="5s")
     r.add_argument("--seconds", type=float, default=120)
     r.add_argument("--no-postfix", action="store_true")

@@ -127,7 +127,7 @@ url = "redis://127.0.0.1:{redis}/0"
 [queue]
 retry_schedule = [{retry}]
 probe_interval = "{probe}"
-workers = 8
+workers = {workers}
 
 [[domain]]
 name = "example.com"
@@ -152,6 +152,7 @@ class Nodes:
         primary: int,
         rate: float = 0,
         concurrency: int = 1,
+        workers: int = 8,
         retry: str = '"1h"',
         probe: str = "1h",
         processes: int = 1,
@@ -169,6 +170,7 @@ class Nodes:
                     primary=primary,
                     rate=rate,
                     concurrency=concurrency,
+                    workers=workers,
                     retry=retry,
                     probe=probe,
                     processes=processes,

@@ -42,12 +42,25 @@ async def _reply(reader: asyncio.StreamReader) -> int:
             return int(line[:3])
 
 
+def recipients(n: int, mailboxes: int) -> list[str]:
+    """
+    The recipients of message ``n``: a mailbox of its own (``mailboxes`` 0),
+    or one of ``mailboxes`` in turn, every seventh message to a second one too
+    (so the replay's order check sees mailboxes shared between messages).
+    """
+    if not mailboxes:
+        return [f"u{n}@example.com"]
+    first, second = n % mailboxes, (n * 3 + 1) % mailboxes
+    return [f"m{first}@example.com"] + ([f"m{second}@example.com"] if n % 7 == 0 and second != first else [])
+
+
 async def session(
     host: str,
     port: int,
     queue: asyncio.Queue[tuple[int, bytes]],
     samples: list[tuple[float, float, int, int]],
     deadline: float,
+    mailboxes: int = 0,
 ) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     try:
@@ -62,12 +75,12 @@ async def session(
             body = header(n) + payload
             start = time.monotonic()
             # pipelined envelope, as a real MTA client sends it
-            writer.write(
-                f"MAIL FROM:<load@sender.test> SIZE={len(body)}\r\nRCPT TO:<u{n}@example.com>\r\nDATA\r\n".encode()
-            )
-            codes = [await _reply(reader) for _ in range(3)]
-            if codes[2] != 354:
-                samples.append((start, time.monotonic(), codes[2], len(body)))
+            to = recipients(n, mailboxes)
+            rcpt = "".join(f"RCPT TO:<{r}>\r\n" for r in to)
+            writer.write(f"MAIL FROM:<load@sender.test> SIZE={len(body)}\r\n{rcpt}DATA\r\n".encode())
+            codes = [await _reply(reader) for _ in range(len(to) + 2)]
+            if codes[-1] != 354:
+                samples.append((start, time.monotonic(), codes[-1], len(body)))
                 writer.write(b"RSET\r\n")
                 await _reply(reader)
                 continue
@@ -81,7 +94,7 @@ async def session(
 
 
 async def run(
-    host: str, ports: list[int], sessions: int, count: int, sizes: list[int], seconds: float
+    host: str, ports: list[int], sessions: int, count: int, sizes: list[int], seconds: float, mailboxes: int = 0
 ) -> dict[str, object]:
     rng = random.Random(1)
     payloads = {size: make_payload(size) for size in sizes}
@@ -91,7 +104,9 @@ async def run(
     samples: list[tuple[float, float, int, int]] = []
     begin = time.monotonic()
     deadline = begin + seconds
-    await asyncio.gather(*(session(host, ports[i % len(ports)], queue, samples, deadline) for i in range(sessions)))
+    await asyncio.gather(
+        *(session(host, ports[i % len(ports)], queue, samples, deadline, mailboxes) for i in range(sessions))
+    )
     return {
         "begin": begin,
         "end": time.monotonic(),
@@ -107,9 +122,11 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=5000)
     parser.add_argument("--size", type=int, action="append")
     parser.add_argument("--seconds", type=float, default=120)
+    parser.add_argument("--mailboxes", type=int, default=0, help="recipients' mailboxes (0: one per message)")
     options = parser.parse_args()
+    sizes = options.size or [1024]
     result = asyncio.run(
-        run(options.host, options.port, options.sessions, options.count, options.size or [1024], options.seconds)
+        run(options.host, options.port, options.sessions, options.count, sizes, options.seconds, options.mailboxes)
     )
     json.dump(result, sys.stdout)
 

@@ -14,7 +14,7 @@ import email.parser
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -58,6 +58,26 @@ class Sink:
 
     def factory(self) -> SinkFactory:
         return SinkFactory(self)
+
+
+def recipient_order_violations(arrivals: Iterable[tuple[int, Sequence[str]]]) -> int:
+    """
+    Messages as they arrived (their number in acceptance order, their
+    recipients): how many times a mailbox got a message numbered lower than
+    the one it got before (a copy of one it already had does not count).
+    """
+    last: dict[str, int] = {}
+    seen: set[tuple[str, int]] = set()
+    violations = 0
+    for n, recipients in arrivals:
+        for mailbox in {r.lower() for r in recipients}:
+            if (mailbox, n) in seen:
+                continue
+            seen.add((mailbox, n))
+            if n < last.get(mailbox, n):
+                violations += 1
+            last[mailbox] = n
+    return violations
 
 
 class SinkProtocol(LineReceiver):

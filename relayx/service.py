@@ -168,6 +168,8 @@ def build_deliverer(config: Config, reactor: Any, routes: RouteTable) -> SMTPDel
         timeouts=Timeouts(command=d.command_timeout, data=d.data_timeout),
         clock=reactor,
         client_tls=client_tls_factory(d.tls_ca_file),
+        # one idle session per delivery the node runs at once: parallel mailboxes reuse theirs
+        idle_sessions=config.queue.workers,
     )
 
 

@@ -722,7 +722,8 @@ class QueueWithBodiesTests(TestCase):
         plain, stored, store = await self.queues()
 
         def message(queue_id: str) -> IncomingMessage:
-            return IncomingMessage(queue_id, "s@sender.test", (Mailbox.parse("u@one.test"),), time.time(), BODY)
+            rcpt = Mailbox.parse(f"{queue_id.lower()}@one.test")  # mailboxes of their own: leased together
+            return IncomingMessage(queue_id, "s@sender.test", (rcpt,), time.time(), BODY)
 
         await plain.enqueue(message("OLD"))
         await stored.enqueue(message("NEW"))

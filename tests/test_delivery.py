@@ -276,3 +276,38 @@ def test_closed_kept_session_is_not_a_failure() -> None:
     s.replies["a"] = b"220 d\r\n" + EHLO_PIPELINING + one
     assert run(d, ("y@example.com",)).delivered == ("y@example.com",)
     assert s.connections == 2
+
+
+def test_parallel_sessions_are_all_kept_for_reuse() -> None:
+    """When six deliveries to one host run at once, all six sessions carry the next six messages: none is ended."""
+    clock = Clock()
+    one = b"250 ok\r\n250 ok\r\n354 go\r\n250 queued\r\n250 reset\r\n"
+    opened: list[SMTPClientProtocol] = []
+
+    async def connect(host: str, port: int) -> SMTPClientProtocol:
+        protocol = SMTPClientProtocol(clock)
+        protocol.makeConnection(StringTransport())
+        protocol.dataReceived(b"220 d\r\n" + EHLO_PIPELINING)
+        opened.append(protocol)
+        return protocol
+
+    async def targets(domain: str) -> list[Target]:
+        return [Target("a", 25, "a", "none")]
+
+    d = SMTPDeliverer(
+        helo_name="mx2.example.net",
+        targets=targets,
+        connect=connect,
+        timeouts=Timeouts(60, 60),
+        clock=clock,
+        idle_sessions=8,
+    )
+    for _ in range(2):
+        outcomes: list[Outcome] = []
+        for n in range(6):
+            delivery = Deferred.fromCoroutine(d.deliver("example.com", "b@sender.test", (f"u{n}@example.com",), b"x"))
+            delivery.addCallback(outcomes.append)
+        for protocol in opened:
+            protocol.dataReceived(one)
+        assert len(outcomes) == 6 and all(o.delivered for o in outcomes)
+    assert len(opened) == 6

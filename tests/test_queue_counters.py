@@ -3,8 +3,9 @@ The queue's counters against a recount (hypothesis, stateful), on a real
 ``redis-server``: random sequences of enqueue (several domains, copy
 destinations), claim, settle (delivered, failed, deferred, unreachable),
 lease expiry, due retries, delay warnings, bounce, requeue, re-route, hold,
-release, delete and flush; after every step the counters, the totals and the
-oldest job equal a recount of every job, and the consistency check agrees.
+release, delete and flush; after every step the counters, the totals, the
+oldest job and each queue's busy recipients equal a recount of every job, no
+mailbox has two jobs in flight or deferred, and the consistency check agrees.
 
 The queue runs its real scripts through a small synchronous client (redis-py)
 instead of the node's Twisted one, so each rule is a plain call: nothing in
@@ -16,7 +17,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -94,6 +95,10 @@ class SyncRedis:
             raise NotApplied(str(e)) from None
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        if method == "hscan":
+            # txredisapi's answer: the cursor and a flat list of fields and values
+            cursor, fields = cast(tuple[int, dict[bytes, bytes]], self.r.hscan(*args, **kwargs))
+            return cursor, [x for pair in fields.items() for x in pair]
         return getattr(self.r, method)(*args, **kwargs)
 
 
@@ -140,6 +145,21 @@ def recount(r: redis.Redis, prefix: str, now: float) -> tuple[dict[str, QueueCou
     return result, (messages, size, jobs)
 
 
+def busy_recount(r: redis.Redis, prefix: str) -> dict[str, dict[str, list[str]]]:
+    """
+    Per queue, each recipient (lower case) of a job in flight or deferred and
+    those jobs, read job by job: what ``<p>:busy:<q>`` counts.
+    """
+    busy: dict[str, dict[str, list[str]]] = {}
+    for where in ("leased", "deferred"):
+        for member in r.zrange(f"{prefix}:{where}", 0, -1):
+            jid = _str(member)
+            domain, rcpts = (_str(v) for v in r.hmget(f"{prefix}:job:{jid}", ["domain", "rcpts"]))
+            for rcpt in json.loads(rcpts):
+                busy.setdefault(domain, {}).setdefault(rcpt.lower(), []).append(jid)
+    return busy
+
+
 class QueueCounters(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -162,11 +182,12 @@ class QueueCounters(RuleBasedStateMachine):
     @rule(
         domains=st.lists(st.sampled_from(DOMAINS), min_size=1, max_size=3, unique=True),
         size=st.integers(min_value=0, max_value=3000),
+        users=st.lists(st.sampled_from(["u", "v", "W"]), min_size=1, max_size=2, unique=True),
     )
-    def enqueue(self, domains: list[str], size: int) -> None:
+    def enqueue(self, domains: list[str], size: int, users: Sequence[str] = ("u", "v")) -> None:
         self.n += 1
         qid = f"M{self.n}"
-        rcpts = tuple(Mailbox.parse(f"{u}@{d}") for d in domains for u in ("u", "v"))
+        rcpts = tuple(Mailbox.parse(f"{u}@{d}") for d in domains for u in users)
         body = b"Subject: x\r\n\r\n" + b"x" * size
         done(self.q.enqueue(IncomingMessage(qid, "bob@sender.test", rcpts, self.now, body)))
         self.qids.append(qid)
@@ -275,6 +296,17 @@ class QueueCounters(RuleBasedStateMachine):
         report = done(self.q.check_queue(QUEUES, batch=2))
         assert report.consistent, report
 
+    @invariant()
+    def busy_equals_a_recount(self) -> None:
+        """Each queue's busy recipients are those of its jobs in flight or deferred, each in one job only."""
+        r, p = self.redis.r, self.q.prefix
+        busy = busy_recount(r, p)
+        for queue in QUEUES:
+            kept = {_str(k): int(v) for k, v in r.hgetall(f"{p}:busy:{queue}").items()}
+            assert kept == {rcpt: len(jobs) for rcpt, jobs in busy.get(queue, {}).items()}, queue
+            # claim leases no job with a busy recipient: no mailbox has two jobs out of ready
+            assert all(len(jobs) == 1 for jobs in busy.get(queue, {}).values()), busy[queue]
+
     def teardown(self) -> None:
         keys = list(self.redis.r.scan_iter(f"{self.q.prefix}:*"))
         if keys:
@@ -310,6 +342,31 @@ def test_check_repairs_a_broken_counter() -> None:
         assert set(repaired.repaired) == {"two.test", "totals"} and not repaired.busy
         assert done(machine.q.check_queue(QUEUES)).consistent
         machine.counters_equal_a_recount()
+    finally:
+        machine.teardown()
+
+
+def test_check_repairs_busy_recipients() -> None:
+    """When a queue's busy recipients are wrong (one missing, one left over), check_queue reports and mends them."""
+    machine = QueueCounters()
+    try:
+        machine.enqueue(["two.test"], 10, ["u", "W"])
+        machine.enqueue(["two.test"], 10, ["x"])
+        machine.claim(1)
+        r, p = machine.redis.r, machine.q.prefix
+        busy = f"{p}:busy:two.test"
+        assert r.hgetall(busy) == {b"u@two.test": b"1", b"w@two.test": b"1"}
+        r.hdel(busy, "w@two.test")
+        r.hset(busy, "x@two.test", 2)
+        report = done(machine.q.check_queue(QUEUES))
+        assert sorted(d for d in report.differences if d[0] == "two.test") == [
+            ("two.test", "busy w@two.test", 0, 1),
+            ("two.test", "busy x@two.test", 2, 0),
+        ]
+        repaired = done(machine.q.check_queue(QUEUES, repair=True))
+        assert repaired.repaired == ("two.test",)
+        assert r.hgetall(busy) == {b"u@two.test": b"1", b"w@two.test": b"1"}
+        assert done(machine.q.check_queue(QUEUES)).consistent
     finally:
         machine.teardown()
 
@@ -364,8 +421,8 @@ def test_flush_in_batches() -> None:
     machine = QueueCounters()
     machine.q.flush_batch = 2
     try:
-        for _ in range(5):
-            machine.enqueue(["two.test"], 1)
+        for n in range(5):
+            machine.enqueue(["two.test"], 1, [f"r{n}"])  # five mailboxes: deferred side by side
         machine.deliver(["deferred"] * 5)  # a concurrency of 3: three now,
         machine.deliver(["deferred"] * 5)  # two then
         assert done(machine.q.queue_summary(["two.test"], machine.now))["two.test"].deferred == 5

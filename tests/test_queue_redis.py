@@ -116,7 +116,7 @@ class RedisQueueTests(QueueCase):
         """When two nodes claim a 50 msg/s domain each time it has room again, they lease 50 a second, no more."""
         q = await self.make_queue()
         for n in range(260):
-            await q.enqueue(message(f"R{n}", "a@one.test"))
+            await q.enqueue(message(f"R{n}", f"r{n}@one.test"))
         throttle = {"one.test": Throttle(concurrency=1000, rate=50.0)}
         now, taken, claims = T0, 0, 0
         while now < T0 + 4.0:
@@ -131,10 +131,10 @@ class RedisQueueTests(QueueCase):
 
     @deferred_test
     async def test_concurrency_per_domain(self) -> None:
-        """When a domain allows 3 deliveries at once, a claim leases its first 3 jobs in order."""
+        """When a domain allows 3 deliveries at once, a claim leases its first 3 jobs (three mailboxes) in order."""
         q = await self.make_queue()
         for n in range(5):
-            await q.enqueue(message(f"M{n}", "a@one.test"))
+            await q.enqueue(message(f"M{n}", f"r{n}@one.test"))
         leases = await take(q, "node-a", T0, 100, {"one.test": Throttle(3)})
         assert [lease.queue_id for lease in leases] == ["M0", "M1", "M2"]
         assert await take(q, "node-b", T0, 100, {"one.test": Throttle(3)}) == []
@@ -357,7 +357,7 @@ class ClusterQueueTests(QueueCase):
         """When a domain is limited to 50 msg/s and claimed every 10 ms for 2 s, about 100 are leased, no burst."""
         q = await self.make_queue()
         for n in range(300):
-            await q.enqueue(message(f"M{n:03}", "a@one.test"))
+            await q.enqueue(message(f"M{n:03}", f"r{n}@one.test"))
         throttles = {"one.test": Throttle(concurrency=1000, rate=50)}
         taken_at: list[float] = []
         wake = None
@@ -378,7 +378,7 @@ class ClusterQueueTests(QueueCase):
         q = await self.make_queue()
         await q.hold("one.test", T0)
         for n in range(40):
-            await q.enqueue(message(f"M{n:02}", "a@one.test"))
+            await q.enqueue(message(f"M{n:02}", f"r{n}@one.test"))
         await q.release("one.test", T0 + 1, rate=10)
         throttles = {"one.test": Throttle(concurrency=1000)}
         taken = 0
@@ -393,7 +393,7 @@ class ClusterQueueTests(QueueCase):
         """When a destination comes back after failing, it starts at one delivery at a time and ramps up."""
         q = await self.make_queue(lease=1000.0)
         for n in range(30):
-            await q.enqueue(message(f"M{n:02}", "a@one.test"))
+            await q.enqueue(message(f"M{n:02}", f"r{n}@one.test"))
         throttles = {"one.test": Throttle(concurrency=10, ramp_up=100)}
         leased = (await q.claim("n", T0, 100, throttles, ONE_AT_A_TIME)).leases
         assert len(leased) == 10

@@ -33,7 +33,8 @@ T = TypeVar("T")
 REUSE_LIMIT = 100
 #: how long an idle session is kept for the next message (Postfix: 2 s)
 REUSE_IDLE = 2.0
-#: idle sessions kept per host (one per queue delivering to it, typically)
+#: idle sessions kept per host, at least: a domain delivers to different mailboxes in
+#: parallel sessions, so a node keeps as many as it runs deliveries (``idle_sessions``)
 REUSE_IDLE_SESSIONS = 4
 
 Connect = Callable[[str, int], Awaitable[SMTPClientProtocol]]
@@ -76,8 +77,10 @@ class SMTPDeliverer:
         timeouts: Timeouts,
         clock: IReactorTime,
         client_tls: ClientTLS | None = None,
+        idle_sessions: int = REUSE_IDLE_SESSIONS,
     ) -> None:
         self._client_tls = client_tls
+        self._idle_sessions = max(REUSE_IDLE_SESSIONS, idle_sessions)
         self._clock = clock
         self._helo = helo_name
         self._targets = targets
@@ -113,11 +116,11 @@ class SMTPDeliverer:
         """
         Keep the session for the next message to the same host, as long as
         it is clean, has not carried ``REUSE_LIMIT`` messages, and the host
-        has fewer than ``REUSE_IDLE_SESSIONS`` kept; else QUIT.
+        has fewer than ``idle_sessions`` kept; else QUIT.
         """
         key = (target.address, target.port, target.tls)
         kept = self._idle.setdefault(key, [])
-        if conn.reusable and conn.messages < REUSE_LIMIT and len(kept) < REUSE_IDLE_SESSIONS:
+        if conn.reusable and conn.messages < REUSE_LIMIT and len(kept) < self._idle_sessions:
             reset = await conn.command("RSET", self._timeouts.command)
             if reset.positive:
                 timer = self._clock.callLater(REUSE_IDLE, self._expire, key, conn)

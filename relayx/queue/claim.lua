@@ -1,5 +1,5 @@
--- claim.lua: lease ready jobs to one node, in each domain's acceptance order,
--- within each domain's cluster-wide concurrency and rate.
+-- claim.lua: lease ready jobs to one node, in acceptance order for each
+-- recipient, within each domain's cluster-wide concurrency and rate.
 --
 -- KEYS[1]  <p>:domains    set of domains that have ready jobs
 -- KEYS[2]  <p>:deferred   zset jid -> due time (ms) of jobs waiting for a retry
@@ -23,11 +23,20 @@
 -- token no earlier lease had, so settle.lua and renew.lua refuse whoever held
 -- it before. A domain never has more leased jobs than its concurrency, never
 -- takes more than its token bucket allows, and a paused or held domain gets none.
+-- Order per mailbox: a job is leased only when none of its recipients is busy
+-- (<p>:busy:<q>: a job of the queue for them in flight or deferred) and no
+-- earlier ready job of the queue is for one of them; so a mailbox receives in
+-- acceptance order while other mailboxes of the domain are delivered in
+-- parallel, a job for several recipients keeps its place for each, and a
+-- deferred job (a 4xx for one recipient) holds that recipient's later mail
+-- back until its retry. A job whose recipients are all busy is passed over,
+-- not waited on: the domain's other mailboxes go ahead.
 --
 -- Cost bound, whatever the queue's depth: 2 * ARGV[9] jobs moved back (each O(1)
--- keys, O(log n) writes), SMEMBERS of <p>:domains and O(1) reads per domain, and
--- at most ARGV[5] jobs leased (each ZRANGE of the head, O(log n)); never a walk
--- of a queue. With ARGV[5], ARGV[9] <= 100 it touches a few hundred keys.
+-- keys, O(log n) writes), SMEMBERS of <p>:domains and O(1) reads per domain,
+-- at most SCAN_BUDGET (400) jobs of the ready heads looked at (each two reads
+-- and a ZRANGE of the head, O(log n)) and at most ARGV[5] of them leased; never
+-- a walk of a queue. With ARGV[5], ARGV[9] <= 100 it touches about a thousand keys.
 
 local prefix, now, lease_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local owner, limit = ARGV[4], tonumber(ARGV[5])
@@ -87,7 +96,12 @@ local function allowance(dom, domain, inflight, room)
   return take, wake
 end
 
-local claimed, wake = {}, 0
+-- How far down a domain's ready queue a claim looks for jobs whose recipients
+-- are free: WINDOW_PER_SLOT jobs per job it may start, at least WINDOW_MIN, and
+-- SCAN_BUDGET jobs in all per call (each: two reads).
+local WINDOW_PER_SLOT, WINDOW_MIN, SCAN_BUDGET = 4, 32, 400
+
+local claimed, wake, scanned = {}, 0, 0
 local domains = redis.call('SMEMBERS', KEYS[1])
 local n = #domains
 for i = 0, n - 1 do
@@ -102,19 +116,48 @@ for i = 0, n - 1 do
   else
     local held = held_clock(prefix .. ':dom:' .. base_domain(domain), now)
     local paused = tonumber(redis.call('HGET', dom, 'paused_until') or '0')
-    if not held and paused <= now then
+    if not held and paused <= now and scanned < SCAN_BUDGET then
       local take, next_token = allowance(dom, domain, redis.call('ZCARD', inflight), limit - #claimed)
       if next_token > 0 and (wake == 0 or next_token < wake) then wake = next_token end
       if take > 0 then
-        for _, jid in ipairs(redis.call('ZRANGE', ready, 0, take - 1)) do
+        -- the head of the queue, in acceptance order: a job is leased only if
+        -- none of its recipients is busy (in flight or deferred, common.lua)
+        -- nor wanted by an earlier ready job passed over in this window
+        local window = math.min(math.max(take * WINDOW_PER_SLOT, WINDOW_MIN), SCAN_BUDGET - scanned)
+        local busy = prefix .. ':busy:' .. domain
+        local seen, taken = {}, 0
+        for _, jid in ipairs(redis.call('ZRANGE', ready, 0, window - 1)) do
+          scanned = scanned + 1
           local job = prefix .. ':job:' .. jid
-          local token = redis.call('INCR', KEYS[4])
-          local expires = now + lease_ms
-          move(prefix, jid, domain, 'ready', 'in_flight', expires)
-          redis.call('HSET', job, 'token', token, 'owner', owner, 'expires', expires)
-          local attempts = redis.call('HINCRBY', job, 'attempts', 1)
-          local qid, owed, created = unpack(redis.call('HMGET', job, 'qid', 'owed', 'created'))
-          claimed[#claimed + 1] = {jid, token, expires, qid, domain, owed, attempts, created}
+          local rcpts = {}
+          for _, rcpt in ipairs(cjson.decode(redis.call('HGET', job, 'rcpts') or '[]')) do
+            rcpts[#rcpts + 1] = string.lower(rcpt)
+          end
+          local free = true
+          for _, rcpt in ipairs(rcpts) do
+            if seen[rcpt] then free = false end
+            seen[rcpt] = true
+          end
+          if free and #rcpts > 0 then
+            for _, n in ipairs(redis.call('HMGET', busy, unpack(rcpts))) do
+              if n then free = false end
+            end
+          end
+          if free then
+            local token = redis.call('INCR', KEYS[4])
+            local expires = now + lease_ms
+            move(prefix, jid, domain, 'ready', 'in_flight', expires)
+            redis.call('HSET', job, 'token', token, 'owner', owner, 'expires', expires)
+            local attempts = redis.call('HINCRBY', job, 'attempts', 1)
+            local qid, owed, created = unpack(redis.call('HMGET', job, 'qid', 'owed', 'created'))
+            claimed[#claimed + 1] = {jid, token, expires, qid, domain, owed, attempts, created}
+            taken = taken + 1
+            if taken >= take then break end
+          end
+        end
+        if taken < take and tonumber(redis.call('HGET', dom, 'tokens_at') or '0') == now then
+          -- the rate's tokens not used because their recipients were busy go back
+          redis.call('HINCRBYFLOAT', dom, 'tokens', take - taken)
         end
         if redis.call('ZCARD', ready) == 0 then redis.call('SREM', KEYS[1], domain) end
       end

@@ -24,6 +24,15 @@
 --                   the queue's oldest job
 --   <p>:queues      set of every queue that has had a job (and a count hash)
 --   <p>:totals      hash: messages, bytes (each message once), jobs, v (changes)
+--   <p>:busy:<q>    hash: recipient (lower case) -> how many of the queue's jobs
+--                   for that recipient are in_flight or deferred (taken out of
+--                   ready and not finished); a recipient at 0 has no field.
+--                   claim.lua leases no job with a busy recipient, so each
+--                   mailbox gets its mail in acceptance order while different
+--                   mailboxes are delivered in parallel. Counted from the job's
+--                   "rcpts" (all its recipients at the queue, never changed), so
+--                   every increment has its decrement; a recipient already
+--                   delivered of a deferred job stays busy until its retry.
 -- A message's size is its "size" field (older messages: its body's length).
 --
 -- Domain state lives in the hash <p>:dom:<domain>:
@@ -71,13 +80,33 @@ local function job_state(prefix, jid, queue, now)
   return where
 end
 
+-- The locations whose jobs keep their recipients busy (<p>:busy:<q>, above).
+local BUSY = {in_flight = true, deferred = true}
+
+-- Add `by` (1 or -1) to each of the job's recipients in its queue's busy hash
+-- (a field that reaches 0 goes: a job from before the hash existed, leaving,
+-- does not leave a negative count). Cost: one write per recipient.
+local function mark_busy(prefix, jid, queue, by)
+  local rcpts = redis.call('HGET', prefix .. ':job:' .. jid, 'rcpts')
+  if not rcpts then return end
+  local key = prefix .. ':busy:' .. queue
+  for _, rcpt in ipairs(cjson.decode(rcpts)) do
+    local name = string.lower(rcpt)
+    if redis.call('HINCRBY', key, name, by) <= 0 then redis.call('HDEL', key, name) end
+  end
+end
+
 -- Move a job of `queue` from one location to another (see the top), keeping
--- the queue's counters in the same step: the one place a job changes location.
+-- the queue's counters and busy recipients in the same step: the one place a
+-- job changes location (its hash must still exist: retire_job deletes it after).
 -- `from` nil: the job enters (add_job); `to` nil: it leaves (retire_job).
 -- `score` is the new location's (seq, lease expiry, due time, failure time).
--- Cost: at most 6 O(log n) writes.
+-- Cost: at most 6 O(log n) writes, plus one per recipient when the job starts
+-- or stops being busy.
 local function move(prefix, jid, queue, from, to, score)
   local counts = prefix .. ':count:' .. queue
+  local was, will = BUSY[from] or false, BUSY[to] or false
+  if was ~= will then mark_busy(prefix, jid, queue, will and 1 or -1) end
   if from == 'ready' then
     redis.call('ZREM', prefix .. ':ready:' .. queue, jid)
   elseif from == 'in_flight' then

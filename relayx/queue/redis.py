@@ -195,7 +195,8 @@ class Replication:
 class CheckReport:
     """
     What a consistency check found: each counter that differs from its
-    recount (queue or ``totals``, field, counter, recount), problems in the
+    recount (queue or ``totals``, field, counter, recount; a busy recipient's
+    count is the field ``"busy <recipient>"``), problems in the
     locations and indexes by kind (see tally.lua), and with repair, what was
     set and what changed while it was counted (``busy``: not set).
     """
@@ -825,7 +826,8 @@ class RedisQueue:
         Recount the queue in bounded steps (tally.lua, ``batch`` entries per
         call, the cursor kept here) and compare with the counters; with
         ``repair``, mend the locations and indexes and set each counter that
-        differs to its recount, unless its queue changed during the check
+        differs to its recount (a queue's busy recipients with its counters),
+        unless its queue changed during the check
         (then it is reported busy: check again, or hold the domain first).
         Read-only without ``repair``.
         """
@@ -836,6 +838,7 @@ class RedisQueue:
         before = {q: await self._version(self.key("count", q)) for q in names}
         totals_before = await self._version(self.key("totals"))
         counted: dict[str, dict[str, int]] = {}
+        busy_counted: dict[str, dict[str, int]] = {}
         messages = [0, 0]
         problems: dict[str, int] = {}
         walked = 0
@@ -849,6 +852,10 @@ class RedisQueue:
                 step = json.loads(_text(await self.redis.script(self._TALLY, keys, args)))
                 for name, n in (step["problems"] or {}).items():
                     problems[name] = problems.get(name, 0) + int(n)
+                for q, rcpts in (step["busy"] or {}).items():
+                    row_busy = busy_counted.setdefault(q, {})
+                    for rcpt, n in (rcpts or {}).items():
+                        row_busy[rcpt] = row_busy.get(rcpt, 0) + int(n)
                 for q, (jobs, size, msgs, msg_bytes) in (step["queues"] or {}).items():
                     row = counted.setdefault(q, dict.fromkeys(COUNTED, 0))
                     row[kind] += int(jobs)
@@ -880,10 +887,17 @@ class RedisQueue:
                 for field, value in zip(COUNTED, values, strict=True)
                 if int(value or 0) != recount[field]
             ]
+            recount_busy = busy_counted.get(q, {})
+            kept_busy = await self._busy(q)
+            wrong += [
+                (q, f"busy {rcpt}", kept_busy.get(rcpt, 0), recount_busy.get(rcpt, 0))
+                for rcpt in sorted(set(kept_busy) | set(recount_busy))
+                if kept_busy.get(rcpt, 0) != recount_busy.get(rcpt, 0)
+            ]
             differences += wrong
             if wrong and repair:
                 version = before.get(q, "0")
-                if await self._recount(self.key("count", q), version, recount):
+                if await self._recount(self.key("count", q), version, recount, self.key("busy", q), recount_busy):
                     await self.redis.call("sadd", self.key("queues"), q)
                     repaired.append(q)
                 else:
@@ -917,11 +931,31 @@ class RedisQueue:
     async def _version(self, key: str) -> str:
         return _text(await self.redis.call("hget", key, "v") or b"0")
 
-    async def _recount(self, key: str, version: str, values: Mapping[str, int]) -> bool:
-        args: list[object] = [version]
+    async def _recount(
+        self,
+        key: str,
+        version: str,
+        values: Mapping[str, int],
+        busy_key: str = "",
+        busy: Mapping[str, int] | None = None,
+    ) -> bool:
+        args: list[object] = [version, json.dumps(dict(busy)) if busy is not None else ""]
         for field, value in values.items():
             args += [field, value]
-        return bool(int(await self._write(self._RECOUNT, [key], args, f"repair of {key}", strict=True)))
+        keys = [key, busy_key or key]
+        return bool(int(await self._write(self._RECOUNT, keys, args, f"repair of {key}", strict=True)))
+
+    async def _busy(self, queue: str) -> dict[str, int]:
+        """
+        A queue's busy recipients as kept (common.lua), read in bounded HSCAN steps.
+        """
+        kept: dict[str, int] = {}
+        cursor = 0
+        while True:
+            cursor, flat = await self.redis.call("hscan", self.key("busy", queue), cursor, count=CHECK_BATCH * 10)
+            kept.update({_text(k): int(v) for k, v in zip(flat[::2], flat[1::2], strict=True)})
+            if int(cursor) == 0:
+                return kept
 
     # -- bulk actions (IBulkActions) ---------------------------------------
 

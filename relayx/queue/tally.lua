@@ -15,7 +15,9 @@
 -- Returns JSON {"seen": entries looked at, "removed": entries taken out of KEYS[1]
 -- (the caller's cursor moves back by as many), "queues": {queue: [jobs, bytes,
 -- messages, message bytes]} for the jobs counted in this location (a message is
--- counted with its first job that still exists), "problems": {name: n}}.
+-- counted with its first job that still exists), "busy": {queue: {recipient: n}}
+-- (kinds "in_flight" and "deferred": the jobs' recipients, lower case, as
+-- common.lua's <p>:busy:<q> counts them), "problems": {name: n}}.
 --
 -- Problems: "stale" (an entry whose job is gone, or of another queue), "twice"
 -- (a job also in a location that comes first in job_state's order), "unindexed"
@@ -31,7 +33,7 @@
 
 local prefix, kind, offset, count = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local repair, only = ARGV[5] == '1', ARGV[6]
-local queues, problems, removed = {}, {}, 0
+local queues, busy, problems, removed = {}, {}, {}, 0
 local function problem(name) problems[name] = (problems[name] or 0) + 1 end
 local function drop(jid)
   if repair then
@@ -84,7 +86,14 @@ for i = 1, #entries, 2 do
       end
       local t = queues[domain] or {0, 0, 0, 0}
       queues[domain] = {t[1] + 1, t[2] + size, t[3] + first, t[4] + size * first}
+      if BUSY[kind] then
+        local b = busy[domain] or {}
+        for _, rcpt in ipairs(cjson.decode(redis.call('HGET', job, 'rcpts') or '[]')) do
+          b[string.lower(rcpt)] = (b[string.lower(rcpt)] or 0) + 1
+        end
+        busy[domain] = b
+      end
     end
   end
 end
-return cjson.encode({seen = #entries / 2, removed = removed, queues = queues, problems = problems})
+return cjson.encode({seen = #entries / 2, removed = removed, queues = queues, busy = busy, problems = problems})
