@@ -29,7 +29,7 @@ import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -54,10 +54,12 @@ from relayx.interfaces import (
 from relayx.message import strip_authentication_results
 from relayx.metrics import Metrics
 from relayx.reply import Reply
+from relayx.sending import send_now
 from relayx.smtp.tls import ReloadingTLS, describe
 from relayx.spool import Spool, SpooledMessage
 
 log = Logger()
+_T = TypeVar("_T")
 
 OK = Reply(250, "2.0.0", "Ok")
 MAIL_OK = Reply(250, "2.1.0", "Ok")
@@ -354,6 +356,9 @@ class SMTPServerProtocol(Protocol):
         #: when the message being read (DATA, or a BDAT transaction) began, and its bytes so far
         self._data_started: float | None = None
         self._data_bytes = 0
+        #: replies held while input is handled, sent together when it runs out
+        #: (RFC 2920: one write for a pipelined group); None: send each at once
+        self._held: list[bytes] | None = None
 
     # -- connection ---------------------------------------------------------
 
@@ -412,6 +417,24 @@ class SMTPServerProtocol(Protocol):
         )
 
     def dataReceived(self, data: bytes) -> None:
+        self._holding(self._receive, data)
+
+    def _holding(self, handle: Callable[[_T], None], value: _T) -> None:
+        """
+        ``handle(value)`` with the replies it makes held and sent together
+        after it (by the outermost such call, when they nest).
+        """
+        if self._held is not None:
+            handle(value)
+            return
+        self._held = []
+        try:
+            handle(value)
+        finally:
+            self._flush()
+            self._held = None
+
+    def _receive(self, data: bytes) -> None:
         if self._closing:
             return
         self._buffer += data
@@ -502,13 +525,27 @@ class SMTPServerProtocol(Protocol):
     def _reply(self, reply: Reply) -> None:
         if not self._closing:
             self.session.code = reply.code
-            self.transport.write(reply.encode())  # type: ignore[union-attr]
+            if self._held is None:
+                send_now(self.transport, reply.encode())
+            else:
+                self._held.append(reply.encode())
+
+    def _flush(self) -> None:
+        """
+        Send the replies held so far.
+        """
+        held = self._held
+        if held:
+            data = b"".join(held)
+            held.clear()
+            send_now(self.transport, data)
 
     def _close(self, reply: Reply) -> None:
         self._reply(reply)
         self._closing = True
         self._cancel_timer()
         self._discard_message()
+        self._flush()
         self.transport.loseConnection()  # type: ignore[union-attr]
 
     @property
@@ -607,6 +644,9 @@ class SMTPServerProtocol(Protocol):
             return await work
 
         def done(reply: Reply) -> None:
+            self._holding(answered, reply)
+
+        def answered(reply: Reply) -> None:
             self._busy = False
             if self._paused and not self._closing:
                 self._paused = False
@@ -1007,6 +1047,7 @@ class SMTPServerProtocol(Protocol):
             self._error(Reply(503, "5.5.1", "Error: MAIL transaction in progress"))
         else:
             self._reply(Reply(220, "2.0.0", "Ready to start TLS"))
+            self._flush()  # in the clear, before the handshake
             # anything pipelined after STARTTLS was sent in the clear: drop it
             self._buffer.clear()
             self.transport.startTLS(tls.options())  # type: ignore[union-attr]
