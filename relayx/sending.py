@@ -4,7 +4,7 @@ Writing to a connection at once.
 A Twisted TCP transport does not send what it is given: ``write`` buffers
 the bytes and asks the reactor to watch the socket for writability, and the
 next turn of the reactor sends them and stops watching it. For a short reply
-to a client that is waiting for it (an SMTP reply, a Redis command) that is
+to a client that is waiting for it (an SMTP server's reply) that is
 two ``epoll_ctl`` calls, one more turn of the reactor and its dispatch per
 write, which with a connection per message was more than the send itself.
 
