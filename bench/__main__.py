@@ -110,13 +110,24 @@ def smtp_source(port: int, sessions: int, count: int, size: int, reuse: bool) ->
     return round(count / (time.monotonic() - start), 1)
 
 
-def source_runs(port: int, options: argparse.Namespace) -> dict[str, float | None]:
+def source_runs(port: int, options: argparse.Namespace, cpu: Callable[[], dict[str, float]]) -> dict[str, Any]:
+    """
+    ``smtp-source`` with and without ``-d``: messages per second and the
+    servers' CPU time per message during each (``cpu``: CPU seconds so far
+    of each server process).
+    """
     if len(options.size) != 1:
         return {}
-    return {
-        key: smtp_source(port, options.sessions, options.count, options.size[0], reuse)
-        for reuse, key in ((False, "smtp_source_msg_per_s"), (True, "smtp_source_reuse_msg_per_s"))
-    }
+    found: dict[str, Any] = {}
+    for reuse, key in ((False, "smtp_source"), (True, "smtp_source_reuse")):
+        before = cpu()
+        found[f"{key}_msg_per_s"] = smtp_source(port, options.sessions, options.count, options.size[0], reuse)
+        if found[f"{key}_msg_per_s"] is not None:
+            after = cpu()
+            found[f"{key}_cpu_ms_per_msg"] = {
+                name: round((after[name] - before[name]) * 1000 / options.count, 3) for name in before
+            }
+    return found
 
 
 def accept(options: argparse.Namespace) -> dict[str, Any]:
@@ -137,12 +148,16 @@ def accept(options: argparse.Namespace) -> dict[str, Any]:
     try:
         memory = redis_memory(redis.port)
         pids = {f"relayx-{n}": pid for n, pid in enumerate(nodes.pids)} | {"redis": redis.process.pid}
-        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+
+        def node_cpu() -> dict[str, float]:
+            return {name: cpu_seconds(pid) for name, pid in pids.items()}
+
+        before = node_cpu()
         load = run_load(nodes.ports, options.sessions, options.count, options.size, options.seconds)
-        cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
-        summary = summarize(load, cpu)
+        after = node_cpu()
+        summary = summarize(load, {name: after[name] - before[name] for name in before})
         summary["redis_bytes_per_msg"] = round((redis_memory(redis.port) - memory) / max(1, summary["accepted"]))
-        summary |= source_runs(nodes.ports[0], options)
+        summary |= source_runs(nodes.ports[0], options, node_cpu)
         result["relayx"] = summary
     finally:
         nodes.stop()
@@ -153,7 +168,7 @@ def accept(options: argparse.Namespace) -> dict[str, Any]:
             before_cpu = postfix.process_cpu()
             load = run_load([postfix.port], options.sessions, options.count, options.size, options.seconds)
             summary = summarize(load, {"postfix": postfix.process_cpu() - before_cpu})
-            summary |= source_runs(postfix.port, options)
+            summary |= source_runs(postfix.port, options, lambda: {"postfix": postfix.process_cpu()})
             result["postfix"] = summary
         finally:
             postfix.stop()

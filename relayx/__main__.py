@@ -38,8 +38,9 @@ def main(argv: list[str] | None = None) -> None:
         except usage.UsageError as e:
             print(f"relayx: {e}", file=sys.stderr)
             raise SystemExit(2) from None
-        if options.loaded is not None and options.loaded.node.log_format == "json":
-            logger = ["--logger=relayx.logs.json_logger"]
+        if options.loaded is not None:
+            kind = "json" if options.loaded.node.log_format == "json" else "text"
+            logger = [f"--logger=relayx.logs.{kind}_logger"]
         if options.loaded is not None and options.loaded.node.processes > 1:
             _shared_metrics(options.loaded.node.data_dir)
             args = ["--supervise", *args]

@@ -7,6 +7,7 @@ these values; everything after it works with parsed, normalised addresses.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 
@@ -28,6 +29,7 @@ _LITERAL = re.compile(r"^\[[^\[\]\\\s]+\]$")
 _PARAM = re.compile(r"^([A-Za-z0-9][A-Za-z0-9-]*)(=([\x21-\x3c\x3e-\x7e\x80-\U0010ffff]+))?$")
 
 
+@functools.lru_cache(maxsize=4096)
 def client_ip(host: str) -> str:
     """
     A client's address as the checks and the ``Received:`` header see it:

@@ -34,8 +34,10 @@ class Reply:
         """
         The reply as the server sends it, one line per text line.
         """
-        lines = self.text.split("\n") or [""]
         prefix = f"{self.status} " if self.status else ""
+        if "\n" not in self.text:
+            return f"{self.code} {prefix}{self.text}\r\n".encode()
+        lines = self.text.split("\n")
         out = []
         for index, line in enumerate(lines):
             sep = " " if index == len(lines) - 1 else "-"

@@ -192,6 +192,16 @@ class SpooledMessage:
             return bytes(self._memory or b"")
         return os.pread(self._file.fileno(), self.size, 0)
 
+    def after(self, head: bytes) -> bytes:
+        """
+        ``head`` followed by the whole message, in one copy.
+        """
+        if self.discarded:
+            raise ValueError("message discarded")
+        if self._file is None:
+            return head + (self._memory or b"")
+        return head + os.pread(self._file.fileno(), self.size, 0)
+
     def peek(self, count: int) -> bytes:
         """
         The first ``count`` bytes (or fewer) of what is written so far.
@@ -199,7 +209,8 @@ class SpooledMessage:
         if self.discarded:
             return b""
         if self._file is None:
-            return bytes((self._memory or b"")[:count])
+            with memoryview(self._memory or b"") as view:
+                return bytes(view[:count])
         self._file.flush()
         return os.pread(self._file.fileno(), count, 0)
 

@@ -275,6 +275,17 @@ def test_forged_authentication_results_are_stripped() -> None:
     assert b"in the body" in message.body
 
 
+def test_forged_authentication_results_deep_in_a_long_header_are_stripped() -> None:
+    """When a header section is longer than the first 4 KiB looked at, a forged field further down is still removed."""
+    h = Harness()
+    h.send("EHLO client.test\r\nMAIL FROM:<bob@sender.test>\r\nRCPT TO:<alice@example.com>\r\nDATA\r\n")
+    padding = "".join(f"X-Padding-{n}: {'p' * 70}\r\n" for n in range(80))
+    h.send(padding + "Authentication-Results: mx2.example.net; spf=pass\r\nSubject: x\r\n\r\nbody\r\n.\r\n")
+    [message] = h.store.messages
+    assert b"Authentication-Results" not in message.body
+    assert padding.encode() + b"Subject: x\r\n\r\nbody\r\n" in message.body
+
+
 def test_spf_trace_fields_sit_above_received() -> None:
     """When SPF adds Received-SPF and Authentication-Results, they come before this hop's Received: (RFC 7208 9.1)."""
     spf = SPF(spf_table({("sender.test", "TXT"): ["v=spf1 ip4:192.0.2.0/24 -all"]}), "mx2.example.net", {})

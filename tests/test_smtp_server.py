@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from email.utils import format_datetime
 
 import pytest
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -17,7 +19,7 @@ from relayx.checks.chain import FilterChains
 from relayx.checks.recipients import RecipientPolicy
 from relayx.config import AnyRecipient, DomainConfig, RecipientList, SMTPRoute
 from relayx.interfaces import IMessageStore, IRecipientPolicy, Throttle
-from relayx.smtp.server import Limits, SMTPServerFactory, SMTPServerProtocol
+from relayx.smtp.server import DateStamps, Limits, SMTPServerFactory, SMTPServerProtocol
 from tests.fakes import MemoryStore
 
 LIMITS = Limits(
@@ -44,8 +46,10 @@ class Dialogue:
     the client sends and the replies it reads.
     """
 
-    def __init__(self, factory: SMTPServerFactory, peer: IPv4Address | IPv6Address) -> None:
-        self.transport = StringTransport(peerAddress=peer)
+    def __init__(
+        self, factory: SMTPServerFactory, peer: IPv4Address | IPv6Address, transport: StringTransport | None = None
+    ) -> None:
+        self.transport = transport or StringTransport(peerAddress=peer)
         protocol = factory.buildProtocol(peer)
         assert isinstance(protocol, SMTPServerProtocol)
         self.protocol = protocol
@@ -393,3 +397,50 @@ def test_oversized_message_has_no_false_end_marker() -> None:
     assert h.send(b"more\r\n") == ""
     assert h.send(b".\r\n").startswith("552 5.3.4")
     assert h.send("NOOP\r\n").startswith("250")
+
+
+def test_received_date_formatted_once_a_second() -> None:
+    """When two messages arrive in the same second, their Received: date is formatted once; the next second, anew."""
+    stamps = DateStamps()
+    first = stamps(1_700_000_000.2)
+    assert first == format_datetime(datetime.fromtimestamp(1_700_000_000, UTC)) == "Tue, 14 Nov 2023 22:13:20 +0000"
+    assert stamps(1_700_000_000.97) is first
+    assert stamps(1_700_000_001.0) == "Tue, 14 Nov 2023 22:13:21 +0000"
+    h = Harness()
+    dates = []
+    for step in (0.1, 0.5, 0.6):
+        h.clock.advance(step)
+        h.transaction()
+        h.send("DATA\r\n")
+        assert h.send("Subject: x\r\n\r\nbody\r\n.\r\n").startswith("250 ")
+        dates.append(h.store.messages[-1].body.split(b"\r\n")[2].rpartition(b"; ")[2])
+    assert dates == [b"Tue, 14 Nov 2023 22:13:20 +0000"] * 2 + [b"Tue, 14 Nov 2023 22:13:21 +0000"]
+
+
+class CountingTransport(StringTransport):
+    """
+    A StringTransport that counts its writes.
+    """
+
+    writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        super().write(data)
+
+
+def test_pipelined_replies_go_out_in_one_write() -> None:
+    """When a client pipelines EHLO, MAIL, RCPT and DATA in one packet, the four replies go out in one write."""
+    h = Harness()
+    peer = IPv4Address("TCP", "192.0.2.8", 40001)
+    transport = CountingTransport(peerAddress=peer)
+    client = Dialogue(h.factory, peer, transport)
+    transport.writes = 0
+    codes = client.codes("EHLO client.test\r\nMAIL FROM:<bob@sender.test>\r\nRCPT TO:<alice@example.com>\r\nDATA\r\n")
+    assert codes == ["250 DSN", "250 2.1.0", "250 2.1.5", "354 End d"]
+    assert transport.writes == 1
+    assert client.send("Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n").splitlines() == [
+        "250 2.0.0 Ok: queued as Q1",
+        "221 2.0.0 Bye",
+    ]
+    assert transport.writes == 2

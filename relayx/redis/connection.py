@@ -209,10 +209,30 @@ def _unusable(protocol: Any, failure: Failure) -> None:
         transport.abortConnection()
 
 
+class _OneCopyCommands:
+    """
+    Commands encoded with one copy of each argument: txredisapi's own
+    encoding copies every argument three times, which for a message body
+    in an enqueue's arguments was the largest copy of accepting it.
+    """
+
+    #: txredisapi's encoding of one argument
+    _encode_value: Callable[[Any], bytes]
+
+    def _build_command(self, *args: Any, **kwargs: Any) -> bytes:
+        parts = [b"*%d" % len(args)]
+        for arg in args:
+            value = arg if type(arg) is bytes else self._encode_value(arg)
+            parts.append(b"\r\n$%d\r\n" % len(value))
+            parts.append(value)
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+
 def _protocol_classes() -> tuple[type, type]:
     import txredisapi
 
-    class HandshakeProtocol(txredisapi.RedisProtocol):  # type: ignore[misc]
+    class HandshakeProtocol(_OneCopyCommands, txredisapi.RedisProtocol):  # type: ignore[misc]
         """
         txredisapi's protocol with our handshake: a failure drops this one
         connection instead of stopping the pool.
@@ -223,7 +243,7 @@ def _protocol_classes() -> tuple[type, type]:
             d = Deferred.fromCoroutine(_handshake(self, link))
             d.addCallbacks(lambda _: _usable(self), lambda f: _unusable(self, f))
 
-    class SentinelProtocol(txredisapi.SentinelRedisProtocol):  # type: ignore[misc]
+    class SentinelProtocol(_OneCopyCommands, txredisapi.SentinelRedisProtocol):  # type: ignore[misc]
         """
         The same behind Sentinels, where the server must also be the master
         (checked with ``ROLE``; with ``charset=None`` it is bytes, which

@@ -25,11 +25,12 @@ sessions than the busiest address takes one of that address's slots.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -54,10 +55,12 @@ from relayx.interfaces import (
 from relayx.message import strip_authentication_results
 from relayx.metrics import Metrics
 from relayx.reply import Reply
+from relayx.sending import send_now
 from relayx.smtp.tls import ReloadingTLS, describe
 from relayx.spool import Spool, SpooledMessage
 
 log = Logger()
+_T = TypeVar("_T")
 
 OK = Reply(250, "2.0.0", "Ok")
 MAIL_OK = Reply(250, "2.1.0", "Ok")
@@ -289,6 +292,8 @@ _BARE_LF = re.compile(rb"(?<!\r)\n")
 _RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
 #: how much of a message's beginning is searched for Received: headers
 HOP_SCAN = 64 * 1024
+#: how much of a message is looked at first for its header section
+HEAD_GUESS = 4096
 #: input held while a session waits for the store (the client is paused meanwhile)
 MAX_INPUT_WHILE_BUSY = 1024 * 1024
 
@@ -320,6 +325,49 @@ def printable(text: str, replacement: str = "?") -> str:
     Postfix's ``printable()`` does to a HELO name.
     """
     return "".join(c if c.isprintable() else replacement for c in text)
+
+
+class DateStamps:
+    """
+    The RFC 5322 date of a ``Received:`` header for a time, formatted once
+    per second: ``format_datetime`` for every message was a visible part of
+    accepting one, and every message of the same second has the same date.
+    """
+
+    def __init__(self) -> None:
+        self._second: int | None = None
+        self._text = ""
+
+    def __call__(self, now: float) -> str:
+        second = math.floor(now)
+        if second != self._second:
+            self._text = format_datetime(datetime.fromtimestamp(second, UTC))
+            self._second = second
+        return self._text
+
+
+def head_of(message: SpooledMessage) -> bytes:
+    """
+    The beginning of a message that holds its header section, up to
+    ``HOP_SCAN`` bytes: a few KiB where the header is short, so that a large
+    message is not copied to find it.
+    """
+    head = message.peek(HEAD_GUESS)
+    if b"\r\n\r\n" in head or len(head) >= message.size:
+        return head
+    return message.peek(HOP_SCAN)
+
+
+def has_own_results(head: bytes, size: int) -> bool:
+    """
+    Whether the header section at the beginning ``head`` of a message of
+    ``size`` bytes may hold an ``Authentication-Results`` field (any, or a
+    header section too long to tell), which must then be looked at whole.
+    """
+    end = head.find(b"\r\n\r\n")
+    if end < 0 and len(head) < size:
+        return True
+    return b"authentication-results" in (head if end < 0 else head[:end]).lower()
 
 
 def count_hops(content: bytes) -> int:
@@ -354,6 +402,9 @@ class SMTPServerProtocol(Protocol):
         #: when the message being read (DATA, or a BDAT transaction) began, and its bytes so far
         self._data_started: float | None = None
         self._data_bytes = 0
+        #: replies held while input is handled, sent together when it runs out
+        #: (RFC 2920: one write for a pipelined group); None: send each at once
+        self._held: list[bytes] | None = None
 
     # -- connection ---------------------------------------------------------
 
@@ -412,6 +463,24 @@ class SMTPServerProtocol(Protocol):
         )
 
     def dataReceived(self, data: bytes) -> None:
+        self._holding(self._receive, data)
+
+    def _holding(self, handle: Callable[[_T], None], value: _T) -> None:
+        """
+        ``handle(value)`` with the replies it makes held and sent together
+        after it (by the outermost such call, when they nest).
+        """
+        if self._held is not None:
+            handle(value)
+            return
+        self._held = []
+        try:
+            handle(value)
+        finally:
+            self._flush()
+            self._held = None
+
+    def _receive(self, data: bytes) -> None:
         if self._closing:
             return
         self._buffer += data
@@ -502,13 +571,27 @@ class SMTPServerProtocol(Protocol):
     def _reply(self, reply: Reply) -> None:
         if not self._closing:
             self.session.code = reply.code
-            self.transport.write(reply.encode())  # type: ignore[union-attr]
+            if self._held is None:
+                send_now(self.transport, reply.encode())
+            else:
+                self._held.append(reply.encode())
+
+    def _flush(self) -> None:
+        """
+        Send the replies held so far.
+        """
+        held = self._held
+        if held:
+            data = b"".join(held)
+            held.clear()
+            send_now(self.transport, data)
 
     def _close(self, reply: Reply) -> None:
         self._reply(reply)
         self._closing = True
         self._cancel_timer()
         self._discard_message()
+        self._flush()
         self.transport.loseConnection()  # type: ignore[union-attr]
 
     @property
@@ -607,6 +690,9 @@ class SMTPServerProtocol(Protocol):
             return await work
 
         def done(reply: Reply) -> None:
+            self._holding(answered, reply)
+
+        def answered(reply: Reply) -> None:
             self._busy = False
             if self._paused and not self._closing:
                 self._paused = False
@@ -894,29 +980,37 @@ class SMTPServerProtocol(Protocol):
                 return NUL_IN_MESSAGE
             if content.bare_lf and not content.normalize:
                 return BARE_LF
-            if count_hops(message.peek(HOP_SCAN)) >= self.server.limits.max_hops:
+            head = head_of(message)
+            if count_hops(head) >= self.server.limits.max_hops:
                 return TOO_MANY_HOPS
             if not message.spooled:
-                return await self._commit(envelope, message)
+                return await self._commit(envelope, message, head)
             # a spooled message is read back whole for the store: a few at a time
             async with self.server.spool.read_back(message.size):
-                return await self._commit(envelope, message)
+                return await self._commit(envelope, message, head)
         finally:
             message.discard()
 
-    async def _commit(self, envelope: Envelope, message: SpooledMessage) -> Reply:
+    async def _commit(self, envelope: Envelope, message: SpooledMessage, head: bytes) -> Reply:
         """
-        Filter and store the message; the reply to its end.
+        Filter and store the message (``head``: its beginning, with the
+        header section); the reply to its end.
+
+        The body stored is the message after our header lines, copied once
+        from where it was received (a 100 KiB message is not copied again on
+        its way to the store), unless a content filter wants it or its header
+        claims Authentication-Results, which is then edited.
         """
         if self._closing:
             # the client is gone (or timed out) while the message waited: it
             # never sees a 250, so it sends again; storing this copy would
             # deliver the message twice
             return STORE_FAILED
-        content = message.read()
         factory = self.server
-        # RFC 8601 5: results claiming our authserv-id are forgeries
-        content = strip_authentication_results(content, factory.hostname)
+        content: bytes | None = None
+        if has_own_results(head, message.size):
+            # RFC 8601 5: results claiming our authserv-id are forgeries
+            content = strip_authentication_results(message.read(), factory.hostname)
         if self._reverse is not None:
             reverse, self._reverse = self._reverse, None
             await reverse
@@ -924,6 +1018,8 @@ class SMTPServerProtocol(Protocol):
         queue_id = factory.new_queue_id()
         header = self._received_header(envelope, queue_id, now)
         if factory.filters is not None and factory.filters.scans_content:
+            if content is None:
+                content = message.read()
             refusal = await self._check_message(factory.filters, envelope, header + content)
             if refusal is not None:
                 return refusal
@@ -939,7 +1035,7 @@ class SMTPServerProtocol(Protocol):
             sender=str(envelope.sender),
             recipients=tuple(envelope.recipients),
             received_at=now,
-            body=header + content,
+            body=message.after(header) if content is None else header + content,
             dsn=envelope.message_dsn(),
         )
         del content
@@ -987,7 +1083,7 @@ class SMTPServerProtocol(Protocol):
             tls = f"\r\n\t(using {version} with cipher {cipher})"
         helo = self.session.helo or "unknown"
         rdns = f"{self.session.rdns} " if self.session.rdns else ""
-        stamp = format_datetime(datetime.fromtimestamp(now, UTC))
+        stamp = self.server.date_stamp(now)
         recipient = f"\r\n\tfor <{envelope.recipients[0]}>" if len(envelope.recipients) == 1 else ""
         return (
             f"Received: from {helo} ({rdns}[{self.session.peer_ip}]){tls}\r\n"
@@ -1007,6 +1103,7 @@ class SMTPServerProtocol(Protocol):
             self._error(Reply(503, "5.5.1", "Error: MAIL transaction in progress"))
         else:
             self._reply(Reply(220, "2.0.0", "Ready to start TLS"))
+            self._flush()  # in the clear, before the handshake
             # anything pipelined after STARTTLS was sent in the clear: drop it
             self._buffer.clear()
             self.transport.startTLS(tls.options())  # type: ignore[union-attr]
@@ -1157,6 +1254,8 @@ class SMTPServerFactory(ServerFactory):
         self.metrics = metrics or Metrics()
         #: where messages too big to hold in memory go while they come in
         self.spool = spool or Spool(None)
+        #: the dates of Received: headers, formatted once a second
+        self.date_stamp = DateStamps()
         self.sessions: set[SMTPServerProtocol] = set()
         self.per_ip: dict[str, set[SMTPServerProtocol]] = {}
         self.stopping = False
