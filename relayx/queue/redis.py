@@ -67,8 +67,9 @@ FLUSH_BATCH = 500
 CHECK_BATCH = 100
 #: the counted fields of a queue's <p>:count:<q>, as common.lua defines them
 COUNTED = ("ready", "in_flight", "deferred", "failed", "bytes")
-#: most jobs one listing or search call to Redis examines (~20 us each: a few ms)
-PAGE_BUDGET = 300
+#: most jobs one listing or search call to Redis examines (~10-20 us each: 2-4 ms, well
+#: under the 10 ms a Redis call may block others for, on a loaded machine too)
+PAGE_BUDGET = 200
 #: how far nodes' clocks may disagree (acceptance order is time order within this)
 CLOCK_SKEW = 5.0
 #: bulk actions kept for operators to read (running ones are always kept)
