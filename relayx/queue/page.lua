@@ -24,7 +24,8 @@
 -- Source: one index when an exact filter is given, else each queue's ready zset
 -- (state ready or held) or its <p>:q:<queue>, all scored by acceptance sequence
 -- and merged here. Cost bound: at most ARGV[6] zset entries fetched and jobs
--- examined (each a few O(1) and O(log n) reads), plus, with an "after" bound on
+-- examined (each a few O(1) and O(log n) reads; with a sender or Subject part,
+-- one HMGET of the message hash for a job that does not match), plus, with an "after" bound on
 -- the first page, a binary search of O(log n) reads per source; never a walk of
 -- a queue. A page may hold fewer than ARGV[5] matches while "more" is true: the
 -- caller continues from "cursor".

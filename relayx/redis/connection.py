@@ -85,7 +85,8 @@ async def compact_hash_problem(redis: RedisConnection) -> str | None:
     """
     try:
         reply = await redis.call("execute_command", "CONFIG", "GET", "hash-max-*-value")
-    except Exception:
+    except StoreUnavailable:
+        # CONFIG not allowed (or renamed away), or Redis gone again: nothing to say
         return None
     values = [_text(v) for v in (reply or [])]
     found = dict(zip(values[::2], values[1::2], strict=False))
