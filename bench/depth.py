@@ -19,6 +19,7 @@ pipelined, not SMTP), then measured:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import socket
 import subprocess
@@ -33,6 +34,13 @@ from bench.harness import ROOT, Nodes, Redis, redis_command, redis_memory, wait_
 from relayx.redis.embedded import free_port
 
 TOKEN = "bench-depth-token-0123456789abcdef"
+#: the bench's own commands (reading the slow log of 100,000 entries takes tens of ms), not relayx's
+BENCH_COMMANDS = ("slowlog", "config", "memory")
+#: where bodies go: a directory body store (Redis keeps a stub), or Redis itself
+BODIES = {
+    "directory": '\n[bodies]\nbackend = "directory"\ndirectory = "{directory}"\n',
+    "redis": '\n[bodies]\nbackend = "redis"\n',
+}
 ADMIN = """
 [admin]
 listen = ["tcp:{admin}:interface=127.0.0.1"]
@@ -77,19 +85,122 @@ def _resp(reader: Any) -> Any:
     raise RuntimeError(f"unexpected reply from Redis: {line!r}")
 
 
+@functools.cache
+def _script_names() -> dict[str, str]:
+    """
+    The queue's Lua scripts by their SHA1, to name an ``EVALSHA`` in the slow log.
+    """
+    from relayx.queue.redis import RedisQueue
+    from relayx.redis.scripts import Script
+
+    return {
+        script.sha: name.strip("_").lower() + ".lua"
+        for name, script in vars(RedisQueue).items()
+        if isinstance(script, Script)
+    }
+
+
+def _command_name(args: list[bytes]) -> str:
+    """
+    A slow log entry's command: its name, or the script's for ``EVALSHA``.
+    """
+    if not args:
+        return ""
+    name = args[0].decode("utf-8", "replace").lower()
+    if name == "evalsha" and len(args) > 1:
+        sha = args[1].decode("ascii", "replace")
+        return _script_names().get(sha, f"evalsha {sha[:8]}")
+    return name
+
+
 def slowlog_max_us(port: int) -> tuple[int, str]:
     """
     The longest command in Redis's slow log (microseconds) and its name; the log is then cleared.
     """
+    longest = slowlog(port)
+    return max(((us, name) for name, (us, _, _) in longest.items()), default=(0, ""))
+
+
+def slowlog(port: int) -> dict[str, tuple[int, int, int]]:
+    """
+    Each command in Redis's slow log by name: its longest run (microseconds), how many
+    ran and its 99th percentile (microseconds); the log is then cleared.
+
+    The slow log times a command's execution alone: with ``appendfsync always``
+    the AOF's write and fsync come after, before Redis replies (Redis's own
+    latency, LATENCY's ``aof-fsync-always`` event), and are not in it.
+    """
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
         s.sendall(b"*3\r\n$7\r\nSLOWLOG\r\n$3\r\nGET\r\n$6\r\n100000\r\n")
         entries = _resp(s.makefile("rb"))
-    longest, name = 0, ""
+    runs: dict[str, list[int]] = {}
     for entry in entries:
-        if int(entry[2]) > longest:
-            longest, name = int(entry[2]), entry[3][0].decode("utf-8", "replace") if entry[3] else ""
+        name = _command_name(entry[3])
+        if name not in BENCH_COMMANDS:
+            runs.setdefault(name, []).append(int(entry[2]))
     redis_command(port, "SLOWLOG", "RESET")
-    return longest, name
+    return {name: (max(us), len(us), sorted(us)[len(us) * 99 // 100]) for name, us in runs.items()}
+
+
+def slowest(port: int) -> dict[str, Any]:
+    """
+    The slow log of a phase: the longest command, and per command its longest run (ms),
+    how many ran and their 99th percentile (ms). On a shared machine a command can be
+    preempted while it runs: a longest run far above the command's p99 is that, not its cost.
+    """
+    found = slowlog(port)
+    longest = max(((us, name) for name, (us, _, _) in found.items()), default=(0, ""))
+    return {
+        "redis_longest_ms": round(longest[0] / 1000, 3),
+        "redis_longest_command": longest[1],
+        "redis_commands": {
+            name: {"longest_ms": round(us / 1000, 3), "count": count, "p99_ms": round(p99 / 1000, 3)}
+            for name, (us, count, p99) in sorted(found.items(), key=lambda item: -item[1][0])[:8]
+        },
+    }
+
+
+def memory_breakdown(port: int, prefix: str, n: int, depth: int) -> dict[str, int]:
+    """
+    What one queued message costs Redis, key by key (``MEMORY USAGE``): message
+    ``n``'s own keys, and its share of the keys all messages share (the queue's
+    zsets, its sender's index, the domain's event log).
+    """
+
+    def usage(key: str) -> int:
+        reply = redis_command(port, "MEMORY", "USAGE", key, "SAMPLES", "0")
+        return int(reply[1:].split(b"\r\n")[0]) if reply.startswith(b":") else 0
+
+    def count(*args: str) -> int:
+        reply = redis_command(port, *args)
+        return max(1, int(reply[1:].split(b"\r\n")[0])) if reply.startswith(b":") else 1
+
+    qid, sender = f"D{n:09d}", f"sender{n % 1000}@load.test"
+    shared = {
+        "queue_zset": f"{prefix}:q:example.com",
+        "ready_zset": f"{prefix}:ready:example.com",
+        "sender_index": f"{prefix}:ix:from:{sender}",
+        "event_log": f"{prefix}:events:example.com",
+    }
+    counts = {
+        "queue_zset": count("ZCARD", shared["queue_zset"]),
+        "ready_zset": count("ZCARD", shared["ready_zset"]),
+        "sender_index": count("ZCARD", shared["sender_index"]),
+        "event_log": count("XLEN", shared["event_log"]),
+    }
+    result = {
+        "message_hash": usage(f"{prefix}:msg:{qid}"),
+        "job_hash": usage(f"{prefix}:job:{qid}.1"),
+        "recipient_index": usage(f"{prefix}:ix:rcpt:rcpt{n}@example.com"),
+        "message_id_index": usage(f"{prefix}:ix:mid:{n}.depth@bench.test"),
+    }
+    for name, key in shared.items():
+        # a queued message has one entry in each (the event log: its "accepted")
+        result[name] = round(usage(key) / counts[name])
+    result["sum"] = sum(result.values())
+    result["keys"] = count("DBSIZE")
+    result["depth"] = depth
+    return result
 
 
 def operator_calls(admin: int, redis: int) -> dict[str, Any]:
@@ -127,14 +238,29 @@ def operator_calls(admin: int, redis: int) -> dict[str, Any]:
     return result
 
 
-def fill(config: Path, start: int, count: int, size: int) -> dict[str, Any]:
+def fill(config: Path, start: int, count: int, size: int, processes: int) -> dict[str, Any]:
+    """
+    ``count`` messages numbered from ``start``, by ``processes`` fill processes at
+    once (each a share of the numbers): the body store's writes and the node-side
+    work of an enqueue are spread over the cores, Redis sees them all pipelined.
+    """
     if count <= 0:
-        return {"filled": 0, "seconds": 0.0}
-    command = [sys.executable, "-m", "bench.fill", "--config", str(config), "--start", str(start)]
-    command += ["--count", str(count), "--size", str(size)]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=7200, check=True)
-    answer: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return answer
+        return {"filled": 0, "seconds": 0.0, "processes": 0}
+    started = time.monotonic()
+    share = -(-count // processes)
+    running = []
+    for first in range(start, start + count, share):
+        command = [sys.executable, "-m", "bench.fill", "--config", str(config), "--start", str(first)]
+        command += ["--count", str(min(share, start + count - first)), "--size", str(size)]
+        running.append(subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT))
+    filled = 0
+    for process in running:
+        out, _ = process.communicate(timeout=7200)
+        if process.returncode:
+            raise RuntimeError(f"bench.fill failed ({process.returncode})")
+        filled += int(json.loads(out.strip().splitlines()[-1])["filled"])
+    seconds = round(time.monotonic() - started, 3)
+    return {"filled": filled, "seconds": seconds, "msg_per_s": round(filled / seconds), "processes": len(running)}
 
 
 def queued(admin: int) -> int:
@@ -193,6 +319,7 @@ def depth(options: argparse.Namespace) -> dict[str, Any]:
         "burst": options.burst,
         "sessions": options.sessions,
         "drain_seconds": options.drain_seconds,
+        "bodies": options.bodies,
         "machine": machine(),
         "points": [],
     }
@@ -206,7 +333,7 @@ def depth(options: argparse.Namespace) -> dict[str, Any]:
         concurrency=options.concurrency,
         retry='"1s", "2s"',
         probe="1s",
-        extra=ADMIN.format(admin=admin, token=TOKEN),
+        extra=ADMIN.format(admin=admin, token=TOKEN) + BODIES[options.bodies].format(directory=directory / "bodies"),
     )
     try:
         wait_port(admin)
@@ -217,7 +344,7 @@ def depth(options: argparse.Namespace) -> dict[str, Any]:
         for target in depths:
             now_queued = queued(admin)
             redis_command(redis.port, "CONFIG", "SET", "slowlog-log-slower-than", "-1")
-            took = fill(directory / "node-0.toml", filled, target - now_queued, options.size)
+            took = fill(directory / "node-0.toml", filled, target - now_queued, options.size, options.fill_processes)
             filled += took["filled"]
             redis_command(redis.port, "SLOWLOG", "RESET")
             point: dict[str, Any] = {"depth": queued(admin), "fill": took}
@@ -225,13 +352,15 @@ def depth(options: argparse.Namespace) -> dict[str, Any]:
             redis_command(redis.port, "CONFIG", "SET", "slowlog-log-slower-than", "0")
             point["redis_used_memory"] = used
             point["redis_bytes_per_msg"] = round((used - empty) / point["depth"]) if point["depth"] else None
+            if filled:
+                point["redis_bytes_by_key"] = memory_breakdown(redis.port, "relayx", filled - 7, point["depth"])
             point["calls"] = operator_calls(admin, redis.port)
             load = run_load(nodes.ports, options.sessions, options.burst, [options.size], options.seconds)
             accept = summarize(load, {})
             point["accept"] = {k: accept[k] for k in ("accepted", "refused", "msg_per_s", "latency_ms")}
-            point["accept"]["redis_longest_ms"] = round(slowlog_max_us(redis.port)[0] / 1000, 3)
+            point["accept"].update(slowest(redis.port))
             point["drain"] = drain(primary, directory, options.drain_seconds, admin)
-            point["drain"]["redis_longest_ms"] = round(slowlog_max_us(redis.port)[0] / 1000, 3)
+            point["drain"].update(slowest(redis.port))
             result["points"].append(point)
             print(f"depth {point['depth']}: done", file=sys.stderr)
     finally:

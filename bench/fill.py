@@ -20,12 +20,14 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import react
+from twisted.python.threadpool import ThreadPool
 
 from relayx.address import Mailbox
 from relayx.config import load
 from relayx.interfaces import IncomingMessage
 from relayx.queue.redis import RedisQueue
 from relayx.redis.connection import open_redis
+from relayx.service import body_store
 
 
 def message(n: int, size: int, now: float) -> IncomingMessage:
@@ -44,7 +46,10 @@ async def fill(reactor: Any, options: argparse.Namespace) -> None:
     config = load(options.config)
     redis = await open_redis(config.redis, reactor, None, poolsize=4)
     assert await redis.wait_connected(10), "Redis is not answering"
-    queue = RedisQueue.configured(redis, config)
+    # the node's own body store ([bodies]), so that Redis holds what a node's enqueue leaves there
+    pool = ThreadPool(minthreads=0, maxthreads=config.bodies.threads, name="fill-bodies")
+    pool.start()
+    queue = RedisQueue.configured(redis, config, body_store(config, reactor, pool))
     started = time.monotonic()
     n, end = options.start, options.start + options.count
     while n < end:
@@ -57,6 +62,7 @@ async def fill(reactor: Any, options: argparse.Namespace) -> None:
         )
         n = batch.stop
     print(json.dumps({"filled": options.count, "seconds": round(time.monotonic() - started, 3)}))
+    pool.stop()
     await redis.disconnect()
 
 

@@ -598,7 +598,7 @@ class IQueueAdmin(Interface):
         """
 
     def page(
-        queues: Sequence[str], search: Mapping[str, object], cursor: int, limit: int, now: float, budget: int = 300
+        queues: Sequence[str], search: Mapping[str, object], cursor: int, limit: int, now: float, budget: int = 200
     ) -> Awaitable[dict[str, Any]]:
         """
         The jobs of ``queues`` matching ``search`` in acceptance order, after

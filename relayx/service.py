@@ -57,7 +57,7 @@ from relayx.ops.http import admin_http, admin_site
 from relayx.ops.panel import Panel
 from relayx.queue.quota import QuotaLimits, Quotas, Usage, memory
 from relayx.queue.redis import RedisQueue
-from relayx.redis.connection import RedisConnection, RedisRefused, open_redis
+from relayx.redis.connection import RedisConnection, RedisRefused, compact_hash_problem, open_redis
 from relayx.redis.embedded import EmbeddedRedis
 from relayx.reuseport import listen_shared, parse_tcp
 from relayx.smtp.client import SMTPClientProtocol
@@ -540,6 +540,8 @@ class RelayNode(Service):
         else:
             log.warn("Redis at {where} is not answering; mail gets 451 until it does", where=redis.where)
         redis.report_refusals()
+        if redis.connected and (problem := await compact_hash_problem(redis)) is not None:
+            log.warn("{why}", why=problem)
         return redis
 
     @property

@@ -53,6 +53,9 @@ def test_depth_smoke(tmp_path: Path) -> None:
     assert deep["depth"] >= 200 and deep["redis_bytes_per_msg"] > 0
     assert all(call["status"] == 200 for call in deep["calls"].values())
     assert deep["accept"]["accepted"] == 20 and deep["drain"]["delivered"] > 0
+    by_key = deep["redis_bytes_by_key"]
+    assert by_key["message_hash"] > 0 and by_key["job_hash"] > 0 and by_key["queue_zset"] > 0
+    assert result["bodies"] == "directory" and deep["fill"]["processes"] == 2
 
 
 def test_rounds_report_medians_with_ranges() -> None:

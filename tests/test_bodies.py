@@ -39,7 +39,7 @@ from relayx.interfaces import BodyNotFound, BodyStoreUnavailable, IBodyStore, St
 from relayx.redis.connection import connect
 from relayx.redis.embedded import free_port
 from relayx.service import StartupError
-from tests.helpers import LoopbackSink, NodeCase, eventually, send, shared_redis, unique_prefix, wait_for
+from tests.helpers import LoopbackSink, NodeCase, RedisProcess, eventually, send, shared_redis, unique_prefix, wait_for
 from tests.test_metrics import get
 from tests.test_queue_redis import deferred_test
 
@@ -683,16 +683,21 @@ class WatchedBodyStoreTests(BodyStoreContract, TestCase):
         assert store.failing is None
 
 
-def test_stub_keeps_a_bounded_header_section() -> None:
-    """When a stub is made, it keeps the reference, size and header section, at most 64 KiB of it, whole lines."""
-    from relayx.queue.bodyref import HEADERS_KEPT, make_stub, read_stub
+def test_stub_is_the_reference_and_size_alone() -> None:
+    """When a stub is made, it holds the reference and size only; a stub of before with a header section still reads."""
+    from relayx.queue.bodyref import HEADERS_KEPT, kept_headers, make_stub, read_stub
 
-    stub = read_stub(make_stub("file:ab/Q1", BODY))
-    assert stub is not None and (stub.ref, stub.size) == ("file:ab/Q1", len(BODY))
-    assert stub.headers == b"Received: from client.test\r\nSubject: hello\r\n"
+    made = make_stub("file:ab/Q1", BODY)
+    assert made == b"\x00relayx-body file:ab/Q1 %d" % len(BODY)
+    stub = read_stub(made)
+    assert stub is not None and (stub.ref, stub.size, stub.headers) == ("file:ab/Q1", len(BODY), b"")
+    older = read_stub(made + b"\r\nSubject: hello\r\n")
+    assert older is not None and (older.ref, older.size) == ("file:ab/Q1", len(BODY))
+    assert older.headers == b"Subject: hello\r\n"
+    assert kept_headers(BODY) == b"Received: from client.test\r\nSubject: hello\r\n"
     all_header = b"".join(b"X-Filler-%d: %s\r\n" % (n, b"x" * 60) for n in range(5000))
-    kept = read_stub(make_stub("file:ab/Q2", all_header))
-    assert kept is not None and len(kept.headers) <= HEADERS_KEPT and kept.headers.endswith(b"\r\n")
+    kept = kept_headers(all_header)
+    assert len(kept) <= HEADERS_KEPT and kept.endswith(b"\r\n")
     assert read_stub(BODY) is None
 
 
@@ -742,3 +747,43 @@ class QueueWithBodiesTests(TestCase):
             await stored.enqueue(message("LOST"))
         assert await stored.message_exists("LOST") is False
         assert await stored.message_exists("NEW") is True
+
+    @deferred_test
+    async def test_header_section_read_from_the_store(self) -> None:
+        """When a message's body is in the store, its hash stays compact and its view reads the header section there."""
+        from relayx.address import Mailbox
+        from relayx.interfaces import IncomingMessage
+
+        _, stored, store = await self.queues()
+        await stored.enqueue(IncomingMessage("HDR", "s@sender.test", (Mailbox.parse("u@one.test"),), time.time(), BODY))
+        key = stored.key("msg", "HDR")
+        assert await stored.redis.call("execute_command", "OBJECT", "ENCODING", key) in (b"listpack", b"ziplist")
+        view = await stored.message("HDR", time.time())
+        assert view is not None and view["size"] == len(BODY)
+        assert view["header"] == "Received: from client.test\r\nSubject: hello\r\n"
+        # a stub written before kept the header section itself
+        older = b"\x00relayx-body file:%s/HDR %d\r\nSubject: kept\r\n" % (shard("HDR").encode(), len(BODY))
+        await stored.redis.call("hset", key, "body", older)
+        view = await stored.message("HDR", time.time())
+        assert view is not None and view["header"] == "Subject: kept\r\n"
+        # the body gone: the view goes without its header section
+        await stored.redis.call("hset", key, "body", b"\x00relayx-body file:%s/HDR %d" % (shard("HDR").encode(), 9))
+        await store.delete(f"file:{shard('HDR')}/HDR")
+        view = await stored.message("HDR", time.time())
+        assert view is not None and (view["header"], view["size"]) == ("", 9)
+
+    @deferred_test
+    async def test_compact_hash_warning(self) -> None:
+        """When Redis keeps hashes compact only up to 64-byte values, the node is told what to set; at 512 it is not."""
+        from relayx.redis.connection import compact_hash_problem
+
+        plain, _, _ = await self.queues()
+        assert await compact_hash_problem(plain.redis) is None
+        server = RedisProcess("--hash-max-ziplist-value", "64")
+        server.start()
+        self.addCleanup(server.stop)
+        redis = await connect("127.0.0.1", server.port, 0, None, reactor, 5.0, poolsize=1)
+        self.addCleanup(redis.disconnect)
+        assert await redis.wait_connected(5)
+        problem = await compact_hash_problem(redis)
+        assert problem is not None and "hash-max-listpack-value 64" in problem and "512" in problem

@@ -76,6 +76,26 @@ class PagingTests(QueueCase):
         assert odd == [f"M1{n}.1" for n in range(10)]
 
     @deferred_test
+    async def test_substring_search_reads_the_message_first(self) -> None:
+        """When a sender or Subject part is searched with other filters, a job matches only if all do, fields whole."""
+        q = await self.make_queue()
+        await q.enqueue(mail("A", "x@one.test", "y@two.test", sender="ann@a.test", at=T0))
+        await q.enqueue(mail("B", "z@one.test", sender="ann@a.test", at=T0 + 50))
+        await q.enqueue(mail("C", "x@two.test", sender="cy@c.test", at=T0 + 60))
+        found = (await q.page(BOTH, {"sender_has": "ann", "subject_has": "about"}, 0, 10, T0 + 100))["jobs"]
+        assert [(j["jid"], j["domain"], j["sender"], j["subject"]) for j in found] == [
+            ("A.1", "one.test", "ann@a.test", "about A"),
+            ("A.2", "two.test", "ann@a.test", "about A"),
+            ("B.1", "one.test", "ann@a.test", "about B"),
+        ]
+        assert found[0]["rcpts"] == ["x@one.test"] and found[2]["state"] == "ready"
+        only_two = await q.page(["two.test"], {"subject_has": "about", "recipient_has": "x@"}, 0, 10, T0 + 100)
+        assert [j["jid"] for j in only_two["jobs"]] == ["C.1"]
+        early = await q.page(BOTH, {"sender_has": "ann", "before": int((T0 + 10) * 1000)}, 0, 10, T0 + 100)
+        assert [j["jid"] for j in early["jobs"]] == ["A.1", "A.2"] and early["more"] is False
+        assert (await q.page(BOTH, {"subject_has": "nothing like it"}, 0, 10, T0 + 100))["jobs"] == []
+
+    @deferred_test
     async def test_exact_indexes_and_message_id(self) -> None:
         """When mail is searched by Message-ID, sender or recipient, the indexes answer; combined, all must match."""
         q = await self.make_queue()

@@ -80,8 +80,8 @@ STATES = tuple(str(state) for state in JobState)
 MAX_PAGE = 500
 MAX_BODY = 64 * 1024
 #: most jobs one Redis call of a listing examines, and most such calls per request
-PAGE_BUDGET = 300
-PAGE_CALLS = 10
+PAGE_BUDGET = 200
+PAGE_CALLS = 15
 #: most age buckets of a qshape (each edge costs a bisection per queue)
 QSHAPE_MAX_BUCKETS = 20
 #: the filter's names in a query string or a bulk action: exact ones, parts, the rest

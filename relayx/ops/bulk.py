@@ -44,7 +44,7 @@ class BulkRunner:
         *,
         interval: float = 1.0,
         batch: int = 200,
-        budget: int = 300,
+        budget: int = 200,
         lease: float = 30.0,
     ) -> None:
         assert IQueueAdmin.providedBy(queue) and IBulkActions.providedBy(queue)

@@ -1,8 +1,14 @@
 """
 A message whose body is in a body store keeps, in its Redis hash's ``body``
-field, a stub instead: one marker line with the body's reference and size,
-then the body's header section (for the message view, searches and DSNs,
-which need no more). A body never starts with the marker's NUL byte, so a
+field, a stub instead: a marker with the body's reference and size, nothing
+more. What views and searches need from the header section (Message-ID and
+Subject) is in fields of their own; the message view and DSNs read the header
+section from the body store. So a queued message costs Redis a few dozen bytes
+for its body whatever its headers, and its hash stays small enough for Redis's
+compact encoding (``hash-max-listpack-value``, see relayx/redis/embedded.py).
+
+Stubs written before carried the header section after a CRLF; they still read
+(``BodyStub.headers``). A body never starts with the marker's NUL byte, so a
 hash written before body stores (or a DSN, kept in Redis whole) reads as it
 always did.
 """
@@ -14,8 +20,8 @@ import attrs
 from relayx.message import header_section
 
 MARKER = b"\x00relayx-body "
-#: the most of a header section a stub keeps (a message that is all header
-#: must not bring its whole body back into Redis)
+#: the most of a header section an operator's view shows (a message that is
+#: all header must not come back whole)
 HEADERS_KEPT = 65536
 
 
@@ -23,16 +29,24 @@ HEADERS_KEPT = 65536
 class BodyStub:
     ref: str
     size: int
-    headers: bytes = attrs.field(repr=False)
+    #: the header section an older stub carried; empty in the stubs written now
+    headers: bytes = attrs.field(default=b"", repr=False)
 
 
 def make_stub(ref: str, body: bytes) -> bytes:
     if any(c in ref for c in " \r\n"):
         raise ValueError(f"a body reference without spaces or line breaks, got {ref!r}")
+    return MARKER + f"{ref} {len(body)}".encode("ascii")
+
+
+def kept_headers(body: bytes) -> bytes:
+    """
+    The header section of a body, at most ``HEADERS_KEPT`` bytes of it, whole lines.
+    """
     headers = header_section(body)
     if len(headers) > HEADERS_KEPT:
         headers = headers[: headers.rfind(b"\r\n", 0, HEADERS_KEPT) + 2]
-    return MARKER + f"{ref} {len(body)}".encode("ascii") + b"\r\n" + headers
+    return headers
 
 
 def read_stub(stored: bytes) -> BodyStub | None:

@@ -24,7 +24,8 @@
 -- Source: one index when an exact filter is given, else each queue's ready zset
 -- (state ready or held) or its <p>:q:<queue>, all scored by acceptance sequence
 -- and merged here. Cost bound: at most ARGV[6] zset entries fetched and jobs
--- examined (each a few O(1) and O(log n) reads), plus, with an "after" bound on
+-- examined (each a few O(1) and O(log n) reads; with a sender or Subject part,
+-- one HMGET of the message hash for a job that does not match), plus, with an "after" bound on
 -- the first page, a binary search of O(log n) reads per source; never a walk of
 -- a queue. A page may hold fewer than ARGV[5] matches while "more" is true: the
 -- caller continues from "cursor".
@@ -116,10 +117,24 @@ for _, entry in ipairs(entries) do
   if #found >= limit then break end
   examined = examined + 1
   last = seq
-  local domain, qid, rcpts, owed, created, attempts, err = unpack(redis.call('HMGET', prefix .. ':job:' .. jid,
-    'domain', 'qid', 'rcpts', 'owed', 'created', 'attempts', 'error'))
+  -- a substring of the sender or Subject is looked at first, in the message hash
+  -- (its queue id is the job id's, enqueue_message): a scan that matches rarely
+  -- reads one small hash per job, not two
+  local sender, subject
+  local ok = true
+  if filter.sender_has or filter.subject_has then
+    sender, subject = unpack(redis.call('HMGET', prefix .. ':msg:' .. (string.match(jid, '^(.*)%.%d+$') or jid),
+      'sender', 'subject'))
+    if filter.sender_has and not string.find(lower(sender), filter.sender_has, 1, true) then ok = false end
+    if filter.subject_has and not string.find(lower(subject), filter.subject_has, 1, true) then ok = false end
+  end
+  local domain, qid, rcpts, owed, created, attempts, err
+  if ok then
+    domain, qid, rcpts, owed, created, attempts, err = unpack(redis.call('HMGET', prefix .. ':job:' .. jid,
+      'domain', 'qid', 'rcpts', 'owed', 'created', 'attempts', 'error'))
+  end
   created = tonumber(created or '0')
-  local ok = domain ~= nil and wanted[domain]
+  ok = ok and domain ~= nil and wanted[domain]
   if ok and filter.before and created >= filter.before then
     ok = false
     -- past the bound by more than the skew: nothing later can match
@@ -136,11 +151,8 @@ for _, entry in ipairs(entries) do
     ok = state == filter.state
   end
   if ok and filter.recipient_has and not string.find(lower(rcpts), filter.recipient_has, 1, true) then ok = false end
-  local sender, subject
-  if ok then
+  if ok and not (filter.sender_has or filter.subject_has) then
     sender, subject = unpack(redis.call('HMGET', prefix .. ':msg:' .. qid, 'sender', 'subject'))
-    if filter.sender_has and not string.find(lower(sender), filter.sender_has, 1, true) then ok = false end
-    if filter.subject_has and not string.find(lower(subject), filter.subject_has, 1, true) then ok = false end
   end
   if ok then
     found[#found + 1] = {jid = jid, qid = qid, seq = seq, domain = domain, state = state or state_of(jid, domain),

@@ -51,7 +51,7 @@ from relayx.interfaces import (
     Throttle,
 )
 from relayx.message import header_section, search_fields
-from relayx.queue.bodyref import make_stub, read_stub
+from relayx.queue.bodyref import BodyStub, kept_headers, make_stub, read_stub
 from relayx.queue.states import held_at
 from relayx.redis.connection import RedisConnection
 from relayx.redis.scripts import Script, load_script
@@ -67,8 +67,9 @@ FLUSH_BATCH = 500
 CHECK_BATCH = 100
 #: the counted fields of a queue's <p>:count:<q>, as common.lua defines them
 COUNTED = ("ready", "in_flight", "deferred", "failed", "bytes")
-#: most jobs one listing or search call to Redis examines (~20 us each: a few ms)
-PAGE_BUDGET = 300
+#: most jobs one listing or search call to Redis examines (~10-20 us each: 2-4 ms, well
+#: under the 10 ms a Redis call may block others for, on a loaded machine too)
+PAGE_BUDGET = 200
 #: how far nodes' clocks may disagree (acceptance order is time order within this)
 CLOCK_SKEW = 5.0
 #: bulk actions kept for operators to read (running ones are always kept)
@@ -98,14 +99,6 @@ def _lists(job: dict[str, Any]) -> dict[str, Any]:
         if job.get(name) == {}:
             job[name] = []
     return job
-
-
-def _headers(stored: bytes) -> bytes:
-    """
-    The header section of a message hash's ``body`` field: a body's, or a stub's.
-    """
-    stub = read_stub(stored)
-    return header_section(stored) if stub is None else stub.headers
 
 
 def dsn_to_json(dsn: MessageDsn) -> str:
@@ -716,8 +709,24 @@ class RedisQueue:
         stub = read_stub(str(found.get("header", "")).encode("utf-8", "surrogateescape"))
         if stub is not None:
             found["size"] = stub.size
-            found["header"] = stub.headers.decode("utf-8", "replace")
+            found["header"] = (await self._headers(queue_id, stub, None)).decode("utf-8", "replace")
         return found
+
+    async def _headers(self, queue_id: str, stub: BodyStub, whole: bytes | None) -> bytes:
+        """
+        The header section of a message whose body is in the body store (``whole``,
+        if it was read already): from the stub when an older one carried it, else
+        from the body; empty when the body cannot be read (the view and the DSN
+        then go without it).
+        """
+        if stub.headers:
+            return stub.headers
+        if whole is None and self.bodies is not None:
+            try:
+                whole = await self.bodies.get(stub.ref)
+            except (BodyNotFound, StoreUnavailable) as e:
+                log.warn("{queue_id}: header section unreadable ({why})", queue_id=queue_id, why=str(e))
+        return b"" if whole is None else kept_headers(whole)
 
     async def qshape(self, queue: str, now: float, edges: Sequence[float], waiting: bool = False) -> list[int]:
         key = self.key("ready" if waiting else "q", queue)
@@ -1069,8 +1078,11 @@ class RedisQueue:
             try:
                 dsn = dsn_from_json(dsn_field)
                 full = None
+                stored = bytes(body or b"")
                 if index == "failed" and dsn.ret is Ret.FULL and body is not None:
-                    full = await self._whole(_text(qid), bytes(body))
+                    full = await self._whole(_text(qid), stored)
+                stub = read_stub(stored)
+                headers = header_section(stored) if stub is None else await self._headers(_text(qid), stub, full)
                 if index == "failed":
                     failures = [tuple(f) for f in json.loads(failed)]
                 else:
@@ -1082,7 +1094,7 @@ class RedisQueue:
                         sender=_text(sender or b""),
                         arrival=int(received or 0) / 1000,
                         failures=tuple((str(r), int(c), str(s), str(t)) for r, c, s, t in failures),
-                        headers=_headers(bytes(body or b"")),
+                        headers=headers,
                         dsn=dsn,
                         full=full,
                     )

@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 
 from relayx.config import RedisConfig
 from relayx.interfaces import NotApplied, StaleLease, StoreUnavailable
-from relayx.redis.embedded import EmbeddedAddress
+from relayx.redis.embedded import COMPACT_HASH_VALUE, EmbeddedAddress
 from relayx.redis.scripts import Script
 
 log = Logger()
@@ -74,6 +74,30 @@ def _passing(text: str) -> bool:
     script, loading its data, a replica without its master).
     """
     return text.startswith(("BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN"))
+
+
+async def compact_hash_problem(redis: RedisConnection) -> str | None:
+    """
+    Why Redis will hold queued messages in more memory than it needs to: its
+    ``hash-max-listpack-value`` (``-ziplist-`` before Redis 7) below
+    ``COMPACT_HASH_VALUE``; ``None`` when it is not, or cannot be read (a user
+    without CONFIG). A warning, never a refusal: the mail is safe either way.
+    """
+    try:
+        reply = await redis.call("execute_command", "CONFIG", "GET", "hash-max-*-value")
+    except StoreUnavailable:
+        # CONFIG not allowed (or renamed away), or Redis gone again: nothing to say
+        return None
+    values = [_text(v) for v in (reply or [])]
+    found = dict(zip(values[::2], values[1::2], strict=False))
+    value = found.get("hash-max-listpack-value", found.get("hash-max-ziplist-value", ""))
+    if not value.isdigit() or int(value) >= COMPACT_HASH_VALUE:
+        return None
+    return (
+        f"Redis at {redis.where} has hash-max-listpack-value {value}: a queued message whose sender, "
+        f"Message-ID or Subject is longer takes about 500 bytes more; set hash-max-listpack-value "
+        f"{COMPACT_HASH_VALUE} (hash-max-ziplist-value before Redis 7)"
+    )
 
 
 def eviction_problem(policy: str, where: str) -> str | None:

