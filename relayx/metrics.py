@@ -92,7 +92,7 @@ class Metrics:
 
         self.pushbacks = Counter(
             "relayx_delivery_pushbacks",
-            "Delivery attempts a destination answered \"not now\", by what it cuts (sessions, rate)",
+            'Delivery attempts a destination answered "not now", by what it cuts (sessions, rate)',
             ["kind"],
             registry=r,
         )

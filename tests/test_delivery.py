@@ -160,7 +160,10 @@ def test_greeting_421_is_a_pushback_on_sessions() -> None:
 def test_greeting_421_tries_next_host() -> None:
     """When the first host greets with 421 and the second is up, the second gets the message, with no pushback."""
     s = Scripted(
-        {"a": b"421 4.7.0 busy\r\n", "b": b"220 d\r\n" + EHLO_PLAIN + b"250 ok\r\n250 ok\r\n354 go\r\n250 ok\r\n250 ok\r\n"}
+        {
+            "a": b"421 4.7.0 busy\r\n",
+            "b": b"220 d\r\n" + EHLO_PLAIN + b"250 ok\r\n250 ok\r\n354 go\r\n250 ok\r\n250 ok\r\n",
+        }
     )
     outcome = run(s.deliverer(["a", "b"]), ("x@example.com",))
     assert outcome.delivered == ("x@example.com",) and outcome.pushback is None
@@ -171,7 +174,9 @@ def test_451_to_mail_and_to_the_message_are_pushbacks() -> None:
     at_mail = Scripted({"a": b"220 d\r\n" + EHLO_PLAIN + b"451 4.7.1 slow down\r\n250 ok\r\n"})
     outcome = run(at_mail.deliverer(["a"]), ("x@example.com",))
     assert outcome.pushback is Pushback.RATE and outcome.failed == () and len(outcome.deferred) == 1
-    at_data = Scripted({"a": b"220 d\r\n" + EHLO_PLAIN + b"250 ok\r\n250 ok\r\n354 go\r\n451 4.3.0 later\r\n250 ok\r\n"})
+    at_data = Scripted(
+        {"a": b"220 d\r\n" + EHLO_PLAIN + b"250 ok\r\n250 ok\r\n354 go\r\n451 4.3.0 later\r\n250 ok\r\n"}
+    )
     outcome = run(at_data.deliverer(["a"]), ("x@example.com",))
     assert outcome.pushback is Pushback.RATE and outcome.pushback_reply == Reply(451, "4.3.0", "later")
     assert outcome.failed == () and outcome.deferred == (("x@example.com", Reply(451, "4.3.0", "later")),)
