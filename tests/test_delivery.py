@@ -149,7 +149,10 @@ def test_421_mid_session_is_a_pushback() -> None:
 
 
 def test_greeting_421_is_a_pushback_on_sessions() -> None:
-    """When every host greets with 421, the outcome is a pushback on sessions (deferred), not an unreachable destination."""
+    """
+    When every host greets with 421, the outcome is a pushback on sessions (deferred), not an unreachable
+    destination.
+    """
     s = Scripted({"a": b"421 4.7.0 too many sessions\r\n", "b": b"421 4.7.0 busy\r\n"})
     outcome = run(s.deliverer(["a", "b"]), ("x@example.com",))
     assert outcome.pushback is Pushback.SESSIONS and outcome.unreachable is None
@@ -183,7 +186,10 @@ def test_451_to_mail_and_to_the_message_are_pushbacks() -> None:
 
 
 def test_rcpt_451_is_not_a_pushback() -> None:
-    """When one recipient gets 451 (greylisting, a full mailbox), it is deferred as before and the pace is left alone."""
+    """
+    When one recipient gets 451 (greylisting, a full mailbox), it is deferred as before and the pace is left
+    alone.
+    """
     s = Scripted({"a": b"220 d\r\n" + EHLO_PLAIN + b"250 ok\r\n451 4.7.1 greylisted\r\n250 ok\r\n"})
     outcome = run(s.deliverer(["a"]), ("x@example.com",))
     assert outcome.pushback is None and outcome.deferred[0][1].code == 451

@@ -62,7 +62,10 @@ class PaceTests(QueueCase):
 
     @deferred_test
     async def test_421_cuts_the_rate_and_puts_the_job_back_at_its_place(self) -> None:
-        """When a 421 answers MAIL, the job goes back ahead of later ones, the domain is not paused, and the rate drops to 0.7 of what was accepted."""
+        """
+        When a 421 answers MAIL, the job goes back ahead of later ones, the domain is not paused, and the rate
+        drops to 0.7 of what was accepted.
+        """
         q = await self.queue_of(200)
         now = await self.deliver_for(q, T0, 3, 20)
         [first, second] = await self.claim(q, now, 2)
@@ -94,7 +97,10 @@ class PaceTests(QueueCase):
 
     @deferred_test
     async def test_claims_follow_the_cut_and_never_go_below_the_floor(self) -> None:
-        """When 421s keep coming, the rate and sessions fall by 0.7 per interval to 1 msg/s and 1 session, and claims obey them."""
+        """
+        When 421s keep coming, the rate and sessions fall by 0.7 per interval to 1 msg/s and 1 session, and
+        claims obey them.
+        """
         q = await self.queue_of(400, pace=PacePolicy(floor_rate=1.0))
         now = await self.deliver_for(q, T0, 2, 20)
         for n in range(40):
@@ -111,7 +117,10 @@ class PaceTests(QueueCase):
 
     @deferred_test
     async def test_sustained_success_climbs_back_to_the_ceiling(self) -> None:
-        """When deliveries succeed after a cut, the pace climbs each interval until it is back at the configured ceiling."""
+        """
+        When deliveries succeed after a cut, the pace climbs each interval until it is back at the configured
+        ceiling.
+        """
         q = await self.queue_of(600)
         now = await self.deliver_for(q, T0, 3, 20)
         [lease] = await self.claim(q, now, 1)
@@ -133,7 +142,10 @@ class PaceTests(QueueCase):
 
     @deferred_test
     async def test_greeting_421_does_not_pause_the_domain(self) -> None:
-        """When a 421 greeting answers one attempt while others are delivered, the domain keeps delivering: sessions cut, no pause."""
+        """
+        When a 421 greeting answers one attempt while others are delivered, the domain keeps delivering:
+        sessions cut, no pause.
+        """
         q = await self.queue_of(50)
         leases = await self.claim(q, T0) + await self.claim(q, T0 + 0.05)  # the rate's burst is 5
         assert len(leases) == 8
@@ -150,7 +162,10 @@ class PaceTests(QueueCase):
 
     @deferred_test
     async def test_refused_connection_while_others_answer_is_a_pushback(self) -> None:
-        """When one connection is refused while other sessions deliver, the job goes back and sessions are cut; the domain is not paused."""
+        """
+        When one connection is refused while other sessions deliver, the job goes back and sessions are cut;
+        the domain is not paused.
+        """
         q = await self.queue_of(20)
         leases = await self.claim(q, T0)
         await q.settle(leases[0], delivered(leases[0]), T0 + 0.1, CEILING)
@@ -161,7 +176,10 @@ class PaceTests(QueueCase):
 
     @deferred_test
     async def test_unreachable_destination_still_pauses(self) -> None:
-        """When every attempt fails to connect (nothing in flight answers), the domain pauses for the retry schedule as before."""
+        """
+        When every attempt fails to connect (nothing in flight answers), the domain pauses for the retry
+        schedule as before.
+        """
         q = await self.queue_of(5)
         [lease] = await self.claim(q, T0, 1)
         await q.settle(lease, delivered(lease), T0, CEILING)
@@ -171,7 +189,10 @@ class PaceTests(QueueCase):
 
     @deferred_test
     async def test_pushbacks_without_a_delivery_pause_the_domain(self) -> None:
-        """When a destination answers nothing but 421 for ten intervals, its domain pauses and waits for the prober (each job pushed back at most five times meanwhile)."""
+        """
+        When a destination answers nothing but 421 for ten intervals, its domain pauses and waits for the
+        prober (each job pushed back at most five times meanwhile).
+        """
         q = await self.queue_of(5)
         fates = []
         for n in range(12):
@@ -184,7 +205,10 @@ class PaceTests(QueueCase):
 
     @deferred_test
     async def test_a_421_never_bounces(self) -> None:
-        """When a job is answered 421 again and again, it is pushed back five times, then deferred by the retry schedule, never failed."""
+        """
+        When a job is answered 421 again and again, it is pushed back five times, then deferred by the retry
+        schedule, never failed.
+        """
         q = await self.queue_of(1)
         fates = []
         for n in range(8):

@@ -393,7 +393,10 @@ class ClusterQueueTests(QueueCase):
 
     @deferred_test
     async def test_recovery_ramps_up(self) -> None:
-        """When a destination comes back after failing, it starts at one session and climbs one per interval with a delivery."""
+        """
+        When a destination comes back after failing, it starts at one session and climbs one per interval with
+        a delivery.
+        """
         q = await self.make_queue(lease=1000.0)
         for n in range(30):
             await q.enqueue(message(f"M{n:02}", "a@one.test"))
