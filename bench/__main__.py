@@ -212,7 +212,10 @@ def replay(options: argparse.Namespace) -> dict[str, Any]:
             postfix.stop()
     else:
         result["postfix"] = f"not measured: {postfix_skipped(options) or 'not in the capacity scenario'}"
-    shutil.rmtree(directory, ignore_errors=True)
+    if options.keep:
+        print(f"kept: {directory}", file=sys.stderr)
+    else:
+        shutil.rmtree(directory, ignore_errors=True)
     return result
 
 
@@ -371,6 +374,7 @@ def main() -> None:
     r.add_argument("--slow-from", type=float, default=20, help="seconds after the primary is up its capacity drops")
     r.add_argument("--slow-for", type=float, default=20, help="for how long (0: never)")
     r.add_argument("--slow-factor", type=float, default=1 / 3, help="to this share of itself")
+    r.add_argument("--keep", action="store_true", help="keep the nodes' logs and data (the directory is printed)")
     r.add_argument("--probe", default="5s")
     r.add_argument("--seconds", type=float, default=120)
     r.add_argument("--no-postfix", action="store_true")

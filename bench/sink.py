@@ -173,8 +173,8 @@ class SinkProtocol(LineReceiver):
 @attrs.define
 class Capacity:
     """
-    A primary's capacity: ``rate`` messages per second (a token bucket of a
-    tenth of a second's burst) and ``sessions`` at once; above either it
+    A primary's capacity: ``rate`` messages per second (a token bucket of
+    one second's burst) and ``sessions`` at once; above either it
     answers ``421`` (to the greeting, to MAIL). Between ``slow_from`` and
     ``slow_until`` (seconds after ``start``) both are ``slow_factor`` of it.
     It counts the attempts (``asked``: greetings refused and MAILs) and the
@@ -211,7 +211,7 @@ class Capacity:
     def mail_reply(self) -> bytes:
         now = self.sink.clock()
         rate = self.rate * self.share(now)
-        burst = max(1.0, rate / 10)
+        burst = max(1.0, rate)
         self.tokens = min(burst, self.tokens + (now - self.tokens_at) * rate) if self.tokens_at else burst
         self.tokens_at = now
         if self.tokens < 1:

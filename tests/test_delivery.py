@@ -326,3 +326,16 @@ def test_closed_kept_session_is_not_a_failure() -> None:
     s.replies["a"] = b"220 d\r\n" + EHLO_PIPELINING + one
     assert run(d, ("y@example.com",)).delivered == ("y@example.com",)
     assert s.connections == 2
+
+
+def test_pipelined_421_to_mail_is_a_pushback() -> None:
+    """
+    When a pipelining host answers MAIL with 421 and closes the session, the outcome is a pushback on the rate,
+    not an unreachable destination (the RCPT and DATA replies never come).
+    """
+    s = Scripted({"a": b"220 d\r\n" + EHLO_PIPELINING + b"421 4.7.0 rate limit exceeded\r\n"})
+    result = Deferred.fromCoroutine(s.deliverer(["a"]).deliver("example.com", "b@s.test", ("x@example.com",), b"x"))
+    outcomes: list[Outcome] = []
+    result.addCallback(outcomes.append)
+    s.protocols["a"].connectionLost(Failure(ConnectionDone()))
+    assert outcomes and outcomes[0].pushback is Pushback.RATE and outcomes[0].unreachable is None

@@ -165,6 +165,17 @@ class SMTPDeliverer:
         conn.parked = False
         return conn
 
+    def _drop_idle(self, target: Target) -> None:
+        """
+        End the sessions kept for reuse with a host that refused a new one.
+        """
+        for conn, timer in self._idle.pop((target.address, target.port, target.tls), []):
+            if timer.active():
+                timer.cancel()
+            conn.parked = False
+            conn.send("QUIT")
+            conn.close()
+
     def close_idle(self) -> None:
         """
         End the sessions kept for reuse at once (the node is stopping).
@@ -277,6 +288,8 @@ class SMTPDeliverer:
             except _Busy as e:
                 busy.append(e)
                 reasons.append(str(e))
+                if e.kind is Pushback.SESSIONS:
+                    self._drop_idle(target)  # our idle sessions are taking the host's slots
             except (_TryNext, ConversationError) as e:
                 reasons.append(f"{where}: {e}")
             finally:
@@ -367,7 +380,12 @@ class SMTPDeliverer:
         pipelining = "PIPELINING" in extensions
         if pipelining:
             conn.send(*commands, "DATA")
-            replies = [await conn.read(t.command) for _ in commands]
+            replies = []
+            for _ in commands:
+                replies.append(await conn.read(t.command))
+                if replies[-1].code == 421:
+                    # the host closes the session: no further replies will come
+                    raise _Busy(Pushback.RATE, replies[-1], where)
         else:
             replies = []
             for index, line in enumerate(commands):

@@ -62,9 +62,12 @@ end
 -- start the next if its rate is what stops it (0: not the rate)
 local function allowance(dom, domain, inflight, room)
   local t = throttles[domain] or default
-  local s = redis.call('HMGET', dom, 'pace_c', 'release_rate', 'tokens', 'tokens_at', 'pace_r')
+  local s = redis.call('HMGET', dom, 'pace_c', 'release_rate', 'tokens', 'tokens_at', 'pace_r', 'pace_wait')
   local cap, rate = t.c, t.r
-  -- the adaptive pace (settle.lua) runs at or below the configured ceiling
+  -- the adaptive pace (settle.lua) runs at or below the configured ceiling, and
+  -- nothing starts for a moment after a pushback
+  local wait = tonumber(s[6] or '0')
+  if wait > now then return 0, wait end
   local pace_c, pace_r = tonumber(s[1]), tonumber(s[5])
   if pace_c and pace_c < cap then cap = pace_c end
   if pace_r and (rate == 0 or pace_r < rate) then rate = pace_r end

@@ -45,13 +45,13 @@
 --
 -- The adaptive pace (AIMD, per destination, cluster-wide; fields pace_* in the
 -- domain hash, see common.lua): a pushback cuts the sessions ("sessions") or the
--- rate ("rate") to backoff times what was in use (the jobs in flight, the rate
--- the destination accepted over the last second), at most once per interval, never
+-- rate ("rate") to backoff times what was in use (the jobs in flight; the current
+-- rate, or at the ceiling the rate the destination accepted over the last second), at most once per interval, never
 -- below 1 session / the floor rate; each interval with a success adds back one
 -- session (or c * i / u) and rate (quickly to 0.9 of the last cut's rate, then in
 -- doubling steps) until the ceiling, where the pace_ fields go. A pushback, and a
 -- connection refused while other sessions are in flight within PATIENCE intervals
--- of a delivery, put the job back at
+-- of a delivery, hold new starts for a quarter interval (pace_wait) and put the job back at
 -- its place instead of pausing the domain; a pushback PATIENCE intervals after the
 -- last success, and a job pushed back PUSHBACKS times, take the usual way
 -- (pause, or retry schedule). A 421 is never a failure.
@@ -64,7 +64,7 @@ local jid, token, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 if redis.call('HGET', KEYS[1], 'token') ~= token then
   return redis.error_reply('STALE lease token')
 end
-local PATIENCE, PUSHBACKS = 10, 5
+local PATIENCE, PUSHBACKS = 10, 20
 local retention, prefix = tonumber(ARGV[8]), ARGV[10]
 local domain = redis.call('HGET', KEYS[1], 'domain')
 local schedule = {}
@@ -114,8 +114,9 @@ local change = ''
 local function accepted_rate()
   local s = redis.call('HMGET', KEYS[8], 'ok_w', 'ok_n', 'ok_r')
   local since = now - tonumber(s[1] or now)
-  if since >= interval then return tonumber(s[2] or '0') * 1000 / since end
-  return tonumber(s[3] or '0')
+  local last = tonumber(s[3] or '0')
+  if since >= interval then return math.max(last, tonumber(s[2] or '0') * 1000 / since) end
+  return last
 end
 
 local function count_success()
@@ -141,13 +142,17 @@ local function cut(kind, why)
     fields[#fields + 1], fields[#fields + 2] = 'pace_c', c
   end
   if kind ~= 'sessions' then
-    local base = math.min(r or HUGE, pace.r > 0 and pace.r or HUGE)
-    local seen = accepted_rate()
-    if seen > 0 then base = math.min(base, seen) end
-    if base == HUGE then base = floor_rate / backoff end
+    -- from the current pace; from the ceiling, the rate the destination accepted lately
+    local base = r
+    if not base then
+      base = pace.r > 0 and pace.r or HUGE
+      local seen = accepted_rate()
+      if seen > 0 then base = math.min(base, seen) end
+      if base == HUGE then base = floor_rate / backoff end
+    end
     r = math.max(floor_rate, base * backoff)
     for _, v in ipairs({'pace_r', tostring(r), 'pace_peak', tostring(base), 'pace_step',
-      tostring(math.max(0.1, base / 100))}) do fields[#fields + 1] = v end
+      tostring(math.max(0.2, base / 100))}) do fields[#fields + 1] = v end
   end
   redis.call('HSET', KEYS[8], unpack(fields))
   change = 'cut'
@@ -166,7 +171,8 @@ local function climb()
     if pace.c <= 0 or c >= pace.c then c = nil end
   end
   if r then
-    if peak and r < 0.9 * peak then
+    -- (0.85: the stored rates are rounded; what reached 0.9 goes on below)
+    if peak and r < 0.85 * peak then
       r = math.min(0.9 * peak, r + math.max(peak / 4, pace.r * ramp))
     else
       r, step = r + step, step * 2
@@ -227,6 +233,8 @@ elseif pushback ~= '' then
 end
 if pushback ~= '' then
   cut(pushback, pushback_why)
+  -- a moment's pause before the next start (claim.lua), so a refusal is not retried at once
+  redis.call('HSET', KEYS[8], 'pace_wait', now + math.floor(interval / 4))
 elseif ARGV[4] ~= '[]' then
   count_success()
   slow_or_climb()
