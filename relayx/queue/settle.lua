@@ -44,21 +44,23 @@
 -- trim (<p>:events:keep) this sets to the retention plus EVENT_MARGIN.
 --
 -- The adaptive pace (AIMD, per destination, cluster-wide; fields pace_* in the
--- domain hash, see common.lua): a pushback cuts the sessions ("sessions") or the
--- rate ("rate") to backoff times what was in use (the jobs in flight; the current
--- rate, or at the ceiling the rate the destination accepted over the last second), at most once per interval, never
--- below 1 session / the floor rate; each interval with a success adds back one
--- session (or c * i / u) and rate (quickly to 0.9 of the last cut's rate, then in
--- doubling steps) until the ceiling, where the pace_ fields go. A pushback, and a
--- connection refused while other sessions are in flight within PATIENCE intervals
--- of a delivery, hold new starts for a quarter interval (pace_wait) and put the job back at
--- its place instead of pausing the domain; a pushback PATIENCE intervals after the
--- last success, and a job pushed back PUSHBACKS times, take the usual way
--- (pause, or retry schedule). A 421 is never a failure.
+-- domain hash, see common.lua): a pushback cuts the sessions ("sessions"), the
+-- rate ("rate") or both (a slow reply) to backoff times what was in use (the jobs
+-- in flight; the current rate, or at the ceiling the rate the destination accepted
+-- over the last second), at most once per interval, never below 1 session / the
+-- floor rate; each interval with a delivery adds back one session (or c * i / u)
+-- and rate (quickly to 0.9 of the last cut's rate, then in doubling steps) until
+-- the ceiling, where the pace_ fields go. A pushback, and a connection refused
+-- while other sessions are in flight within PATIENCE intervals of a delivery,
+-- hold new starts for a quarter interval (pace_wait, claim.lua) and put the job
+-- back at its place instead of pausing the domain; a pushback PATIENCE intervals
+-- after the last delivery, and a job pushed back PUSHBACKS times, take the usual
+-- way (pause, or the retry schedule). A 421 never fails a recipient.
 --
 -- Cost bound, whatever the queue's depth: O(1) keys for the job itself; when the
 -- destination is unreachable, the queue's first 100 jobs are looked at twice
 -- (retention, delay warning), each O(1) keys and an event: at most ~1,000 keys, O(log n) writes.
+-- The pace adds O(1) reads and writes of the domain hash and one ZCARD.
 
 local jid, token, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 if redis.call('HGET', KEYS[1], 'token') ~= token then
