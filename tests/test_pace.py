@@ -5,11 +5,12 @@ cluster-wide, at explicit times against a real Redis.
 
 from __future__ import annotations
 
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 
 from relayx.interfaces import Lease, Outcome, PacePolicy, Pushback, Throttle
 from relayx.queue.redis import RedisQueue
 from relayx.reply import Reply
+from tests.helpers import logged_events
 from tests.test_queue_redis import T0, QueueCase, deferred_test, message
 
 CEILING = Throttle(concurrency=8, rate=100)
@@ -239,16 +240,14 @@ class PaceTests(QueueCase):
     @deferred_test
     async def test_each_cut_and_the_return_to_the_ceiling_are_logged(self) -> None:
         """When the pace is cut and later back at its ceiling, each is one log event with the mx and the code."""
-        events: list[dict[str, object]] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
         q = await self.queue_of(100)
         now = await self.deliver_for(q, T0, 2, 5)
-        [lease] = await self.claim(q, now, 1)
-        await q.settle(lease, greeting_busy(lease), now, Throttle(concurrency=2))
-        for second in range(1, 4):
-            for lease in await self.claim(q, now + second, 1):
-                await q.settle(lease, delivered(lease), now + second, Throttle(concurrency=2))
+        with logged_events() as events:
+            [lease] = await self.claim(q, now, 1)
+            await q.settle(lease, greeting_busy(lease), now, Throttle(concurrency=2))
+            for second in range(1, 4):
+                for lease in await self.claim(q, now + second, 1):
+                    await q.settle(lease, delivered(lease), now + second, Throttle(concurrency=2))
         paced = [e for e in events if e.get("pace")]
         assert [(e["pace"], e["mx"], e["code"]) for e in paced] == [
             ("cut", "mx1 [10.0.0.1]:25", 421),
