@@ -7,6 +7,10 @@ backup MX for the same domain when it is installed.
 
 ``python -m bench replay``: fill the queue while the primary is down, bring a
 recording sink up, and measure the drain against the configured throttle.
+With ``--capacity-rate N``, the primary has a capacity (N msg/s, ``--capacity-sessions``
+at once; 421 above it) that drops to a third for a while (``--slow-from``,
+``--slow-for``): the adaptive pace's benchmark (share of the capacity used, of
+attempts answered 421, time back to full pace after the recovery).
 
 ``python -m bench depth``: fill the queue to given depths (through the
 queue's enqueue path) and measure, per depth, accept rate and p99, Redis
@@ -196,6 +200,14 @@ def replay(options: argparse.Namespace) -> dict[str, Any]:
         "mailboxes": options.mailboxes,
         "machine": machine(),
     }
+    if options.capacity_rate:
+        result["capacity"] = {
+            "rate": options.capacity_rate,
+            "sessions": options.capacity_sessions,
+            "slow_from": options.slow_from,
+            "slow_for": options.slow_for,
+            "slow_factor": round(options.slow_factor, 3),
+        }
     redis = Redis(directory)
     nodes = Nodes(
         directory,
@@ -221,7 +233,7 @@ def replay(options: argparse.Namespace) -> dict[str, Any]:
     finally:
         nodes.stop()
         redis.stop()
-    if postfix_skipped(options) is None:
+    if postfix_skipped(options) is None and not options.capacity_rate:
         postfix = Postfix(directory, primary)
         try:
             # Postfix has no recovery probe: the operator flushes its queue
@@ -236,9 +248,69 @@ def replay(options: argparse.Namespace) -> dict[str, Any]:
         finally:
             postfix.stop()
     else:
-        result["postfix"] = f"not measured: {postfix_skipped(options)}"
-    shutil.rmtree(directory, ignore_errors=True)
+        result["postfix"] = f"not measured: {postfix_skipped(options) or 'not in the capacity scenario'}"
+    if options.keep:
+        print(f"kept: {directory}", file=sys.stderr)
+    else:
+        shutil.rmtree(directory, ignore_errors=True)
     return result
+
+
+def capacity_args(options: argparse.Namespace) -> list[str]:
+    """
+    The sink's options for a primary with a capacity (none: an empty list).
+    """
+    if not options.capacity_rate:
+        return []
+    return [
+        *("--capacity-rate", str(options.capacity_rate), "--capacity-sessions", str(options.capacity_sessions)),
+        *("--slow-from", str(options.slow_from), "--slow-for", str(options.slow_for)),
+        *("--slow-factor", str(options.slow_factor)),
+    ]
+
+
+def capacity_figures(
+    options: argparse.Namespace, attempts: list[dict[str, Any]], times: list[float], up: float
+) -> dict[str, Any]:
+    """
+    How the drain used a primary with a capacity: the share of its capacity
+    used while there was mail to send (first to last delivery), the share of
+    attempts it answered 421, and how long after its recovery the deliveries
+    were back at 90 % of the full capacity (3-second average); per second,
+    deliveries and the capacity, from the sink's start.
+    """
+    full: float = options.capacity_rate
+    slow_start, slow_end = options.slow_from, options.slow_from + options.slow_for
+
+    def capacity(second: float) -> float:
+        return full * (float(options.slow_factor) if slow_start <= second < slow_end else 1.0)
+
+    seconds = int(max((t - up for t in times), default=0)) + 1
+    delivered = [0] * seconds
+    for t in times:
+        delivered[int(t - up)] += 1
+    first, last = (times[0] - up, times[-1] - up) if times else (0.0, 0.0)
+    offered = sum(capacity(s + 0.5) * max(0.0, min(s + 1, last) - max(s, first)) for s in range(seconds))
+    refused = [a for a in attempts if a["attempt"] != "ok"]
+    back = None
+    if options.slow_for and slow_end < last:
+        for s in range(int(slow_end), seconds - 2):
+            if sum(delivered[s : s + 3]) / 3 >= 0.9 * full:
+                back = round(s + 1.5 - slow_end, 1)
+                break
+    return {
+        "capacity_used": round(len(times) / offered, 3) if offered else None,
+        "attempts": len(attempts),
+        "answered_421": len(refused),
+        "answered_421_share": round(len(refused) / len(attempts), 4) if attempts else None,
+        "refused_at_greeting": sum(1 for a in refused if a["attempt"] == "greeting"),
+        "refused_at_mail": sum(1 for a in refused if a["attempt"] == "mail"),
+        "back_to_full_pace_s": back,
+        "goals": {"capacity_used": ">= 0.9", "answered_421_share": "< 0.02", "back_to_full_pace_s": "<= 30"},
+        "per_second_capacity": [capacity(s + 0.5) for s in range(seconds)],
+        "per_second_from_start": delivered,
+        "per_second_421": [sum(1 for a in refused if int(a["t"] - up) == s) for s in range(seconds)],
+    }
 
 
 def drain(
@@ -258,20 +330,24 @@ def drain(
     fill = run_load(ports, 1, options.count, [options.size], options.seconds, options.mailboxes)
     accepted = sum(1 for s in fill["samples"] if s[2] == 250)
     sink = subprocess.Popen(
-        [sys.executable, "-m", "bench.sink", "--port", str(primary), "--record", str(record)],
+        [sys.executable, "-m", "bench.sink", "--port", str(primary), "--record", str(record), *capacity_args(options)],
         cwd=ROOT,
         stderr=subprocess.PIPE,
     )
     arrivals: list[dict[str, Any]] = []
+    attempts: list[dict[str, Any]] = []
     try:
         assert sink.stderr is not None
         sink.stderr.readline()  # "sink listening on ...": the primary is back
         up = time.time()
         cpu_before = cpu()
         recovered()
-        deadline = time.monotonic() + options.seconds + accepted / max(options.rate or 1000, 1) * 2
+        pace = min(options.rate or 1000, options.capacity_rate or 1000)
+        deadline = time.monotonic() + options.seconds + accepted / max(pace, 1) * 2
         while time.monotonic() < deadline:
-            arrivals = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
+            lines = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
+            arrivals = [a for a in lines if "subject" in a]
+            attempts = [a for a in lines if "attempt" in a]
             if len({a["subject"] for a in arrivals}) >= accepted:
                 break
             time.sleep(0.2)
@@ -292,7 +368,8 @@ def drain(
     for t in times:
         per_second[int(t - times[0])] = per_second.get(int(t - times[0]), 0) + 1
     worst = max((sum(1 for u in times if t <= u < t + 1) for t in times), default=0)
-    return {
+    figures = capacity_figures(options, attempts, times, up) if options.capacity_rate else {}
+    return figures | {
         "accepted": accepted,
         "delivered_unique": len(unique),
         "duplicates": len(numbers) - len(unique),
@@ -343,10 +420,18 @@ def main() -> None:
     r.add_argument("--nodes", type=int, default=2)
     r.add_argument("--count", type=int, default=1000)
     r.add_argument("--size", type=int, default=1024)
-    r.add_argument("--rate", type=float, default=50)
-    r.add_argument("--concurrency", type=int, default=20, help="the domain's deliveries at once")
+    r.add_argument("--rate", type=float, default=None, help="relayx's rate (default 50; 100 with a capacity)")
+    r.add_argument(
+        "--concurrency", type=int, default=None, help="relayx's sessions per domain (default 20; 8 with a capacity)"
+    )
     r.add_argument("--workers", type=int, default=8, help="deliveries at once per node ([queue] workers)")
     r.add_argument("--mailboxes", type=int, default=50, help="recipients' mailboxes the messages go to")
+    r.add_argument("--capacity-rate", type=float, default=0, help="the primary's msg/s before 421 (0: none)")
+    r.add_argument("--capacity-sessions", type=int, default=5, help="the primary's sessions before a 421 greeting")
+    r.add_argument("--slow-from", type=float, default=20, help="seconds after the primary is up its capacity drops")
+    r.add_argument("--slow-for", type=float, default=20, help="for how long (0: never)")
+    r.add_argument("--slow-factor", type=float, default=1 / 3, help="to this share of itself")
+    r.add_argument("--keep", action="store_true", help="keep the nodes' logs and data (the directory is printed)")
     r.add_argument("--probe", default="5s")
     r.add_argument("--seconds", type=float, default=120)
     r.add_argument("--no-postfix", action="store_true")
@@ -395,6 +480,9 @@ def run_once(options: argparse.Namespace) -> dict[str, Any]:
         options.depth = options.depth or [10000]
         result = depth(options)
     else:
+        capacity = bool(options.capacity_rate)
+        options.rate = options.rate if options.rate is not None else (100 if capacity else 50)
+        options.concurrency = options.concurrency or (8 if capacity else 20)
         result = replay(options)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = options.results / f"{options.kind}-{stamp}.json"
@@ -440,7 +528,9 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
 
     def strip(value: Any) -> Any:
         if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items() if k not in ("per_second", "latency_series", "arrivals")}
+            return {
+                k: strip(v) for k, v in value.items() if not k.startswith(("per_second", "latency_series", "arrivals"))
+            }
         if isinstance(value, list):
             return [strip(v) for v in value]
         return value

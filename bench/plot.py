@@ -20,6 +20,8 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
     if result["kind"] == "depth":
         _depth(plt, result)
         figure = plt.gcf()
+    elif result["kind"] == "replay" and "capacity" in result:
+        figure = _capacity(plt, result)
     elif result["kind"] == "accept":
         figure, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
         for name in ("relayx", "postfix"):
@@ -65,6 +67,42 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
     figure.savefig(path, dpi=90)
     plt.close(figure)
     return path
+
+
+def _capacity(plt: Any, result: dict[str, Any]) -> Any:
+    """
+    Deliveries per second against the primary's capacity, and its 421s.
+    """
+    run = result["relayx"]
+    capacity = result["capacity"]
+    figure, axis = plt.subplots(figsize=(10, 4.5))
+    seconds = range(len(run["per_second_from_start"]))
+    axis.step(seconds, run["per_second_capacity"], where="post", color="red", label="the primary's capacity")
+    axis.step(
+        seconds,
+        run["per_second_from_start"],
+        where="post",
+        color="tab:blue",
+        label=f"delivered: {run['capacity_used']:.0%} of the capacity used, back to full pace "
+        f"{run['back_to_full_pace_s']} s after the recovery",
+    )
+    axis.bar(
+        seconds,
+        run["per_second_421"],
+        color="tab:orange",
+        alpha=0.6,
+        label=f"answered 421: {run['answered_421_share']:.1%} of {run['attempts']} attempts",
+    )
+    axis.set_title(
+        f"replay of {result['count']} messages to a primary taking {capacity['rate']:g} msg/s, "
+        f"{capacity['sessions']} sessions (a third for {capacity['slow_for']:g} s); relayx ceiling "
+        f"{result['rate']:g} msg/s, {result['concurrency']} sessions, {result['nodes']} nodes"
+    )
+    axis.title.set_fontsize(9)
+    axis.set_xlabel("seconds after the primary came up")
+    axis.set_ylabel("per second")
+    axis.legend(fontsize=8)
+    return figure
 
 
 def _depth(plt: Any, result: dict[str, Any]) -> None:

@@ -5,6 +5,9 @@ A recording SMTP sink standing in for a primary mail server.
 line per message (sender, recipients, subject), for the README's tour; the
 tests and the replay benchmark use ``Sink`` to record what arrives and to
 script the replies (a ``550`` to some recipients, a ``451`` after DATA).
+With ``--capacity-rate``/``--capacity-sessions`` it is a primary with a
+capacity (``Capacity``): ``421`` to the greeting above its sessions and to
+MAIL above its rate, optionally slowed down for a while.
 """
 
 from __future__ import annotations
@@ -55,6 +58,12 @@ class Sink:
     connections: int = 0
     #: offer DSN (RFC 3461); MAIL and RCPT parameters are recorded either way
     dsn: bool = False
+    #: the greeting of each new session (a 4xx one closes it)
+    greeting: Callable[[], bytes] = lambda: b"220 sink ESMTP"
+    #: the reply to MAIL (a 421 closes the session)
+    mail_reply: Callable[[], bytes] = lambda: b"250 2.1.0 ok"
+    #: SMTP sessions open now
+    open_sessions: int = 0
 
     def factory(self) -> SinkFactory:
         return SinkFactory(self)
@@ -95,7 +104,14 @@ class SinkProtocol(LineReceiver):
 
     def connectionMade(self) -> None:
         self.sink.connections += 1
-        self.sendLine(b"220 sink ESMTP")
+        self.sink.open_sessions += 1
+        greeting = self.sink.greeting()
+        self.sendLine(greeting)
+        if not greeting.startswith(b"2"):
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.sink.open_sessions -= 1
 
     def lineReceived(self, line: bytes) -> None:
         if self.lines is not None:
@@ -146,7 +162,10 @@ class SinkProtocol(LineReceiver):
             self.mail_params = line.partition(b">")[2].strip().decode("utf-8", "replace")
             self.recipients = []
             self.rcpt_params = {}
-            self.sendLine(b"250 2.1.0 ok")
+            reply = self.sink.mail_reply()
+            self.sendLine(reply)
+            if reply.startswith(b"421"):
+                self.transport.loseConnection()  # type: ignore[union-attr]
         elif verb == b"RCPT":
             rcpt = line[8:].split(b">")[0].lstrip(b" <").decode("utf-8", "replace")
             reply = self.sink.rcpt_reply(rcpt)
@@ -171,6 +190,68 @@ class SinkProtocol(LineReceiver):
             self.sendLine(reply)
 
 
+@attrs.define
+class Capacity:
+    """
+    A primary's capacity: ``rate`` messages per second (a token bucket of
+    one second's burst) and ``sessions`` at once; above either it
+    answers ``421`` (to the greeting, to MAIL). Between ``slow_from`` and
+    ``slow_until`` (seconds after ``start``) both are ``slow_factor`` of it.
+    It counts the attempts (``asked``: greetings refused and MAILs) and the
+    refusals (``refusals``: time, where), and tells ``on_attempt`` of each.
+    """
+
+    sink: Sink
+    rate: float = 30.0
+    sessions: int = 10
+    slow_from: float = 0.0
+    slow_until: float = 0.0
+    slow_factor: float = 1.0
+    start: float = attrs.field(factory=time.time)
+    tokens: float = 0.0
+    tokens_at: float = 0.0
+    refusals: list[tuple[float, str]] = attrs.field(factory=list)
+    asked: int = 0
+    #: called at each attempt: when, "ok" or where it was refused, the share in force
+    on_attempt: Callable[[float, str, float], None] = lambda at, what, share: None
+
+    def share(self, now: float) -> float:
+        """
+        The capacity in force at ``now``, as a share of the full one.
+        """
+        return self.slow_factor if self.slow_from <= now - self.start < self.slow_until else 1.0
+
+    def greeting(self) -> bytes:
+        now = self.sink.clock()
+        if self.sink.open_sessions > max(1, round(self.sessions * self.share(now))):
+            self.refused(now, "greeting")
+            return b"421 4.7.0 too many sessions, try later"
+        return b"220 sink ESMTP"  # the attempt is counted at MAIL: one per message
+
+    def mail_reply(self) -> bytes:
+        now = self.sink.clock()
+        rate = self.rate * self.share(now)
+        burst = max(1.0, rate)
+        self.tokens = min(burst, self.tokens + (now - self.tokens_at) * rate) if self.tokens_at else burst
+        self.tokens_at = now
+        if self.tokens < 1:
+            self.refused(now, "mail")
+            return b"421 4.7.0 rate limit exceeded, try later"
+        self.tokens -= 1
+        self.asked += 1
+        self.on_attempt(now, "ok", self.share(now))
+        return b"250 2.1.0 ok"
+
+    def refused(self, now: float, where: str) -> None:
+        self.asked += 1
+        self.refusals.append((now, where))
+        self.on_attempt(now, where, self.share(now))
+
+    def install(self) -> None:
+        self.sink.greeting = self.greeting
+        self.sink.mail_reply = self.mail_reply
+
+
 class SinkFactory(ServerFactory):
     noisy = False
 
@@ -186,10 +267,32 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=2526)
     parser.add_argument("--interface", default="127.0.0.1")
     parser.add_argument("--record", help="append one JSON line per message (time, subject) to this file")
+    parser.add_argument("--capacity-rate", type=float, default=0, help="messages/s before 421 (0: no capacity)")
+    parser.add_argument("--capacity-sessions", type=int, default=10, help="sessions at once before a 421 greeting")
+    parser.add_argument("--slow-from", type=float, default=0, help="seconds after start the capacity drops")
+    parser.add_argument("--slow-for", type=float, default=0, help="for how long (s)")
+    parser.add_argument("--slow-factor", type=float, default=1 / 3, help="to this share of itself")
     options = parser.parse_args()
     from twisted.internet import reactor
 
     record = open(options.record, "a") if options.record else None
+    sink = Sink()
+    if options.capacity_rate:
+        capacity = Capacity(
+            sink,
+            rate=options.capacity_rate,
+            sessions=options.capacity_sessions,
+            slow_from=options.slow_from,
+            slow_until=options.slow_from + options.slow_for,
+            slow_factor=options.slow_factor,
+        )
+        capacity.install()
+        if record is not None:
+            # one line per attempt, for the benchmark: refused (where) or "ok"
+            def attempted(at: float, what: str, share: float) -> None:
+                record.write(json.dumps({"t": at, "attempt": what, "share": share}) + "\n")
+
+            capacity.on_attempt = attempted
 
     def show(message: Received) -> None:
         subject = email.parser.BytesHeaderParser().parsebytes(message.body)["Subject"]
@@ -200,7 +303,8 @@ def main() -> None:
         stamp = time.strftime("%H:%M:%S")
         print(f"{stamp} from <{message.sender}> to {', '.join(message.recipients)}: {subject}", flush=True)
 
-    reactor.listenTCP(options.port, Sink(on_message=show).factory(), interface=options.interface)
+    sink.on_message = show
+    reactor.listenTCP(options.port, sink.factory(), interface=options.interface)
     print(f"sink listening on {options.interface}:{options.port}", file=sys.stderr, flush=True)
     reactor.run()
 

@@ -21,7 +21,7 @@ from urllib.parse import unquote, urlsplit
 import attrs
 
 from relayx.address import AddressError, Mailbox, normalize_domain
-from relayx.interfaces import Throttle
+from relayx.interfaces import PacePolicy, Throttle
 
 T = TypeVar("T")
 
@@ -319,6 +319,8 @@ class DeliveryConfig:
     mx_port: int
     tls: str
     tls_ca_file: Path | None
+    #: how destinations' adaptive pace reacts to pushback (settle.lua)
+    pace: PacePolicy = attrs.field(factory=PacePolicy)
 
 
 SPF_RESULTS = ("none", "neutral", "pass", "fail", "softfail", "temperror", "permerror")
@@ -1001,6 +1003,18 @@ def _rate(value: object) -> float:
     raise ValueError(f"messages per second, a number of 0 (no limit) or more, got {value!r}")
 
 
+def _positive_rate(value: object) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    raise ValueError(f"messages per second, a number above 0, got {value!r}")
+
+
+def _factor(value: object) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 1:
+        return float(value)
+    raise ValueError(f"a factor above 1 (e.g. 4 for four times), got {value!r}")
+
+
 def _duration_or_zero(value: object) -> float:
     return 0.0 if value in ("0", "0s") else parse_duration(value)
 
@@ -1145,6 +1159,12 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
         mx_port=delivery.get("mx_port", 25, _port),
         tls=delivery.get("tls", "opportunistic", _TLS_MODE),
         tls_ca_file=delivery.get("tls_ca_file", None, _file(base)),
+        pace=PacePolicy(
+            backoff=delivery.get("pace_backoff", 0.7, _fraction(0.1, 0.9)),
+            interval=delivery.get("pace_interval", 1.0, _positive_duration),
+            floor_rate=delivery.get("pace_floor_rate", 1.0, _positive_rate),
+            slow=delivery.get("pace_slow", 4.0, _factor),
+        ),
     )
     delivery.finish()
 

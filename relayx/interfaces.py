@@ -7,6 +7,7 @@ every implementation of an interface passes one shared test suite.
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any
 
@@ -172,12 +173,94 @@ class Throttle:
     """
     How hard a destination may be driven, across the whole cluster:
     deliveries at once, messages per second (0: no limit), and how long a
-    destination that just came back takes to reach that pace.
+    destination that just came back takes to climb back to that pace (the
+    adaptive pace's additive step: ``concurrency`` and ``rate`` per
+    ``ramp_up``; 0: one session per interval). These are ceilings: the
+    adaptive pace (``Pace``) may run below them.
     """
 
     concurrency: int
     rate: float = 0.0
     ramp_up: float = 0.0
+
+
+class Pushback(enum.Enum):
+    """
+    A destination that answered but asked to slow down, and which part of
+    the pace that cuts: ``SESSIONS`` (a greeting refused with ``4xx``, or
+    a connection refused while other sessions are answered: fewer sessions
+    at once), ``RATE`` (``421`` or ``451`` to a transaction: fewer messages
+    per second).
+    """
+
+    SESSIONS = "sessions"
+    RATE = "rate"
+
+
+@attrs.frozen
+class PacePolicy:
+    """
+    How the adaptive pace reacts (cluster-wide, per destination; settle.lua):
+    a pushback cuts the current concurrency or rate by ``backoff`` (at most
+    once per ``interval``), never below one session and ``floor_rate``
+    messages per second; each ``interval`` with a success climbs back
+    additively towards the configured ceiling. A reply ``slow`` times its
+    recent average (and half a second more) cuts both.
+    """
+
+    backoff: float = 0.7
+    interval: float = 1.0
+    floor_rate: float = 1.0
+    slow: float = 4.0
+
+
+@attrs.frozen
+class Pace:
+    """
+    A destination's current adaptive pace, as the queue keeps it: sessions
+    and messages per second (``None``: the configured ceiling), the last
+    cut or return to the ceiling (``event``: ``cut``/``ceiling``, ``at``
+    epoch seconds), what caused it (``why``, ``kind``) and the reply time
+    the destination usually has (ms, 0: not known yet).
+    """
+
+    concurrency: int | None = None
+    rate: float | None = None
+    event: str = ""
+    at: float | None = None
+    why: str = ""
+    kind: str = ""
+    reply_ms: float = 0.0
+
+    def effective(self, throttle: Throttle) -> tuple[int, float]:
+        """
+        The concurrency and rate in force: the lower of the ceiling and the
+        adaptive pace (rate 0: no limit).
+        """
+        concurrency = min(throttle.concurrency, self.concurrency or throttle.concurrency)
+        rate = throttle.rate
+        if self.rate is not None:
+            rate = self.rate if rate == 0 else min(rate, self.rate)
+        return concurrency, rate
+
+    def describe(self, throttle: Throttle) -> str:
+        """
+        The pace in words, for the CLI and the panel: ``"3 sessions, 12.5
+        msg/s: cut at 12:01:03 after 421 4.7.0 busy from mx1"``.
+        """
+        concurrency, rate = self.effective(throttle)
+        words = f"{concurrency} session{'s' if concurrency != 1 else ''}, "
+        words += f"{rate:.3g} msg/s" if rate else "no rate limit"
+        if self.concurrency is None and self.rate is None:
+            words += " (full pace"
+            if self.event == "ceiling" and self.at is not None:
+                words += " again since " + time.strftime("%H:%M:%S", time.gmtime(self.at))
+            return words + ")"
+        if self.at is not None and self.event == "cut":
+            words += f": cut ({self.kind}) at {time.strftime('%H:%M:%S', time.gmtime(self.at))} after {self.why}"
+        elif self.why:
+            words += f": {self.why}"
+        return words + ", climbing"
 
 
 @attrs.frozen
@@ -205,9 +288,13 @@ class Outcome:
     """
     What one delivery attempt achieved, recipient by recipient.
 
-    ``unreachable`` is set when the destination itself failed (no connection,
-    a greeting or MAIL refused temporarily): the job goes back to the head of
-    its domain's queue and the whole domain waits, keeping acceptance order.
+    ``unreachable`` is set when no host answered (no connection, a greeting
+    or EHLO failing): the job goes back to the head of its domain's queue
+    and the whole domain waits, keeping acceptance order, unless other
+    attempts are being answered (then it is a pushback, as below).
+    ``pushback`` is set when a host answered "not now" (a ``4xx`` greeting,
+    ``421``/``451`` to the transaction): the job goes back to its place and
+    the destination's pace is cut, the domain is not paused.
     """
 
     delivered: tuple[str, ...] = ()
@@ -221,6 +308,13 @@ class Outcome:
     #: delivered recipients that asked NOTIFY=SUCCESS, taken by a host that does
     #: not offer DSN: they are owed a "relayed" DSN (RFC 3461 6.2.2)
     relayed: tuple[str, ...] = ()
+    #: the destination answered but asked to slow down (its reply, from
+    #: ``destination``): the job goes back to its place and the pace is cut
+    pushback: Pushback | None = None
+    pushback_reply: Reply | None = None
+    #: how long the destination took to answer the transaction (MAIL to the
+    #: reply after the message), for the pace's reply-time baseline; 0: unknown
+    reply_seconds: float = 0.0
 
 
 @attrs.frozen
@@ -301,6 +395,7 @@ class DomainState:
     paused_until: float | None
     last_error: str
     release_rate: float
+    pace: Pace = attrs.field(factory=Pace)
 
 
 @attrs.frozen
@@ -429,12 +524,14 @@ class IDeliveryQueue(Interface):
         The sender and body of the leased job's message.
         """
 
-    def settle(lease: Lease, outcome: Outcome, now: float) -> Awaitable[str]:
+    def settle(lease: Lease, outcome: Outcome, now: float, throttle: Throttle | None = None) -> Awaitable[str]:
         """
         Record ``outcome`` and end the lease: delivered and failed recipients
         are done, deferred ones wait for their retry, and an unreachable
-        destination pauses its domain. Returns what became of the job
-        (``done``, ``failed``, ``deferred`` or ``paused``); raises ``StaleLease``.
+        destination pauses its domain; a pushback puts the job back at its
+        place and cuts the destination's pace (``throttle``: its ceiling,
+        for the climb back). Returns what became of the job (``done``,
+        ``failed``, ``deferred``, ``paused`` or ``ready``); raises ``StaleLease``.
         """
 
     def failing_domains() -> Awaitable[list[str]]:
@@ -451,7 +548,7 @@ class IDeliveryQueue(Interface):
     def resume(domain: str, now: float) -> Awaitable[bool]:
         """
         The domain's destination is up again: end its pause so its queue
-        goes at once (with a ramp-up). Returns whether it was paused.
+        goes at once (at one session, climbing). Returns whether it was paused.
         """
 
 

@@ -90,5 +90,40 @@ class Metrics:
             multiprocess_mode="mostrecent",
         )
 
+        self.pushbacks = Counter(
+            "relayx_delivery_pushbacks",
+            'Delivery attempts a destination answered "not now", by what it cuts (sessions, rate)',
+            ["kind"],
+            registry=r,
+        )
+        self.destination_concurrency = Gauge(
+            "relayx_destination_concurrency",
+            "Deliveries at once each destination may have now (its adaptive pace, at most the configured)",
+            ["domain"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.destination_rate = Gauge(
+            "relayx_destination_rate",
+            "Messages per second each destination may take now (0: no limit)",
+            ["domain"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.destination_last_cut = Gauge(
+            "relayx_destination_pace_cut_timestamp_seconds",
+            "When each destination's pace was last cut (0: never), by the cut's kind (sessions, rate, slow)",
+            ["domain", "kind"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.destination_paced = Gauge(
+            "relayx_destination_paced",
+            "1 while a destination runs below its configured pace after a pushback",
+            ["domain"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+
     def refuse(self, code: int) -> None:
         self.refused.labels(reply=f"{code // 100}xx").inc()

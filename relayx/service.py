@@ -601,12 +601,15 @@ class RelayNode(Service):
                 return f"body store failing: {self.bodies.failing}"
             return self.quotas.full
 
+        throttles = {name: d.throttle for d in config.domains for name in d.queues()}
         site = admin_http(
             admin_site(
                 self.metrics,
                 ready=ready,
                 domains=[q for d in config.domains for q in d.queues()],
                 queue_summary=lambda queues: queue.queue_summary(queues, self.reactor.seconds()),
+                paces=queue.paces,
+                throttle=lambda name: throttles.get(name, config.queue.throttle),
                 clock=self.reactor,
                 redis_connected=lambda: redis.problem() is None,
                 api=AdminAPI(

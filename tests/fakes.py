@@ -95,7 +95,7 @@ class ScriptedQueue:
     async def load(self, lease: Lease) -> StoredMessage:
         return StoredMessage(sender="bob@sender.test", body=b"Subject: " + lease.queue_id.encode() + b"\r\n\r\n")
 
-    async def settle(self, lease: Lease, outcome: Outcome, now: float) -> str:
+    async def settle(self, lease: Lease, outcome: Outcome, now: float, throttle: Throttle | None = None) -> str:
         if lease.job_id in self.stale:
             raise StaleLease(lease.job_id)
         self.settled.append((lease, outcome))

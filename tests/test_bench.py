@@ -44,6 +44,23 @@ def test_replay_smoke(tmp_path: Path) -> None:
     assert relayx["duplicates"] == 0 and relayx["order_violations"] == 0
 
 
+def test_replay_against_a_capacity_smoke(tmp_path: Path) -> None:
+    """
+    When the replay benchmark drains into a primary with a capacity, every message arrives once and the result
+    has the capacity figures (share used, share answered 421, time back to full pace).
+    """
+    result = run(
+        tmp_path,
+        "replay", "--count", "60", "--capacity-rate", "20", "--capacity-sessions", "2",
+        "--slow-from", "1", "--slow-for", "1", "--probe", "1s", "--seconds", "40",
+    )  # fmt: skip
+    relayx = result["relayx"]
+    assert isinstance(relayx, dict)
+    assert relayx["delivered_unique"] == 60 and relayx["duplicates"] == 0
+    assert relayx["attempts"] >= 60 and 0 <= relayx["answered_421_share"] < 1 and relayx["capacity_used"] > 0
+    assert len(relayx["per_second_capacity"]) == len(relayx["per_second_from_start"])
+
+
 def test_depth_smoke(tmp_path: Path) -> None:
     """When the depth benchmark runs at a small depth, each point has its operator calls, accept, memory and drain."""
     result = run(tmp_path, "depth", "--depth", "200", "--burst", "20", "--sessions", "2", "--drain-seconds", "0.5")

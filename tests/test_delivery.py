@@ -18,7 +18,7 @@ from zope.interface.verify import verifyObject
 from relayx.config import MXRoute, SMTPRoute
 from relayx.delivery.routes import RouteTable, Target, Undeliverable
 from relayx.delivery.smtp import SMTPDeliverer, Timeouts
-from relayx.interfaces import IDeliverer, Outcome
+from relayx.interfaces import IDeliverer, Outcome, Pushback
 from relayx.reply import Reply
 from relayx.smtp.client import SMTPClientProtocol, dot_stuff, parse_reply
 
@@ -138,11 +138,61 @@ def test_all_hosts_down_is_unreachable() -> None:
     assert outcome.delivered == () and outcome.failed == () and outcome.deferred == ()
 
 
-def test_421_mid_session_is_unreachable() -> None:
-    """When the destination says 421 to RCPT, the host is treated as down, not the recipient as refused."""
+def test_421_mid_session_is_a_pushback() -> None:
+    """When the destination says 421 to RCPT, it is a pushback on the rate: deferred, never the recipient refused."""
     s = Scripted({"a": b"220 d\r\n" + EHLO_PLAIN + b"250 ok\r\n421 4.3.2 shutting down\r\n"})
     outcome = run(s.deliverer(["a"]), ("x@example.com",))
-    assert outcome.unreachable is not None and "421" in outcome.unreachable
+    busy = Reply(421, "4.3.2", "shutting down")
+    assert outcome.pushback is Pushback.RATE and outcome.pushback_reply == busy
+    assert outcome.deferred == (("x@example.com", busy),) and outcome.failed == () and outcome.unreachable is None
+    assert outcome.destination == "a [a]:25"
+
+
+def test_greeting_421_is_a_pushback_on_sessions() -> None:
+    """
+    When every host greets with 421, the outcome is a pushback on sessions (deferred), not an unreachable
+    destination.
+    """
+    s = Scripted({"a": b"421 4.7.0 too many sessions\r\n", "b": b"421 4.7.0 busy\r\n"})
+    outcome = run(s.deliverer(["a", "b"]), ("x@example.com",))
+    assert outcome.pushback is Pushback.SESSIONS and outcome.unreachable is None
+    assert outcome.pushback_reply == Reply(421, "4.7.0", "busy") and outcome.destination == "b [b]:25"
+    assert [r.code for _, r in outcome.deferred] == [421]
+
+
+def test_greeting_421_tries_next_host() -> None:
+    """When the first host greets with 421 and the second is up, the second gets the message, with no pushback."""
+    s = Scripted(
+        {
+            "a": b"421 4.7.0 busy\r\n",
+            "b": b"220 d\r\n" + EHLO_PLAIN + b"250 ok\r\n250 ok\r\n354 go\r\n250 ok\r\n250 ok\r\n",
+        }
+    )
+    outcome = run(s.deliverer(["a", "b"]), ("x@example.com",))
+    assert outcome.delivered == ("x@example.com",) and outcome.pushback is None
+
+
+def test_451_to_mail_and_to_the_message_are_pushbacks() -> None:
+    """When MAIL or the end of DATA gets 451, the recipients are deferred (never failed) and the rate is pushed back."""
+    at_mail = Scripted({"a": b"220 d\r\n" + EHLO_PLAIN + b"451 4.7.1 slow down\r\n250 ok\r\n"})
+    outcome = run(at_mail.deliverer(["a"]), ("x@example.com",))
+    assert outcome.pushback is Pushback.RATE and outcome.failed == () and len(outcome.deferred) == 1
+    at_data = Scripted(
+        {"a": b"220 d\r\n" + EHLO_PLAIN + b"250 ok\r\n250 ok\r\n354 go\r\n451 4.3.0 later\r\n250 ok\r\n"}
+    )
+    outcome = run(at_data.deliverer(["a"]), ("x@example.com",))
+    assert outcome.pushback is Pushback.RATE and outcome.pushback_reply == Reply(451, "4.3.0", "later")
+    assert outcome.failed == () and outcome.deferred == (("x@example.com", Reply(451, "4.3.0", "later")),)
+
+
+def test_rcpt_451_is_not_a_pushback() -> None:
+    """
+    When one recipient gets 451 (greylisting, a full mailbox), it is deferred as before and the pace is left
+    alone.
+    """
+    s = Scripted({"a": b"220 d\r\n" + EHLO_PLAIN + b"250 ok\r\n451 4.7.1 greylisted\r\n250 ok\r\n"})
+    outcome = run(s.deliverer(["a"]), ("x@example.com",))
+    assert outcome.pushback is None and outcome.deferred[0][1].code == 451
 
 
 def test_ehlo_refused_falls_back_to_helo() -> None:
@@ -311,3 +361,16 @@ def test_parallel_sessions_are_all_kept_for_reuse() -> None:
             protocol.dataReceived(one)
         assert len(outcomes) == 6 and all(o.delivered for o in outcomes)
     assert len(opened) == 6
+
+
+def test_pipelined_421_to_mail_is_a_pushback() -> None:
+    """
+    When a pipelining host answers MAIL with 421 and closes the session, the outcome is a pushback on the rate,
+    not an unreachable destination (the RCPT and DATA replies never come).
+    """
+    s = Scripted({"a": b"220 d\r\n" + EHLO_PIPELINING + b"421 4.7.0 rate limit exceeded\r\n"})
+    result = Deferred.fromCoroutine(s.deliverer(["a"]).deliver("example.com", "b@s.test", ("x@example.com",), b"x"))
+    outcomes: list[Outcome] = []
+    result.addCallback(outcomes.append)
+    s.protocols["a"].connectionLost(Failure(ConnectionDone()))
+    assert outcomes and outcomes[0].pushback is Pushback.RATE and outcomes[0].unreachable is None

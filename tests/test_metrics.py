@@ -4,13 +4,16 @@ Metrics and health over HTTP from a running node.
 
 from __future__ import annotations
 
+import io
 import urllib.error
 import urllib.request
 
 from twisted.internet.threads import deferToThread
 
+from relayx.ops.cli import _domain_detail
 from relayx.redis.embedded import free_port
 from tests.helpers import LoopbackSink, NodeCase, send, wait_for
+from tests.test_api import TOKEN, call
 from tests.test_queue_redis import deferred_test
 
 
@@ -63,3 +66,33 @@ class MetricsTests(NodeCase):
         assert await deferToThread(get, down, "/healthz") == (200, "ok\n")
         status, text = await deferToThread(get, down, "/readyz")
         assert status == 503 and "Redis" in text
+
+    @deferred_test
+    async def test_pace_cut_by_a_busy_greeting_is_shown(self) -> None:
+        """
+        When the primary greets the first session with 421, the message is delivered on the next without pausing
+        the domain, and the metrics, the API and the CLI's domain view show the cut pace and why.
+        """
+        greetings = [b"421 4.7.0 too many sessions"]
+        admin = await self.node_with_admin(admin_tokens={"ops": TOKEN})
+        self.sink.sink.greeting = lambda: greetings.pop() if greetings else b"220 sink ESMTP"
+        assert await send(self.smtp_port, "bob@sender.test", ["a@example.com"], b"Subject: x\r\n\r\nx\r\n") == {}
+        await wait_for(lambda: len(self.sink.messages) == 1, 30, "the delivery")
+        status, text = await deferToThread(get, admin, "/metrics")
+        lines = set(text.splitlines())
+        assert status == 200
+        assert 'relayx_delivery_pushbacks_total{kind="sessions"} 1.0' in lines
+        assert 'relayx_destination_concurrency{domain="example.com"} 1.0' in lines
+        assert 'relayx_destination_rate{domain="example.com"} 0.0' in lines
+        assert 'relayx_destination_paced{domain="example.com"} 1.0' in lines
+        assert any(
+            line.startswith('relayx_destination_pace_cut_timestamp_seconds{domain="example.com"') for line in lines
+        )
+        code, summary = await deferToThread(call, admin, "GET", "domains/example.com")
+        pace = summary["pace"]
+        assert code == 200 and summary["paused_until"] is None
+        assert pace["event"] == "cut" and pace["kind"] == "sessions" and pace["concurrency"] == 1
+        assert pace["why"].startswith("421 4.7.0 too many sessions from ")
+        out = io.StringIO()
+        _domain_detail(out, summary)
+        assert "\npace       1 session, no rate limit: cut (sessions) at " in out.getvalue()

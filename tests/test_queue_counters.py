@@ -35,6 +35,7 @@ from relayx.interfaces import (
     Lease,
     NotApplied,
     Outcome,
+    Pushback,
     QueueCounts,
     StaleLease,
     Throttle,
@@ -50,7 +51,7 @@ DOMAINS = ("one.test", "two.test", "three.test")
 #: one.test has a copy destination, so its messages have two jobs there
 QUEUES = ("one.test", "one.test#1", "two.test", "three.test", "sender.test")
 STATES = ("ready", "held", "deferred", "in_flight", "failed")
-HOWS = st.sampled_from(["delivered", "failed", "deferred", "unreachable", "mixed"])
+HOWS = st.sampled_from(["delivered", "failed", "deferred", "unreachable", "mixed", "pushback"])
 
 
 def _str(value: Any) -> str:
@@ -217,12 +218,15 @@ class QueueCounters(RuleBasedStateMachine):
     def _settle(self, lease: Lease, how: str) -> None:
         rcpts = lease.recipients
         soft, hard = Reply(451, "4.3.0", "later"), Reply(550, "5.1.1", "no such user")
+        busy = Reply(421, "4.7.0", "too busy")
         outcome = {
             "delivered": Outcome(delivered=rcpts),
             "failed": Outcome(failed=tuple((r, hard) for r in rcpts)),
             "deferred": Outcome(deferred=tuple((r, soft) for r in rcpts)),
             "unreachable": Outcome(unreachable="connection refused"),
             "mixed": Outcome(delivered=rcpts[:1], deferred=tuple((r, soft) for r in rcpts[1:])),
+            # "not now": back to its place (ready), or the usual way after many
+            "pushback": Outcome(deferred=tuple((r, busy) for r in rcpts), pushback=Pushback.RATE, pushback_reply=busy),
         }[how]
         try:
             done(self.q.settle(lease, outcome, self.now))

@@ -161,10 +161,13 @@ class RedisQueueTests(QueueCase):
         keys = await q.redis.call("keys", q.prefix + ":*")
         names = sorted(k.decode().split(":", 1)[1] for k in keys)
         # what stays: the sequences, the counters (at zero) of the queues that had jobs,
-        # and the report's event log (bounded by the retention)
+        # the report's event log (bounded by the retention) and each destination's
+        # state (its adaptive pace's success count and reply time: one hash per domain)
         assert names == [
             "count:one.test",
             "count:two.test",
+            "dom:one.test",
+            "dom:two.test",
             "events:keep",
             "events:one.test",
             "events:two.test",
@@ -390,23 +393,32 @@ class ClusterQueueTests(QueueCase):
 
     @deferred_test
     async def test_recovery_ramps_up(self) -> None:
-        """When a destination comes back after failing, it starts at one delivery at a time and ramps up."""
+        """
+        When a destination comes back after failing, it starts at one session and climbs one per interval with
+        a delivery.
+        """
         q = await self.make_queue(lease=1000.0)
         for n in range(30):
             await q.enqueue(message(f"M{n:02}", f"r{n}@one.test"))
-        throttles = {"one.test": Throttle(concurrency=10, ramp_up=100)}
+        throttle = Throttle(concurrency=10, ramp_up=100)
+        throttles = {"one.test": throttle}
         leased = (await q.claim("n", T0, 100, throttles, ONE_AT_A_TIME)).leases
         assert len(leased) == 10
         for lease in leased:
-            await q.settle(lease, Outcome(unreachable="down"), T0)
+            await q.settle(lease, Outcome(unreachable="down"), T0, throttle)
         assert await q.failing_domains() == ["one.test"]
         assert await q.take_probe("one.test", "node-a", 5) is True
         assert await q.take_probe("one.test", "node-b", 5) is False
         assert await q.resume("one.test", T0 + 10) is True
         assert await q.failing_domains() == []
-        assert len((await q.claim("n", T0 + 10, 100, throttles, ONE_AT_A_TIME)).leases) == 1
-        assert len((await q.claim("n", T0 + 60, 100, throttles, ONE_AT_A_TIME)).leases) == 4
-        assert len((await q.claim("n", T0 + 200, 100, throttles, ONE_AT_A_TIME)).leases) == 5
+        now = T0 + 10
+        for sessions in (1, 2, 3, 4):
+            leased = (await q.claim("n", now, 100, throttles, ONE_AT_A_TIME)).leases
+            assert len(leased) == sessions
+            now += 1
+            for lease in leased:
+                await q.settle(lease, Outcome(delivered=lease.recipients), now, throttle)
+        assert (await q.domain_state("one.test", now)).pace.concurrency == 5
 
     @deferred_test
     async def test_heartbeats_list_nodes_and_leases(self) -> None:

@@ -274,6 +274,8 @@ class Scheduler:
         m.deliveries.labels(result="deferred").inc(len(outcome.deferred))
         if outcome.unreachable:
             m.deliveries.labels(result="unreachable").inc(len(lease.recipients))
+        if outcome.pushback is not None:
+            m.pushbacks.labels(kind=outcome.pushback.value).inc()
         if await self._settle(current, outcome) and outcome.relayed and self.relayed is not None:
             try:
                 await self.relayed(current, stored, outcome)
@@ -306,7 +308,8 @@ class Scheduler:
         """
         while True:
             try:
-                await self.queue.settle(lease, outcome, self.clock.seconds())
+                throttle = self.throttles.get(lease.domain, self.default)
+                await self.queue.settle(lease, outcome, self.clock.seconds(), throttle)
                 return True
             except StaleLease:
                 log.warn("job {job}: lease taken over before settling", job=lease.job_id)

@@ -21,7 +21,7 @@ from zope.interface import implementer
 
 from relayx.address import xtext_encode
 from relayx.delivery.routes import Target, Undeliverable
-from relayx.interfaces import NO_DSN, IDeliverer, MessageDsn, Notify, Outcome
+from relayx.interfaces import NO_DSN, IDeliverer, MessageDsn, Notify, Outcome, Pushback
 from relayx.message import header_section
 from relayx.reply import Reply
 from relayx.smtp.client import ConversationError, SMTPClientProtocol, dot_stuff, fold_long_lines
@@ -47,6 +47,19 @@ class _TryNext(Exception):
     """
     This destination host cannot take the message now; try the next one.
     """
+
+
+class _Busy(_TryNext):
+    """
+    The host answered "not now" (a ``4xx`` greeting, ``421`` to a command):
+    a pushback, which slows the destination's pace, not a failure.
+    """
+
+    def __init__(self, kind: Pushback, reply: Reply, where: str) -> None:
+        super().__init__(f"{where}: {reply}")
+        self.kind = kind
+        self.reply = reply
+        self.where = where
 
 
 class _TLSFailed(_TryNext):
@@ -99,8 +112,9 @@ class SMTPDeliverer:
             await self._park_or_quit(conn, target)
             return outcome
 
+        busy: list[_Busy] = []
         try:
-            result = await self._first_answer(domain, transaction, reuse=True)
+            result = await self._first_answer(domain, transaction, reuse=True, busy=busy)
         except Undeliverable as e:
             log.info(
                 "{domain}: {count} recipient(s) undeliverable: {reply}",
@@ -110,6 +124,15 @@ class SMTPDeliverer:
                 code=e.reply.code,
             )
             return Outcome(failed=tuple((r, e.reply) for r in recipients))
+        if isinstance(result, str) and busy:
+            # a host answered, "not now": the job waits at its place, the pace slows
+            last = busy[-1]
+            return Outcome(
+                deferred=tuple((r, last.reply) for r in recipients),
+                pushback=last.kind,
+                pushback_reply=last.reply,
+                destination=last.where,
+            )
         return Outcome(unreachable=result) if isinstance(result, str) else result
 
     async def _park_or_quit(self, conn: SMTPClientProtocol, target: Target) -> None:
@@ -144,6 +167,17 @@ class SMTPDeliverer:
             timer.cancel()
         conn.parked = False
         return conn
+
+    def _drop_idle(self, target: Target) -> None:
+        """
+        End the sessions kept for reuse with a host that refused a new one.
+        """
+        for conn, timer in self._idle.pop((target.address, target.port, target.tls), []):
+            if timer.active():
+                timer.cancel()
+            conn.parked = False
+            conn.send("QUIT")
+            conn.close()
 
     def close_idle(self) -> None:
         """
@@ -197,14 +231,20 @@ class SMTPDeliverer:
         return None if isinstance(result, str) else result
 
     async def _first_answer(
-        self, domain: str, attempt: Callable[[SMTPClientProtocol, Target], Awaitable[T]], reuse: bool = False
+        self,
+        domain: str,
+        attempt: Callable[[SMTPClientProtocol, Target], Awaitable[T]],
+        reuse: bool = False,
+        busy: list[_Busy] | None = None,
     ) -> T | str:
         """
         ``attempt`` on the domain's hosts in order until one answers; if
-        none does, why (one reason per host). With ``reuse``, a session kept
-        from an earlier delivery to the host is used first, and a fresh one
-        if the kept one turns out to be closed.
+        none does, why (one reason per host), and the hosts that answered
+        "not now" in ``busy``. With ``reuse``, a session kept from an
+        earlier delivery to the host is used first, and a fresh one if the
+        kept one turns out to be closed.
         """
+        busy = [] if busy is None else busy
         try:
             targets = await self._targets(domain)
         except Undeliverable:
@@ -220,6 +260,10 @@ class SMTPDeliverer:
                     return await attempt(kept, target)
                 except ConversationError:
                     pass  # the host closed the kept session meanwhile: not a failure
+                except _Busy as e:
+                    busy.append(e)
+                    reasons.append(str(e))
+                    continue
                 finally:
                     if not kept.parked:
                         kept.close()
@@ -244,6 +288,11 @@ class SMTPDeliverer:
                     return await attempt(connection, clear)
                 except (_TryNext, ConversationError, OSError) as e2:
                     reasons.append(f"{where}: {e}; without TLS: {e2}")
+            except _Busy as e:
+                busy.append(e)
+                reasons.append(str(e))
+                if e.kind is Pushback.SESSIONS:
+                    self._drop_idle(target)  # our idle sessions are taking the host's slots
             except (_TryNext, ConversationError) as e:
                 reasons.append(f"{where}: {e}")
             finally:
@@ -258,6 +307,8 @@ class SMTPDeliverer:
         """
         wait = timeout or self._timeouts.command
         greeting = await conn.read(wait)
+        if greeting.code // 100 == 4:
+            raise _Busy(Pushback.SESSIONS, greeting, _where(target))
         if not greeting.positive:
             raise _TryNext(f"greeting {greeting}")
         extensions = await self._ehlo(conn, wait)
@@ -300,7 +351,8 @@ class SMTPDeliverer:
         dsn: MessageDsn = NO_DSN,
     ) -> Outcome:
         t = self._timeouts
-        where = f"{target.name} [{target.address}]:{target.port}"
+        where = _where(target)
+        started = self._clock.seconds()
 
         body = fold_long_lines(body)
         params = ""
@@ -331,7 +383,12 @@ class SMTPDeliverer:
         pipelining = "PIPELINING" in extensions
         if pipelining:
             conn.send(*commands, "DATA")
-            replies = [await conn.read(t.command) for _ in commands]
+            replies = []
+            for _ in commands:
+                replies.append(await conn.read(t.command))
+                if replies[-1].code == 421:
+                    # the host closes the session: no further replies will come
+                    raise _Busy(Pushback.RATE, replies[-1], where)
         else:
             replies = []
             for index, line in enumerate(commands):
@@ -341,16 +398,19 @@ class SMTPDeliverer:
 
         mail = replies[0]
         if mail.code == 421:
-            raise _TryNext(f"MAIL {mail}")
+            raise _Busy(Pushback.RATE, mail, where)
         if not mail.positive:
             if pipelining:
                 await conn.read(t.command)  # the DATA reply, after the RCPTs read above
+            if mail.code == 451:
+                pushed = _all(recipients, mail)
+                return attrs.evolve(pushed, pushback=Pushback.RATE, pushback_reply=mail, destination=where)
             return _all(recipients, mail)
 
         accepted, failed, deferred = [], [], []
         for rcpt, reply in zip(recipients, replies[1:], strict=True):
             if reply.code == 421:
-                raise _TryNext(f"RCPT {reply}")
+                raise _Busy(Pushback.RATE, reply, where)
             if reply.positive:
                 accepted.append(rcpt)
             elif reply.permanent:
@@ -366,17 +426,21 @@ class SMTPDeliverer:
         data = await conn.read(t.command) if pipelining else await conn.command("DATA", t.command)
         if data.code != 354:
             if data.code == 421:
-                raise _TryNext(f"DATA {data}")
+                raise _Busy(Pushback.RATE, data, where)
             return _merge(_all(tuple(accepted), data), failed, deferred)
 
         conn.send_raw(dot_stuff(body))
         final = await conn.read(t.data)
+        took = self._clock.seconds() - started
         if final.code == 421:
             # the message was not taken; the session is over
             conn.reusable = False
             return Outcome(
                 deferred=(*deferred, *((r, final) for r in accepted)),
                 failed=tuple(failed),
+                pushback=Pushback.RATE,
+                pushback_reply=final,
+                destination=where,
             )
         conn.messages += 1
         if final.positive:
@@ -396,14 +460,22 @@ class SMTPDeliverer:
                 relayed=()
                 if passes or dsn.empty
                 else tuple(r for r in accepted if dsn.recipient(r).wants(Notify.SUCCESS)),
+                reply_seconds=took,
             )
-        return attrs.evolve(_merge(_all(tuple(accepted), final), failed, deferred), destination=where)
+        outcome = attrs.evolve(_merge(_all(tuple(accepted), final), failed, deferred), destination=where)
+        if final.code == 451:
+            return attrs.evolve(outcome, pushback=Pushback.RATE, pushback_reply=final)
+        return outcome
 
     async def _quit(self, conn: SMTPClientProtocol) -> None:
         try:
             await conn.command("QUIT", self._timeouts.command)
         except ConversationError:
             pass
+
+
+def _where(target: Target) -> str:
+    return f"{target.name} [{target.address}]:{target.port}"
 
 
 def _mail_dsn_params(dsn: MessageDsn) -> str:

@@ -68,7 +68,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from relayx.address import AddressError, normalize_domain
 from relayx.config import DomainConfig, parse_duration, parse_route
-from relayx.interfaces import HoldWindow, IBulkActions, IQueueAdmin, QueueCounts, StoreUnavailable
+from relayx.interfaces import HoldWindow, IBulkActions, IQueueAdmin, Pace, QueueCounts, StoreUnavailable, Throttle
 from relayx.ops import report
 from relayx.ops.bulk import ACTIONS
 from relayx.ops.history import KEPT, History, delivery_rate, replay
@@ -162,6 +162,26 @@ def authenticate(header: bytes | None, tokens: Sequence[tuple[str, str]]) -> str
         if hmac.compare_digest(given, token.encode()):
             found = name
     return found
+
+
+def _pace(pace: Pace, throttle: Throttle) -> dict[str, Any]:
+    """
+    A destination's adaptive pace for the API: what is in force, the
+    configured ceiling, the last cut (or return to the ceiling) and why.
+    """
+    concurrency, rate = pace.effective(throttle)
+    return {
+        "concurrency": concurrency,
+        "rate": rate,
+        "ceiling": {"concurrency": throttle.concurrency, "rate": throttle.rate},
+        "full": pace.concurrency is None and pace.rate is None,
+        "event": pace.event or None,
+        "at": pace.at,
+        "kind": pace.kind or None,
+        "why": pace.why or None,
+        "reply_ms": pace.reply_ms or None,
+        "text": pace.describe(throttle),
+    }
 
 
 class AdminAPI(Resource):
@@ -337,6 +357,7 @@ class AdminAPI(Resource):
             "paused_until": state.paused_until,
             "last_error": state.last_error,
             "release_rate": state.release_rate,
+            "pace": _pace(state.pace, config.throttle),
             "oldest_age": round(now - oldest, 3) if oldest else None,
             "routes": list(override) if override else [str(r) for r in config.routes],
             "routes_overridden": bool(override),

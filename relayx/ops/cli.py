@@ -410,7 +410,10 @@ def _state(d: dict[str, Any]) -> str:
         return "held"
     if d.get("hold_start"):
         return "hold scheduled"
-    return "waiting" if d["paused_until"] else "delivering"
+    if d["paused_until"]:
+        return "waiting"
+    pace = d.get("pace")
+    return "slowed" if pace and not pace["full"] else "delivering"
 
 
 def _domains(out: TextIO, domains: list[dict[str, Any]]) -> None:
@@ -701,6 +704,10 @@ def _domain_detail(out: TextIO, d: dict[str, Any]) -> None:
         out.write(f"failing    retry by {_iso(d['paused_until'])}: {d['last_error']}\n")
     if d.get("release_rate"):
         out.write(f"release    at {d['release_rate']:g} msg/s while the backlog drains\n")
+    if d.get("pace"):
+        ceiling = d["pace"]["ceiling"]
+        limit = f"{ceiling['rate']:g} msg/s" if ceiling["rate"] else "no rate limit"
+        out.write(f"pace       {d['pace']['text']} (configured: {ceiling['concurrency']} sessions, {limit})\n")
     routes = " ".join(d["routes"]) + (" (set at run time)" if d["routes_overridden"] else " (configured)")
     out.write(f"routes     {routes}\n")
     out.write(f"queued     {d['total']} job(s), oldest {_age(d['oldest_age'])}\n")

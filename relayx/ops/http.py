@@ -25,7 +25,7 @@ from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from relayx.interfaces import QueueCounts, StoreUnavailable
+from relayx.interfaces import Pace, QueueCounts, StoreUnavailable, Throttle
 from relayx.loops import logged
 from relayx.metrics import Metrics
 from relayx.ops.api import MAX_BODY, authenticate
@@ -175,6 +175,8 @@ def admin_site(
     api: Resource | None = None,
     panel: Resource | None = None,
     metrics_tokens: Sequence[tuple[str, str]] | None = None,
+    paces: Callable[[Sequence[str]], Awaitable[Mapping[str, Pace]]] | None = None,
+    throttle: Callable[[str], Throttle] | None = None,
 ) -> Resource:
     """
     The HTTP tree: ``ready`` says why the node is not ready, or ``None``;
@@ -198,6 +200,21 @@ def admin_site(
             metrics.oldest.labels(domain=domain).set(max(0.0, clock.seconds() - oldest) if oldest else 0)
             metrics.held.labels(domain=domain).set(1 if counts.on_hold else 0)
             metrics.queue_bytes.labels(domain=domain).set(counts.bytes)
+        if paces is None or throttle is None:
+            return
+        try:
+            current = await paces(domains)
+        except StoreUnavailable:
+            return
+        for domain, pace in current.items():
+            concurrency, rate = pace.effective(throttle(domain))
+            metrics.destination_concurrency.labels(domain=domain).set(concurrency)
+            metrics.destination_rate.labels(domain=domain).set(rate)
+            metrics.destination_paced.labels(domain=domain).set(
+                0 if pace.concurrency is None and pace.rate is None else 1
+            )
+            if pace.event == "cut" and pace.at is not None and pace.kind:
+                metrics.destination_last_cut.labels(domain=domain, kind=pace.kind).set(pace.at)
 
     def readiness() -> tuple[int, bytes]:
         why = ready()

@@ -10,7 +10,8 @@
 -- ARGV[3]  lease duration (ms)
 -- ARGV[4]  owner (node id)
 -- ARGV[5]  most jobs to lease
--- ARGV[6]  JSON default throttle {"c": concurrency, "r": messages/s (0: no limit), "u": ramp-up ms}
+-- ARGV[6]  JSON default throttle {"c": concurrency, "r": messages/s (0: no limit), "u": ramp-up ms};
+--          a domain's adaptive pace (pace_c, pace_r: settle.lua) may hold it lower
 -- ARGV[7]  JSON object domain -> throttle, for domains configured otherwise
 -- ARGV[8]  where to start in the domain list (random, for fairness)
 -- ARGV[9]  most deferred jobs and expired leases to move per call
@@ -70,17 +71,17 @@ end
 -- start the next if its rate is what stops it (0: not the rate)
 local function allowance(dom, domain, inflight, room)
   local t = throttles[domain] or default
-  local s = redis.call('HMGET', dom, 'recovered_at', 'release_rate', 'tokens', 'tokens_at')
+  local s = redis.call('HMGET', dom, 'pace_c', 'release_rate', 'tokens', 'tokens_at', 'pace_r', 'pace_wait')
   local cap, rate = t.c, t.r
+  -- the adaptive pace (settle.lua) runs at or below the configured ceiling, and
+  -- nothing starts for a moment after a pushback
+  local wait = tonumber(s[6] or '0')
+  if wait > now then return 0, wait end
+  local pace_c, pace_r = tonumber(s[1]), tonumber(s[5])
+  if pace_c and pace_c < cap then cap = pace_c end
+  if pace_r and (rate == 0 or pace_r < rate) then rate = pace_r end
   local release = tonumber(s[2] or '0')
   if release > 0 and (rate == 0 or release < rate) then rate = release end
-  local recovered = tonumber(s[1] or '0')
-  if recovered > 0 and t.u > 0 and now - recovered < t.u then
-    -- ramp-up: a destination that just came back starts at a tenth of its pace
-    local share = math.max(0.1, (now - recovered) / t.u)
-    cap = math.max(1, math.floor(cap * share))
-    rate = rate * share
-  end
   local slots = math.min(cap - inflight, room)
   if slots <= 0 then return 0, 0 end
   if rate <= 0 then return slots, 0 end

@@ -37,7 +37,12 @@
 --
 -- Domain state lives in the hash <p>:dom:<domain>:
 --   paused_until, failures, last_error   destination failing (settle.lua, resume.lua)
---   recovered_at                          when it last came back (ramp-up)
+--   pace_c, pace_r                        the adaptive pace (settle.lua): sessions, msg/s
+--                                         (absent: the configured ceiling); pace_at, pace_cut_at,
+--                                         pace_event (cut/ceiling), pace_why, pace_kind, pace_peak,
+--                                         pace_step; ok_w, ok_n, ok_r, ok_at (successes), rt_avg
+--                                         (reply ms), busy_since (pushbacks since the last success),
+--                                         pace_wait (no new lease before: a moment after a pushback)
 --   held, held_since, held_ms             an operator's hold and the time held so far
 --   hold_start, hold_end                  a scheduled hold (ms; 0 or absent: none)
 --   release_rate                          messages/s while a released backlog drains

@@ -42,6 +42,8 @@ from relayx.interfaces import (
     NotApplied,
     Notify,
     Outcome,
+    Pace,
+    PacePolicy,
     QueueCounts,
     QueueTotals,
     RecipientDsn,
@@ -58,6 +60,8 @@ from relayx.redis.scripts import Script, load_script
 from relayx.reply import Reply
 
 log = Logger()
+
+DEFAULT_PACE = PacePolicy()
 
 #: audit records kept in Redis
 AUDIT_KEPT = 10000
@@ -163,6 +167,69 @@ def _throttle(t: Throttle) -> str:
     return json.dumps({"c": t.concurrency, "r": t.rate, "u": _ms(t.ramp_up)})
 
 
+def pace_of(state: Mapping[str, str]) -> Pace:
+    """
+    A destination's adaptive pace from its domain hash (common.lua).
+    """
+    at = state.get("pace_cut_at") if state.get("pace_event") == "cut" else state.get("pace_at")
+    return Pace(
+        concurrency=int(state["pace_c"]) if "pace_c" in state else None,
+        rate=float(state["pace_r"]) if "pace_r" in state else None,
+        event=state.get("pace_event", ""),
+        at=int(at) / 1000 if at else None,
+        why=state.get("pace_why", ""),
+        kind=state.get("pace_kind", ""),
+        reply_ms=round(float(state.get("rt_avg", 0)), 1),
+    )
+
+
+def _pace(policy: PacePolicy, throttle: Throttle | None) -> str:
+    """
+    settle.lua's ARGV[14]: the ceiling (0: unknown) and how the pace reacts.
+    """
+    t = throttle or Throttle(concurrency=0)
+    return json.dumps(
+        {
+            "c": t.concurrency,
+            "r": t.rate,
+            "u": _ms(t.ramp_up),
+            "b": policy.backoff,
+            "i": _ms(policy.interval),
+            "f": policy.floor_rate,
+            "s": policy.slow,
+        }
+    )
+
+
+def _pushback_text(outcome: Outcome) -> str:
+    if outcome.pushback is None:
+        return ""
+    reply = str(outcome.pushback_reply) if outcome.pushback_reply is not None else outcome.pushback.value
+    return f"{reply} from {outcome.destination}" if outcome.destination else reply
+
+
+def _log_pace(domain: str, outcome: Outcome, change: str, sessions: str, rate: str) -> None:
+    """
+    One event per cut of a destination's pace and per return to its ceiling.
+    """
+    code = outcome.pushback_reply.code if outcome.pushback_reply is not None else 0
+    mx = outcome.destination or "-"
+    if change == "ceiling":
+        log.info("pace of {domain}: back at full pace", domain=domain, mx=mx, code=code, pace="ceiling")
+        return
+    why = _pushback_text(outcome) or outcome.unreachable or "slow replies"
+    log.warn(
+        "pace of {domain} cut to {sessions} session(s), {rate} msg/s after {why}",
+        domain=domain,
+        mx=mx,
+        code=code,
+        pace="cut",
+        sessions=sessions or "all",
+        rate=f"{float(rate):.3g}" if rate else "unlimited",
+        why=why,
+    )
+
+
 def _reply_text(reply: Reply | None) -> str:
     if reply is None:
         return ""
@@ -253,6 +320,7 @@ class RedisQueue:
         delay_warning: float = 0.0,
         flush_batch: int = FLUSH_BATCH,
         bodies: IBodyStore | None = None,
+        pace: PacePolicy = DEFAULT_PACE,
     ) -> None:
         self.redis = redis
         self.prefix = prefix
@@ -271,6 +339,8 @@ class RedisQueue:
         self.bodies = bodies
         #: the body reference of each job loaded and not yet settled
         self._refs: dict[str, str] = {}
+        #: how destinations' adaptive pace reacts (settle.lua)
+        self.pace = pace
 
     @classmethod
     def configured(cls, redis: RedisConnection, config: Config, bodies: IBodyStore | None = None) -> RedisQueue:
@@ -289,6 +359,7 @@ class RedisQueue:
             copies={d.name: len(d.copy_to) for d in config.domains if d.copy_to},
             delay_warning=q.delay_warning,
             bodies=bodies,
+            pace=config.delivery.pace,
         )
 
     def key(self, *parts: str) -> str:
@@ -469,7 +540,7 @@ class RedisQueue:
         """
         return bool(int(await self.redis.call("exists", self.key("msg", queue_id))))
 
-    async def settle(self, lease: Lease, outcome: Outcome, now: float) -> str:
+    async def settle(self, lease: Lease, outcome: Outcome, now: float, throttle: Throttle | None = None) -> str:
         keys = [
             self.key("job", lease.job_id),
             self.key("leased"),
@@ -497,10 +568,17 @@ class RedisQueue:
             _ms(self.delay_warning),
             outcome.destination,
             _reply_text(outcome.accepted),
+            _pace(self.pace, throttle),
+            outcome.pushback.value if outcome.pushback is not None else "",
+            _pushback_text(outcome),
+            round(outcome.reply_seconds * 1000),
         ]
         ref = self._refs.pop(lease.job_id, None)
         # replicated too, so that a failover does not forget a delivery and send it again
-        fate = _text(await self._write(self._SETTLE, keys, args, f"settling {lease.job_id}", strict=False))
+        answer = await self._write(self._SETTLE, keys, args, f"settling {lease.job_id}", strict=False)
+        fate, change, sessions, rate = (_text(a) for a in answer)
+        if change:
+            _log_pace(lease.domain, outcome, change, sessions, rate)
         if fate == "done":
             self._count("delivered", [lease.domain])
             await self._retire_body(lease.queue_id, ref)
@@ -797,7 +875,21 @@ class RedisQueue:
             paused_until=float(state.get("paused_until", 0)) / 1000 or None,
             last_error=state.get("last_error", ""),
             release_rate=float(state.get("release_rate", 0)),
+            pace=pace_of(state),
         )
+
+    _PACE_FIELDS = ("pace_c", "pace_r", "pace_at", "pace_cut_at", "pace_event", "pace_why", "pace_kind", "rt_avg")
+
+    async def paces(self, queues: Sequence[str]) -> dict[str, Pace]:
+        """
+        Each delivery queue's adaptive pace: one HMGET per queue (the metrics' scrape).
+        """
+        result = {}
+        for queue in queues:
+            values = await self.redis.call("hmget", self.key("dom", queue), list(self._PACE_FIELDS))
+            state = {k: _text(v) for k, v in zip(self._PACE_FIELDS, values, strict=True) if v is not None}
+            result[queue] = pace_of(state)
+        return result
 
     async def queue_summary(self, queues: Sequence[str], now: float) -> dict[str, QueueCounts]:
         """

@@ -7,11 +7,12 @@
 -- ARGV[2]  domain
 --
 -- Invariant: a domain is in <p>:paused exactly while its paused_until is set;
--- recovered_at starts the ramp-up.
+-- the destination's pace starts at one session and climbs (settle.lua).
 -- Cost bound: two keys.
 
 if redis.call('HEXISTS', KEYS[1], 'paused_until') == 0 then return 0 end
 redis.call('HDEL', KEYS[1], 'paused_until', 'failures', 'last_error')
-redis.call('HSET', KEYS[1], 'recovered_at', ARGV[1])
+redis.call('HSET', KEYS[1], 'pace_c', 1, 'pace_at', ARGV[1], 'pace_event', 'cut', 'pace_kind', 'sessions',
+  'pace_why', 'the destination came back')
 redis.call('ZREM', KEYS[2], ARGV[2])
 return 1

@@ -25,7 +25,15 @@
 --          put in <p>:delayed once; 0 for no warnings
 -- ARGV[12] the destination that answered ("name [address]:port"; "" if none)
 -- ARGV[13] its reply to the message when it took it ("250 ... queued as X"; "" if none)
--- Returns "done", "failed", "deferred" or "paused".
+-- ARGV[14] JSON pace: {"c": ceiling sessions (0: unknown), "r": ceiling msg/s (0: none),
+--          "u": ramp-up ms, "b": backoff factor, "i": interval ms, "f": floor msg/s,
+--          "s": slow factor}
+-- ARGV[15] pushback: "" or "sessions"/"rate" (the destination answered "not now")
+-- ARGV[16] the pushback's reply and host ("421 4.7.0 busy from mx1 [10.0.0.1]:25")
+-- ARGV[17] how long the destination took to answer the transaction (ms, 0: unknown)
+-- Returns {fate, pace change, sessions, msg/s}: fate "done", "failed", "deferred",
+-- "paused" or "ready" (pushed back to its place); the pace change "" or "cut" or
+-- "ceiling" (back at full pace), with the pace after it ("" for the ceiling).
 --
 -- Invariant: as in enqueue.lua. Only the current token's holder settles; recipients
 -- once accepted or failed are never owed again, so a retry resends only to the rest.
@@ -35,14 +43,30 @@
 -- and jobs failed for their retention) goes to the domain's event log (record_event, common.lua), whose
 -- trim (<p>:events:keep) this sets to the retention plus EVENT_MARGIN.
 --
+-- The adaptive pace (AIMD, per destination, cluster-wide; fields pace_* in the
+-- domain hash, see common.lua): a pushback cuts the sessions ("sessions"), the
+-- rate ("rate") or both (a slow reply) to backoff times what was in use (the jobs
+-- in flight; the current rate, or at the ceiling the rate the destination accepted
+-- over the last second), at most once per interval, never below 1 session / the
+-- floor rate; each interval with a delivery adds back one session (or c * i / u)
+-- and rate (quickly to 0.9 of the last cut's rate, then in doubling steps) until
+-- the ceiling, where the pace_ fields go. A pushback, and a connection refused
+-- while other sessions are in flight within PATIENCE intervals of a delivery,
+-- hold new starts for a quarter interval (pace_wait, claim.lua) and put the job
+-- back at its place instead of pausing the domain; a pushback PATIENCE intervals
+-- after the last delivery, and a job pushed back PUSHBACKS times, take the usual
+-- way (pause, or the retry schedule). A 421 never fails a recipient.
+--
 -- Cost bound, whatever the queue's depth: O(1) keys for the job itself; when the
 -- destination is unreachable, the queue's first 100 jobs are looked at twice
 -- (retention, delay warning), each O(1) keys and an event: at most ~1,000 keys, O(log n) writes.
+-- The pace adds O(1) reads and writes of the domain hash and one ZCARD.
 
 local jid, token, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 if redis.call('HGET', KEYS[1], 'token') ~= token then
   return redis.error_reply('STALE lease token')
 end
+local PATIENCE, PUSHBACKS = 10, 20
 local retention, prefix = tonumber(ARGV[8]), ARGV[10]
 local domain = redis.call('HGET', KEYS[1], 'domain')
 local schedule = {}
@@ -70,13 +94,152 @@ local function remember(what)
   redis.call('HSET', KEYS[1], 'history', cjson.encode(history))
 end
 
--- the destination answered: it is up, whatever it said about these recipients
+-- the destination answered: it is up, whatever it said about these recipients;
+-- after an outage its pace starts at one session and climbs
 local function destination_up()
   if redis.call('HEXISTS', KEYS[8], 'failures') == 1 then
-    redis.call('HSET', KEYS[8], 'recovered_at', now)
+    redis.call('HSET', KEYS[8], 'pace_c', 1, 'pace_at', now, 'pace_event', 'cut', 'pace_kind', 'sessions',
+      'pace_why', 'the destination came back')
   end
   redis.call('HDEL', KEYS[8], 'paused_until', 'failures', 'last_error')
   redis.call('ZREM', KEYS[10], domain)
+end
+
+-- the adaptive pace (see the top)
+local pace = cjson.decode(ARGV[14] or '{}')
+pace.c, pace.r, pace.u = pace.c or 0, pace.r or 0, pace.u or 0
+local interval, backoff, floor_rate = pace.i or 1000, pace.b or 0.7, pace.f or 1
+local HUGE = math.huge
+local change = ''
+
+-- the rate the destination accepted: messages per second over the last window
+local function accepted_rate()
+  local s = redis.call('HMGET', KEYS[8], 'ok_w', 'ok_n', 'ok_r')
+  local since = now - tonumber(s[1] or now)
+  local last = tonumber(s[3] or '0')
+  if since >= interval then return math.max(last, tonumber(s[2] or '0') * 1000 / since) end
+  return last
+end
+
+local function count_success()
+  local s = redis.call('HMGET', KEYS[8], 'ok_w', 'ok_n')
+  local w, n = tonumber(s[1] or '0'), tonumber(s[2] or '0')
+  if now - w >= 1000 then
+    if w > 0 then redis.call('HSET', KEYS[8], 'ok_r', tostring(n * 1000 / (now - w))) end
+    w, n = now, 0
+  end
+  redis.call('HSET', KEYS[8], 'ok_w', w, 'ok_n', n + 1, 'ok_at', now)
+  redis.call('HDEL', KEYS[8], 'busy_since')
+end
+
+-- cut the pace: "sessions" the sessions, "rate" the rate, "slow" both
+local function cut(kind, why)
+  local s = redis.call('HMGET', KEYS[8], 'pace_c', 'pace_r', 'pace_cut_at')
+  if now - tonumber(s[3] or '0') < interval then return end
+  local c, r = tonumber(s[1]), tonumber(s[2])
+  local fields = {'pace_at', now, 'pace_cut_at', now, 'pace_event', 'cut', 'pace_why', why, 'pace_kind', kind}
+  if kind ~= 'rate' then
+    local busy = redis.call('ZCARD', KEYS[3])
+    c = math.max(1, math.floor(math.min(c or HUGE, busy) * backoff))
+    fields[#fields + 1], fields[#fields + 2] = 'pace_c', c
+  end
+  if kind ~= 'sessions' then
+    -- from the current pace; from the ceiling, the rate the destination accepted lately
+    local base = r
+    if not base then
+      base = pace.r > 0 and pace.r or HUGE
+      local seen = accepted_rate()
+      if seen > 0 then base = math.min(base, seen) end
+      if base == HUGE then base = floor_rate / backoff end
+    end
+    r = math.max(floor_rate, base * backoff)
+    for _, v in ipairs({'pace_r', tostring(r), 'pace_peak', tostring(base), 'pace_step',
+      tostring(math.max(0.2, base / 100))}) do fields[#fields + 1] = v end
+  end
+  redis.call('HSET', KEYS[8], unpack(fields))
+  change = 'cut'
+end
+
+-- each interval with a success: climb back towards the ceiling
+local function climb()
+  local s = redis.call('HMGET', KEYS[8], 'pace_c', 'pace_r', 'pace_at', 'pace_peak', 'pace_step')
+  if not s[1] and not s[2] then return end
+  if now - tonumber(s[3] or '0') < interval then return end
+  local c, r, peak, step = tonumber(s[1]), tonumber(s[2]), tonumber(s[4]), tonumber(s[5] or '1')
+  local ramp = 0
+  if pace.u > 0 then ramp = interval / pace.u end
+  if c then
+    c = c + math.max(1, math.floor(pace.c * ramp))
+    if pace.c <= 0 or c >= pace.c then c = nil end
+  end
+  if r then
+    -- (0.85: the stored rates are rounded; what reached 0.9 goes on below)
+    if peak and r < 0.85 * peak then
+      r = math.min(0.9 * peak, r + math.max(peak / 4, pace.r * ramp))
+    else
+      r, step = r + step, step * 2
+    end
+    if (pace.r > 0 and r >= pace.r) or (pace.r <= 0 and (not peak or r >= 2 * peak)) then r = nil end
+  end
+  if not c and not r then
+    redis.call('HDEL', KEYS[8], 'pace_c', 'pace_r', 'pace_peak', 'pace_step', 'pace_kind', 'pace_why')
+    redis.call('HSET', KEYS[8], 'pace_at', now, 'pace_event', 'ceiling')
+    change = 'ceiling'
+    return
+  end
+  redis.call('HSET', KEYS[8], 'pace_at', now, 'pace_step', tostring(step))
+  if c then redis.call('HSET', KEYS[8], 'pace_c', c) else redis.call('HDEL', KEYS[8], 'pace_c') end
+  if r then redis.call('HSET', KEYS[8], 'pace_r', tostring(r)) else redis.call('HDEL', KEYS[8], 'pace_r') end
+end
+
+-- what settle returns: the fate and the pace change
+local function answer(fate)
+  if change == '' then return {fate, '', '', ''} end
+  local s = redis.call('HMGET', KEYS[8], 'pace_c', 'pace_r')
+  return {fate, change, s[1] or '', s[2] or ''}
+end
+
+-- the reply time against its recent average: a destination slowing down
+local reply_ms = tonumber(ARGV[17] or '0')
+local function slow_or_climb()
+  local avg = tonumber(redis.call('HGET', KEYS[8], 'rt_avg') or '0')
+  if reply_ms > 0 then
+    redis.call('HSET', KEYS[8], 'rt_avg', tostring(avg > 0 and avg * 0.9 + reply_ms * 0.1 or reply_ms))
+  end
+  if avg > 0 and reply_ms > (pace.s or 4) * avg and reply_ms > avg + 500 then
+    cut('slow', string.format('replies in %d ms (usually %d ms) from %s', reply_ms, avg, ARGV[12] or ''))
+  else
+    climb()
+  end
+end
+
+local pushback, pushback_why = ARGV[15] or '', ARGV[16] or ''
+local unreachable = ARGV[7]
+if pushback == '' and unreachable ~= '' then
+  -- no connection, while the destination answers other sessions (others in
+  -- flight, a delivery within PATIENCE intervals): a pushback
+  local ok_at = tonumber(redis.call('HGET', KEYS[8], 'ok_at') or '0')
+  if ok_at > 0 and now - ok_at < PATIENCE * interval and redis.call('ZCARD', KEYS[3]) > 1
+    and redis.call('HEXISTS', KEYS[8], 'paused_until') == 0 then
+    pushback, pushback_why, unreachable = 'sessions', unreachable, ''
+  end
+elseif pushback ~= '' then
+  local since = tonumber(redis.call('HGET', KEYS[8], 'busy_since') or '0')
+  if since == 0 then
+    redis.call('HSET', KEYS[8], 'busy_since', now)
+  elseif now - since >= PATIENCE * interval then
+    -- "not now" and nothing else for a while: the destination is down for us
+    unreachable = pushback_why
+    pushback = ''
+  end
+end
+if pushback ~= '' then
+  cut(pushback, pushback_why)
+  -- a moment's pause before the next start (claim.lua), so a refusal is not retried at once
+  redis.call('HSET', KEYS[8], 'pace_wait', now + math.floor(interval / 4))
+elseif ARGV[4] ~= '[]' then
+  count_success()
+  slow_or_climb()
 end
 
 local done = {}
@@ -133,19 +296,31 @@ for _, rcpt in ipairs(cjson.decode(redis.call('HGET', KEYS[1], 'owed'))) do
   if not done[rcpt] then owed[#owed + 1] = rcpt end
 end
 if #owed == 0 then
-  if ARGV[7] == '' then destination_up() end
-  return finish(KEYS[1], jid, failed, 'in_flight')
+  if unreachable == '' then destination_up() end
+  return answer(finish(KEYS[1], jid, failed, 'in_flight'))
 end
 redis.call('HSET', KEYS[1], 'owed', cjson.encode(owed), 'failed', cjson.encode(failed))
 
-local unreachable = ARGV[7]
+if pushback ~= '' then
+  if tonumber(redis.call('HGET', KEYS[1], 'pushbacks') or '0') < PUSHBACKS then
+    -- "not now": back to its place in the queue, for the next claim at the new pace
+    if ARGV[7] == '' then destination_up() end
+    redis.call('HINCRBY', KEYS[1], 'pushbacks', 1)
+    redis.call('HSET', KEYS[1], 'error', pushback_why)
+    remember('pushed back: ' .. pushback_why)
+    move(prefix, jid, domain, 'in_flight', 'ready', redis.call('HGET', KEYS[1], 'seq'))
+    return answer('ready')
+  end
+  -- pushed back often enough: this job takes the usual way
+  unreachable = ARGV[7]
+end
+
 if unreachable ~= '' then
   -- the destination is down: the job keeps its place at the head and the
   -- whole domain waits, so acceptance order survives the outage
   local failures = redis.call('HINCRBY', KEYS[8], 'failures', 1)
   local until_ms = now + step(failures)
   redis.call('HSET', KEYS[8], 'paused_until', until_ms, 'last_error', unreachable)
-  redis.call('HDEL', KEYS[8], 'recovered_at')
   redis.call('ZADD', KEYS[10], until_ms, domain)
   redis.call('HSET', KEYS[1], 'error', unreachable)
   remember('unreachable: ' .. unreachable)
@@ -170,7 +345,7 @@ if unreachable ~= '' then
       warn(job, head)
     end
   end
-  return result
+  return answer(result)
 end
 
 destination_up()
@@ -180,10 +355,10 @@ if #deferred > 0 then why = deferred[1][2] .. ' ' .. deferred[1][3] .. ' ' .. de
 redis.call('HSET', KEYS[1], 'error', why)
 remember(why)
 if expired(KEYS[1]) then
-  return expire(KEYS[1], jid, owed, failed, why, 'in_flight')
+  return answer(expire(KEYS[1], jid, owed, failed, why, 'in_flight'))
 end
 if why ~= last_error then event(KEYS[1], jid, 'deferred', {'rcpts', cjson.encode(owed), 'why', why, 'mx', mx}) end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts'))
 move(prefix, jid, domain, 'in_flight', 'deferred', now + step(attempts))
 warn(KEYS[1], jid)
-return 'deferred'
+return answer('deferred')

@@ -1,0 +1,256 @@
+"""
+The adaptive pace (settle.lua, claim.lua's allowance): AIMD per destination,
+cluster-wide, at explicit times against a real Redis.
+"""
+
+from __future__ import annotations
+
+from twisted.logger import formatEvent
+
+from relayx.interfaces import Lease, Outcome, PacePolicy, Pushback, Throttle
+from relayx.queue.redis import RedisQueue
+from relayx.reply import Reply
+from tests.helpers import logged_events
+from tests.test_queue_redis import T0, QueueCase, deferred_test, message
+
+CEILING = Throttle(concurrency=8, rate=100)
+THROTTLES = {"one.test": CEILING}
+BUSY = Reply(421, "4.7.0", "too busy")
+
+
+def rate_busy(lease: Lease) -> Outcome:
+    """A 421 to MAIL: the destination's rate is exceeded."""
+    return Outcome(
+        deferred=tuple((r, BUSY) for r in lease.recipients),
+        pushback=Pushback.RATE,
+        pushback_reply=BUSY,
+        destination="mx1 [10.0.0.1]:25",
+    )
+
+
+def greeting_busy(lease: Lease) -> Outcome:
+    """A 421 greeting: too many sessions."""
+    return Outcome(
+        deferred=tuple((r, BUSY) for r in lease.recipients),
+        pushback=Pushback.SESSIONS,
+        pushback_reply=BUSY,
+        destination="mx1 [10.0.0.1]:25",
+    )
+
+
+def delivered(lease: Lease, seconds: float = 0.01) -> Outcome:
+    return Outcome(delivered=lease.recipients, destination="mx1 [10.0.0.1]:25", reply_seconds=seconds)
+
+
+class PaceTests(QueueCase):
+    async def queue_of(self, count: int, **kw: object) -> RedisQueue:
+        q = await self.make_queue(**kw)
+        for n in range(count):
+            await q.enqueue(message(f"M{n:03}", "a@one.test"))
+        return q
+
+    async def claim(self, q: RedisQueue, now: float, limit: int = 100) -> list[Lease]:
+        return list((await q.claim("n", now, limit, THROTTLES, CEILING)).leases)
+
+    async def deliver_for(self, q: RedisQueue, start: float, seconds: int, per_second: int) -> float:
+        """Deliver ``per_second`` messages in each second from ``start``; the time after."""
+        now = start
+        for _ in range(seconds):
+            for k in range(per_second):
+                at = now + k / per_second
+                for lease in await self.claim(q, at, 1):
+                    await q.settle(lease, delivered(lease), at + 0.001, CEILING)
+            now += 1
+        return now
+
+    @deferred_test
+    async def test_421_cuts_the_rate_and_puts_the_job_back_at_its_place(self) -> None:
+        """
+        When a 421 answers MAIL, the job goes back ahead of later ones, the domain is not paused, and the rate
+        drops to 0.7 of what was accepted.
+        """
+        q = await self.queue_of(200)
+        now = await self.deliver_for(q, T0, 3, 20)
+        [first, second] = await self.claim(q, now, 2)
+        assert await q.settle(first, rate_busy(first), now + 0.01, CEILING) == "ready"
+        assert await q.failing_domains() == []
+        pace = (await q.domain_state("one.test", now + 0.01)).pace
+        assert pace.event == "cut" and pace.kind == "rate" and pace.concurrency is None
+        assert pace.rate is not None and 12 <= pace.rate <= 15  # 0.7 x about 20 msg/s
+        assert pace.why == "421 4.7.0 too busy from mx1 [10.0.0.1]:25"
+        await q.settle(second, delivered(second), now + 0.02, CEILING)
+        [again] = await self.claim(q, now + 1)
+        assert again.job_id == first.job_id and again.attempts == 2
+
+    @deferred_test
+    async def test_one_cut_per_interval(self) -> None:
+        """When a burst of 421s comes within one interval it is one cut; a 421 an interval later cuts again."""
+        q = await self.queue_of(200)
+        now = await self.deliver_for(q, T0, 3, 20)
+        leases = await self.claim(q, now, 5)
+        for n, lease in enumerate(leases[:4]):
+            await q.settle(lease, rate_busy(lease), now + n * 0.1, CEILING)
+        once = (await q.domain_state("one.test", now)).pace.rate
+        assert once is not None
+        [late] = await self.claim(q, now + 1.2, 1)
+        await q.settle(late, rate_busy(late), now + 1.2, CEILING)
+        twice = (await q.domain_state("one.test", now)).pace.rate
+        # 0.7 of the lower of the pace and the rate the destination accepted lately
+        assert twice is not None and twice <= once * 0.7 + 0.01
+
+    @deferred_test
+    async def test_claims_follow_the_cut_and_never_go_below_the_floor(self) -> None:
+        """
+        When 421s keep coming, the rate and sessions fall by 0.7 per interval to 1 msg/s and 1 session, and
+        claims obey them.
+        """
+        q = await self.queue_of(400, pace=PacePolicy(floor_rate=1.0))
+        now = await self.deliver_for(q, T0, 2, 20)
+        for n in range(40):
+            for lease in await self.claim(q, now + n, 1):
+                # a delivery every fourth second keeps the destination "answering" (no pause)
+                kind = (greeting_busy, rate_busy, delivered, rate_busy)[n % 4]
+                await q.settle(lease, kind(lease), now + n + 0.5, CEILING)
+        pace = (await q.domain_state("one.test", now + 40)).pace
+        assert pace.rate is not None and pace.rate >= 1.0 and pace.concurrency is not None and pace.concurrency >= 1
+        assert await q.failing_domains() == []
+        # at 1 msg/s, a claim takes one job per second at most
+        taken = sum([len(await self.claim(q, now + 100 + k / 10)) for k in range(10)], 0)
+        assert taken <= 2
+
+    @deferred_test
+    async def test_sustained_success_climbs_back_to_the_ceiling(self) -> None:
+        """
+        When deliveries succeed after a cut, the pace climbs each interval until it is back at the configured
+        ceiling.
+        """
+        q = await self.queue_of(600)
+        now = await self.deliver_for(q, T0, 3, 20)
+        [lease] = await self.claim(q, now, 1)
+        await q.settle(lease, greeting_busy(lease), now, CEILING)
+        assert await self.claim(q, now + 0.1, 1) == []  # a moment's pause after a pushback
+        [lease] = await self.claim(q, now + 0.3, 1)
+        await q.settle(lease, rate_busy(lease), now + 0.3, CEILING)
+        rates = []
+        for second in range(1, 30):
+            at = now + 1 + second
+            for lease in await self.claim(q, at, 1):
+                await q.settle(lease, delivered(lease), at, CEILING)
+            pace = (await q.domain_state("one.test", at)).pace
+            rates.append(pace.rate)
+            if pace.concurrency is None and pace.rate is None:
+                break
+        assert pace.event == "ceiling" and pace.concurrency is None and pace.rate is None
+        climbing = [r for r in rates if r is not None]
+        assert climbing == sorted(climbing) and len(rates) < 30
+
+    @deferred_test
+    async def test_greeting_421_does_not_pause_the_domain(self) -> None:
+        """
+        When a 421 greeting answers one attempt while others are delivered, the domain keeps delivering:
+        sessions cut, no pause.
+        """
+        q = await self.queue_of(50)
+        leases = await self.claim(q, T0) + await self.claim(q, T0 + 0.05)  # the rate's burst is 5
+        assert len(leases) == 8
+        await q.settle(leases[0], delivered(leases[0]), T0 + 0.1, CEILING)
+        assert await q.settle(leases[1], greeting_busy(leases[1]), T0 + 0.2, CEILING) == "ready"
+        assert await q.failing_domains() == []
+        state = await q.domain_state("one.test", T0 + 0.2)
+        assert state.paused_until is None and state.pace.concurrency == 4  # 0.7 x 7 in flight
+        for lease in leases[2:]:
+            await q.settle(lease, delivered(lease), T0 + 0.3, CEILING)
+        assert await self.claim(q, T0 + 0.4) == []  # a moment's pause after a pushback
+        again = await self.claim(q, T0 + 0.5)
+        assert 1 <= len(again) <= 4 and again[0].job_id == leases[1].job_id
+        assert len(again + await self.claim(q, T0 + 0.6)) == 4
+
+    @deferred_test
+    async def test_refused_connection_while_others_answer_is_a_pushback(self) -> None:
+        """
+        When one connection is refused while other sessions deliver, the job goes back and sessions are cut;
+        the domain is not paused.
+        """
+        q = await self.queue_of(20)
+        leases = await self.claim(q, T0)
+        await q.settle(leases[0], delivered(leases[0]), T0 + 0.1, CEILING)
+        fate = await q.settle(leases[1], Outcome(unreachable="mx1: connection refused"), T0 + 0.2, CEILING)
+        assert fate == "ready" and await q.failing_domains() == []
+        pace = (await q.domain_state("one.test", T0 + 0.2)).pace
+        assert pace.kind == "sessions" and pace.why == "mx1: connection refused"
+
+    @deferred_test
+    async def test_unreachable_destination_still_pauses(self) -> None:
+        """
+        When every attempt fails to connect (nothing in flight answers), the domain pauses for the retry
+        schedule as before.
+        """
+        q = await self.queue_of(5)
+        [lease] = await self.claim(q, T0, 1)
+        await q.settle(lease, delivered(lease), T0, CEILING)
+        [lease] = await self.claim(q, T0 + 1, 1)
+        assert await q.settle(lease, Outcome(unreachable="connection refused"), T0 + 1, CEILING) == "paused"
+        assert await q.failing_domains() == ["one.test"]
+
+    @deferred_test
+    async def test_pushbacks_without_a_delivery_pause_the_domain(self) -> None:
+        """
+        When a destination answers nothing but 421 for ten intervals, its domain pauses and waits for the
+        prober.
+        """
+        q = await self.queue_of(5)
+        fates = []
+        for n in range(12):
+            leases = await self.claim(q, T0 + n, 1)
+            fates += [await q.settle(lease, greeting_busy(lease), T0 + n, CEILING) for lease in leases]
+            if fates[-1] == "paused":
+                break
+        assert fates == ["ready"] * 10 + ["paused"]
+        assert await q.failing_domains() == ["one.test"]
+
+    @deferred_test
+    async def test_a_421_never_bounces(self) -> None:
+        """
+        When a job is answered 421 again and again, it is pushed back twenty times, then deferred by the retry
+        schedule, never failed.
+        """
+        q = await self.queue_of(1)
+        fates = []
+        for n in range(23):
+            for lease in await self.claim(q, T0 + n * 400, 1):
+                # another message delivered meanwhile keeps the destination "answering"
+                fates.append(await q.settle(lease, rate_busy(lease), T0 + n * 400 + 1, CEILING))
+                await q.redis.call("hset", q.key("dom", "one.test"), "ok_at", int((T0 + n * 400 + 1) * 1000))
+                await q.redis.call("hdel", q.key("dom", "one.test"), "busy_since")
+        assert fates[:20] == ["ready"] * 20 and set(fates[20:]) == {"deferred"}
+        assert await q.failed(10) == []
+
+    @deferred_test
+    async def test_slow_replies_cut_both(self) -> None:
+        """When a reply takes four times its usual time (and half a second more), sessions and rate are cut."""
+        q = await self.queue_of(100)
+        now = await self.deliver_for(q, T0, 3, 10)
+        [lease] = await self.claim(q, now, 1)
+        await q.settle(lease, delivered(lease, seconds=2.0), now + 0.1, CEILING)
+        pace = (await q.domain_state("one.test", now + 0.1)).pace
+        assert pace.kind == "slow" and pace.concurrency == 1 and pace.rate is not None
+        assert pace.why.startswith("replies in 2000 ms (usually 10 ms)")
+        assert 9 <= pace.reply_ms <= 300
+
+    @deferred_test
+    async def test_each_cut_and_the_return_to_the_ceiling_are_logged(self) -> None:
+        """When the pace is cut and later back at its ceiling, each is one log event with the mx and the code."""
+        q = await self.queue_of(100)
+        now = await self.deliver_for(q, T0, 2, 5)
+        with logged_events() as events:
+            [lease] = await self.claim(q, now, 1)
+            await q.settle(lease, greeting_busy(lease), now, Throttle(concurrency=2))
+            for second in range(1, 4):
+                for lease in await self.claim(q, now + second, 1):
+                    await q.settle(lease, delivered(lease), now + second, Throttle(concurrency=2))
+        paced = [e for e in events if e.get("pace")]
+        assert [(e["pace"], e["mx"], e["code"]) for e in paced] == [
+            ("cut", "mx1 [10.0.0.1]:25", 421),
+            ("ceiling", "mx1 [10.0.0.1]:25", 0),
+        ]
+        assert formatEvent(paced[0]).startswith("pace of one.test cut to 1 session(s), unlimited msg/s after 421")
