@@ -12,7 +12,7 @@ from twisted.internet.threads import deferToThread
 
 from relayx.ops.cli import _domain_detail
 from relayx.redis.embedded import free_port
-from tests.helpers import LoopbackSink, NodeCase, send, wait_for
+from tests.helpers import LoopbackSink, NodeCase, eventually, send, wait_for
 from tests.test_api import TOKEN, call
 from tests.test_queue_redis import deferred_test
 
@@ -42,9 +42,15 @@ class MetricsTests(NodeCase):
             "x@elsewhere.test": (550, b"5.7.1 Relaying denied")
         }
         await wait_for(lambda: len(self.sink.messages) == 1, 30, "the delivery")
-        status, text = await deferToThread(get, admin, "/metrics")
-        assert status == 200
-        lines = set(text.splitlines())
+
+        async def settled() -> set[str]:
+            # the sink has the message a moment before the node records its delivery
+            status, text = await deferToThread(get, admin, "/metrics")
+            assert status == 200
+            lines = set(text.splitlines())
+            return lines if 'relayx_queue_oldest_seconds{domain="example.com"} 0.0' in lines else set()
+
+        lines = await eventually(settled, 30, "the delivery recorded")
         assert "relayx_messages_accepted_total 1.0" in lines
         assert 'relayx_smtp_refused_total{reply="5xx"} 1.0' in lines
         assert 'relayx_delivery_recipients_total{result="delivered"} 1.0' in lines
