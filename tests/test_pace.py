@@ -45,8 +45,9 @@ def delivered(lease: Lease, seconds: float = 0.01) -> Outcome:
 class PaceTests(QueueCase):
     async def queue_of(self, count: int, **kw: object) -> RedisQueue:
         q = await self.make_queue(**kw)
+        # a mailbox each: order per mailbox would send one mailbox's mail one at a time
         for n in range(count):
-            await q.enqueue(message(f"M{n:03}", "a@one.test"))
+            await q.enqueue(message(f"M{n:03}", f"r{n}@one.test"))
         return q
 
     async def claim(self, q: RedisQueue, now: float, limit: int = 100) -> list[Lease]:
