@@ -150,7 +150,9 @@ def main() -> None:
     options = parser.parse_args()
     directory = Path(tempfile.mkdtemp(prefix="relayx-bench-"))
     redis = Redis(directory, options.fsync)
-    bodies = f'\n[bodies]\nbackend = "{options.bodies}"\n' + ('directory = "bodies"\n' if options.bodies == "directory" else "")
+    bodies = f'\n[bodies]\nbackend = "{options.bodies}"\n' + (
+        'directory = "bodies"\n' if options.bodies == "directory" else ""
+    )
     nodes = Nodes(directory, 1, redis.port, free_port(), extra=bodies)
     pid = nodes.pids[0]
     try:

@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
@@ -147,9 +148,21 @@ def tmpfs(directory: Path, size: str) -> None:
     """
     Mount a tmpfs of ``size`` on ``directory``, or skip the test.
     """
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)], capture_output=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)], capture_output=True
+    )
     if mounted.returncode != 0:
         raise SkipTest(f"cannot mount a tmpfs (needs root): {mounted.stderr.decode().strip()}")
+
+
+def reply(reader: BinaryIO) -> bytes:
+    """
+    The code of the next (last line of a) reply.
+    """
+    while True:
+        line = reader.readline()
+        if line[3:4] != b"-":
+            return line[:3]
 
 
 def mid_data(port: int, numbers: range, size: int) -> list[socket.socket]:
@@ -161,14 +174,7 @@ def mid_data(port: int, numbers: range, size: int) -> list[socket.socket]:
     for n in numbers:
         s = socket.create_connection(("127.0.0.1", port), timeout=30)
         reader = s.makefile("rb")
-
-        def reply() -> bytes:
-            while True:
-                line = reader.readline()
-                if line[3:4] != b"-":
-                    return line[:3]
-
-        assert reply() == b"220"
+        assert reply(reader) == b"220"
         for command, expect in (
             (b"EHLO cut.test", b"250"),
             (b"MAIL FROM:<bob@sender.test>", b"250"),
@@ -176,7 +182,7 @@ def mid_data(port: int, numbers: range, size: int) -> list[socket.socket]:
             (b"DATA", b"354"),
         ):
             s.sendall(command + b"\r\n")
-            assert reply() == expect, command
+            assert reply(reader) == expect, command
         s.sendall(f"Subject: message {n:04}\r\n\r\n".encode() + (b"x" * 998 + b"\r\n") * (size // 1000))
         sessions.append(s)
     return sessions
@@ -206,7 +212,12 @@ class FaultSuite(TestCase):
         return cluster, sink
 
     async def survive(
-        self, fault: Fault, cluster: Cluster, sink: LoopbackSink, cut: frozenset[str] = frozenset(), node_killed: bool = False
+        self,
+        fault: Fault,
+        cluster: Cluster,
+        sink: LoopbackSink,
+        cut: frozenset[str] = frozenset(),
+        node_killed: bool = False,
     ) -> None:
         """
         Send mail through ``fault`` and check the promise; ``cut``: messages
@@ -274,7 +285,7 @@ class FaultSuite(TestCase):
 
     @deferred_test
     async def test_redis_disk_full(self) -> None:
-        """When the disk of Redis's AOF fills under load, mail is refused with 4xx, none lost, none refused delivered."""
+        """When the disk of Redis's AOF fills under load, mail is refused with 4xx, none lost, none refused sent."""
         redis = RedisProcess()
         tmpfs(redis.directory, "16m")
         self.addCleanup(subprocess.run, ["umount", "--lazy", str(redis.directory)], check=False)
@@ -296,7 +307,7 @@ class FaultSuite(TestCase):
 
     @deferred_test
     async def test_node_killed_mid_data(self) -> None:
-        """When the node is SIGKILLed with 20 sessions mid-DATA under load, no 250 is lost and no cut message delivered."""
+        """When the node is SIGKILLed with 20 sessions mid-DATA under load, no 250 is lost, no cut message sent."""
         redis = self.redis()
         cluster, sink = self.cluster(f'url = "{redis.url}"\ntimeout = "2s"')
         port = cluster.ports["node-0"]

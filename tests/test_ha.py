@@ -190,4 +190,3 @@ class FailoverTests(TestCase):
 
 class OutageTests(TestCase):
     timeout = 240
-
