@@ -14,6 +14,7 @@ SIGKILLed with sessions in the middle of DATA.
 from __future__ import annotations
 
 import errno
+import itertools
 import signal
 import socket
 import subprocess
@@ -36,7 +37,9 @@ from tests.test_queue_redis import deferred_test
 RESUME_WITHIN = 10.0
 #: messages sent after the fault has ended
 AFTER = 60
-PAUSE = 0.04
+#: concurrent sessions, each pausing this long between its messages
+SENDERS = 4
+PAUSE = 0.1
 
 #: a fault, run in a thread while mail arrives; it returns (time.monotonic())
 #: when it has ended, and the store, or node, is whole again
@@ -45,19 +48,27 @@ Fault = Callable[[], float]
 
 def send_through(ports: list[int], done: threading.Event) -> tuple[dict[str, int], dict[str, float]]:
     """
-    Send numbered messages, paced, until ``done`` is set and ``AFTER`` more;
-    the code each got (``send_one``) and when its session ended.
+    Send numbered messages, ``SENDERS`` at a time, paced, until ``done`` is
+    set and ``AFTER`` more; the code each got (``send_one``) and when its
+    session ended.
     """
     codes: dict[str, int] = {}
     ended: dict[str, float] = {}
-    n, after = 0, 0
-    while after < AFTER:
-        name = f"message {n:04}"
-        codes[name] = send_one(ports[n % len(ports)], n)
-        ended[name] = time.monotonic()
-        n += 1
-        after += done.is_set()
-        time.sleep(PAUSE)
+    numbers = itertools.count()
+    after = itertools.count()
+
+    def sender() -> None:
+        while not (done.is_set() and next(after) >= AFTER):
+            n = next(numbers)
+            codes[f"message {n:04}"] = send_one(ports[n % len(ports)], n)
+            ended[f"message {n:04}"] = time.monotonic()
+            time.sleep(PAUSE)
+
+    threads = [threading.Thread(target=sender) for _ in range(SENDERS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     return codes, ended
 
 

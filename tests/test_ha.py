@@ -58,11 +58,12 @@ def send_one(port: int, n: int) -> int:
     """
     Send message ``n`` ("message 000n") in a connection of its own; the reply
     code it got: 250, the code of the refusal (at any step), or 0 when the
-    connection failed or was cut before a reply.
+    connection failed or was cut before a reply. It waits for a reply as long
+    as an MTA does for the one to DATA's end (RFC 5321 4.5.3.2.6: 10 minutes).
     """
     name = f"message {n:04}"
     try:
-        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        with smtplib.SMTP("127.0.0.1", port, timeout=600) as client:
             client.sendmail("bob@sender.test", [f"u{n}@example.com"], f"Subject: {name}\r\n\r\nbody\r\n")
         return 250
     except smtplib.SMTPResponseException as e:
