@@ -138,11 +138,11 @@ def fill_disk(redis: RedisProcess) -> float:
     assert redis.process is not None
     time.sleep(2)
     filler = redis.directory / "filler"
-    with open(filler, "wb") as f:
+    # unbuffered: closing the file must not write again (and fail)
+    with open(filler, "wb", buffering=0) as f:
         try:
             while True:
-                f.write(b"\0" * 65536)
-                f.flush()
+                f.write(b"\0" * 4096)
         except OSError as e:
             assert e.errno == errno.ENOSPC, e
     full = time.monotonic()
