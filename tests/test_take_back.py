@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from relayx.interfaces import NotApplied, StoreUnavailable
+from relayx.interfaces import NotApplied, Outcome, StoreUnavailable
 from relayx.queue.redis import RedisQueue
 from tests.test_queue_redis import T0, QueueCase, deferred_test, message, take
 
@@ -70,6 +70,25 @@ class TakeBackTests(QueueCase):
         assert await q._take_back("BUSY", "the reply was lost")
         assert (await q.message("BUSY", T0 + 1)) is not None
         assert lease.queue_id == "BUSY"
+
+    @deferred_test
+    async def test_delivery_finished_means_250(self) -> None:
+        """When the message was delivered and left the queue before the take-back ran, the sender gets 250."""
+        q = await self.make_queue()
+        await q.enqueue(message("DONE", "a@one.test"))
+        [lease] = await take(q, "node-a", T0 + 1, 10)
+        await q.settle(lease, Outcome(delivered=lease.recipients), T0 + 2)
+        assert await q.message("DONE", T0 + 3) is None
+        assert await q._take_back("DONE", "the reply was lost")
+
+    @deferred_test
+    async def test_take_back_retried_stays_aborted(self) -> None:
+        """When a take-back runs again (its first reply was lost), it still says the message was taken back."""
+        q = await self.make_queue()
+        await q.enqueue(message("TWICE", "a@one.test"))
+        assert not await q._take_back("TWICE", "the reply was lost")
+        assert not await q._take_back("TWICE", "the reply to the take-back was lost")
+        assert await q.message("TWICE", T0 + 1) is None
 
     @deferred_test
     async def test_enqueue_past_its_deadline_is_refused(self) -> None:

@@ -10,7 +10,9 @@
 -- ARGV[3]  how long the tombstone lasts (ms)
 -- Returns "aborted" (no copy remains and none can arrive later), or "taken": a
 -- job of the message was already leased or finished, so it is being or has been
--- delivered and its sender must get 250 (a 451 would have it sent twice).
+-- delivered and its sender must get 250 (a 451 would have it sent twice). A
+-- message whose jobs have all finished is known by <p>:done:<qid> (retire_job,
+-- common.lua).
 --
 -- Invariant: as in enqueue.lua; jobs leave through retire_job (common.lua),
 -- which keeps the counters and indexes. A message is either wholly queued or
@@ -20,7 +22,11 @@
 -- and one event log entry per job.
 
 local prefix, qid = ARGV[1], ARGV[2]
+local done = prefix .. ':done:' .. qid
 if redis.call('EXISTS', KEYS[1]) == 0 then
+  -- taken back already (this is a retry), or never landed: 'aborted'; landed,
+  -- and delivered (or bounced) before this ran: 'taken'
+  if redis.call('EXISTS', KEYS[2]) == 0 and redis.call('EXISTS', done) == 1 then return 'taken' end
   redis.call('SET', KEYS[2], 1, 'PX', ARGV[3])
   return 'aborted'
 end
@@ -34,5 +40,6 @@ for _, jid in ipairs(jobs) do
   record_event(prefix, domain, qid, jid, tonumber(redis.call('HGET', KEYS[1], 'received') or '0'), 'withdrawn', {})
   retire_job(prefix, jid, domain, location(prefix, jid, domain))
 end
+redis.call('DEL', done)  -- retire_job remembered it as gone through the queue: it was not
 redis.call('SET', KEYS[2], 1, 'PX', ARGV[3])
 return 'aborted'

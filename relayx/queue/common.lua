@@ -200,13 +200,22 @@ local function add_job(prefix, jid, queue, seq, size, sender, mid, rcpts)
   move(prefix, jid, queue, nil, 'ready', seq)
 end
 
+-- How long after its reception a message that has left the queue is still
+-- remembered (<p>:done:<qid>) for its node's take-back: a node that lost the
+-- reply to the enqueue tries to take it back for up to 300 s
+-- (TAKE_BACK_PATIENCE, queue/redis.py), and must hear "taken", not find nothing.
+local TAKE_BACK_WINDOW_MS = 360000
+
 -- A job leaves the queue for good (delivered, bounced, deleted): out of its
 -- location `from`, its counters and the index; its hash deleted, and its
--- message too when this was the message's last job. Returns the message key.
+-- message too when this was the message's last job (remembered by a
+-- <p>:done:<qid> until TAKE_BACK_WINDOW_MS after its reception). Returns the
+-- message key.
 -- Cost: O(1) writes.
 local function retire_job(prefix, jid, queue, from)
   local job = prefix .. ':job:' .. jid
-  local msg = prefix .. ':msg:' .. (redis.call('HGET', job, 'qid') or '')
+  local qid = redis.call('HGET', job, 'qid') or ''
+  local msg = prefix .. ':msg:' .. qid
   local size = message_size(msg)
   move(prefix, jid, queue, from, nil)
   unindex_job(prefix, jid)
@@ -215,6 +224,10 @@ local function retire_job(prefix, jid, queue, from)
   redis.call('HINCRBY', prefix .. ':totals', 'v', 1)
   redis.call('DEL', job)
   if redis.call('HINCRBY', msg, 'jobs', -1) <= 0 then
+    local t = redis.call('TIME')
+    local left = tonumber(redis.call('HGET', msg, 'received') or '0') + TAKE_BACK_WINDOW_MS
+      - (tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+    if left > 0 then redis.call('SET', prefix .. ':done:' .. qid, 1, 'PX', math.min(left, TAKE_BACK_WINDOW_MS)) end
     redis.call('DEL', msg)
     redis.call('HINCRBY', prefix .. ':totals', 'messages', -1)
     redis.call('HINCRBY', prefix .. ':totals', 'bytes', -size)

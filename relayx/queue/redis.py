@@ -82,6 +82,9 @@ BULK_KEPT = 100
 CLOCK_SKEW_REDIS = 2.0
 #: how long a taken-back queue id stays refused (an enqueue stuck in a stalled Redis)
 TOMBSTONE_KEPT = 3600.0
+#: how long an enqueue whose outcome is unknown is tried to be taken back while Redis is
+#: away, its client waiting for the reply to DATA's end (clients wait 10 minutes)
+TAKE_BACK_PATIENCE = 300.0
 #: body references remembered from load to settle (a bound in case leases are lost)
 REFS_KEPT = 10000
 
@@ -412,23 +415,29 @@ class RedisQueue:
         message is already being delivered, so it stays and its sender gets
         250. ``False``: no copy remains, and the enqueue, should it still
         arrive, is refused (by the tombstone, or by its deadline), so the 451
-        is true. While Redis does not answer, the abort is tried again until
-        the enqueue's deadline has passed by Redis's clock too: from then on
-        a write stuck in a stalled Redis can no longer land.
+        is true. While Redis does not answer, the abort is tried again, and
+        the client waits: the enqueue may have run before its reply was lost
+        (Redis shut down or killed after writing it, its connection cut), and
+        only Redis can say whether it did. Its deadline covers only a write
+        still stuck in a stalled Redis, not one that ran. After
+        ``TAKE_BACK_PATIENCE`` (less than the 10 minutes a client waits for
+        the reply, RFC 5321 4.5.3.2.6) the node gives up and answers 451, and
+        logs that the message may land.
         """
         keys = [self.key("msg", queue_id), self.key("aborted", queue_id)]
         args = [self.prefix, queue_id, _ms(TOMBSTONE_KEPT)]
         clock = self.redis.clock
-        give_up = clock.seconds() + self.redis.timeout + 1 + 2 * CLOCK_SKEW_REDIS
+        give_up = clock.seconds() + TAKE_BACK_PATIENCE
         while True:
             try:
                 answer = _text(await self._write(self._ABORT, keys, args, f"abort of {queue_id}", strict=False))
             except StoreUnavailable as e:
                 if clock.seconds() >= give_up:
                     log.warn(
-                        "message {queue_id} not taken back ({why}; first: {first}): its enqueue is past its "
-                        "deadline, so it lands only if it ran before it and its reply was lost",
+                        "message {queue_id} not taken back after {patience:g}s ({why}; first: {first}): "
+                        "it lands if its enqueue ran before its reply was lost, and would be delivered after a 451",
                         queue_id=queue_id,
+                        patience=TAKE_BACK_PATIENCE,
                         why=str(e),
                         first=why,
                         code=451,
