@@ -324,11 +324,19 @@ class _ListeningReactor:
         return listening
 
 
+#: the listen queue of a TCP listener whose description sets none (Twisted's own is 50;
+#: the kernel caps it at net.core.somaxconn): senders falling through to a backup MX
+#: all at once overflowed 50 and hung until their own timeout
+LISTEN_BACKLOG = 1024
+
+
 async def listen(reactor: Any, description: str, factory: Any) -> IListeningPort:
     """
     Listen as an endpoint description says (``tcp:25``, ``tcp6:25:interface=\\:\\:``),
     IPv6 sockets taking IPv6 only: a dual-stack node lists both.
     """
+    if description.split(":", 1)[0] in ("tcp", "tcp6") and "backlog=" not in description:
+        description += f":backlog={LISTEN_BACKLOG}"
     port: IListeningPort = await serverFromString(_ListeningReactor(reactor), description).listen(factory)
     return port
 

@@ -40,7 +40,7 @@ from relayx.dns import ReverseNames
 from relayx.interfaces import Outcome, Throttle
 from relayx.redis.embedded import free_port
 from relayx.reply import Reply
-from relayx.service import listen
+from relayx.service import LISTEN_BACKLOG, listen
 from relayx.smtp.client import fold_long_lines
 from relayx.smtp.server import Limits
 from relayx.smtp.tls import load_options
@@ -162,6 +162,17 @@ class DualStackListen(TestCase):
 
         assert await deferToThread(greet, socket.AF_INET, "127.0.0.1") == b"hi 127.0.0.1"
         assert await deferToThread(greet, socket.AF_INET6, "::1") == b"hi ::1"
+
+    async def test_listen_queue_holds_a_burst_of_senders(self) -> None:
+        """
+        When a listener's description sets no backlog, its listen queue is LISTEN_BACKLOG (not Twisted's 50), and
+        one that sets it keeps its own.
+        """
+        default = await listen(reactor, "tcp:0:interface=127.0.0.1", Factory.forProtocol(Protocol))
+        self.addCleanup(default.stopListening)
+        chosen = await listen(reactor, "tcp:0:interface=127.0.0.1:backlog=7", Factory.forProtocol(Protocol))
+        self.addCleanup(chosen.stopListening)
+        assert (default.backlog, chosen.backlog) == (LISTEN_BACKLOG, 7)  # type: ignore[attr-defined]
 
 
 # -- 2. routing in addresses --------------------------------------------------
