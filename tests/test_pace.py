@@ -5,6 +5,8 @@ cluster-wide, at explicit times against a real Redis.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from twisted.logger import formatEvent
 
 from relayx.interfaces import Lease, Outcome, PacePolicy, Pushback, Throttle
@@ -18,24 +20,22 @@ THROTTLES = {"one.test": CEILING}
 BUSY = Reply(421, "4.7.0", "too busy")
 
 
-def rate_busy(lease: Lease) -> Outcome:
-    """A 421 to MAIL: the destination's rate is exceeded."""
-    return Outcome(
-        deferred=tuple((r, BUSY) for r in lease.recipients),
-        pushback=Pushback.RATE,
-        pushback_reply=BUSY,
-        destination="mx1 [10.0.0.1]:25",
-    )
+def pushed_back(kind: Pushback) -> Callable[[Lease], Outcome]:
+    """The outcome of a 421 that cuts ``kind``: to MAIL (the rate) or at the greeting (the sessions)."""
+
+    def outcome(lease: Lease) -> Outcome:
+        return Outcome(
+            deferred=tuple((r, BUSY) for r in lease.recipients),
+            pushback=kind,
+            pushback_reply=BUSY,
+            destination="mx1 [10.0.0.1]:25",
+        )
+
+    return outcome
 
 
-def greeting_busy(lease: Lease) -> Outcome:
-    """A 421 greeting: too many sessions."""
-    return Outcome(
-        deferred=tuple((r, BUSY) for r in lease.recipients),
-        pushback=Pushback.SESSIONS,
-        pushback_reply=BUSY,
-        destination="mx1 [10.0.0.1]:25",
-    )
+rate_busy = pushed_back(Pushback.RATE)
+greeting_busy = pushed_back(Pushback.SESSIONS)
 
 
 def delivered(lease: Lease, seconds: float = 0.01) -> Outcome:
