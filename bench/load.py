@@ -33,7 +33,8 @@ def make_payload(size: int) -> bytes:
     return payload + b"y" * max(0, room - len(payload) - 2) + b"\r\n"
 
 
-async def _reply(reader: asyncio.StreamReader) -> int:
+async def read_reply(reader: asyncio.StreamReader) -> int:
+    """The code of the next whole (possibly multi-line) SMTP reply."""
     while True:
         line = await reader.readline()
         if not line:
@@ -64,9 +65,9 @@ async def session(
 ) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        await _reply(reader)
+        await read_reply(reader)
         writer.write(b"EHLO load.test\r\n")
-        await _reply(reader)
+        await read_reply(reader)
         while time.monotonic() < deadline:
             try:
                 n, payload = queue.get_nowait()
@@ -78,14 +79,14 @@ async def session(
             to = recipients(n, mailboxes)
             rcpt = "".join(f"RCPT TO:<{r}>\r\n" for r in to)
             writer.write(f"MAIL FROM:<load@sender.test> SIZE={len(body)}\r\n{rcpt}DATA\r\n".encode())
-            codes = [await _reply(reader) for _ in range(len(to) + 2)]
+            codes = [await read_reply(reader) for _ in range(len(to) + 2)]
             if codes[-1] != 354:
                 samples.append((start, time.monotonic(), codes[-1], len(body)))
                 writer.write(b"RSET\r\n")
-                await _reply(reader)
+                await read_reply(reader)
                 continue
             writer.write(body.replace(b"\r\n.", b"\r\n..") + b".\r\n")
-            code = await _reply(reader)
+            code = await read_reply(reader)
             samples.append((start, time.monotonic(), code, len(body)))
         writer.write(b"QUIT\r\n")
         await writer.drain()

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import ROOT, Nodes, Redis, redis_memory
-from bench.load import header, make_payload
+from bench.load import header, make_payload, read_reply
 from relayx.redis.embedded import free_port
 
 RESULTS = ROOT / "bench" / "results"
@@ -71,15 +71,6 @@ class Sampler:
         self._thread.join()
 
 
-async def _reply(reader: asyncio.StreamReader) -> int:
-    while True:
-        line = await reader.readline()
-        if not line:
-            raise ConnectionError("connection closed")
-        if line[3:4] != b"-":
-            return int(line[:3])
-
-
 async def session(
     port: int, n: int, payload: bytes, all_sent: asyncio.Event, sent: list[int], opening: asyncio.Semaphore
 ) -> int:
@@ -89,19 +80,19 @@ async def session(
     async with opening:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
-            await _reply(reader)  # the greeting: the server has the connection
+            await read_reply(reader)  # the greeting: the server has the connection
         except BaseException:
             writer.close()
             raise
     try:
         writer.write(b"EHLO memory.test\r\n")
-        await _reply(reader)
+        await read_reply(reader)
         # every session sends the one shared payload: the generator holds one
         # copy of it, not one per session
         size = len(header(n)) + len(payload)
         envelope = f"MAIL FROM:<load@sender.test> SIZE={size}\r\nRCPT TO:<u{n}@example.com>\r\nDATA\r\n"
         writer.write(envelope.encode())
-        codes = [await _reply(reader) for _ in range(3)]
+        codes = [await read_reply(reader) for _ in range(3)]
         if codes[2] != 354:
             return codes[2]
         writer.write(header(n))
@@ -112,7 +103,7 @@ async def session(
         sent.append(n)
         await all_sent.wait()
         writer.write(b".\r\n")
-        code = await _reply(reader)
+        code = await read_reply(reader)
         writer.write(b"QUIT\r\n")
         await writer.drain()
         return code
