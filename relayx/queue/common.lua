@@ -254,7 +254,8 @@ end
 -- The "body" field as stored: a body store's stub loses its size (the message's
 -- "size" field has it), the rest is kept as it came.
 local function stored_body(body)
-  if string.byte(body, 1) == 0 and string.sub(body, 2, 13) == 'relayx-body ' and not string.find(body, '\r\n', 1, true) then
+  if string.byte(body, 1) == 0 and string.sub(body, 2, 13) == 'relayx-body '
+    and not string.find(body, '\r\n', 1, true) then
     return (string.gsub(body, ' %d+$', ''))
   end
   return body

@@ -89,9 +89,9 @@ TAKE_BACK_PATIENCE = 300.0
 REFS_KEPT = 10000
 
 
-#: a job hash's fields not written while they have their default (common.lua's
-#: job_get, whose twin is ``job_default``); "owed" (its "rcpts"), "qid" (from the
-#: jid) and "created" (its message's "received") are derived
+#: a job hash's fields not written while they have their default, as common.lua's
+#: JOB_DEFAULTS (read by job_get there, by ``job_default`` here); "owed" (its
+#: "rcpts"), "qid" (from the jid) and "created" (its message's "received") are derived
 JOB_DEFAULTS: Mapping[str, bytes] = {"failed": b"[]", "held_base": b"0", "attempts": b"0", "token": b"0"}
 
 
