@@ -84,7 +84,7 @@ class BounceQueueTests(QueueCase):
         [dsn] = (await q.claim("n", T0, 10, {}, Throttle(1))).leases
         assert (dsn.queue_id, dsn.domain, dsn.recipients) == ("DSN-A", "sender.test", ("bob@sender.test",))
         assert (await q.load(dsn)).sender == ""
-        assert await q.redis.call("exists", q.key("msg", "M")) == 0
+        assert await q.redis.call("exists", q.message_key("M")) == 0
 
 
 class BounceEndToEnd(NodeCase):

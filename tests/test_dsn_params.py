@@ -199,7 +199,7 @@ class QueueDsnTests(QueueCase):
         """When a message gives no DSN parameters, its hash has no dsn field and load returns the defaults."""
         q = await self.make_queue()
         await q.enqueue(message("M", "a@one.test"))
-        assert await q.redis.call("hexists", q.key("msg", "M"), "dsn") == 0
+        assert await q.redis.call("hexists", q.message_key("M"), "dsn") == 0
         [lease] = (await q.claim("n", T0, 10, {}, Throttle(1))).leases
         assert (await q.load(lease)).dsn == MessageDsn()
 

@@ -7,8 +7,10 @@ section from the body store. So a queued message costs Redis a few dozen bytes
 for its body whatever its headers, and its hash stays small enough for Redis's
 compact encoding (``hash-max-listpack-value``, see relayx/redis/embedded.py).
 
-Stubs written before carried the header section after a CRLF; they still read
-(``BodyStub.headers``). A body never starts with the marker's NUL byte, so a
+The stub handed to enqueue.lua carries the size; the message's hash keeps it
+without (its ``size`` field has it: common.lua's stored_body). Stubs written
+before kept their size, and older ones the header section after a CRLF; they
+still read (``BodyStub.size``, ``BodyStub.headers``). A body never starts with the marker's NUL byte, so a
 hash written before body stores (or a DSN, kept in Redis whole) reads as it
 always did.
 """
@@ -28,6 +30,7 @@ HEADERS_KEPT = 65536
 @attrs.frozen
 class BodyStub:
     ref: str
+    #: 0 for a stub as the message's hash keeps it now (its ``size`` field has it)
     size: int
     #: the header section an older stub carried; empty in the stubs written now
     headers: bytes = attrs.field(default=b"", repr=False)

@@ -73,7 +73,7 @@ local function first_after(key, t)
   while low < high do
     local mid = math.floor((low + high) / 2)
     local entry = redis.call('ZRANGE', key, mid, mid)
-    local created = tonumber(redis.call('HGET', prefix .. ':job:' .. entry[1], 'created') or '0')
+    local created = tonumber(job_get(prefix, entry[1], 'created') or '0')
     if created < t then low = mid + 1 else high = mid end
   end
   if low == 0 then return 0 end
@@ -123,15 +123,14 @@ for _, entry in ipairs(entries) do
   local sender, subject
   local ok = true
   if filter.sender_has or filter.subject_has then
-    sender, subject = unpack(redis.call('HMGET', prefix .. ':msg:' .. (string.match(jid, '^(.*)%.%d+$') or jid),
-      'sender', 'subject'))
+    sender, subject = unpack(redis.call('HMGET', msg_key(prefix, job_qid(jid)), 'sender', 'subject'))
     if filter.sender_has and not string.find(lower(sender), filter.sender_has, 1, true) then ok = false end
     if filter.subject_has and not string.find(lower(subject), filter.subject_has, 1, true) then ok = false end
   end
   local domain, qid, rcpts, owed, created, attempts, err
   if ok then
-    domain, qid, rcpts, owed, created, attempts, err = unpack(redis.call('HMGET', prefix .. ':job:' .. jid,
-      'domain', 'qid', 'rcpts', 'owed', 'created', 'attempts', 'error'))
+    domain, qid, rcpts, owed, created, attempts, err = job_get(prefix, jid,
+      'domain', 'qid', 'rcpts', 'owed', 'created', 'attempts', 'error')
   end
   created = tonumber(created or '0')
   ok = ok and domain ~= nil and wanted[domain]
@@ -152,7 +151,7 @@ for _, entry in ipairs(entries) do
   end
   if ok and filter.recipient_has and not string.find(lower(rcpts), filter.recipient_has, 1, true) then ok = false end
   if ok and not (filter.sender_has or filter.subject_has) then
-    sender, subject = unpack(redis.call('HMGET', prefix .. ':msg:' .. qid, 'sender', 'subject'))
+    sender, subject = unpack(redis.call('HMGET', msg_key(prefix, qid), 'sender', 'subject'))
   end
   if ok then
     found[#found + 1] = {jid = jid, qid = qid, seq = seq, domain = domain, state = state or state_of(jid, domain),

@@ -8,7 +8,7 @@
 -- KEYS[6]  <p>:ready:<domain>
 -- KEYS[7]  <p>:domains
 -- KEYS[8]  <p>:dom:<domain>  domain state (see common.lua)
--- KEYS[9]  <p>:msg:<qid>
+-- KEYS[9]  <p>:job:<qid>.1  the message's hash (msg_key, common.lua)
 -- KEYS[10] <p>:paused        zset domain -> paused_until, the domains whose destination is failing
 -- KEYS[11] <p>:delayed       zset of jobs due a delay warning to their sender
 -- ARGV[1]  jid
@@ -78,13 +78,13 @@ local mx = ARGV[12] or ''
 local last_error = redis.call('HGET', KEYS[1], 'error') or ''
 redis.call('SET', prefix .. ':events:keep', retention + EVENT_MARGIN)
 local function event(job, jobid, kind, fields)
-  record_event(prefix, domain, redis.call('HGET', job, 'qid') or '', jobid, now, kind, fields)
+  record_event(prefix, domain, job_get(prefix, jobid, 'qid') or '', jobid, now, kind, fields)
 end
 if ARGV[4] ~= '[]' then event(KEYS[1], jid, 'delivered', {'rcpts', ARGV[4], 'mx', mx, 'reply', ARGV[13] or ''}) end
 if ARGV[5] ~= '[]' then event(KEYS[1], jid, 'failed', {'failures', ARGV[5], 'mx', mx}) end
 
 -- the job is still in flight until one of the moves below takes it elsewhere
-redis.call('HSET', KEYS[1], 'token', 0, 'owner', '')
+redis.call('HDEL', KEYS[1], 'token', 'owner', 'expires')
 
 -- the job's last attempts that did not end it, for an operator's message view
 local function remember(what)
@@ -244,7 +244,7 @@ end
 
 local done = {}
 for _, rcpt in ipairs(cjson.decode(ARGV[4])) do done[rcpt] = true end
-local failed = cjson.decode(redis.call('HGET', KEYS[1], 'failed'))
+local failed = cjson.decode((job_get(prefix, jid, 'failed')))
 for _, entry in ipairs(cjson.decode(ARGV[5])) do
   done[entry[1]] = true
   failed[#failed + 1] = entry
@@ -264,7 +264,7 @@ end
 
 -- whether a job has waited `limit` ms, time held not counted
 local function older_than(job, limit)
-  local created, base = unpack(redis.call('HMGET', job, 'created', 'held_base'))
+  local created, base = job_get(prefix, string.sub(job, #prefix + 6), 'created', 'held_base')
   return tonumber(created) + limit + (held_now - tonumber(base or '0')) <= now
 end
 
@@ -292,14 +292,15 @@ local function expire(job, jobid, owed, failures, why, from)
 end
 
 local owed = {}
-for _, rcpt in ipairs(cjson.decode(redis.call('HGET', KEYS[1], 'owed'))) do
+for _, rcpt in ipairs(cjson.decode((job_get(prefix, jid, 'owed')))) do
   if not done[rcpt] then owed[#owed + 1] = rcpt end
 end
 if #owed == 0 then
   if unreachable == '' then destination_up() end
   return answer(finish(KEYS[1], jid, failed, 'in_flight'))
 end
-redis.call('HSET', KEYS[1], 'owed', cjson.encode(owed), 'failed', cjson.encode(failed))
+redis.call('HSET', KEYS[1], 'owed', cjson.encode(owed))
+if #failed > 0 then redis.call('HSET', KEYS[1], 'failed', cjson.encode(failed)) end
 
 if pushback ~= '' then
   if tonumber(redis.call('HGET', KEYS[1], 'pushbacks') or '0') < PUSHBACKS then
@@ -333,8 +334,8 @@ if unreachable ~= '' then
   for _, head in ipairs(redis.call('ZRANGE', KEYS[6], 0, 99)) do
     local job = prefix .. ':job:' .. head
     if not expired(job) then break end
-    local r = expire(job, head, cjson.decode(redis.call('HGET', job, 'owed')),
-      cjson.decode(redis.call('HGET', job, 'failed')), unreachable, 'ready')
+    local owed_, failed_ = job_get(prefix, head, 'owed', 'failed')
+    local r = expire(job, head, cjson.decode(owed_), cjson.decode(failed_), unreachable, 'ready')
     if head == jid then result = r end
   end
   -- and those waiting past the delay warning get it (oldest first, a bounded batch)
@@ -358,7 +359,7 @@ if expired(KEYS[1]) then
   return answer(expire(KEYS[1], jid, owed, failed, why, 'in_flight'))
 end
 if why ~= last_error then event(KEYS[1], jid, 'deferred', {'rcpts', cjson.encode(owed), 'why', why, 'mx', mx}) end
-local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts'))
+local attempts = tonumber((job_get(prefix, jid, 'attempts')))
 move(prefix, jid, domain, 'in_flight', 'deferred', now + step(attempts))
 warn(KEYS[1], jid)
 return answer('deferred')
