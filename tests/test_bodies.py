@@ -584,7 +584,7 @@ class NodeBodiesTests(NodeCase):
         assert node.queue is not None
         [qid_] = [f.name for f in files if f.name == sorted(f.name for f in files)[0]]
         [stored] = await node.queue.message_fields(qid_, ["body"])
-        assert stored.startswith(b"\x00relayx-body file:") and len(stored) < 400, stored[:200]
+        assert stored.startswith(b"\x00file:") and len(stored) < 400, stored[:200]
         view = await node.queue.message(qid_, time.time())
         assert view is not None and view["size"] > 10000 and view["header"].startswith("Received: ")
         sink.start()
@@ -758,8 +758,8 @@ class QueueWithBodiesTests(TestCase):
         await stored.enqueue(IncomingMessage("HDR", "s@sender.test", (Mailbox.parse("u@one.test"),), time.time(), BODY))
         key = stored.message_key("HDR")
         assert await stored.redis.call("execute_command", "OBJECT", "ENCODING", key) in (b"listpack", b"ziplist")
-        # the stub is kept without its size: the message's size field has it
-        assert await stored.redis.call("hget", key, "body") == b"\x00relayx-body file:%s/HDR" % shard("HDR").encode()
+        # the stub is kept as a NUL and the reference: the message's size field has the size
+        assert await stored.redis.call("hget", key, "body") == b"\x00file:%s/HDR" % shard("HDR").encode()
         view = await stored.message("HDR", time.time())
         assert view is not None and view["size"] == len(BODY)
         assert view["header"] == "Received: from client.test\r\nSubject: hello\r\n"
@@ -769,7 +769,7 @@ class QueueWithBodiesTests(TestCase):
         view = await stored.message("HDR", time.time())
         assert view is not None and view["header"] == "Subject: kept\r\n"
         # the body gone: the view goes without its header section
-        await stored.redis.call("hset", key, "body", b"\x00relayx-body file:%s/HDR" % shard("HDR").encode())
+        await stored.redis.call("hset", key, "body", b"\x00file:%s/HDR" % shard("HDR").encode())
         await store.delete(f"file:{shard('HDR')}/HDR")
         view = await stored.message("HDR", time.time())
         assert view is not None and (view["header"], view["size"]) == ("", len(BODY))
