@@ -343,3 +343,16 @@ class PaceTests(QueueCase):
         await q.settle(lease, rate_busy(lease), T0 + 0.5, CEILING)
         again = (await q.domain_state("one.test", T0 + 0.5)).pace
         assert again.event == "cut" and again.rate == 35.0
+
+    @deferred_test
+    async def test_after_an_outage_the_rate_doubles_and_the_sessions_ramp_from_one(self) -> None:
+        """
+        When a destination comes back after an outage, its rate starts at pace_start of the ceiling and
+        doubles each interval, while its sessions climb from one as ramp_up says (one per interval here).
+        """
+        q = await self.queue_of(100, pace=PacePolicy(start=0.25))
+        [lease] = await self.claim(q, T0, 1)
+        assert await q.settle(lease, Outcome(unreachable="connection refused"), T0, CEILING) == "paused"
+        assert await q.take_probe("one.test", "node-a", 5) and await q.resume("one.test", T0 + 10)
+        paces = await self.deliver_each_second(q, T0 + 10, 3, 10, CEILING)
+        assert paces == [(1, 25.0), (2, 50.0), (3, None)]

@@ -45,12 +45,13 @@
 -- trim (<p>:events:keep) this sets to the retention plus EVENT_MARGIN.
 --
 -- The adaptive pace (AIMD, per destination, cluster-wide; fields pace_* in the
--- domain hash, see common.lua): a destination answering with no delivery in the
--- last idle ms (none yet, or after an outage) starts slowly, at the start fraction
--- of its ceiling's sessions and rate (or lower if a recent pace is lower), and
--- doubles both each interval with a delivery while nothing pushes back (pace_ss),
--- so a healthy destination is at full pace within log2(1 / start) intervals; the
--- first round of sessions before the first answer goes at the ceiling.
+-- domain hash, see common.lua): a destination answering with no delivery and no
+-- cut in the last idle ms (none yet, idle, or after an outage) starts slowly, at
+-- the start fraction of its ceiling's sessions and rate, and doubles both each
+-- interval with a delivery while nothing pushes back (pace_ss), so a healthy
+-- destination is at full pace within log2(1 / start) intervals; after an outage
+-- the sessions keep their ramp from one (resume.lua, ramp-up) and only the rate
+-- doubles. The first round before the first answer goes at the ceiling.
 -- A pushback ends the slow start and cuts the sessions ("sessions"), the
 -- rate ("rate") or both (a slow reply) to backoff times what was in use (the jobs
 -- in flight; the current rate, or at the ceiling the rate the destination accepted
