@@ -55,8 +55,8 @@
 --   paused_until, failures, last_error   destination failing (settle.lua, resume.lua)
 --   pace_c, pace_r                        the adaptive pace (settle.lua): sessions, msg/s
 --                                         (absent: the configured ceiling); pace_at, pace_cut_at,
---                                         pace_event (cut/ceiling), pace_why, pace_kind, pace_peak,
---                                         pace_step; ok_w, ok_n, ok_r, ok_at (successes), rt_avg
+--                                         pace_event (start/cut/ceiling), pace_why, pace_kind, pace_peak,
+--                                         pace_step, pace_ss (in slow start); ok_w, ok_n, ok_r, ok_at (successes), rt_avg
 --                                         (reply ms), busy_since (pushbacks since the last success),
 --                                         pace_wait (no new lease before: a moment after a pushback)
 --   held, held_since, held_ms             an operator's hold and the time held so far

@@ -228,6 +228,8 @@ def _pace(policy: PacePolicy, throttle: Throttle | None) -> str:
             "i": _ms(policy.interval),
             "f": policy.floor_rate,
             "s": policy.slow,
+            "t": policy.start,
+            "w": _ms(policy.idle),
         }
     )
 
@@ -241,12 +243,23 @@ def _pushback_text(outcome: Outcome) -> str:
 
 def _log_pace(domain: str, outcome: Outcome, change: str, sessions: str, rate: str) -> None:
     """
-    One event per cut of a destination's pace and per return to its ceiling.
+    One event per slow start of a destination's pace, per cut and per return to its ceiling.
     """
     code = outcome.pushback_reply.code if outcome.pushback_reply is not None else 0
     mx = outcome.destination or "-"
     if change == "ceiling":
         log.info("pace of {domain}: back at full pace", domain=domain, mx=mx, code=code, pace="ceiling")
+        return
+    if change == "start":
+        log.info(
+            "pace of {domain} starts at {sessions} session(s), {rate} msg/s: no delivery lately",
+            domain=domain,
+            mx=mx,
+            code=code,
+            pace="start",
+            sessions=sessions or "all",
+            rate=f"{float(rate):.3g}" if rate else "unlimited",
+        )
         return
     why = _pushback_text(outcome) or outcome.unreachable or "slow replies"
     log.warn(
