@@ -114,16 +114,19 @@ def recount(r: redis.Redis, prefix: str, now: float) -> tuple[dict[str, QueueCou
     for key in r.scan_iter(f"{prefix}:job:*"):
         jid = key.decode().split(":job:", 1)[1]
         domain, qid, created = (v.decode() for v in r.hmget(key, ["domain", "qid", "created"]))  # type: ignore[union-attr]
+        # the ready location is a seqset (common.lua): the chunk of the job's seq
+        seq = int(r.hget(key, "seq"))  # type: ignore[arg-type]
         where = [
             name
             for name, zset in (
                 ("in_flight", f"{prefix}:leased"),
                 ("deferred", f"{prefix}:deferred"),
                 ("failed", f"{prefix}:failed"),
-                ("ready", f"{prefix}:ready:{domain}"),
+                ("ready", f"{prefix}:rq:{domain}:{seq // 128}"),
             )
             if r.zscore(zset, jid) is not None
         ]
+        assert r.zscore(f"{prefix}:aq:{domain}:{seq // 128}", jid) == seq, f"job {jid} is not in its queue's order"
         assert len(where) == 1, f"job {jid} is in {where}"
         state = where[0]
         if state == "in_flight":
@@ -138,6 +141,17 @@ def recount(r: redis.Redis, prefix: str, now: float) -> tuple[dict[str, QueueCou
         row["bytes"] += int(r.hget(f"{prefix}:msg:{qid}", "size") or 0)
         oldest[domain] = min(oldest.get(domain, float("inf")), int(created) / 1000)
         jobs += 1
+    # each seqset's directory lists exactly its non-empty chunks (common.lua)
+    for order in ("aq", "rq"):
+        listed, present = set(), set()
+        for key in r.scan_iter(f"{prefix}:{order}:*"):
+            name = key.decode()[len(prefix) + 1 :]
+            if name.count(":") == 1:
+                listed |= {(name, int(n)) for n in cast(list[bytes], r.zrange(key, 0, -1))}
+            else:
+                present.add((name.rsplit(":", 1)[0], int(name.rsplit(":", 1)[1])))
+                assert r.zcard(key) > 0, f"{name} is empty"
+        assert listed == present, f"{order} directories {sorted(listed)}, chunks {sorted(present)}"
     messages = size = 0
     for key in r.scan_iter(f"{prefix}:msg:*"):
         messages += 1
@@ -335,13 +349,15 @@ def test_check_repairs_a_broken_counter() -> None:
         assert done(machine.q.check_queue(QUEUES)).consistent
         r.hincrby(f"{p}:count:two.test", "ready", 7)
         r.hincrby(f"{p}:totals", "messages", -1)
-        r.zrem(f"{p}:q:one.test", "M3.1")
+        seq = int(r.hget(f"{p}:job:M3.1", "seq"))  # type: ignore[arg-type]
+        chunk = f"{p}:aq:one.test:{seq // 128}"
+        r.zrem(chunk, "M3.1")
         report = done(machine.q.check_queue(QUEUES, batch=2))
         [(field, counter, recounted)] = [d[1:] for d in report.differences if d[0] == "two.test"]
         assert field == "ready" and counter - recounted == 7
         assert ("totals", "messages", 4, 5) in report.differences
         assert report.problems == {"unindexed": 1}
-        assert r.zscore(f"{p}:q:one.test", "M3.1") is None  # looking changed nothing
+        assert r.zscore(chunk, "M3.1") is None  # looking changed nothing
         repaired = done(machine.q.check_queue(QUEUES, repair=True, batch=2))
         assert set(repaired.repaired) == {"two.test", "totals"} and not repaired.busy
         assert done(machine.q.check_queue(QUEUES)).consistent

@@ -4,7 +4,7 @@
 -- Job states, defined once here. While its hash <p>:job:<jid> exists, a job of
 -- delivery queue <q> ("example.org", or "example.org#1" for a copy destination)
 -- is in exactly one LOCATION, and only move() below changes which:
---   ready      <p>:ready:<q>                        score: acceptance seq (and <q> in <p>:domains)
+--   ready      seqset <p>:rq:<q> (below)            by acceptance seq (and <q> in <p>:domains)
 --   in_flight  <p>:leased and <p>:inflight:<q>      score: lease expiry (ms)
 --   deferred   <p>:deferred and <p>:deferred:<q>    score: when its retry is due (ms)
 --   failed     <p>:failed                           score: when it failed (waits for its DSN)
@@ -19,8 +19,8 @@
 --   <p>:count:<q>   hash: ready, in_flight, deferred, failed (jobs in each
 --                   location), bytes (the sizes of its jobs' messages), v (how
 --                   many changes so far: a repair's compare-and-set)
---   <p>:q:<q>       zset jid -> seq: every job of the queue, any location, in
---                   acceptance order (a search index too, below); its head is
+--   <p>:aq:<q>      seqset (below): every job of the queue, any location, in
+--                   acceptance order (a search index too, below); its first is
 --                   the queue's oldest job
 --   <p>:queues      set of every queue that has had a job (and a count hash)
 --   <p>:totals      hash: messages, bytes (each message once), jobs, v (changes)
@@ -34,6 +34,18 @@
 --                   every increment has its decrement; a recipient already
 --                   delivered of a deferred job stays busy until its retry.
 -- A message's size is its "size" field (older messages: its body's length).
+--
+-- The two per-queue orders (<p>:rq:<q>: ready, the claim order; <p>:aq:<q>:
+-- every job, the listing order) are seqsets: an ordered set of job ids by
+-- acceptance sequence (the job hash's "seq" field, global INCR of <p>:seq),
+-- kept small at any depth. A member with sequence s lives in the chunk zset
+-- <base>:<floor(s / 128)> (jid -> s; at most SEQSET_CHUNK members, so Redis
+-- keeps it listpack-encoded, ~20-25 B a member, under the default
+-- zset-max-listpack-entries 128), and the directory zset <base> lists the
+-- non-empty chunks (member and score: the chunk number). Invariant: a chunk is
+-- in the directory exactly while it has members. Only the seqset_* functions
+-- below touch them. (Before: one zset <p>:q:<q> / <p>:ready:<q> each, ~100 B a
+-- job at depth; migrate.lua moves a queue written so.)
 --
 -- Domain state lives in the hash <p>:dom:<domain>:
 --   paused_until, failures, last_error   destination failing (settle.lua, resume.lua)
@@ -67,13 +79,78 @@ local function held_at(dom, now)
   return s[1] == '1' or (start > 0 and start <= now)
 end
 
+-- Seqsets (see the top). `base` is the directory's key; `seq` the member's
+-- acceptance sequence (number or its text).
+local SEQSET_CHUNK = 128
+
+local function seqset_chunk(base, seq)
+  local n = math.floor(tonumber(seq) / SEQSET_CHUNK)
+  return base .. ':' .. string.format('%d', n), n
+end
+
+-- Add (or keep) `id` at `seq`. Cost: two O(log n) writes (a chunk has <= 128 members).
+local function seqset_add(base, seq, id)
+  local chunk, n = seqset_chunk(base, seq)
+  redis.call('ZADD', chunk, seq, id)
+  redis.call('ZADD', base, n, n)
+end
+
+-- Take `id` (at `seq`) out; a chunk it leaves empty leaves the directory.
+-- Cost: at most three O(log n) calls.
+local function seqset_remove(base, seq, id)
+  local chunk, n = seqset_chunk(base, seq)
+  if redis.call('ZREM', chunk, id) == 1 and redis.call('ZCARD', chunk) == 0 then
+    redis.call('ZREM', base, n)
+  end
+end
+
+-- Whether `id` is in the set at `seq`. Cost: one O(1) read.
+local function seqset_has(base, seq, id)
+  if not seq then return false end
+  local chunk = seqset_chunk(base, seq)
+  return redis.call('ZSCORE', chunk, id) ~= false
+end
+
+-- Whether the set has no member. Cost: one O(1) read.
+local function seqset_empty(base)
+  return redis.call('ZCARD', base) == 0
+end
+
+-- Up to `limit` members with a sequence above `after` (0: from the first), in
+-- order: {{id, seq}, ...}. Walks the directory from after's chunk; every chunk
+-- but the first holds at least one member past `after` (the invariant), so
+-- it reads one directory range of at most limit + 1 chunks and at most
+-- limit + 1 chunks (each a ZRANGEBYSCORE of <= 128 members): O(log n + limit).
+local function seqset_range(base, after, limit)
+  local out = {}
+  if limit <= 0 then return out end
+  after = tonumber(after)
+  local from = math.floor(after / SEQSET_CHUNK)
+  local chunks = redis.call('ZRANGEBYSCORE', base, from, '+inf', 'LIMIT', 0, limit + 1)
+  for _, n in ipairs(chunks) do
+    local got = redis.call('ZRANGEBYSCORE', base .. ':' .. n, '(' .. string.format('%d', after), '+inf',
+      'WITHSCORES', 'LIMIT', 0, limit - #out)
+    for i = 1, #got, 2 do out[#out + 1] = {got[i], tonumber(got[i + 1])} end
+    if #out >= limit then break end
+  end
+  return out
+end
+
+-- The first member: id, seq, or nil when empty. Cost: as seqset_range for one.
+local function seqset_first(base)
+  local head = seqset_range(base, 0, 1)[1]
+  if not head then return nil end
+  return head[1], head[2]
+end
+
 -- A job's location (see the top): in_flight, deferred, failed, ready, or nil
 -- when it is in none (its hash is gone). O(1) reads.
 local function location(prefix, jid, queue)
   if redis.call('ZSCORE', prefix .. ':leased', jid) then return 'in_flight' end
   if redis.call('ZSCORE', prefix .. ':deferred', jid) then return 'deferred' end
   if redis.call('ZSCORE', prefix .. ':failed', jid) then return 'failed' end
-  if redis.call('ZSCORE', prefix .. ':ready:' .. queue, jid) then return 'ready' end
+  local seq = redis.call('HGET', prefix .. ':job:' .. jid, 'seq')
+  if seqset_has(prefix .. ':rq:' .. queue, seq, jid) then return 'ready' end
   return nil
 end
 
@@ -106,14 +183,14 @@ end
 -- job changes location (its hash must still exist: retire_job deletes it after).
 -- `from` nil: the job enters (add_job); `to` nil: it leaves (retire_job).
 -- `score` is the new location's (seq, lease expiry, due time, failure time).
--- Cost: at most 6 O(log n) writes, plus one per recipient when the job starts
+-- Cost: one HGET (the seq, leaving ready) and at most 7 O(log n) writes, plus one per recipient when the job starts
 -- or stops being busy.
 local function move(prefix, jid, queue, from, to, score)
   local counts = prefix .. ':count:' .. queue
   local was, will = BUSY[from] or false, BUSY[to] or false
   if was ~= will then mark_busy(prefix, jid, queue, will and 1 or -1) end
   if from == 'ready' then
-    redis.call('ZREM', prefix .. ':ready:' .. queue, jid)
+    seqset_remove(prefix .. ':rq:' .. queue, redis.call('HGET', prefix .. ':job:' .. jid, 'seq'), jid)
   elseif from == 'in_flight' then
     redis.call('ZREM', prefix .. ':leased', jid)
     redis.call('ZREM', prefix .. ':inflight:' .. queue, jid)
@@ -125,7 +202,7 @@ local function move(prefix, jid, queue, from, to, score)
   end
   if from then redis.call('HINCRBY', counts, from, -1) end
   if to == 'ready' then
-    redis.call('ZADD', prefix .. ':ready:' .. queue, score, jid)
+    seqset_add(prefix .. ':rq:' .. queue, score, jid)
     redis.call('SADD', prefix .. ':domains', queue)
   elseif to == 'in_flight' then
     redis.call('ZADD', prefix .. ':leased', score, jid)
@@ -141,7 +218,7 @@ local function move(prefix, jid, queue, from, to, score)
 end
 
 -- Search indexes, kept for every job while its hash exists (all zsets jid -> seq):
---   <p>:q:<queue>          every job of a delivery queue, in acceptance order
+--   <p>:aq:<queue>         every job of a delivery queue, in acceptance order (a seqset)
 --   <p>:ix:from:<sender>   jobs by their message's sender (lower case; "" for <>)
 --   <p>:ix:rcpt:<address>  jobs by each of their recipients (lower case)
 --   <p>:ix:mid:<id>        jobs by their message's Message-ID (lower case, no <>)
@@ -149,7 +226,7 @@ end
 -- just before its hash is deleted (it reads the job and its message): retire_job.
 -- Cost: one ZADD/ZREM per recipient of the job, plus three.
 local function index_job(prefix, jid, seq, queue, sender, mid, rcpts)
-  redis.call('ZADD', prefix .. ':q:' .. queue, seq, jid)
+  seqset_add(prefix .. ':aq:' .. queue, seq, jid)
   redis.call('ZADD', prefix .. ':ix:from:' .. string.lower(sender), seq, jid)
   if mid and mid ~= '' then redis.call('ZADD', prefix .. ':ix:mid:' .. mid, seq, jid) end
   for _, rcpt in ipairs(cjson.decode(rcpts)) do
@@ -161,7 +238,7 @@ local function unindex_job(prefix, jid)
   local job = redis.call('HMGET', prefix .. ':job:' .. jid, 'domain', 'rcpts', 'qid')
   if not job[1] then return end
   local msg = redis.call('HMGET', prefix .. ':msg:' .. job[3], 'sender', 'mid')
-  redis.call('ZREM', prefix .. ':q:' .. job[1], jid)
+  seqset_remove(prefix .. ':aq:' .. job[1], redis.call('HGET', prefix .. ':job:' .. jid, 'seq'), jid)
   redis.call('ZREM', prefix .. ':ix:from:' .. string.lower(msg[1] or ''), jid)
   if msg[2] and msg[2] ~= '' then redis.call('ZREM', prefix .. ':ix:mid:' .. msg[2], jid) end
   for _, rcpt in ipairs(cjson.decode(job[2])) do
