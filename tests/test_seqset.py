@@ -80,18 +80,59 @@ class Seqset:
         return [int(n) for n in cast(list[bytes], self.r.zrange(self.base, 0, -1))]
 
 
+def check(s: Seqset) -> int:
+    """The invariant of common.lua (chunks non-empty, compact, each in its range); the member count."""
+    starts = s.chunks()
+    assert [
+        int(score) for _, score in cast(list[tuple[bytes, float]], s.r.zrange(s.base, 0, -1, withscores=True))
+    ] == starts
+    total = 0
+    for start, end in zip(starts, [*starts[1:], None][: len(starts)], strict=True):
+        chunk = f"{s.base}:{start}"
+        members = cast(list[tuple[bytes, float]], s.r.zrange(chunk, 0, -1, withscores=True))
+        assert 0 < len(members) <= 128, chunk
+        assert s.r.object("encoding", chunk) == b"listpack", chunk
+        assert all(start <= seq and (end is None or seq < end) for _, seq in members), chunk
+        total += len(members)
+    return total
+
+
 def test_range_crosses_chunk_boundaries() -> None:
-    """When members sit in several chunks, a range from any sequence gives the next ones in order."""
+    """When members are appended past a full chunk, a range from any sequence gives the next ones in order."""
     s = Seqset()
-    seqs = [1, 127, 128, 129, 255, 256, 1000, 5000]
-    for seq in reversed(seqs):
+    for seq in range(1, 301):
         s.add(seq, f"J{seq}")
-    assert s.chunks() == [0, 1, 2, 7, 39]
-    assert s.range(0, 100) == [(f"J{q}", q) for q in seqs]
-    assert s.range(127, 3) == [("J128", 128), ("J129", 129), ("J255", 255)]
-    assert s.range(255, 10) == [("J256", 256), ("J1000", 1000), ("J5000", 5000)]
-    assert s.range(130, 1) == [("J255", 255)]
-    assert s.range(5000, 10) == [] and s.range(0, 0) == []
+    assert s.chunks() == [1, 129, 257]
+    assert s.range(0, 2) == [("J1", 1), ("J2", 2)]
+    assert s.range(127, 3) == [("J128", 128), ("J129", 129), ("J130", 130)]
+    assert [q for _, q in s.range(250, 10)] == list(range(251, 261))
+    assert [q for _, q in s.range(0, 1000)] == list(range(1, 301))
+    assert s.range(300, 10) == [] and s.range(0, 0) == []
+    assert check(s) == 300
+
+
+def test_sparse_sequences_still_fill_chunks() -> None:
+    """When a queue gets one sequence in a hundred (other queues took the rest), its chunks still fill to 128."""
+    s = Seqset()
+    seqs = list(range(7, 100 * 300, 100))
+    for seq in seqs:
+        s.add(seq, f"J{seq}")
+    assert len(s.chunks()) == 3 and check(s) == 300
+    assert [q for _, q in s.range(seqs[127], 2)] == seqs[128:130]
+
+
+def test_a_member_inside_a_full_chunk_splits_it() -> None:
+    """When a member is added between the members of a full chunk, the chunk splits in halves, each compact."""
+    s = Seqset()
+    for seq in range(2, 258, 2):
+        s.add(seq, f"J{seq}")
+    assert s.chunks() == [2]
+    s.add(101, "J101")
+    assert s.chunks() == [2, 130]
+    assert check(s) == 129
+    assert [q for _, q in s.range(98, 3)] == [100, 101, 102]
+    s.add(1, "J1")  # below every chunk: a chunk of its own
+    assert s.chunks() == [1, 2, 130] and s.first() == ("J1", 1)
 
 
 def test_removal_that_empties_a_chunk_drops_it_from_the_directory() -> None:
@@ -99,13 +140,20 @@ def test_removal_that_empties_a_chunk_drops_it_from_the_directory() -> None:
     s = Seqset()
     for seq in (5, 130, 131):
         s.add(seq, f"J{seq}")
-    s.remove(130, "J130")
-    assert s.chunks() == [0, 1]
-    s.remove(131, "J131")
-    assert s.chunks() == [0] and not s.r.exists(f"{s.base}:1")
-    s.remove(131, "J131")  # again: nothing to do
+    s.add(400, "J400")  # past a chunk that is not full: it joins it
+    assert s.chunks() == [5]
+    for seq in range(1000, 1200):
+        s.add(seq, f"J{seq}")
+    assert s.chunks() == [5, 1124]  # 4 + 124 members fill the first
+    for seq in range(1124, 1200):
+        s.remove(seq, f"J{seq}")
+    assert s.chunks() == [5] and not s.r.exists(f"{s.base}:1124")
+    s.remove(1100, "J1100")  # again: nothing to do
     s.remove(6, "nobody")
-    assert s.chunks() == [0] and s.has(5, "J5") and not s.has(131, "J131")
+    assert s.chunks() == [5] and s.has(5, "J5") and not s.has(1100, "J1100")
+    for seq in (130, 131, 400, *range(1000, 1124)):
+        s.remove(seq, f"J{seq}")
+    assert s.chunks() == [5] and check(s) == 1
     s.remove(5, "J5")
     assert s.empty() and not s.r.exists(s.base) and s.first() is None
 
@@ -113,15 +161,18 @@ def test_removal_that_empties_a_chunk_drops_it_from_the_directory() -> None:
 def test_first_after_removals() -> None:
     """When the first members are removed, first is the lowest one left, across chunks."""
     s = Seqset()
-    for seq in (3, 4, 300, 900):
+    for seq in range(1, 300):
         s.add(seq, f"J{seq}")
-    assert s.first() == ("J3", 3)
-    s.remove(3, "J3")
-    assert s.first() == ("J4", 4)
-    s.remove(4, "J4")
-    assert s.first() == ("J300", 300)
-    s.add(2, "J2")
-    assert s.first() == ("J2", 2)
+    assert s.first() == ("J1", 1)
+    for seq in range(1, 129):
+        s.remove(seq, f"J{seq}")
+    assert s.first() == ("J129", 129) and s.chunks() == [129, 257]
+    for seq in range(129, 257, 2):
+        s.remove(seq, f"J{seq}")
+    assert s.first() == ("J130", 130)
+    s.add(2, "J2")  # below every chunk: a chunk of its own
+    assert s.first() == ("J2", 2) and s.chunks() == [2, 129, 257]
+    assert check(s) == 299 - 128 - 64 + 1
 
 
 def test_a_full_chunk_stays_compact() -> None:
@@ -129,12 +180,12 @@ def test_a_full_chunk_stays_compact() -> None:
     s = Seqset()
     for seq in range(128, 256):
         s.add(seq, f"J{seq}")
-    assert s.chunks() == [1]
-    assert s.r.object("encoding", f"{s.base}:1") == b"listpack"
+    assert s.chunks() == [128]
+    assert s.r.object("encoding", f"{s.base}:128") == b"listpack"
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.booleans(), st.integers(min_value=1, max_value=2000)), max_size=80), st.randoms())
+@given(st.lists(st.tuples(st.booleans(), st.integers(min_value=1, max_value=2000)), max_size=400), st.randoms())
 def test_seqset_against_a_sorted_list(ops: list[tuple[bool, int]], rnd: random.Random) -> None:
     """When members are added and removed at random, every range and first equal a sorted list's."""
     s = Seqset()
@@ -147,7 +198,7 @@ def test_seqset_against_a_sorted_list(ops: list[tuple[bool, int]], rnd: random.R
             s.remove(seq, f"J{seq}")
             model.discard(seq)
     ordered = sorted(model)
-    assert s.chunks() == sorted({q // 128 for q in model})
+    assert check(s) == len(model)
     assert s.first() == (None if not ordered else (f"J{ordered[0]}", ordered[0]))
     for _ in range(5):
         after, limit = rnd.randrange(0, 2100), rnd.randrange(0, 20)

@@ -38,13 +38,16 @@
 -- The two per-queue orders (<p>:rq:<q>: ready, the claim order; <p>:aq:<q>:
 -- every job, the listing order) are seqsets: an ordered set of job ids by
 -- acceptance sequence (the job hash's "seq" field, global INCR of <p>:seq),
--- kept small at any depth. A member with sequence s lives in the chunk zset
--- <base>:<floor(s / 128)> (jid -> s; at most SEQSET_CHUNK members, so Redis
--- keeps it listpack-encoded, ~20-25 B a member, under the default
--- zset-max-listpack-entries 128), and the directory zset <base> lists the
--- non-empty chunks (member and score: the chunk number). Invariant: a chunk is
--- in the directory exactly while it has members. Only the seqset_* functions
--- below touch them. (Before: one zset <p>:q:<q> / <p>:ready:<q> each, ~100 B a
+-- kept small at any depth. Members live in chunk zsets <base>:<start> (jid ->
+-- seq) of at most SEQSET_CHUNK (128) members, so Redis keeps each
+-- listpack-encoded (~21 B a member) under the default zset-max-listpack-entries
+-- 128; the directory zset <base> lists the chunks (member: <start>, score:
+-- start). Invariant: the chunks are non-empty and in the directory; a chunk's
+-- members have sequences from its start up to (not including) the next
+-- chunk's start. Chunks follow a queue's own jobs, not the global sequence, so
+-- a queue whose jobs are spread thin among other queues' still fills them
+-- (chunks of floor(seq / 128) would hold one job each at 100 busy queues:
+-- ~190 B a job, measured). Only the seqset_* functions below touch them. (Before: one zset <p>:q:<q> / <p>:ready:<q> each, ~100 B a
 -- job at depth; migrate.lua moves a queue written so.)
 --
 -- Domain state lives in the hash <p>:dom:<domain>:
@@ -80,35 +83,68 @@ local function held_at(dom, now)
 end
 
 -- Seqsets (see the top). `base` is the directory's key; `seq` the member's
--- acceptance sequence (number or its text).
+-- acceptance sequence (number or its text). A chunk covers the sequences from
+-- its start (its name and directory score) up to the next chunk's start, so
+-- each member has one place whatever other queues' jobs took the sequences
+-- between; chunks fill by appends (the next sequence past a full last chunk
+-- starts a chunk), and a member added inside a full chunk splits it in halves.
 local SEQSET_CHUNK = 128
 
-local function seqset_chunk(base, seq)
-  local n = math.floor(tonumber(seq) / SEQSET_CHUNK)
-  return base .. ':' .. string.format('%d', n), n
+-- The start of the chunk whose range holds `seq` (nil: below every chunk).
+-- Cost: one O(log n) read of the directory.
+local function seqset_find(base, seq)
+  return redis.call('ZREVRANGEBYSCORE', base, seq, '-inf', 'LIMIT', 0, 1)[1]
 end
 
--- Add (or keep) `id` at `seq`. Cost: two O(log n) writes (a chunk has <= 128 members).
+-- Add (or keep) `id` at `seq`. Cost: at most five O(log n) calls, plus, when
+-- a middle insert splits a full chunk, one move of 64 members (O(128)).
 local function seqset_add(base, seq, id)
-  local chunk, n = seqset_chunk(base, seq)
-  redis.call('ZADD', chunk, seq, id)
-  redis.call('ZADD', base, n, n)
+  seq = tonumber(seq)
+  local start = seqset_find(base, seq)
+  if start then
+    local chunk = base .. ':' .. start
+    if redis.call('ZCARD', chunk) < SEQSET_CHUNK or redis.call('ZSCORE', chunk, id) then
+      redis.call('ZADD', chunk, seq, id)
+      return
+    end
+    local last = redis.call('ZRANGE', chunk, -1, -1, 'WITHSCORES')
+    if seq < tonumber(last[2]) then
+      -- full, and seq falls inside: its upper half becomes a chunk of its own
+      local half = redis.call('ZRANGE', chunk, SEQSET_CHUNK / 2, -1, 'WITHSCORES')
+      local upper = half[2]
+      local args = {'ZADD', base .. ':' .. upper}
+      for i = 1, #half, 2 do args[#args + 1], args[#args + 2] = half[i + 1], half[i] end
+      redis.call(unpack(args))
+      redis.call('ZREMRANGEBYRANK', chunk, SEQSET_CHUNK / 2, -1)
+      redis.call('ZADD', base, upper, upper)
+      if seq >= tonumber(upper) then chunk = base .. ':' .. upper end
+      redis.call('ZADD', chunk, seq, id)
+      return
+    end
+  end
+  -- below every chunk, or past a full chunk's last member: a chunk starts here
+  local name = string.format('%d', seq)
+  redis.call('ZADD', base .. ':' .. name, seq, id)
+  redis.call('ZADD', base, seq, name)
 end
 
--- Take `id` (at `seq`) out; a chunk it leaves empty leaves the directory.
--- Cost: at most three O(log n) calls.
+-- Take `id` (at `seq`) out; a chunk it leaves empty leaves the directory (its
+-- range goes to the chunk before). Cost: at most four O(log n) calls.
 local function seqset_remove(base, seq, id)
-  local chunk, n = seqset_chunk(base, seq)
+  if not seq then return end
+  local start = seqset_find(base, seq)
+  if not start then return end
+  local chunk = base .. ':' .. start
   if redis.call('ZREM', chunk, id) == 1 and redis.call('ZCARD', chunk) == 0 then
-    redis.call('ZREM', base, n)
+    redis.call('ZREM', base, start)
   end
 end
 
--- Whether `id` is in the set at `seq`. Cost: one O(1) read.
+-- Whether `id` is in the set at `seq`. Cost: two O(log n) reads.
 local function seqset_has(base, seq, id)
   if not seq then return false end
-  local chunk = seqset_chunk(base, seq)
-  return redis.call('ZSCORE', chunk, id) ~= false
+  local start = seqset_find(base, seq)
+  return start ~= nil and redis.call('ZSCORE', base .. ':' .. start, id) ~= false
 end
 
 -- Whether the set has no member. Cost: one O(1) read.
@@ -117,19 +153,20 @@ local function seqset_empty(base)
 end
 
 -- Up to `limit` members with a sequence above `after` (0: from the first), in
--- order: {{id, seq}, ...}. Walks the directory from after's chunk; every chunk
--- but the first holds at least one member past `after` (the invariant), so
--- it reads one directory range of at most limit + 1 chunks and at most
--- limit + 1 chunks (each a ZRANGEBYSCORE of <= 128 members): O(log n + limit).
+-- order: {{id, seq}, ...}. Walks the directory from the chunk holding `after`;
+-- every later chunk holds at least one member past `after` (chunks are never
+-- empty), so it reads one directory range of at most limit + 1 chunks and at
+-- most limit + 1 chunks (each a ZRANGEBYSCORE of <= 128 members):
+-- O(log n + limit).
 local function seqset_range(base, after, limit)
   local out = {}
   if limit <= 0 then return out end
-  after = tonumber(after)
-  local from = math.floor(after / SEQSET_CHUNK)
+  after = string.format('%d', tonumber(after))
+  local from = seqset_find(base, after) or '-inf'
   local chunks = redis.call('ZRANGEBYSCORE', base, from, '+inf', 'LIMIT', 0, limit + 1)
   for _, n in ipairs(chunks) do
-    local got = redis.call('ZRANGEBYSCORE', base .. ':' .. n, '(' .. string.format('%d', after), '+inf',
-      'WITHSCORES', 'LIMIT', 0, limit - #out)
+    local got = redis.call('ZRANGEBYSCORE', base .. ':' .. n, '(' .. after, '+inf', 'WITHSCORES', 'LIMIT', 0,
+      limit - #out)
     for i = 1, #got, 2 do out[#out + 1] = {got[i], tonumber(got[i + 1])} end
     if #out >= limit then break end
   end
@@ -144,7 +181,7 @@ local function seqset_first(base)
 end
 
 -- A job's location (see the top): in_flight, deferred, failed, ready, or nil
--- when it is in none (its hash is gone). O(1) reads.
+-- when it is in none (its hash is gone). O(1) reads and two O(log n) (seqset_has).
 local function location(prefix, jid, queue)
   if redis.call('ZSCORE', prefix .. ':leased', jid) then return 'in_flight' end
   if redis.call('ZSCORE', prefix .. ':deferred', jid) then return 'deferred' end
@@ -183,7 +220,8 @@ end
 -- job changes location (its hash must still exist: retire_job deletes it after).
 -- `from` nil: the job enters (add_job); `to` nil: it leaves (retire_job).
 -- `score` is the new location's (seq, lease expiry, due time, failure time).
--- Cost: one HGET (the seq, leaving ready) and at most 7 O(log n) writes, plus one per recipient when the job starts
+-- Cost: one HGET (the seq, leaving ready) and at most ~12 O(log n) calls (a
+-- seqset_add that splits a chunk also moves 64 members), plus one per recipient when the job starts
 -- or stops being busy.
 local function move(prefix, jid, queue, from, to, score)
   local counts = prefix .. ':count:' .. queue
