@@ -153,24 +153,29 @@ local function seqset_empty(base)
 end
 
 -- Up to `limit` members with a sequence above `after` (0: from the first), in
--- order: {{id, seq}, ...}. Walks the directory from the chunk holding `after`;
+-- order: {{id, seq}, ...}. Walks the directory from the chunk holding `after`,
+-- a few chunks at a time (as many as `limit` full chunks need, then doubling);
 -- every later chunk holds at least one member past `after` (chunks are never
--- empty), so it reads one directory range of at most limit + 1 chunks and at
--- most limit + 1 chunks (each a ZRANGEBYSCORE of <= 128 members):
--- O(log n + limit).
+-- empty), so it reads at most limit + 1 chunks (each a ZRANGEBYSCORE of <= 128
+-- members) and O(log limit) directory ranges: O(log n + limit).
 local function seqset_range(base, after, limit)
   local out = {}
   if limit <= 0 then return out end
   after = string.format('%d', tonumber(after))
   local from = seqset_find(base, after) or '-inf'
-  local chunks = redis.call('ZRANGEBYSCORE', base, from, '+inf', 'LIMIT', 0, limit + 1)
-  for _, n in ipairs(chunks) do
-    local got = redis.call('ZRANGEBYSCORE', base .. ':' .. n, '(' .. after, '+inf', 'WITHSCORES', 'LIMIT', 0,
-      limit - #out)
-    for i = 1, #got, 2 do out[#out + 1] = {got[i], tonumber(got[i + 1])} end
-    if #out >= limit then break end
+  local batch = math.floor(limit / SEQSET_CHUNK) + 2
+  while true do
+    local chunks = redis.call('ZRANGEBYSCORE', base, from, '+inf', 'LIMIT', 0, batch)
+    for _, n in ipairs(chunks) do
+      local got = redis.call('ZRANGEBYSCORE', base .. ':' .. n, '(' .. after, '+inf', 'WITHSCORES', 'LIMIT', 0,
+        limit - #out)
+      for i = 1, #got, 2 do out[#out + 1] = {got[i], tonumber(got[i + 1])} end
+      if #out >= limit then return out end
+    end
+    if #chunks < batch then return out end
+    from = '(' .. chunks[#chunks]
+    batch = math.min(batch * 2, limit - #out + 1)
   end
-  return out
 end
 
 -- The first member: id, seq, or nil when empty. Cost: as seqset_range for one.
