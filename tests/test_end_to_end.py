@@ -69,7 +69,8 @@ class NodeTests(NodeCase):
 
         async def dsn() -> bytes | None:
             # the DSN's job, to sender.test (whose MX this test's DNS does not know)
-            for jid in await queue.redis.call("zrange", queue.key("ready", "sender.test"), 0, -1):
+            ready = await queue.page(["sender.test"], {"state": "ready"}, 0, 10, reactor.seconds())
+            for jid in [job["jid"].encode() for job in ready["jobs"]]:
                 qid = await queue.redis.call("hget", queue.key("job", jid.decode()), "qid")
                 body: bytes = await queue.redis.call("hget", queue.key("msg", qid.decode()), "body")
                 return body
