@@ -14,11 +14,12 @@ from typing import Any, cast
 import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet import reactor
 
 from relayx.interfaces import Throttle
 from relayx.queue import redis as queue_redis
 from relayx.queue.redis import RedisQueue
-from tests.helpers import shared_redis, unique_prefix
+from tests.helpers import LoopbackSink, NodeCase, shared_redis, unique_prefix, wait_for
 from tests.test_paging import BOTH, mail
 from tests.test_queue_redis import T0, QueueCase, deferred_test, take
 
@@ -205,20 +206,21 @@ def test_seqset_against_a_sorted_list(ops: list[tuple[bool, int]], rnd: random.R
         assert [q for _, q in s.range(after, limit)] == [q for q in ordered if q > after][:limit]
 
 
-class UpgradeTests(QueueCase):
-    def to_old_layout(self, q: RedisQueue, queues: list[str]) -> None:
-        """Rewrite the queues' orders as an earlier relayx kept them: one zset each."""
-        r = redis.Redis(port=shared_redis().port)
-        for queue in queues:
-            for new, old in (("rq", "ready"), ("aq", "q")):
-                base = q.key(new, queue)
-                for n in cast(list[bytes], r.zrange(base, 0, -1)):
-                    chunk = f"{base}:{n.decode()}"
-                    for jid, seq in cast(list[tuple[bytes, float]], r.zrange(chunk, 0, -1, withscores=True)):
-                        r.zadd(q.key(old, queue), {jid: seq})
-                    r.delete(chunk)
-                r.delete(base)
+def to_old_layout(q: RedisQueue, queues: list[str]) -> None:
+    """Rewrite the queues' orders as an earlier relayx kept them: one zset each."""
+    r = redis.Redis(port=shared_redis().port)
+    for queue in queues:
+        for new, old in (("rq", "ready"), ("aq", "q")):
+            base = q.key(new, queue)
+            for n in cast(list[bytes], r.zrange(base, 0, -1)):
+                chunk = f"{base}:{n.decode()}"
+                for jid, seq in cast(list[tuple[bytes, float]], r.zrange(chunk, 0, -1, withscores=True)):
+                    r.zadd(q.key(old, queue), {jid: seq})
+                r.delete(chunk)
+            r.delete(base)
 
+
+class UpgradeTests(QueueCase):
     @deferred_test
     async def test_a_queue_written_by_the_previous_version_is_claimed_and_listed(self) -> None:
         """When a queue's orders are old-style zsets, the upgrade moves them in batches: all listed, claimed."""
@@ -227,7 +229,7 @@ class UpgradeTests(QueueCase):
         for n in range(300):
             await q.enqueue(mail(f"M{n:03d}", f"u{n}@one.test" if n % 3 else f"u{n}@two.test", at=T0 + n))
         [leased] = await take(q, "n", T0 + 400, 1)
-        self.to_old_layout(q, BOTH)
+        to_old_layout(q, BOTH)
         assert await q.upgrade() == 2
         assert await q.upgrade() == 0  # done: nothing left to move
         listed: list[str] = []
@@ -268,3 +270,19 @@ class DeepQueueTests(QueueCase):
         assert [j["qid"] for j in page["jobs"]] == [f"M{n:03d}" for n in range(first, first + 5)]
         skipped = await q.page(["one.test"], {"after": int((T0 + 100) * 1000)}, 0, 5, T0)
         assert skipped["jobs"] == []
+
+
+class UpgradeAtStartTests(NodeCase, QueueCase):
+    @deferred_test
+    async def test_a_node_upgrades_the_queue_when_it_starts(self) -> None:
+        """When a node starts on a queue the previous version wrote, it upgrades it first and delivers every message."""
+        q = await self.make_queue()
+        for n in range(5):
+            await q.enqueue(mail(f"OLD{n}", f"u{n}@example.com", at=reactor.seconds()))
+        to_old_layout(q, ["example.com"])
+        sink = LoopbackSink()
+        sink.start()
+        node = await self.start_node(sink, key_prefix=q.prefix)
+        await wait_for(lambda: len(sink.messages) == 5, 30, "the five messages queued before the upgrade")
+        assert sorted(m.recipients[0] for m in sink.messages) == [f"u{n}@example.com" for n in range(5)]
+        assert node.queue is not None and await node.queue.upgrade() == 0
