@@ -47,8 +47,9 @@
 -- chunk's start. Chunks follow a queue's own jobs, not the global sequence, so
 -- a queue whose jobs are spread thin among other queues' still fills them
 -- (chunks of floor(seq / 128) would hold one job each at 100 busy queues:
--- ~190 B a job, measured). Only the seqset_* functions below touch them. (Before: one zset <p>:q:<q> / <p>:ready:<q> each, ~100 B a
--- job at depth; migrate.lua moves a queue written so.)
+-- ~190 B a job, measured). Only the seqset_* functions below touch them.
+-- (Before: one zset each, <p>:q:<q> and <p>:ready:<q>, ~100 B a job at depth;
+-- migrate.lua moves a queue written so.)
 --
 -- Domain state lives in the hash <p>:dom:<domain>:
 --   paused_until, failures, last_error   destination failing (settle.lua, resume.lua)
