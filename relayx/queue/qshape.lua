@@ -22,7 +22,7 @@
 -- and, per edge that falls inside it, at most 8 probes (a ZRANGE and an HGET);
 -- ARGV[4] chunks per call (the caller passes 200: ~1,000 keys, plus the few
 -- chunks an edge falls in), whatever the depth. A queue of 1,000,000 jobs has
--- 7,800 to 15,600 chunks (64 to 128 jobs each): 40 to 80 calls.
+-- about 7,800 chunks when appends filled them (a split leaves two of 64): ~40 calls.
 -- Invariant: none changed.
 
 local base, prefix, now = KEYS[1], ARGV[1], tonumber(ARGV[2])
