@@ -164,7 +164,7 @@ def memory_breakdown(port: int, prefix: str, n: int, depth: int) -> dict[str, in
     """
     What one queued message costs Redis, key by key (``MEMORY USAGE``): message
     ``n``'s own keys, and its share of the keys all messages share (the queue's
-    zsets, its sender's index, the domain's event log).
+    two orders, its sender's index, the domain's event log).
     """
 
     def usage(key: str) -> int:
@@ -175,16 +175,29 @@ def memory_breakdown(port: int, prefix: str, n: int, depth: int) -> dict[str, in
         reply = redis_command(port, *args)
         return max(1, int(reply[1:].split(b"\r\n")[0])) if reply.startswith(b":") else 1
 
+    def seqset(base: str, samples: int = 50) -> int:
+        # a seqset (common.lua): its directory and its chunks, per member; at
+        # depth, from chunks sampled evenly along the directory
+        chunks = count("ZCARD", base)
+        sizes, members = 0, 0
+        ranks = sorted({round(i * (chunks - 1) / max(1, samples - 1)) for i in range(min(samples, chunks))})
+        for rank in ranks:
+            reply = redis_command(port, "ZRANGE", base, str(rank), str(rank))
+            if not reply.startswith(b"*1"):
+                continue
+            chunk = reply.split(b"\r\n")[2].decode()
+            sizes += usage(f"{base}:{chunk}")
+            members += count("ZCARD", f"{base}:{chunk}")
+        if not members:
+            return 0
+        return round((usage(base) + chunks * sizes / len(ranks)) / (chunks * members / len(ranks)))
+
     qid, sender = f"D{n:09d}", f"sender{n % 1000}@load.test"
     shared = {
-        "queue_zset": f"{prefix}:q:example.com",
-        "ready_zset": f"{prefix}:ready:example.com",
         "sender_index": f"{prefix}:ix:from:{sender}",
         "event_log": f"{prefix}:events:example.com",
     }
     counts = {
-        "queue_zset": count("ZCARD", shared["queue_zset"]),
-        "ready_zset": count("ZCARD", shared["ready_zset"]),
         "sender_index": count("ZCARD", shared["sender_index"]),
         "event_log": count("XLEN", shared["event_log"]),
     }
@@ -193,6 +206,9 @@ def memory_breakdown(port: int, prefix: str, n: int, depth: int) -> dict[str, in
         "message_hash": usage(f"{prefix}:job:{qid}.1"),
         "recipient_index": usage(f"{prefix}:ix:rcpt:rcpt{n}@example.com"),
         "message_id_index": usage(f"{prefix}:ix:mid:{n}.depth@bench.test"),
+        # the queue's two orders (seqsets <p>:aq:<q>, <p>:rq:<q>), per job
+        "queue_zset": seqset(f"{prefix}:aq:example.com"),
+        "ready_zset": seqset(f"{prefix}:rq:example.com"),
     }
     for name, key in shared.items():
         # a queued message has one entry in each (the event log: its "accepted")

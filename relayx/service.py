@@ -458,6 +458,11 @@ class RelayNode(Service):
             except RedisRefused as e:
                 await self.redis.disconnect()
                 raise StartupError(str(e)) from None
+            # queues written by an earlier relayx move to the compact orders before
+            # this node claims or lists (migrate.lua, bounded batches; a no-op when done)
+            upgraded = await self.queue.upgrade()
+            if upgraded:
+                log.info("relayx node {node}: {queues} queues upgraded", node=config.node.id, queues=upgraded)
         fqdn = await self._fqdn()
         self.deliverer = build_deliverer(config, reactor, build_routes(config, reactor, self.queue, fqdn))
         self.smtp = build_smtp_factory(

@@ -70,8 +70,9 @@ class NodeTests(NodeCase):
 
         async def dsn() -> bytes | None:
             # the DSN's job, to sender.test (whose MX this test's DNS does not know)
-            for jid in await queue.redis.call("zrange", queue.key("ready", "sender.test"), 0, -1):
-                [body] = await queue.message_fields(job_qid(jid.decode()), ["body"])
+            ready = await queue.page(["sender.test"], {"state": "ready"}, 0, 10, reactor.seconds())
+            for job in ready["jobs"]:
+                [body] = await queue.message_fields(job_qid(job["jid"]), ["body"])
                 return bytes(body)
             return None
 

@@ -50,7 +50,7 @@ async def all_pages(q: RedisQueue, search: dict[str, Any], limit: int, budget: i
 async def index_keys(q: RedisQueue) -> list[str]:
     """The search-index keys under the queue's prefix (a test may SCAN; relayx never does)."""
     found = []
-    for pattern in ("q:*", "ix:*"):
+    for pattern in ("aq:*", "rq:*", "ix:*"):
         cursor = 0
         while True:
             cursor, keys = await q.redis.call("scan", cursor, q.key(pattern), 1000)

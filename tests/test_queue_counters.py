@@ -103,6 +103,12 @@ class SyncRedis:
         return getattr(self.r, method)(*args, **kwargs)
 
 
+def seqset_chunk(r: redis.Redis, base: str, seq: int) -> str:
+    """The chunk of seqset ``base`` whose range holds ``seq`` (common.lua): the last start at or below it."""
+    found = cast(list[bytes], r.zrevrangebyscore(base, seq, "-inf", start=0, num=1))
+    return f"{base}:{found[0].decode()}" if found else f"{base}:none"
+
+
 def recount(r: redis.Redis, prefix: str, now: float) -> tuple[dict[str, QueueCounts], tuple[int, int, int]]:
     """
     Every job's state and size, read job by job (fine for a test's few jobs):
@@ -124,16 +130,19 @@ def recount(r: redis.Redis, prefix: str, now: float) -> tuple[dict[str, QueueCou
         domain = _str(r.hget(key, "domain"))
         received = cast(bytes, r.hget(message, "received"))
         created = _str(r.hget(key, "created") or job_default(jid, "created", None, received))
+        # the ready location is a seqset (common.lua): the chunk whose range holds the job's seq
+        seq = int(r.hget(key, "seq"))  # type: ignore[arg-type]
         where = [
             name
             for name, zset in (
                 ("in_flight", f"{prefix}:leased"),
                 ("deferred", f"{prefix}:deferred"),
                 ("failed", f"{prefix}:failed"),
-                ("ready", f"{prefix}:ready:{domain}"),
+                ("ready", seqset_chunk(r, f"{prefix}:rq:{domain}", seq)),
             )
             if r.zscore(zset, jid) is not None
         ]
+        assert r.zscore(seqset_chunk(r, f"{prefix}:aq:{domain}", seq), jid) == seq, f"{jid} is not in its queue's order"
         assert len(where) == 1, f"job {jid} is in {where}"
         state = where[0]
         if state == "in_flight":
@@ -148,6 +157,29 @@ def recount(r: redis.Redis, prefix: str, now: float) -> tuple[dict[str, QueueCou
         row["bytes"] += int(r.hget(message, "size") or 0)
         oldest[domain] = min(oldest.get(domain, float("inf")), int(created) / 1000)
         jobs += 1
+    # each seqset's directory lists exactly its chunks, each non-empty, compact and
+    # holding the sequences from its start to the next's (common.lua)
+    for order in ("aq", "rq"):
+        listed, present = set(), set()
+        for key in r.scan_iter(f"{prefix}:{order}:*"):
+            name = key.decode()[len(prefix) + 1 :]
+            if name.count(":") == 1:
+                starts = cast(list[tuple[bytes, float]], r.zrange(key, 0, -1, withscores=True))
+                assert all(int(n) == score for n, score in starts), f"{name}: {starts}"
+                bounds = [int(n) for n, _ in starts]
+                for start, end in zip(bounds, [*bounds[1:], None], strict=True):
+                    listed.add((name, start))
+                    seqs = [
+                        seq
+                        for _, seq in cast(
+                            list[tuple[bytes, float]], r.zrange(f"{key.decode()}:{start}", 0, -1, withscores=True)
+                        )
+                    ]
+                    assert all(start <= q and (end is None or q < end) for q in seqs), f"{name}:{start} {seqs}"
+            else:
+                present.add((name.rsplit(":", 1)[0], int(name.rsplit(":", 1)[1])))
+                assert 0 < r.zcard(key) <= 128 and r.object("encoding", key) == b"listpack", name
+        assert listed == present, f"{order} directories {sorted(listed)}, chunks {sorted(present)}"
     for key in r.scan_iter(f"{prefix}:msg:*"):
         messages += 1
         size += int(r.hget(key, "size") or 0)
@@ -344,13 +376,15 @@ def test_check_repairs_a_broken_counter() -> None:
         assert done(machine.q.check_queue(QUEUES)).consistent
         r.hincrby(f"{p}:count:two.test", "ready", 7)
         r.hincrby(f"{p}:totals", "messages", -1)
-        r.zrem(f"{p}:q:one.test", "M3.1")
+        seq = int(r.hget(f"{p}:job:M3.1", "seq"))  # type: ignore[arg-type]
+        chunk = seqset_chunk(r, f"{p}:aq:one.test", seq)
+        r.zrem(chunk, "M3.1")
         report = done(machine.q.check_queue(QUEUES, batch=2))
         [(field, counter, recounted)] = [d[1:] for d in report.differences if d[0] == "two.test"]
         assert field == "ready" and counter - recounted == 7
         assert ("totals", "messages", 4, 5) in report.differences
         assert report.problems == {"unindexed": 1}
-        assert r.zscore(f"{p}:q:one.test", "M3.1") is None  # looking changed nothing
+        assert r.zscore(chunk, "M3.1") is None  # looking changed nothing
         repaired = done(machine.q.check_queue(QUEUES, repair=True, batch=2))
         assert set(repaired.repaired) == {"two.test", "totals"} and not repaired.busy
         assert done(machine.q.check_queue(QUEUES)).consistent

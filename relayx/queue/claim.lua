@@ -35,9 +35,10 @@
 --
 -- Cost bound, whatever the queue's depth: 2 * ARGV[9] jobs moved back (each O(1)
 -- keys, O(log n) writes), SMEMBERS of <p>:domains and O(1) reads per domain,
--- at most SCAN_BUDGET (400) jobs of the ready heads looked at (each two reads
--- and a ZRANGE of the head, O(log n)) and at most ARGV[5] of them leased; never
--- a walk of a queue. With ARGV[5], ARGV[9] <= 100 it touches about a thousand keys.
+-- at most SCAN_BUDGET (400) jobs of the ready heads looked at (each two reads;
+-- the window is one seqset_range of the queue's ready seqset <p>:rq:<q>, at most
+-- window + 1 chunks, common.lua) and at most ARGV[5] of them leased; never a walk
+-- of a queue. With ARGV[5], ARGV[9] <= 100 it touches about a thousand keys.
 
 local prefix, now, lease_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local owner, limit = ARGV[4], tonumber(ARGV[5])
@@ -108,10 +109,10 @@ local n = #domains
 for i = 0, n - 1 do
   if #claimed >= limit then break end
   local domain = domains[((start + i) % n) + 1]
-  local ready = prefix .. ':ready:' .. domain
+  local ready = prefix .. ':rq:' .. domain
   local inflight = prefix .. ':inflight:' .. domain
   local dom = prefix .. ':dom:' .. domain
-  if redis.call('ZCARD', ready) == 0 then
+  if seqset_empty(ready) then
     redis.call('SREM', KEYS[1], domain)
     redis.call('HDEL', dom, 'release_rate')
   else
@@ -127,7 +128,8 @@ for i = 0, n - 1 do
         local window = math.min(math.max(take * WINDOW_PER_SLOT, WINDOW_MIN), SCAN_BUDGET - scanned)
         local busy = prefix .. ':busy:' .. domain
         local seen, taken = {}, 0
-        for _, jid in ipairs(redis.call('ZRANGE', ready, 0, window - 1)) do
+        for _, head in ipairs(seqset_range(ready, 0, window)) do
+          local jid = head[1]
           scanned = scanned + 1
           local job = prefix .. ':job:' .. jid
           local rcpts = {}
@@ -160,7 +162,7 @@ for i = 0, n - 1 do
           -- the rate's tokens not used because their recipients were busy go back
           redis.call('HINCRBYFLOAT', dom, 'tokens', take - taken)
         end
-        if redis.call('ZCARD', ready) == 0 then redis.call('SREM', KEYS[1], domain) end
+        if seqset_empty(ready) then redis.call('SREM', KEYS[1], domain) end
       end
     end
   end

@@ -4,7 +4,7 @@
 -- Job states, defined once here. While its hash <p>:job:<jid> exists, a job of
 -- delivery queue <q> ("example.org", or "example.org#1" for a copy destination)
 -- is in exactly one LOCATION, and only move() below changes which:
---   ready      <p>:ready:<q>                        score: acceptance seq (and <q> in <p>:domains)
+--   ready      seqset <p>:rq:<q> (below)            by acceptance seq (and <q> in <p>:domains)
 --   in_flight  <p>:leased and <p>:inflight:<q>      score: lease expiry (ms)
 --   deferred   <p>:deferred and <p>:deferred:<q>    score: when its retry is due (ms)
 --   failed     <p>:failed                           score: when it failed (waits for its DSN)
@@ -19,8 +19,8 @@
 --   <p>:count:<q>   hash: ready, in_flight, deferred, failed (jobs in each
 --                   location), bytes (the sizes of its jobs' messages), v (how
 --                   many changes so far: a repair's compare-and-set)
---   <p>:q:<q>       zset jid -> seq: every job of the queue, any location, in
---                   acceptance order (a search index too, below); its head is
+--   <p>:aq:<q>      seqset (below): every job of the queue, any location, in
+--                   acceptance order (a search index too, below); its first is
 --                   the queue's oldest job
 --   <p>:queues      set of every queue that has had a job (and a count hash)
 --   <p>:totals      hash: messages, bytes (each message once), jobs, v (changes)
@@ -50,6 +50,22 @@
 -- job exists while its hash has a "domain" (job_exists): the .1 hash outlives
 -- its job while the message has other jobs (retire_job). Hashes written before
 -- (every job field present, the message in a hash of its own) read the same.
+--
+-- The two per-queue orders (<p>:rq:<q>: ready, the claim order; <p>:aq:<q>:
+-- every job, the listing order) are seqsets: an ordered set of job ids by
+-- acceptance sequence (the job hash's "seq" field, global INCR of <p>:seq),
+-- kept small at any depth. Members live in chunk zsets <base>:<start> (jid ->
+-- seq) of at most SEQSET_CHUNK (128) members, so Redis keeps each
+-- listpack-encoded (~21 B a member) under the default zset-max-listpack-entries
+-- 128; the directory zset <base> lists the chunks (member: <start>, score:
+-- start). Invariant: the chunks are non-empty and in the directory; a chunk's
+-- members have sequences from its start up to (not including) the next
+-- chunk's start. Chunks follow a queue's own jobs, not the global sequence, so
+-- a queue whose jobs are spread thin among other queues' still fills them
+-- (chunks of floor(seq / 128) would hold one job each at 100 busy queues:
+-- ~190 B a job, measured). Only the seqset_* functions below touch them.
+-- (Before: one zset each, <p>:q:<q> and <p>:ready:<q>, ~100 B a job at depth;
+-- migrate.lua moves a queue written so.)
 --
 -- Domain state lives in the hash <p>:dom:<domain>:
 --   paused_until, failures, last_error   destination failing (settle.lua, resume.lua)
@@ -136,13 +152,117 @@ local function job_get(prefix, jid, ...)
   return unpack(out, 1, n)
 end
 
+-- Seqsets (see the top). `base` is the directory's key; `seq` the member's
+-- acceptance sequence (number or its text). A chunk covers the sequences from
+-- its start (its name and directory score) up to the next chunk's start, so
+-- each member has one place whatever other queues' jobs took the sequences
+-- between; chunks fill by appends (the next sequence past a full last chunk
+-- starts a chunk), and a member added inside a full chunk splits it in halves.
+local SEQSET_CHUNK = 128
+
+-- The start of the chunk whose range holds `seq` (nil: below every chunk).
+-- Cost: one O(log n) read of the directory.
+local function seqset_find(base, seq)
+  return redis.call('ZREVRANGEBYSCORE', base, seq, '-inf', 'LIMIT', 0, 1)[1]
+end
+
+-- Add (or keep) `id` at `seq`. Cost: at most five O(log n) calls, plus, when
+-- a middle insert splits a full chunk, one move of 64 members (O(128)).
+local function seqset_add(base, seq, id)
+  seq = tonumber(seq)
+  local start = seqset_find(base, seq)
+  if start then
+    local chunk = base .. ':' .. start
+    if redis.call('ZCARD', chunk) < SEQSET_CHUNK or redis.call('ZSCORE', chunk, id) then
+      redis.call('ZADD', chunk, seq, id)
+      return
+    end
+    local last = redis.call('ZRANGE', chunk, -1, -1, 'WITHSCORES')
+    if seq < tonumber(last[2]) then
+      -- full, and seq falls inside: its upper half becomes a chunk of its own
+      local half = redis.call('ZRANGE', chunk, SEQSET_CHUNK / 2, -1, 'WITHSCORES')
+      local upper = half[2]
+      local args = {'ZADD', base .. ':' .. upper}
+      for i = 1, #half, 2 do args[#args + 1], args[#args + 2] = half[i + 1], half[i] end
+      redis.call(unpack(args))
+      redis.call('ZREMRANGEBYRANK', chunk, SEQSET_CHUNK / 2, -1)
+      redis.call('ZADD', base, upper, upper)
+      if seq >= tonumber(upper) then chunk = base .. ':' .. upper end
+      redis.call('ZADD', chunk, seq, id)
+      return
+    end
+  end
+  -- below every chunk, or past a full chunk's last member: a chunk starts here
+  local name = string.format('%d', seq)
+  redis.call('ZADD', base .. ':' .. name, seq, id)
+  redis.call('ZADD', base, seq, name)
+end
+
+-- Take `id` (at `seq`) out; a chunk it leaves empty leaves the directory (its
+-- range goes to the chunk before). Cost: at most four O(log n) calls.
+local function seqset_remove(base, seq, id)
+  if not seq then return end
+  local start = seqset_find(base, seq)
+  if not start then return end
+  local chunk = base .. ':' .. start
+  if redis.call('ZREM', chunk, id) == 1 and redis.call('ZCARD', chunk) == 0 then
+    redis.call('ZREM', base, start)
+  end
+end
+
+-- Whether `id` is in the set at `seq`. Cost: two O(log n) reads.
+local function seqset_has(base, seq, id)
+  if not seq then return false end
+  local start = seqset_find(base, seq)
+  return start ~= nil and redis.call('ZSCORE', base .. ':' .. start, id) ~= false
+end
+
+-- Whether the set has no member. Cost: one O(1) read.
+local function seqset_empty(base)
+  return redis.call('ZCARD', base) == 0
+end
+
+-- Up to `limit` members with a sequence above `after` (0: from the first), in
+-- order: {{id, seq}, ...}. Walks the directory from the chunk holding `after`,
+-- a few chunks at a time (as many as `limit` full chunks need, then doubling);
+-- every later chunk holds at least one member past `after` (chunks are never
+-- empty), so it reads at most limit + 1 chunks (each a ZRANGEBYSCORE of <= 128
+-- members) and O(log limit) directory ranges: O(log n + limit).
+local function seqset_range(base, after, limit)
+  local out = {}
+  if limit <= 0 then return out end
+  after = string.format('%d', tonumber(after))
+  local from = seqset_find(base, after) or '-inf'
+  local batch = math.floor(limit / SEQSET_CHUNK) + 2
+  while true do
+    local chunks = redis.call('ZRANGEBYSCORE', base, from, '+inf', 'LIMIT', 0, batch)
+    for _, n in ipairs(chunks) do
+      local got = redis.call('ZRANGEBYSCORE', base .. ':' .. n, '(' .. after, '+inf', 'WITHSCORES', 'LIMIT', 0,
+        limit - #out)
+      for i = 1, #got, 2 do out[#out + 1] = {got[i], tonumber(got[i + 1])} end
+      if #out >= limit then return out end
+    end
+    if #chunks < batch then return out end
+    from = '(' .. chunks[#chunks]
+    batch = math.min(batch * 2, limit - #out + 1)
+  end
+end
+
+-- The first member: id, seq, or nil when empty. Cost: as seqset_range for one.
+local function seqset_first(base)
+  local head = seqset_range(base, 0, 1)[1]
+  if not head then return nil end
+  return head[1], head[2]
+end
+
 -- A job's location (see the top): in_flight, deferred, failed, ready, or nil
--- when it is in none (its hash is gone). O(1) reads.
+-- when it is in none (its hash is gone). O(1) reads and two O(log n) (seqset_has).
 local function location(prefix, jid, queue)
   if redis.call('ZSCORE', prefix .. ':leased', jid) then return 'in_flight' end
   if redis.call('ZSCORE', prefix .. ':deferred', jid) then return 'deferred' end
   if redis.call('ZSCORE', prefix .. ':failed', jid) then return 'failed' end
-  if redis.call('ZSCORE', prefix .. ':ready:' .. queue, jid) then return 'ready' end
+  local seq = redis.call('HGET', prefix .. ':job:' .. jid, 'seq')
+  if seqset_has(prefix .. ':rq:' .. queue, seq, jid) then return 'ready' end
   return nil
 end
 
@@ -175,14 +295,15 @@ end
 -- job changes location (its hash must still exist: retire_job deletes it after).
 -- `from` nil: the job enters (add_job); `to` nil: it leaves (retire_job).
 -- `score` is the new location's (seq, lease expiry, due time, failure time).
--- Cost: at most 6 O(log n) writes, plus one per recipient when the job starts
+-- Cost: one HGET (the seq, leaving ready) and at most ~12 O(log n) calls (a
+-- seqset_add that splits a chunk also moves 64 members), plus one per recipient when the job starts
 -- or stops being busy.
 local function move(prefix, jid, queue, from, to, score)
   local counts = prefix .. ':count:' .. queue
   local was, will = BUSY[from] or false, BUSY[to] or false
   if was ~= will then mark_busy(prefix, jid, queue, will and 1 or -1) end
   if from == 'ready' then
-    redis.call('ZREM', prefix .. ':ready:' .. queue, jid)
+    seqset_remove(prefix .. ':rq:' .. queue, redis.call('HGET', prefix .. ':job:' .. jid, 'seq'), jid)
   elseif from == 'in_flight' then
     redis.call('ZREM', prefix .. ':leased', jid)
     redis.call('ZREM', prefix .. ':inflight:' .. queue, jid)
@@ -194,7 +315,7 @@ local function move(prefix, jid, queue, from, to, score)
   end
   if from then redis.call('HINCRBY', counts, from, -1) end
   if to == 'ready' then
-    redis.call('ZADD', prefix .. ':ready:' .. queue, score, jid)
+    seqset_add(prefix .. ':rq:' .. queue, score, jid)
     redis.call('SADD', prefix .. ':domains', queue)
   elseif to == 'in_flight' then
     redis.call('ZADD', prefix .. ':leased', score, jid)
@@ -210,7 +331,7 @@ local function move(prefix, jid, queue, from, to, score)
 end
 
 -- Search indexes, kept for every job while its hash exists (all zsets jid -> seq):
---   <p>:q:<queue>          every job of a delivery queue, in acceptance order
+--   <p>:aq:<queue>         every job of a delivery queue, in acceptance order (a seqset)
 --   <p>:ix:from:<sender>   jobs by their message's sender (lower case; "" for <>)
 --   <p>:ix:rcpt:<address>  jobs by each of their recipients (lower case)
 --   <p>:ix:mid:<id>        jobs by their message's Message-ID (lower case, no <>)
@@ -218,7 +339,7 @@ end
 -- just before its hash is deleted (it reads the job and its message): retire_job.
 -- Cost: one ZADD/ZREM per recipient of the job, plus three.
 local function index_job(prefix, jid, seq, queue, sender, mid, rcpts)
-  redis.call('ZADD', prefix .. ':q:' .. queue, seq, jid)
+  seqset_add(prefix .. ':aq:' .. queue, seq, jid)
   redis.call('ZADD', prefix .. ':ix:from:' .. string.lower(sender), seq, jid)
   if mid and mid ~= '' then redis.call('ZADD', prefix .. ':ix:mid:' .. mid, seq, jid) end
   for _, rcpt in ipairs(cjson.decode(rcpts)) do
@@ -230,7 +351,7 @@ local function unindex_job(prefix, jid)
   local job = {job_get(prefix, jid, 'domain', 'rcpts', 'qid')}
   if not job[1] then return end
   local msg = redis.call('HMGET', msg_key(prefix, job[3]), 'sender', 'mid')
-  redis.call('ZREM', prefix .. ':q:' .. job[1], jid)
+  seqset_remove(prefix .. ':aq:' .. job[1], redis.call('HGET', prefix .. ':job:' .. jid, 'seq'), jid)
   redis.call('ZREM', prefix .. ':ix:from:' .. string.lower(msg[1] or ''), jid)
   if msg[2] and msg[2] ~= '' then redis.call('ZREM', prefix .. ':ix:mid:' .. msg[2], jid) end
   for _, rcpt in ipairs(cjson.decode(job[2])) do

@@ -18,12 +18,12 @@
 -- A queue id that abort.lua took back (<p>:aborted:<qid>) is refused, so an
 -- enqueue still in flight when its node gave up (and answered 451) never lands.
 --
--- Invariant: every job hash <p>:job:<jid> is in exactly one of <p>:ready:<domain>,
+-- Invariant: every job hash <p>:job:<jid> is in exactly one of <p>:rq:<domain> (ready),
 -- <p>:deferred, <p>:leased (and <p>:inflight:<domain>) or <p>:failed, and the
 -- message's "jobs" field counts the job hashes that still exist. A job records
 -- its domain's held time at acceptance (held_base), so that time held later
 -- does not count against its retention. Each job enters through add_job
--- (common.lua), which keeps the counters, its queue's <p>:q:<queue> and the
+-- (common.lua), which keeps the counters, its queue's <p>:aq:<queue> and the
 -- search indexes, and the totals. Each job's acceptance is recorded in its
 -- domain's event log (record_event, common.lua) in the same step.
 --

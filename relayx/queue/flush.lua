@@ -5,7 +5,7 @@
 -- KEYS[1]  <p>:dom:<domain>      domain state (see common.lua)
 -- KEYS[2]  <p>:paused            zset domain -> paused_until
 -- KEYS[3]  <p>:deferred:<domain> the queue's deferred jobs, jid -> due time
--- KEYS[4]  <p>:ready:<domain>
+-- KEYS[4]  <p>:rq:<domain>      the queue's ready jobs (a seqset, common.lua)
 -- KEYS[5]  <p>:domains
 -- KEYS[6]  <p>:audit
 -- ARGV[1]  key prefix <p>

@@ -21,12 +21,14 @@
 -- created, attempts, error}, ...], "cursor": the last sequence examined, "more": whether
 -- jobs past the cursor remain to be examined, "examined": n}.
 --
--- Source: one index when an exact filter is given, else each queue's ready zset
--- (state ready or held) or its <p>:q:<queue>, all scored by acceptance sequence
--- and merged here. Cost bound: at most ARGV[6] zset entries fetched and jobs
--- examined (each a few O(1) and O(log n) reads; with a sender or Subject part,
+-- Source: one index when an exact filter is given, else each queue's ready
+-- seqset <p>:rq:<queue> (state ready or held) or its <p>:aq:<queue> (seqsets,
+-- common.lua), all ordered by acceptance sequence and merged here. Cost bound:
+-- at most ARGV[6] entries fetched (from a seqset: at most one chunk more than
+-- entries, seqset_range) and jobs examined (each a few O(1) and O(log n) reads; with a sender or Subject part,
 -- one HMGET of the message hash for a job that does not match), plus, with an "after" bound on
--- the first page, a binary search of O(log n) reads per source; never a walk of
+-- the first page, a binary search of O(log n) reads per source (a seqset's: over its
+-- chunks, then within one); never a walk of
 -- a queue. A page may hold fewer than ARGV[5] matches while "more" is true: the
 -- caller continues from "cursor".
 --
@@ -60,15 +62,22 @@ elseif filter.recipient then
   sources = {prefix .. ':ix:rcpt:' .. filter.recipient}
 elseif filter.state == 'ready' or filter.state == 'held' then
   for _, q in ipairs(queues) do
-    if is_held(q) == (filter.state == 'held') then sources[#sources + 1] = prefix .. ':ready:' .. q end
+    if is_held(q) == (filter.state == 'held') then sources[#sources + 1] = prefix .. ':rq:' .. q end
   end
 else
-  for _, q in ipairs(queues) do sources[#sources + 1] = prefix .. ':q:' .. q end
+  for _, q in ipairs(queues) do sources[#sources + 1] = prefix .. ':aq:' .. q end
+end
+-- the sources that are seqsets (the per-queue orders), not plain zsets (indexes)
+local seqsets = {}
+for _, q in ipairs(queues) do
+  seqsets[prefix .. ':rq:' .. q], seqsets[prefix .. ':aq:' .. q] = true, true
 end
 
 -- an "after" bound on the first page: start at the first job accepted then,
 -- found by bisection (acceptance order is time order, give or take the skew)
-local function first_after(key, t)
+-- the rank in zset `key` of its first job created at or after t, and the
+-- sequence of the job before it (0: none)
+local function bisect(key, t)
   local low, high = 0, redis.call('ZCARD', key)
   while low < high do
     local mid = math.floor((low + high) / 2)
@@ -76,9 +85,38 @@ local function first_after(key, t)
     local created = tonumber(job_get(prefix, entry[1], 'created') or '0')
     if created < t then low = mid + 1 else high = mid end
   end
-  if low == 0 then return 0 end
+  if low == 0 then return 0, 0 end
   local before = redis.call('ZRANGE', key, low - 1, low - 1, 'WITHSCORES')
-  return tonumber(before[2])
+  return low, tonumber(before[2])
+end
+
+-- a seqset's: the first chunk whose first job is created at or after t (by
+-- bisection over the directory: each probe the chunk's first job), then within
+-- the chunk before it, which holds the answer
+local function first_after(key, t)
+  if not seqsets[key] then
+    local _, seq = bisect(key, t)
+    return seq
+  end
+  local low, high = 0, redis.call('ZCARD', key)
+  while low < high do
+    local mid = math.floor((low + high) / 2)
+    local n = redis.call('ZRANGE', key, mid, mid)[1]
+    local entry = redis.call('ZRANGE', key .. ':' .. n, 0, 0)
+    local created = tonumber((entry[1] and job_get(prefix, entry[1], 'created')) or '0')
+    if created < t then low = mid + 1 else high = mid end
+  end
+  if low == 0 then return 0 end
+  local _, seq = bisect(key .. ':' .. redis.call('ZRANGE', key, low - 1, low - 1)[1], t)
+  return seq
+end
+
+-- up to `per` entries of a source past sequence `from`: {{jid, seq}, ...}
+local function fetch(key, from, per)
+  if seqsets[key] then return seqset_range(key, from, per) end
+  local got, out = redis.call('ZRANGEBYSCORE', key, '(' .. from, '+inf', 'WITHSCORES', 'LIMIT', 0, per), {}
+  for i = 1, #got, 2 do out[#out + 1] = {got[i], tonumber(got[i + 1])} end
+  return out
 end
 
 -- fetch up to `per` entries past the cursor from each source and merge them;
@@ -93,10 +131,10 @@ local entries, horizon = {}, nil
 for _, key in ipairs(sources) do
   local from = cursor
   if filter.after and cursor == 0 then from = first_after(key, filter.after - skew) end
-  local got = redis.call('ZRANGEBYSCORE', key, '(' .. from, '+inf', 'WITHSCORES', 'LIMIT', 0, per)
-  for i = 1, #got, 2 do entries[#entries + 1] = {got[i], tonumber(got[i + 1])} end
-  if #got / 2 == per then
-    local last = tonumber(got[#got])
+  local got = fetch(key, from, per)
+  for _, entry in ipairs(got) do entries[#entries + 1] = entry end
+  if #got == per then
+    local last = got[#got][2]
     if horizon == nil or last < horizon then horizon = last end
   end
 end

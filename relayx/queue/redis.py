@@ -67,6 +67,10 @@ DEFAULT_PACE = PacePolicy()
 AUDIT_KEPT = 10000
 #: jobs one flush.lua call brings back (the rest in further calls)
 FLUSH_BATCH = 500
+#: old-style queue entries one step of the upgrade moves (migrate.lua: ~7 calls each)
+MIGRATE_BATCH = 500
+#: chunks of a queue's seqset one step of qshape counts (qshape.lua: ~5 keys each)
+QSHAPE_CHUNKS = 200
 #: entries one step of the consistency check looks at (tally.lua: ~5 keys each)
 CHECK_BATCH = 100
 #: the counted fields of a queue's <p>:count:<q>, as common.lua defines them
@@ -348,6 +352,7 @@ class RedisQueue:
     _SUMMARY = load_script("relayx.queue", "summary.lua", prelude=True)
     _TALLY = load_script("relayx.queue", "tally.lua", prelude=True)
     _RECOUNT = load_script("relayx.queue", "recount.lua")
+    _MIGRATE = load_script("relayx.queue", "migrate.lua", prelude=True)
 
     def __init__(
         self,
@@ -630,7 +635,7 @@ class RedisQueue:
             self.key("inflight", lease.domain),
             self.key("deferred"),
             self.key("failed"),
-            self.key("ready", lease.domain),
+            self.key("rq", lease.domain),
             self.key("domains"),
             self.key("dom", lease.domain),
             self.message_key(lease.queue_id),
@@ -786,7 +791,7 @@ class RedisQueue:
             self.key("dom", queue),
             self.key("paused"),
             self.key("deferred", queue),
-            self.key("ready", queue),
+            self.key("rq", queue),
             self.key("domains"),
             self.key("audit"),
         ]
@@ -889,9 +894,16 @@ class RedisQueue:
         return b"" if whole is None else kept_headers(whole)
 
     async def qshape(self, queue: str, now: float, edges: Sequence[float], waiting: bool = False) -> list[int]:
-        key = self.key("ready" if waiting else "q", queue)
-        args: list[object] = [self.prefix, _ms(now), *(_ms(e) for e in edges)]
-        return [int(n) for n in await self.redis.script(self._QSHAPE, [key], args)]
+        # in bounded slices of the queue's seqset (qshape.lua), added up here
+        key = self.key("rq" if waiting else "aq", queue)
+        counts = [0] * (len(edges) + 1)
+        cursor = -1
+        while True:
+            args: list[object] = [self.prefix, _ms(now), cursor, QSHAPE_CHUNKS, *(_ms(e) for e in edges)]
+            cursor, *slice_counts = (int(n) for n in await self.redis.script(self._QSHAPE, [key], args))
+            counts = [a + b for a, b in zip(counts, slice_counts, strict=True)]
+            if cursor < 0:
+                return [sum(counts), *counts]
 
     async def raw(self, queue_id: str) -> bytes | None:
         [stored] = await self.message_fields(queue_id, ["body"])
@@ -944,12 +956,12 @@ class RedisQueue:
         """
         fields = await self.redis.call("hgetall", self.key("dom", domain))
         state = {_text(k): _text(v) for k, v in (fields or {}).items()}
-        ready = await self.redis.call("zcard", self.key("ready", domain))
+        ready = await self.redis.call("hget", self.key("count", domain), "ready")
         inflight = await self.redis.call("zcard", self.key("inflight", domain))
         start = float(state.get("hold_start", 0)) / 1000
         return DomainState(
             domain=domain,
-            ready=int(ready),
+            ready=int(ready or 0),
             in_flight=int(inflight),
             held=held_at(state, _ms(now)),
             hold_start=start or None,
@@ -1002,6 +1014,25 @@ class RedisQueue:
         args = [self.prefix, json.dumps(list(queues)), _ms(now)]
         return await self.redis.script(self._SUMMARY, [self.key("totals")], args)
 
+    async def upgrade(self) -> int:
+        """
+        Move queues written by an earlier relayx (their orders as plain zsets
+        ``<p>:ready:<q>`` and ``<p>:q:<q>``) into the seqsets (migrate.lua, in
+        bounded batches until none is left); a node runs it at start. Returns
+        how many queues had old entries. Idempotent: cheap when done.
+        """
+        names = {_text(q) for q in await self.redis.call("smembers", self.key("queues"))}
+        names |= {_text(q) for q in await self.redis.call("smembers", self.key("domains"))}
+        upgraded = 0
+        for q in sorted(names):
+            keys = [self.key("ready", q), self.key("q", q)]
+            if not any([int(await self.redis.call("exists", key)) for key in keys]):
+                continue
+            upgraded += 1
+            while int(await self.redis.script(self._MIGRATE, keys, [self.prefix, q, MIGRATE_BATCH])):
+                pass
+        return upgraded
+
     async def check_queue(
         self, queues: Sequence[str] = (), repair: bool = False, batch: int = CHECK_BATCH
     ) -> CheckReport:
@@ -1049,13 +1080,14 @@ class RedisQueue:
                 walked += seen
                 if seen < batch:
                     return
-                offset += seen - removed
+                # a seqset's cursor is the last sequence seen; a zset's, an index
+                offset = int(step["last"]) if kind in ("ready", "index") else offset + seen - removed
 
         for kind, where in (("in_flight", "leased"), ("deferred", "deferred"), ("failed", "failed")):
             await walk(kind, self.key(where))
         for q in sorted(set(names) | set(counted)):
-            await walk("ready", self.key("ready", q), q)
-            await walk("index", self.key("q", q), q)
+            await walk("ready", self.key("rq", q), q)
+            await walk("index", self.key("aq", q), q)
             await walk("pair", self.key("inflight", q), q, self.key("leased"))
             await walk("pair", self.key("deferred", q), q, self.key("deferred"))
 

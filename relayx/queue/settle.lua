@@ -5,7 +5,7 @@
 -- KEYS[3]  <p>:inflight:<domain>
 -- KEYS[4]  <p>:deferred
 -- KEYS[5]  <p>:failed        zset jid -> time, jobs with failed recipients (for the DSN)
--- KEYS[6]  <p>:ready:<domain>
+-- KEYS[6]  <p>:rq:<domain>    the queue's ready jobs (a seqset, common.lua)
 -- KEYS[7]  <p>:domains
 -- KEYS[8]  <p>:dom:<domain>  domain state (see common.lua)
 -- KEYS[9]  <p>:job:<qid>.1  the message's hash (msg_key, common.lua)
@@ -69,7 +69,7 @@
 --
 -- Cost bound, whatever the queue's depth: O(1) keys for the job itself; when the
 -- destination is unreachable, the queue's first 100 jobs are looked at twice
--- (retention, delay warning), each O(1) keys and an event: at most ~1,000 keys, O(log n) writes.
+-- (retention, delay warning; each time one seqset_range of KEYS[6]: at most 101 chunks), each O(1) keys and an event: at most ~1,000 keys, O(log n) writes.
 -- The pace (slow start, cut, climb) adds O(1) reads and writes of the domain hash and one ZCARD.
 
 local jid, token, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
@@ -388,7 +388,8 @@ if unreachable ~= '' then
   move(prefix, jid, domain, 'in_flight', 'ready', redis.call('HGET', KEYS[1], 'seq'))
   -- jobs at the head of the queue that outlived their retention fail now
   local result = 'paused'
-  for _, head in ipairs(redis.call('ZRANGE', KEYS[6], 0, 99)) do
+  for _, entry in ipairs(seqset_range(KEYS[6], 0, 100)) do
+    local head = entry[1]
     local job = prefix .. ':job:' .. head
     if not expired(job) then break end
     local owed_, failed_ = job_get(prefix, head, 'owed', 'failed')
@@ -397,7 +398,8 @@ if unreachable ~= '' then
   end
   -- and those waiting past the delay warning get it (oldest first, a bounded batch)
   if warn_after > 0 then
-    for _, head in ipairs(redis.call('ZRANGE', KEYS[6], 0, 99)) do
+    for _, entry in ipairs(seqset_range(KEYS[6], 0, 100)) do
+      local head = entry[1]
       local job = prefix .. ':job:' .. head
       if not older_than(job, warn_after) then break end
       warn(job, head)

@@ -10,8 +10,8 @@
 -- domain is held, its ready jobs are counted as held (the caller reads them so).
 --
 -- Invariant: none changed.
--- Cost bound: per queue one HMGET of <p>:count:<q>, the head of <p>:q:<q>
--- (O(log n)) and its job's arrival, and the domain's hold: O(queues) keys,
+-- Cost bound: per queue one HMGET of <p>:count:<q>, the first of the seqset
+-- <p>:aq:<q> (seqset_first, common.lua: two O(log n) reads) and its job's arrival, and the domain's hold: O(queues) keys,
 -- whatever the depth.
 
 local prefix, queues, now = ARGV[1], cjson.decode(ARGV[2]), tonumber(ARGV[3])
@@ -19,8 +19,8 @@ local out = {}
 for _, q in ipairs(queues) do
   local c = redis.call('HMGET', prefix .. ':count:' .. q, 'ready', 'deferred', 'in_flight', 'failed', 'bytes')
   local oldest = 0
-  local head = redis.call('ZRANGE', prefix .. ':q:' .. q, 0, 0)
-  if head[1] then oldest = tonumber(job_get(prefix, head[1], 'created') or '0') end
+  local head = seqset_first(prefix .. ':aq:' .. q)
+  if head then oldest = tonumber(job_get(prefix, head, 'created') or '0') end
   local held = 0
   if held_at(prefix .. ':dom:' .. base_domain(q), now) then held = 1 end
   out[#out + 1] = {tonumber(c[1] or '0'), tonumber(c[2] or '0'), tonumber(c[3] or '0'), tonumber(c[4] or '0'),

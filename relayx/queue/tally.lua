@@ -1,19 +1,22 @@
 -- tally.lua: one bounded step of a consistency check (check_queue in redis.py):
 -- recount a slice of one zset, and with repair, mend what the slice shows.
 --
--- KEYS[1]  the zset walked: <p>:ready:<q>, <p>:leased, <p>:deferred or <p>:failed
---          (kind "ready", "in_flight", "deferred", "failed": a location, see
---          common.lua), <p>:q:<q> (kind "index"), or <p>:inflight:<q> or
---          <p>:deferred:<q> (kind "pair": a per-queue copy of KEYS[2])
+-- KEYS[1]  what is walked: the seqset <p>:rq:<q> or the zsets <p>:leased,
+--          <p>:deferred or <p>:failed (kind "ready", "in_flight", "deferred",
+--          "failed": a location, see common.lua), the seqset <p>:aq:<q> (kind
+--          "index"), or <p>:inflight:<q> or <p>:deferred:<q> (kind "pair": a
+--          per-queue copy of KEYS[2])
 -- KEYS[2]  for kind "pair": the location it copies (<p>:leased or <p>:deferred)
 -- ARGV[1]  key prefix <p>
 -- ARGV[2]  kind
--- ARGV[3]  offset (index of the first entry; the caller's cursor)
+-- ARGV[3]  the caller's cursor: for a seqset (kinds "ready", "index") the sequence
+--          after which to start (0: the first), else the index of the first entry
 -- ARGV[4]  most entries to look at
 -- ARGV[5]  "1" to repair, "0" to look only
 -- ARGV[6]  for "ready", "index" and "pair": the queue
 -- Returns JSON {"seen": entries looked at, "removed": entries taken out of KEYS[1]
--- (the caller's cursor moves back by as many), "queues": {queue: [jobs, bytes,
+-- (a zset's index cursor moves back by as many), "last": the sequence of the
+-- last seqset entry looked at (a seqset's next cursor), "queues": {queue: [jobs, bytes,
 -- messages, message bytes]} for the jobs counted in this location (a message is
 -- counted with its first job that still exists), "busy": {queue: {recipient: n}}
 -- (kinds "in_flight" and "deferred": the jobs' recipients, lower case, as
@@ -21,7 +24,7 @@
 --
 -- Problems: "stale" (an entry whose job is gone, or of another queue), "twice"
 -- (a job also in a location that comes first in job_state's order), "unindexed"
--- (a job missing from its queue's <p>:q:<q>), "unpaired" (in <p>:leased or
+-- (a job missing from its queue's <p>:aq:<q>), "unpaired" (in <p>:leased or
 -- <p>:deferred but not in its queue's copy). Repair takes stale and twice
 -- entries out of KEYS[1] and adds missing index and copy entries; counters are
 -- set apart (recount.lua), only if the queue did not change meanwhile.
@@ -29,44 +32,54 @@
 -- Invariant: without repair, none changed; with it, every job is in exactly one
 -- location and in the indexes of its queue (common.lua).
 -- Cost bound: ARGV[4] entries (the caller passes 100 by default), each about five
--- O(1) or O(log n) reads: ~1,000 keys, whatever the depth.
+-- O(1) or O(log n) reads, plus for a seqset at most ARGV[4] + 1 chunks read
+-- (seqset_range): ~1,000 keys, whatever the depth.
 
 local prefix, kind, offset, count = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local repair, only = ARGV[5] == '1', ARGV[6]
 local queues, busy, problems, removed = {}, {}, {}, 0
 local function problem(name) problems[name] = (problems[name] or 0) + 1 end
-local function drop(jid)
+local seqset = kind == 'ready' or kind == 'index'
+local function drop(jid, score)
   if repair then
-    redis.call('ZREM', KEYS[1], jid)
+    if seqset then seqset_remove(KEYS[1], score, jid) else redis.call('ZREM', KEYS[1], jid) end
     removed = removed + 1
   end
 end
 local copies = {in_flight = ':inflight:', deferred = ':deferred:'}
 
-local entries = redis.call('ZRANGE', KEYS[1], offset, offset + count - 1, 'WITHSCORES')
+local entries, last = {}, offset
+if seqset then
+  for _, entry in ipairs(seqset_range(KEYS[1], offset, count)) do
+    entries[#entries + 1], entries[#entries + 2] = entry[1], entry[2]
+    last = entry[2]
+  end
+else
+  entries = redis.call('ZRANGE', KEYS[1], offset, offset + count - 1, 'WITHSCORES')
+end
 for i = 1, #entries, 2 do
   local jid, score = entries[i], entries[i + 1]
   local job = prefix .. ':job:' .. jid
   local domain, qid, seq = job_get(prefix, jid, 'domain', 'qid', 'seq')
   if not domain or (only ~= '' and domain ~= only) then
     problem('stale')
-    drop(jid)
+    drop(jid, score)
   elseif kind == 'index' then
     -- nothing more: the job exists and belongs here
   elseif kind == 'pair' then
     if not redis.call('ZSCORE', KEYS[2], jid) then
       problem('stale')
-      drop(jid)
+      drop(jid, score)
     end
   else
     local where = location(prefix, jid, domain)
     if where ~= kind then
       problem('twice')
-      drop(jid)
+      drop(jid, score)
     else
-      if not redis.call('ZSCORE', prefix .. ':q:' .. domain, jid) then
+      if not seqset_has(prefix .. ':aq:' .. domain, seq, jid) then
         problem('unindexed')
-        if repair then redis.call('ZADD', prefix .. ':q:' .. domain, seq, jid) end
+        if repair then seqset_add(prefix .. ':aq:' .. domain, seq, jid) end
       end
       local copy = copies[kind]
       if copy and not redis.call('ZSCORE', prefix .. copy .. domain, jid) then
@@ -96,4 +109,4 @@ for i = 1, #entries, 2 do
     end
   end
 end
-return cjson.encode({seen = #entries / 2, removed = removed, queues = queues, busy = busy, problems = problems})
+return cjson.encode({seen = #entries / 2, removed = removed, last = last, queues = queues, busy = busy, problems = problems})
