@@ -194,6 +194,9 @@ def build_smtp_factory(
             tls = ReloadingTLS(s.tls_certificate, s.tls_key)
         except TLSFilesError as e:
             raise StartupError(f"{config.source}: smtp.tls_certificate: {e}") from None
+    names = ReverseNames(
+        dns_lookup(config.delivery.nameservers, config.filter.dns_timeout), reactor, config.filter.dns_timeout
+    )
     spool = Spool(config.node.data_dir / "spool", threshold=s.spool_threshold)
     try:
         spool.prepare()
@@ -226,11 +229,8 @@ def build_smtp_factory(
         new_queue_id=new_queue_id,
         # RFC 5321 4.5.1: <Postmaster> without a domain is the first domain's
         postmaster_domain=config.domains[0].name if config.domains else None,
-        reverse_names=ReverseNames(
-            dns_lookup(config.delivery.nameservers, config.filter.dns_timeout),
-            reactor,
-            config.filter.dns_timeout,
-        ).name,
+        reverse_names=names.name,
+        known_names=names.known,
     )
 
 

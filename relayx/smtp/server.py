@@ -422,7 +422,11 @@ class SMTPServerProtocol(Protocol):
             self._close(refusal)
             return
         if self.server.reverse_names is not None:
-            self._reverse = Deferred.fromCoroutine(self._look_up_name(self.server.reverse_names))
+            known = self.server.known_names(host) if self.server.known_names is not None else None
+            if known is not None:
+                self.session.rdns = known[0]
+            else:
+                self._reverse = Deferred.fromCoroutine(self._look_up_name(self.server.reverse_names))
         if self.server.filters is not None:
             self._wait_for(self._greeting(self.server.filters))
             return
@@ -1255,6 +1259,7 @@ class SMTPServerFactory(ServerFactory):
         metrics: Metrics | None = None,
         postmaster_domain: str | None = None,
         reverse_names: Callable[[str], Awaitable[str | None]] | None = None,
+        known_names: Callable[[str], tuple[str | None] | None] | None = None,
         spool: Spool | None = None,
         room: Callable[[str | None, int], Reply | None] | None = None,
     ) -> None:
@@ -1272,6 +1277,8 @@ class SMTPServerFactory(ServerFactory):
         self.postmaster_domain = postmaster_domain
         #: the client's forward-confirmed reverse name, for Received:
         self.reverse_names = reverse_names
+        #: the name already known for an address (a 1-tuple), or None when it must be looked up
+        self.known_names = known_names
         self.metrics = metrics or Metrics()
         #: where messages too big to hold in memory go while they come in
         self.spool = spool or Spool(None)
