@@ -305,6 +305,21 @@ def test_session_line_of_a_client_gone_during_commit(tmp_path: Path) -> None:
         assert s.take() == ""
 
 
+def test_session_closed_by_the_node_during_commit_logged_at_once(tmp_path: Path) -> None:
+    """When the node itself closes a session that waits (shutdown past its grace), its line is logged at once."""
+    with logged_events() as events:
+        node = Node(tmp_path / "spool")
+        node.store.gated = True
+        s = node.connect()
+        s.transaction()
+        s.send("DATA\r\n")
+        s.send(b"Subject: x\r\n\r\nhi\r\n.\r\n")
+        assert s.protocol.shut_down(force=True)
+        s.protocol.connectionLost()
+        [line] = [e for e in events if "queue_ids" in e]
+        assert (line["count"], line["code"]) == (0, 421)
+
+
 def test_input_while_paused_is_bounded(tmp_path: Path) -> None:
     """When a client somehow keeps sending while its session is paused, past the bound it gets 421 and is closed."""
     node = Node(tmp_path / "spool")

@@ -13,7 +13,7 @@ per line), which is where an SMTP server spends its time. It is checked and
 unstuffed as it comes and written to a ``SpooledMessage``: in memory while it
 is small, in a file of the spool directory once it grows, so that memory does
 not grow with the size of the messages. While a session waits for the store
-or the filters, the server stops reading from its client.
+or the filters, the server stops reading from its client once it sends more.
 
 No trickle keeps a session: each command line has ``command_timeout`` from
 the previous reply to its end, a message ``data_timeout`` from its first byte
@@ -453,13 +453,15 @@ class SMTPServerProtocol(Protocol):
         return Client(ip=self.session.peer_ip, helo=self.session.helo or "")
 
     def connectionLost(self, reason: Failure = _LOST) -> None:
+        # the client left while its session waited (a session is read until
+        # input comes): a commit under way still ends with its queue id, so
+        # the session's line comes with the answer
+        left_while_waiting = self._busy and not self._closing
         self._closing = True
         self._cancel_timer()
         self._discard_message()
         self.server.leave(self)
-        if self._busy:
-            # a commit under way still ends with its queue id: the session's
-            # line once the answer is in
+        if left_while_waiting:
             self._log_at_answer = True
             return
         self._log_end()
