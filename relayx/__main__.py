@@ -129,7 +129,7 @@ def run_worker(argv: list[str]) -> None:
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
     async def run(reactor: Any) -> None:
-        node = RelayNode(config, reactor, role=NodeRole.SMTP_WORKER)
+        node = RelayNode(config, reactor, role=NodeRole.SMTP_WORKER, freeze_startup=True)
         gone: Deferred[None] = Deferred()
         try:
             await node.start()

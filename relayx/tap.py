@@ -73,7 +73,12 @@ def makeService(options: Options) -> IService:
     from relayx.service import RelayNode
 
     assert options.loaded is not None
-    node = RelayNode(options.loaded, reactor, worker_args=options.worker_args() if options["supervise"] else None)
+    node = RelayNode(
+        options.loaded,
+        reactor,
+        worker_args=options.worker_args() if options["supervise"] else None,
+        freeze_startup=True,
+    )
     NODES.append(node)
     return node
 

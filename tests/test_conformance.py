@@ -359,6 +359,27 @@ def test_reverse_name_in_received_when_forward_confirmed() -> None:
     assert message.body.startswith(b"Received: from client.test (mail.client.test [192.0.2.7])\r\n")
 
 
+def test_reverse_name_known_is_taken_without_a_look_up() -> None:
+    """When a client's name is known (kept from before, or never looked up), the session takes it as is."""
+    calls: list[str] = []
+
+    async def table(name: str, rdtype: str) -> list[str]:
+        calls.append(name)
+        return {"PTR": ["mail.client.test."], "A": ["192.0.2.7"]}[rdtype]
+
+    names = ReverseNames(table, Clock(), 2.0)
+    assert names.known("192.0.2.7") is None
+    assert names.known("127.0.0.1") == names.known("fe80::1") == names.known("not an address") == (None,)
+    assert _result(names.name("192.0.2.7")) == "mail.client.test"
+    assert names.known("192.0.2.7") == ("mail.client.test",)
+    h = Harness(reverse_names=names.name, known_names=names.known)
+    h.send("EHLO client.test\r\nMAIL FROM:<bob@sender.test>\r\nRCPT TO:<alice@example.com>\r\n")
+    h.send("DATA\r\nSubject: x\r\n\r\nb\r\n.\r\n")
+    [message] = h.store.messages
+    assert message.body.startswith(b"Received: from client.test (mail.client.test [192.0.2.7])\r\n")
+    assert len(calls) == 2
+
+
 def test_reverse_name_not_confirmed_or_slow_is_left_out() -> None:
     """When the PTR name does not lead back, has bad characters or DNS hangs, no name is shown; answers are cached."""
     calls: list[str] = []

@@ -15,6 +15,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from bench.harness import wait_port
 from relayx.redis.embedded import free_port
 
@@ -149,3 +151,39 @@ def test_node_that_cannot_listen_exits_1(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stdout
     [line] = [line for line in result.stdout.splitlines() if "cannot start" in line]
     assert f"smtp.listen: cannot listen on 'tcp:{port}:interface=127.0.0.1'" in line
+
+
+def test_startup_objects_frozen_only_by_a_node_of_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When twistd makes the node, start-up's objects are frozen once it is up; a node in a test's process does not."""
+    import gc
+
+    from relayx import tap
+    from relayx.config import parse
+    from relayx.service import RelayNode
+
+    calls: list[str] = []
+
+    def collect(*generation: int) -> int:
+        calls.append("collect")
+        return 0
+
+    monkeypatch.setattr(gc, "collect", collect)
+    monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
+    config = parse(
+        {
+            "node": {"id": "n1", "hostname": "mx2.relayx.test", "data_dir": str(tmp_path)},
+            "redis": {"url": "redis://127.0.0.1:1/0"},
+            "domain": [{"name": "example.com", "routes": ["smtp://127.0.0.1:25"], "recipients": "any"}],
+        },
+        "test.toml",
+        tmp_path,
+    )
+    RelayNode(config, reactor=None)._freeze_startup()
+    assert calls == []
+    options = tap.Options()
+    options.loaded = config
+    node = tap.makeService(options)
+    tap.NODES.remove(node)
+    assert isinstance(node, RelayNode)
+    node._freeze_startup()
+    assert calls == ["collect", "freeze"]

@@ -24,6 +24,7 @@ from relayx.interfaces import IMessageStore, IncomingMessage, StoreUnavailable
 from relayx.smtp.server import MAX_INPUT_WHILE_BUSY, Limits, SMTPServerFactory
 from relayx.spool import Spool
 from tests import test_smtp_server as smtp_server
+from tests.helpers import logged_events
 from tests.test_smtp_server import DOMAINS, Dialogue
 
 LIMITS = attrs.evolve(
@@ -268,6 +269,55 @@ def test_client_paused_while_store_waits(tmp_path: Path) -> None:
     node.store.open()
     assert s.take() == "250 2.0.0 Ok: queued as Q1\r\n250 2.0.0 Ok\r\n"
     assert s.transport.producerState == "producing"
+
+
+def test_client_read_on_while_a_quiet_wait_lasts(tmp_path: Path) -> None:
+    """When a session waits for the store with no input waiting, its client is not paused until input comes."""
+    node = Node(tmp_path / "spool")
+    node.store.gated = True
+    s = node.connect()
+    s.transaction()
+    s.send("DATA\r\n")
+    assert s.send(b"Subject: x\r\n\r\nhi\r\n.\r\n") == ""
+    assert s.transport.producerState == "producing"
+    assert s.send(b"NOOP\r\n") == ""
+    assert s.transport.producerState == "paused"
+    node.store.open()
+    assert s.take() == "250 2.0.0 Ok: queued as Q1\r\n250 2.0.0 Ok\r\n"
+    assert s.transport.producerState == "producing"
+
+
+def test_session_line_of_a_client_gone_during_commit(tmp_path: Path) -> None:
+    """When a client leaves while its message is committed, the session's line comes after the commit, with its id."""
+    with logged_events() as events:
+        node = Node(tmp_path / "spool")
+        node.store.gated = True
+        s = node.connect()
+        s.transaction()
+        s.send("DATA\r\n")
+        s.send(b"Subject: x\r\n\r\nhi\r\n.\r\n")
+        s.lose()
+        assert not [e for e in events if "queue_ids" in e]
+        node.store.open()
+        [line] = [e for e in events if "queue_ids" in e]
+        assert (line["count"], line["queue_ids"]) == (1, "Q1")
+        assert [m.queue_id for m in node.store.messages] == ["Q1"]
+        assert s.take() == ""
+
+
+def test_session_closed_by_the_node_during_commit_logged_at_once(tmp_path: Path) -> None:
+    """When the node itself closes a session that waits (shutdown past its grace), its line is logged at once."""
+    with logged_events() as events:
+        node = Node(tmp_path / "spool")
+        node.store.gated = True
+        s = node.connect()
+        s.transaction()
+        s.send("DATA\r\n")
+        s.send(b"Subject: x\r\n\r\nhi\r\n.\r\n")
+        assert s.protocol.shut_down(force=True)
+        s.protocol.connectionLost()
+        [line] = [e for e in events if "queue_ids" in e]
+        assert (line["count"], line["code"]) == (0, 421)
 
 
 def test_input_while_paused_is_bounded(tmp_path: Path) -> None:

@@ -86,6 +86,7 @@ class Harness(Dialogue):
         filters: FilterChains | None = None,
         domains: tuple[DomainConfig, ...] = DOMAINS,
         reverse_names: Callable[[str], Awaitable[str | None]] | None = None,
+        known_names: Callable[[str], tuple[str | None] | None] | None = None,
     ) -> None:
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
@@ -100,6 +101,7 @@ class Harness(Dialogue):
             new_queue_id=lambda: f"Q{next(ids)}",
             filters=filters,
             reverse_names=reverse_names,
+            known_names=known_names,
         )
         super().__init__(self.factory, peer or IPv4Address("TCP", "192.0.2.7", 40000))
 

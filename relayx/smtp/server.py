@@ -13,7 +13,7 @@ per line), which is where an SMTP server spends its time. It is checked and
 unstuffed as it comes and written to a ``SpooledMessage``: in memory while it
 is small, in a file of the spool directory once it grows, so that memory does
 not grow with the size of the messages. While a session waits for the store
-or the filters, the server stops reading from its client.
+or the filters, the server stops reading from its client once it sends more.
 
 No trickle keeps a session: each command line has ``command_timeout`` from
 the previous reply to its end, a message ``data_timeout`` from its first byte
@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -150,6 +150,9 @@ class Envelope:
     rcpt_dsn: dict[Mailbox, RecipientDsn] = attrs.field(factory=dict)
 
     def message_dsn(self) -> MessageDsn:
+        if not self.rcpt_dsn:
+            # the common case, without an evolve per message
+            return self.dsn
         return attrs.evolve(
             self.dsn, recipients=tuple((str(m), d) for m, d in self.rcpt_dsn.items() if m in self.recipients)
         )
@@ -393,6 +396,8 @@ class SMTPServerProtocol(Protocol):
         self._chunk: _Chunk | None = None
         self._busy = False
         self._paused = False
+        #: the connection ended while the session waited: its line is logged with the answer
+        self._log_at_answer = False
         self._closing = False
         self._discarding_line = False
         self._timer: IDelayedCall | None = None
@@ -417,11 +422,15 @@ class SMTPServerProtocol(Protocol):
             self._close(refusal)
             return
         if self.server.reverse_names is not None:
-            self._reverse = Deferred.fromCoroutine(self._look_up_name(self.server.reverse_names))
+            known = self.server.known_names(host) if self.server.known_names is not None else None
+            if known is not None:
+                self.session.rdns = known[0]
+            else:
+                self._reverse = Deferred.fromCoroutine(self._look_up_name(self.server.reverse_names))
         if self.server.filters is not None:
             self._wait_for(self._greeting(self.server.filters))
             return
-        self._reply(self._banner())
+        self._reply(self.server.banner, self.server.banner_bytes)
         self._expect_line()
 
     async def _look_up_name(self, reverse_names: Callable[[str], Awaitable[str | None]]) -> None:
@@ -435,7 +444,7 @@ class SMTPServerProtocol(Protocol):
             log.debug("no reverse name for {peer}: {why}", peer=self.session.peer_ip, why=repr(e))
 
     def _banner(self) -> Reply:
-        return Reply(220, "", f"{self.server.hostname} ESMTP relayx")
+        return self.server.banner
 
     async def _greeting(self, filters: FilterChains) -> Reply:
         return (await filters.default.connection(self.session.peer_ip)).reply or self._banner()
@@ -444,10 +453,20 @@ class SMTPServerProtocol(Protocol):
         return Client(ip=self.session.peer_ip, helo=self.session.helo or "")
 
     def connectionLost(self, reason: Failure = _LOST) -> None:
+        # the client left while its session waited (a session is read until
+        # input comes): a commit under way still ends with its queue id, so
+        # the session's line comes with the answer
+        left_while_waiting = self._busy and not self._closing
         self._closing = True
         self._cancel_timer()
         self._discard_message()
         self.server.leave(self)
+        if left_while_waiting:
+            self._log_at_answer = True
+            return
+        self._log_end()
+
+    def _log_end(self) -> None:
         session = self.session
         log.info(
             "smtp session from {peer} ({helo}{tls}) ended after {seconds:.3f}s: "
@@ -485,7 +504,8 @@ class SMTPServerProtocol(Protocol):
             return
         self._buffer += data
         if self._busy:
-            # the transport is paused: only what was already read lands here
+            # input while the session waits: read no more until the answer
+            self._pause()
             if len(self._buffer) > MAX_INPUT_WHILE_BUSY:
                 self._close(Reply(421, "4.7.0", f"{self.server.hostname} Error: too much input while busy"))
             return
@@ -568,13 +588,19 @@ class SMTPServerProtocol(Protocol):
             self._timer.cancel()
         self._timer = None
 
-    def _reply(self, reply: Reply) -> None:
+    def _reply(self, reply: Reply, data: bytes | None = None) -> None:
+        """
+        Send ``reply`` (``data``: its bytes, when they are at hand), or hold
+        it to be sent with the others of a pipelined group.
+        """
         if not self._closing:
             self.session.code = reply.code
+            if data is None:
+                data = reply.encode()
             if self._held is None:
-                send_now(self.transport, reply.encode())
+                send_now(self.transport, data)
             else:
-                self._held.append(reply.encode())
+                self._held.append(data)
 
     def _flush(self) -> None:
         """
@@ -679,18 +705,29 @@ class SMTPServerProtocol(Protocol):
         if result is not None:
             self._wait_for(result)
 
-    def _wait_for(self, work: Awaitable[Reply]) -> None:
+    def _wait_for(self, work: Coroutine[Any, Any, Reply]) -> None:
         """
         Hold further input until ``work`` (a coroutine) yields the reply.
+
+        The client is paused (read no more) when input is already waiting or
+        once more arrives, not at once: most clients wait for the reply, most
+        waits end within milliseconds, and pausing and resuming the transport
+        around each (two ``epoll_ctl`` calls and the reactor's bookkeeping)
+        cost more than the wait's own work.
+
+        The time limit's timer is left as it is: while busy no deadline
+        applies (``_due``), so if it goes off meanwhile it does nothing, and
+        the next line's deadline is set once the reply is sent. Most waits
+        end within milliseconds, and cancelling and setting a timer around
+        each was a visible part of a session's cost.
         """
         self._busy = True
-        self._cancel_timer()
-
-        async def run() -> Reply:
-            return await work
 
         def done(reply: Reply) -> None:
             self._holding(answered, reply)
+            if self._log_at_answer and not self._busy:
+                self._log_at_answer = False
+                self._log_end()
 
         def answered(reply: Reply) -> None:
             self._busy = False
@@ -712,9 +749,13 @@ class SMTPServerProtocol(Protocol):
             log.failure("unexpected error in SMTP session from {peer}", failure, peer=self.session.peer_ip)
             done(STORE_FAILED)
 
-        Deferred.fromCoroutine(run()).addCallbacks(done, failed)
-        if self._busy and not self._paused and not self._closing:
-            # still waiting: read nothing more from this client until the answer
+        Deferred.fromCoroutine(work).addCallbacks(done, failed)
+        if self._busy and self._buffer:
+            # still waiting, with pipelined input: read nothing more until the answer
+            self._pause()
+
+    def _pause(self) -> None:
+        if not self._paused and not self._closing:
             self._paused = True
             self.transport.pauseProducing()  # type: ignore[union-attr]
 
@@ -744,26 +785,12 @@ class SMTPServerProtocol(Protocol):
         self.session.helo = printable(name)
         self.session.esmtp = esmtp
         self._drop_envelope()
-        hostname = self.server.hostname
         if not esmtp:
-            self._reply(Reply(250, "", hostname))
+            self._reply(Reply(250, "", self.server.hostname))
             return
-        limits = self.server.limits
-        lines = [
-            hostname,
-            "PIPELINING",
-            f"SIZE {limits.max_message_size}",
-            "8BITMIME",
-            "SMTPUTF8",
-            "ENHANCEDSTATUSCODES",
-            "CHUNKING",
-            "DSN",
-        ]
-        if self.server.tls is not None and not self.session.tls:
-            lines.append("STARTTLS")
-        self._reply(Reply(250, "", "\n".join(lines)))
+        self._reply(*self.server.ehlo_reply(starttls=self.server.tls is not None and not self.session.tls))
 
-    def do_MAIL(self, argument: str) -> Awaitable[Reply] | None:
+    def do_MAIL(self, argument: str) -> Coroutine[Any, Any, Reply] | None:
         if self.session.helo is None:
             self._error(BAD_SEQUENCE_HELO)
             return None
@@ -824,7 +851,7 @@ class SMTPServerProtocol(Protocol):
         self.envelope = envelope
         return MAIL_OK
 
-    def do_RCPT(self, argument: str) -> Awaitable[Reply] | None:
+    def do_RCPT(self, argument: str) -> Coroutine[Any, Any, Reply] | None:
         envelope = self.envelope
         if envelope is None:
             self._error(BAD_SEQUENCE_MAIL)
@@ -881,7 +908,7 @@ class SMTPServerProtocol(Protocol):
             self._reply(TOO_MANY_RECIPIENTS)
         return True
 
-    def _postmaster(self, envelope: Envelope, params: str) -> Awaitable[Reply] | None:
+    def _postmaster(self, envelope: Envelope, params: str) -> Coroutine[Any, Any, Reply] | None:
         """
         ``RCPT TO:<Postmaster>`` without a domain, which RFC 5321 4.5.1 says
         MUST be accepted: postmaster of the primary domain (the first one
@@ -1192,7 +1219,7 @@ class SMTPServerProtocol(Protocol):
     def do_not_implemented(self, argument: str) -> None:
         self._error(NOT_IMPLEMENTED)
 
-    _COMMANDS: ClassVar[dict[str, Callable[[SMTPServerProtocol, str], Awaitable[Reply] | None]]] = {
+    _COMMANDS: ClassVar[dict[str, Callable[[SMTPServerProtocol, str], Coroutine[Any, Any, Reply] | None]]] = {
         "HELO": do_HELO,
         "EHLO": do_EHLO,
         "MAIL": do_MAIL,
@@ -1234,6 +1261,7 @@ class SMTPServerFactory(ServerFactory):
         metrics: Metrics | None = None,
         postmaster_domain: str | None = None,
         reverse_names: Callable[[str], Awaitable[str | None]] | None = None,
+        known_names: Callable[[str], tuple[str | None] | None] | None = None,
         spool: Spool | None = None,
         room: Callable[[str | None, int], Reply | None] | None = None,
     ) -> None:
@@ -1251,14 +1279,44 @@ class SMTPServerFactory(ServerFactory):
         self.postmaster_domain = postmaster_domain
         #: the client's forward-confirmed reverse name, for Received:
         self.reverse_names = reverse_names
+        #: the name already known for an address (a 1-tuple), or None when it must be looked up
+        self.known_names = known_names
         self.metrics = metrics or Metrics()
         #: where messages too big to hold in memory go while they come in
         self.spool = spool or Spool(None)
         #: the dates of Received: headers, formatted once a second
         self.date_stamp = DateStamps()
+        self.banner = Reply(220, "", f"{self.hostname} ESMTP relayx")
+        self.banner_bytes = self.banner.encode()
+        self._ehlo: dict[tuple[str, int, bool], tuple[Reply, bytes]] = {}
         self.sessions: set[SMTPServerProtocol] = set()
         self.per_ip: dict[str, set[SMTPServerProtocol]] = {}
         self.stopping = False
+
+    def ehlo_reply(self, starttls: bool) -> tuple[Reply, bytes]:
+        """
+        The reply to EHLO, listing STARTTLS if ``starttls``, and its bytes:
+        built once (for the hostname and size limit of the time), not for
+        every session.
+        """
+        key = (self.hostname, self.limits.max_message_size, starttls)
+        found = self._ehlo.get(key)
+        if found is None:
+            lines = [
+                self.hostname,
+                "PIPELINING",
+                f"SIZE {self.limits.max_message_size}",
+                "8BITMIME",
+                "SMTPUTF8",
+                "ENHANCEDSTATUSCODES",
+                "CHUNKING",
+                "DSN",
+            ]
+            if starttls:
+                lines.append("STARTTLS")
+            reply = Reply(250, "", "\n".join(lines))
+            found = self._ehlo[key] = (reply, reply.encode())
+        return found
 
     def buildProtocol(self, addr: IAddress | None) -> SMTPServerProtocol:
         protocol = SMTPServerProtocol(self)
