@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import socket
 import subprocess
@@ -160,11 +161,17 @@ def slowest(port: int) -> dict[str, Any]:
     }
 
 
+def bucket(value: str) -> str:
+    """A recipient's or Message-ID's search index bucket (common.lua's index_bucket)."""
+    return hashlib.sha1(value.lower().encode()).hexdigest()[:4]
+
+
 def memory_breakdown(port: int, prefix: str, n: int, depth: int) -> dict[str, int]:
     """
     What one queued message costs Redis, key by key (``MEMORY USAGE``): message
     ``n``'s own keys, and its share of the keys all messages share (the queue's
-    zsets, its sender's index, the domain's event log).
+    zsets, the index buckets of its recipient and Message-ID, the domain's event
+    log): a shared key's usage divided by its members.
     """
 
     def usage(key: str) -> int:
@@ -175,24 +182,18 @@ def memory_breakdown(port: int, prefix: str, n: int, depth: int) -> dict[str, in
         reply = redis_command(port, *args)
         return max(1, int(reply[1:].split(b"\r\n")[0])) if reply.startswith(b":") else 1
 
-    qid, sender = f"D{n:09d}", f"sender{n % 1000}@load.test"
+    qid = f"D{n:09d}"
     shared = {
         "queue_zset": f"{prefix}:q:example.com",
         "ready_zset": f"{prefix}:ready:example.com",
-        "sender_index": f"{prefix}:ix:from:{sender}",
+        "recipient_index": f"{prefix}:ix:rcpt:{bucket(f'rcpt{n}@example.com')}",
+        "message_id_index": f"{prefix}:ix:mid:{bucket(f'{n}.depth@bench.test')}",
         "event_log": f"{prefix}:events:example.com",
     }
-    counts = {
-        "queue_zset": count("ZCARD", shared["queue_zset"]),
-        "ready_zset": count("ZCARD", shared["ready_zset"]),
-        "sender_index": count("ZCARD", shared["sender_index"]),
-        "event_log": count("XLEN", shared["event_log"]),
-    }
+    counts = {name: count("XLEN" if name == "event_log" else "ZCARD", key) for name, key in shared.items()}
     result = {
         "message_hash": usage(f"{prefix}:msg:{qid}"),
         "job_hash": usage(f"{prefix}:job:{qid}.1"),
-        "recipient_index": usage(f"{prefix}:ix:rcpt:rcpt{n}@example.com"),
-        "message_id_index": usage(f"{prefix}:ix:mid:{n}.depth@bench.test"),
     }
     for name, key in shared.items():
         # a queued message has one entry in each (the event log: its "accepted")
