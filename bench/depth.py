@@ -192,8 +192,8 @@ def memory_breakdown(port: int, prefix: str, n: int, depth: int) -> dict[str, in
     }
     counts = {name: count("XLEN" if name == "event_log" else "ZCARD", key) for name, key in shared.items()}
     result = {
-        "message_hash": usage(f"{prefix}:msg:{qid}"),
-        "job_hash": usage(f"{prefix}:job:{qid}.1"),
+        # the message's fields and its (only) job's share one hash (common.lua's msg_key)
+        "message_hash": usage(f"{prefix}:job:{qid}.1"),
     }
     for name, key in shared.items():
         # a queued message has one entry in each (the event log: its "accepted")

@@ -74,8 +74,7 @@ step "6. Cutover: hold, re-route to the new tenant, start it, release at 20 msg/
 import socket, sys
 port, out = int(sys.argv[1]), sys.argv[2]
 server = socket.create_server(("127.0.0.1", port))
-while True:
-    conn, _ = server.accept()
+def session(conn):
     f = conn.makefile("rwb")
     f.write(b"220 new-tenant ESMTP\r\n"); f.flush()
     data, body = False, []
@@ -97,6 +96,14 @@ while True:
         else:
             f.write(b"250 ok\r\n")
         f.flush()
+
+
+while True:
+    conn, _ = server.accept()
+    try:  # a port probe that connects and goes at once is no reason to stop
+        session(conn)
+    except OSError:
+        pass
     conn.close()
 PY
 sink_pid=$!

@@ -1164,6 +1164,8 @@ def parse(data: dict[str, Any], source: str, base: Path) -> Config:
             interval=delivery.get("pace_interval", 1.0, _positive_duration),
             floor_rate=delivery.get("pace_floor_rate", 1.0, _positive_rate),
             slow=delivery.get("pace_slow", 4.0, _factor),
+            start=delivery.get("pace_start", 0.5, _fraction(0.05, 1.0)),
+            idle=delivery.get("pace_idle", 300.0, _positive_duration),
         ),
     )
     delivery.finish()

@@ -201,17 +201,24 @@ class Pushback(enum.Enum):
 class PacePolicy:
     """
     How the adaptive pace reacts (cluster-wide, per destination; settle.lua):
-    a pushback cuts the current concurrency or rate by ``backoff`` (at most
-    once per ``interval``), never below one session and ``floor_rate``
-    messages per second; each ``interval`` with a success climbs back
-    additively towards the configured ceiling. A reply ``slow`` times its
-    recent average (and half a second more) cuts both.
+    a destination with no delivery in the last ``idle`` seconds (none yet,
+    or after an outage) starts at ``start`` of its configured concurrency
+    and rate and doubles both each ``interval`` with a success until a
+    pushback or the ceiling (slow start; 1: none); a pushback cuts the
+    current concurrency or rate by ``backoff`` (the rate to no more than the
+    destination accepted over the last second; at most once per
+    ``interval``), never below one session and ``floor_rate`` messages per
+    second; each ``interval`` with a success climbs back additively towards
+    the configured ceiling. A reply ``slow`` times its recent average (and
+    half a second more) cuts both.
     """
 
     backoff: float = 0.7
     interval: float = 1.0
     floor_rate: float = 1.0
     slow: float = 4.0
+    start: float = 0.5
+    idle: float = 300.0
 
 
 @attrs.frozen

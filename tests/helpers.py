@@ -32,6 +32,7 @@ from bench.sink import Received, Sink
 from relayx.config import parse
 from relayx.redis.embedded import find_redis_server, free_port, redis_arguments
 from relayx.service import RelayNode
+from tests.dns import LoopbackDNS, a, mx
 
 _prefixes = itertools.count()
 T = TypeVar("T")
@@ -233,6 +234,22 @@ class NodeCase(TestCase):
         self.addCleanup(lambda: Deferred.fromCoroutine(sink.stop()))
         self.smtp_port = port
         return node
+
+    def start_senders_mx(self) -> tuple[LoopbackSink, dict[str, Any]]:
+        """
+        The sender's mail exchanger for DSNs: a sink on 127.0.0.2 that a loopback
+        DNS server names as sender.test's MX; returns it and the ``delivery``
+        settings that make a node find it.
+        """
+        mx_port = free_port()
+        senders_mx = LoopbackSink(mx_port, interface="127.0.0.2")
+        senders_mx.start()
+        self.addCleanup(lambda: Deferred.fromCoroutine(senders_mx.stop()))
+        dns = LoopbackDNS(
+            {"sender.test": {"sender.test": [mx(10, "mx.sender.test")], "mx.sender.test": [a("127.0.0.2")]}}
+        )
+        self.addCleanup(lambda: Deferred.fromCoroutine(dns.stop()))
+        return senders_mx, {"nameservers": [dns.address], "mx_port": mx_port}
 
 
 @contextlib.contextmanager

@@ -583,8 +583,8 @@ class NodeBodiesTests(NodeCase):
         assert all(f.read_bytes().startswith(MAGIC) for f in files)
         assert node.queue is not None
         [qid_] = [f.name for f in files if f.name == sorted(f.name for f in files)[0]]
-        stored = await node.queue.redis.call("hget", node.queue.key("msg", qid_), "body")
-        assert stored.startswith(b"\x00relayx-body file:") and len(stored) < 400, stored[:200]
+        [stored] = await node.queue.message_fields(qid_, ["body"])
+        assert stored.startswith(b"\x00file:") and len(stored) < 400, stored[:200]
         view = await node.queue.message(qid_, time.time())
         assert view is not None and view["size"] > 10000 and view["header"].startswith("Received: ")
         sink.start()
@@ -610,7 +610,7 @@ class NodeBodiesTests(NodeCase):
         result = await send(self.smtp_port, "s@sender.test", ["u@example.com"], mail(1))
         assert getattr(result, "smtp_code", None) == 451 and b"4.3.0" in result.smtp_error, result
         assert node.queue is not None
-        assert await node.queue.redis.call("keys", f"{node.queue.prefix}:msg:*") == []
+        assert await node.queue.redis.call("keys", f"{node.queue.prefix}:job:*") == []
         status, text = await deferToThread(get, admin, "/readyz")
         assert status == 503 and "body store failing: body directory" in text, text
         root.unlink()
@@ -756,8 +756,10 @@ class QueueWithBodiesTests(TestCase):
 
         _, stored, store = await self.queues()
         await stored.enqueue(IncomingMessage("HDR", "s@sender.test", (Mailbox.parse("u@one.test"),), time.time(), BODY))
-        key = stored.key("msg", "HDR")
+        key = stored.message_key("HDR")
         assert await stored.redis.call("execute_command", "OBJECT", "ENCODING", key) in (b"listpack", b"ziplist")
+        # the stub is kept as a NUL and the reference: the message's size field has the size
+        assert await stored.redis.call("hget", key, "body") == b"\x00file:%s/HDR" % shard("HDR").encode()
         view = await stored.message("HDR", time.time())
         assert view is not None and view["size"] == len(BODY)
         assert view["header"] == "Received: from client.test\r\nSubject: hello\r\n"
@@ -767,10 +769,10 @@ class QueueWithBodiesTests(TestCase):
         view = await stored.message("HDR", time.time())
         assert view is not None and view["header"] == "Subject: kept\r\n"
         # the body gone: the view goes without its header section
-        await stored.redis.call("hset", key, "body", b"\x00relayx-body file:%s/HDR %d" % (shard("HDR").encode(), 9))
+        await stored.redis.call("hset", key, "body", b"\x00file:%s/HDR" % shard("HDR").encode())
         await store.delete(f"file:{shard('HDR')}/HDR")
         view = await stored.message("HDR", time.time())
-        assert view is not None and (view["header"], view["size"]) == ("", 9)
+        assert view is not None and (view["header"], view["size"]) == ("", len(BODY))
 
     @deferred_test
     async def test_compact_hash_warning(self) -> None:

@@ -47,6 +47,7 @@ def test_example_file_loads() -> None:
     assert config.domains[0].routes == (SMTPRoute("127.0.0.1", 2526),)
     assert config.domains[1].routes == (MXRoute(),)
     assert isinstance(config.domains[1].recipients, RecipientList)
+    assert config.delivery.pace.start == 0.5 and config.delivery.pace.idle == 300
 
 
 def test_defaults(tmp_path: Path) -> None:
@@ -81,6 +82,8 @@ def test_recipient_file_and_overrides(tmp_path: Path) -> None:
         ("[queue]\nretry_schedule = []\n" + MINIMAL, "queue.retry_schedule: expected a non-empty list"),
         ("[queue]\nlease = '1s'\n" + MINIMAL, "queue.lease: expected at least '3s'"),
         ("[queue]\nrate = -1\n" + MINIMAL, "queue.rate: expected messages per second"),
+        ("[delivery]\npace_start = 0\n" + MINIMAL, "delivery.pace_start: expected a fraction from 0.05 to 1"),
+        ("[delivery]\npace_idle = 300\n" + MINIMAL, "delivery.pace_idle: expected a duration such as"),
         (MINIMAL + "ramp_up = 'slow'\n", "domain[0].ramp_up: expected a duration"),
         ("[queue]\nworkers = 0\n" + MINIMAL, "queue.workers: expected a whole number above 0, got 0"),
         ("[smtp]\nmax_message_size = 'big'\n" + MINIMAL, "smtp.max_message_size: expected a size in bytes"),

@@ -84,7 +84,7 @@ class BounceQueueTests(QueueCase):
         [dsn] = (await q.claim("n", T0, 10, {}, Throttle(1))).leases
         assert (dsn.queue_id, dsn.domain, dsn.recipients) == ("DSN-A", "sender.test", ("bob@sender.test",))
         assert (await q.load(dsn)).sender == ""
-        assert await q.redis.call("exists", q.key("msg", "M")) == 0
+        assert await q.redis.call("exists", q.message_key("M")) == 0
 
 
 class BounceEndToEnd(NodeCase):
@@ -94,15 +94,8 @@ class BounceEndToEnd(NodeCase):
         primary = LoopbackSink()
         primary.sink.rcpt_reply = lambda rcpt: b"550 5.1.1 no such user" if rcpt.startswith("gone") else b"250 ok"
         primary.start()
-        mx_port = free_port()
-        senders_mx = LoopbackSink(mx_port, interface="127.0.0.2")
-        senders_mx.start()
-        self.addCleanup(lambda: Deferred.fromCoroutine(senders_mx.stop()))
-        dns = LoopbackDNS(
-            {"sender.test": {"sender.test": [mx(10, "mx.sender.test")], "mx.sender.test": [a("127.0.0.2")]}}
-        )
-        self.addCleanup(lambda: Deferred.fromCoroutine(dns.stop()))
-        await self.start_node(primary, delivery={"nameservers": [dns.address], "mx_port": mx_port})
+        senders_mx, delivery = self.start_senders_mx()
+        await self.start_node(primary, delivery=delivery)
         original = b"Subject: important\r\nMessage-ID: <7@sender.test>\r\n\r\nbody\r\n"
         assert await send(self.smtp_port, "bob@sender.test", ["gone@example.com"], original) == {}
         await wait_for(lambda: len(senders_mx.messages) == 1, 30, "the DSN at the sender's MX")

@@ -22,9 +22,7 @@ from relayx.address import AddressError, xtext_decode, xtext_encode
 from relayx.delivery.bounce import Bouncer
 from relayx.interfaces import FailedJob, Lease, MessageDsn, Notify, Outcome, RecipientDsn, Ret, StoredMessage, Throttle
 from relayx.queue.redis import dsn_from_json, dsn_to_json
-from relayx.redis.embedded import free_port
 from relayx.reply import Reply
-from tests.dns import LoopbackDNS, a, mx
 from tests.fakes import MemoryStore
 from tests.helpers import LoopbackSink, NodeCase, wait_for
 from tests.test_conformance import Harness
@@ -201,7 +199,7 @@ class QueueDsnTests(QueueCase):
         """When a message gives no DSN parameters, its hash has no dsn field and load returns the defaults."""
         q = await self.make_queue()
         await q.enqueue(message("M", "a@one.test"))
-        assert await q.redis.call("hexists", q.key("msg", "M"), "dsn") == 0
+        assert await q.redis.call("hexists", q.message_key("M"), "dsn") == 0
         [lease] = (await q.claim("n", T0, 10, {}, Throttle(1))).leases
         assert (await q.load(lease)).dsn == MessageDsn()
 
@@ -360,15 +358,8 @@ class RelayedEndToEnd(NodeCase):
         """When NOTIFY=SUCCESS meets a primary without DSN, the sender's MX gets a relayed DSN after the 250."""
         primary = LoopbackSink()
         primary.start()
-        mx_port = free_port()
-        senders_mx = LoopbackSink(mx_port, interface="127.0.0.2")
-        senders_mx.start()
-        self.addCleanup(lambda: Deferred.fromCoroutine(senders_mx.stop()))
-        dns = LoopbackDNS(
-            {"sender.test": {"sender.test": [mx(10, "mx.sender.test")], "mx.sender.test": [a("127.0.0.2")]}}
-        )
-        self.addCleanup(lambda: Deferred.fromCoroutine(dns.stop()))
-        await self.start_node(primary, delivery={"nameservers": [dns.address], "mx_port": mx_port})
+        senders_mx, delivery = self.start_senders_mx()
+        await self.start_node(primary, delivery=delivery)
 
         def run() -> Any:
             with smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=30) as client:

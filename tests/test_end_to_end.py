@@ -11,6 +11,7 @@ import socket
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
+from relayx.queue.redis import job_qid
 from relayx.redis.connection import connect
 from relayx.redis.embedded import free_port
 from tests.helpers import LoopbackSink, NodeCase, eventually, send, shared_redis, wait_for
@@ -70,9 +71,8 @@ class NodeTests(NodeCase):
         async def dsn() -> bytes | None:
             # the DSN's job, to sender.test (whose MX this test's DNS does not know)
             for jid in await queue.redis.call("zrange", queue.key("ready", "sender.test"), 0, -1):
-                qid = await queue.redis.call("hget", queue.key("job", jid.decode()), "qid")
-                body: bytes = await queue.redis.call("hget", queue.key("msg", qid.decode()), "body")
-                return body
+                [body] = await queue.message_fields(job_qid(jid.decode()), ["body"])
+                return bytes(body)
             return None
 
         recorded = await eventually(dsn, 30, "the DSN")
@@ -140,4 +140,4 @@ class NodeTests(NodeCase):
         redis = await connect("127.0.0.1", shared_redis().port, 0, None, reactor, 5.0, poolsize=1)
         self.addCleanup(redis.disconnect)
         assert await redis.wait_connected(5)
-        assert await redis.call("keys", node.queue.key("msg", "*")) == []
+        assert await redis.call("keys", node.queue.key("job", "*")) == []

@@ -18,6 +18,7 @@ from tests.test_queue_redis import T0, QueueCase, deferred_test, message
 CEILING = Throttle(concurrency=8, rate=100)
 THROTTLES = {"one.test": CEILING}
 BUSY = Reply(421, "4.7.0", "too busy")
+NO_SLOW_START = PacePolicy(start=1.0)
 
 
 def pushed_back(kind: Pushback) -> Callable[[Lease], Outcome]:
@@ -44,6 +45,8 @@ def delivered(lease: Lease, seconds: float = 0.01) -> Outcome:
 
 class PaceTests(QueueCase):
     async def queue_of(self, count: int, **kw: object) -> RedisQueue:
+        # no slow start unless a test asks for it: the others are about the cut and the climb
+        kw.setdefault("pace", NO_SLOW_START)
         q = await self.make_queue(**kw)
         # a mailbox each: order per mailbox would send one mailbox's mail one at a time
         for n in range(count):
@@ -105,7 +108,7 @@ class PaceTests(QueueCase):
         When 421s keep coming, the rate and sessions fall by 0.7 per interval to 1 msg/s and 1 session, and
         claims obey them.
         """
-        q = await self.queue_of(400, pace=PacePolicy(floor_rate=1.0))
+        q = await self.queue_of(400, pace=PacePolicy(floor_rate=1.0, start=1.0))
         now = await self.deliver_for(q, T0, 2, 20)
         for n in range(40):
             for lease in await self.claim(q, now + n, 1):
@@ -255,3 +258,101 @@ class PaceTests(QueueCase):
             ("ceiling", "mx1 [10.0.0.1]:25", 0),
         ]
         assert formatEvent(paced[0]).startswith("pace of one.test cut to 1 session(s), unlimited msg/s after 421")
+
+    # the slow start: a destination with no recent delivery starts low and doubles
+
+    async def deliver_each_second(
+        self, q: RedisQueue, start: float, seconds: int, per_second: int, throttle: Throttle
+    ) -> list[tuple[int | None, float | None]]:
+        """Deliver ``per_second`` messages in each second from ``start``; the pace after each second."""
+        paces = []
+        for second in range(seconds):
+            for k in range(per_second):
+                at = start + second + k / per_second
+                leases = (await q.claim("n", at, 1, {"one.test": throttle}, throttle)).leases
+                for lease in leases:
+                    await q.settle(lease, delivered(lease), at + 0.001, throttle)
+            pace = (await q.domain_state("one.test", start + second + 1)).pace
+            paces.append((pace.concurrency, pace.rate))
+        return paces
+
+    @deferred_test
+    async def test_fresh_destination_starts_low_and_doubles_to_the_ceiling(self) -> None:
+        """
+        When a destination with no delivery yet answers, its pace starts at pace_start of the ceiling (sessions
+        and rate), claims obey it, and each interval with deliveries doubles it: at the ceiling after two.
+        """
+        q = await self.queue_of(100, pace=PacePolicy(start=0.25))
+        with logged_events() as events:
+            [first] = await self.claim(q, T0, 1)
+            await q.settle(first, delivered(first), T0 + 0.01, CEILING)
+        pace = (await q.domain_state("one.test", T0 + 0.01)).pace
+        assert (pace.concurrency, pace.rate, pace.event) == (2, 25.0, "start")
+        assert pace.describe(CEILING).startswith("2 sessions, 25 msg/s: slow start")
+        [logged] = [e for e in events if e.get("pace")]
+        assert (logged["pace"], logged["mx"], logged["code"]) == ("start", "mx1 [10.0.0.1]:25", 0)
+        assert formatEvent(logged) == "pace of one.test starts at 2 session(s), 25 msg/s: no delivery lately"
+        # two sessions at once, whatever the claims ask for (25 msg/s: one lease per claim 0.1 s apart)
+        taken = [len(await self.claim(q, T0 + 0.5 + k / 10)) for k in range(5)]
+        assert taken == [1, 1, 0, 0, 0]
+        q2 = await self.queue_of(100, pace=PacePolicy(start=0.25))
+        paces = await self.deliver_each_second(q2, T0, 3, 10, CEILING)
+        # 25 msg/s, then 50 after an interval of deliveries, then the ceiling (the fields gone)
+        assert paces == [(2, 25.0), (4, 50.0), (None, None)]
+        assert (await q2.domain_state("one.test", T0 + 3)).pace.event == "ceiling"
+
+    @deferred_test
+    async def test_a_421_cut_lands_at_the_rate_delivered(self) -> None:
+        """
+        When a 421 comes while the pace is far above what the destination took over the last second, the rate
+        is cut to that delivered rate, not only to 0.7 of the pace.
+        """
+        high = Throttle(concurrency=8, rate=1000)
+        q = await self.queue_of(200, pace=PacePolicy(start=0.05))
+        paces = await self.deliver_each_second(q, T0, 3, 20, high)
+        assert paces[-1][1] == 200.0  # 50, 100, 200: the slow start's doubling, far above 20 msg/s
+        [lease] = (await q.claim("n", T0 + 3, 1, {"one.test": high}, high)).leases
+        await q.settle(lease, rate_busy(lease), T0 + 3.01, high)
+        pace = (await q.domain_state("one.test", T0 + 3.01)).pace
+        assert pace.event == "cut" and pace.rate is not None and 18 <= pace.rate <= 21  # not 0.7 x 200 = 140
+
+    @deferred_test
+    async def test_a_destination_idle_for_long_starts_low_again(self) -> None:
+        """
+        When a destination at full pace has had no delivery for pace_idle, its next answer starts the slow
+        start again; after a shorter pause it stays at full pace.
+        """
+        q = await self.queue_of(100, pace=PacePolicy(start=0.5, idle=60.0))
+        assert await self.deliver_each_second(q, T0, 2, 5, CEILING) == [(4, 50.0), (None, None)]
+        assert await self.deliver_each_second(q, T0 + 50, 1, 5, CEILING) == [(None, None)]
+        paces = await self.deliver_each_second(q, T0 + 200, 2, 5, CEILING)
+        assert paces == [(4, 50.0), (None, None)]
+
+    @deferred_test
+    async def test_pushbacks_before_the_first_delivery_do_not_restart_the_slow_start(self) -> None:
+        """
+        When a fresh destination answers 421 twice before any delivery, the second finds the first cut and
+        keeps it: the slow start is not begun again over it.
+        """
+        q = await self.queue_of(20, pace=PacePolicy(start=0.5))
+        [lease] = await self.claim(q, T0, 1)
+        await q.settle(lease, rate_busy(lease), T0 + 0.01, CEILING)
+        first = (await q.domain_state("one.test", T0 + 0.01)).pace
+        assert first.event == "cut" and first.rate == 35.0  # 0.7 x the slow start's 50 msg/s
+        [lease] = await self.claim(q, T0 + 0.5, 1)
+        await q.settle(lease, rate_busy(lease), T0 + 0.5, CEILING)
+        again = (await q.domain_state("one.test", T0 + 0.5)).pace
+        assert again.event == "cut" and again.rate == 35.0
+
+    @deferred_test
+    async def test_after_an_outage_the_rate_doubles_and_the_sessions_ramp_from_one(self) -> None:
+        """
+        When a destination comes back after an outage, its rate starts at pace_start of the ceiling and
+        doubles each interval, while its sessions climb from one as ramp_up says (one per interval here).
+        """
+        q = await self.queue_of(100, pace=PacePolicy(start=0.25))
+        [lease] = await self.claim(q, T0, 1)
+        assert await q.settle(lease, Outcome(unreachable="connection refused"), T0, CEILING) == "paused"
+        assert await q.take_probe("one.test", "node-a", 5) and await q.resume("one.test", T0 + 10)
+        paces = await self.deliver_each_second(q, T0 + 10, 3, 10, CEILING)
+        assert paces == [(1, 25.0), (2, 50.0), (3, None)]

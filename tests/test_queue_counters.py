@@ -40,7 +40,7 @@ from relayx.interfaces import (
     StaleLease,
     Throttle,
 )
-from relayx.queue.redis import RedisQueue
+from relayx.queue.redis import RedisQueue, job_default, job_qid
 from relayx.redis.scripts import Script
 from relayx.reply import Reply
 from tests.helpers import shared_redis, unique_prefix
@@ -111,9 +111,19 @@ def recount(r: redis.Redis, prefix: str, now: float) -> tuple[dict[str, QueueCou
     counts: dict[str, dict[str, int]] = {}
     oldest: dict[str, float] = {}
     jobs = 0
+    messages = size = 0
     for key in r.scan_iter(f"{prefix}:job:*"):
         jid = key.decode().split(":job:", 1)[1]
-        domain, qid, created = (v.decode() for v in r.hmget(key, ["domain", "qid", "created"]))  # type: ignore[union-attr]
+        if r.hexists(key, "received"):  # a message's fields, in its first job's hash
+            messages += 1
+            size += int(r.hget(key, "size") or 0)
+        if not r.hexists(key, "domain"):  # the first job retired, its message's fields stay
+            continue
+        qid = job_qid(jid)
+        message = f"{prefix}:msg:{qid}" if r.exists(f"{prefix}:msg:{qid}") else f"{prefix}:job:{qid}.1"
+        domain = _str(r.hget(key, "domain"))
+        received = cast(bytes, r.hget(message, "received"))
+        created = _str(r.hget(key, "created") or job_default(jid, "created", None, received))
         where = [
             name
             for name, zset in (
@@ -135,10 +145,9 @@ def recount(r: redis.Redis, prefix: str, now: float) -> tuple[dict[str, QueueCou
             state = "held"
         row = counts.setdefault(domain, dict.fromkeys((*STATES, "bytes"), 0))
         row[state] += 1
-        row["bytes"] += int(r.hget(f"{prefix}:msg:{qid}", "size") or 0)
+        row["bytes"] += int(r.hget(message, "size") or 0)
         oldest[domain] = min(oldest.get(domain, float("inf")), int(created) / 1000)
         jobs += 1
-    messages = size = 0
     for key in r.scan_iter(f"{prefix}:msg:*"):
         messages += 1
         size += int(r.hget(key, "size") or 0)
@@ -486,7 +495,7 @@ def test_bytes_count_bodies_kept_in_a_body_store() -> None:
     try:
         body = b"Subject: big\r\n\r\n" + b"x" * 100_000
         done(machine.q.enqueue(IncomingMessage("B1", "bob@sender.test", (Mailbox.parse("a@two.test"),), T0, body)))
-        assert machine.redis.r.hstrlen(f"{machine.q.prefix}:msg:B1", "body") < 1000
+        assert machine.redis.r.hstrlen(machine.q.message_key("B1"), "body") < 1000
         assert done(machine.q.queue_summary(["two.test"], T0))["two.test"].bytes == len(body)
         assert done(machine.q.totals()).bytes == len(body)
     finally:

@@ -183,6 +183,86 @@ class RedisQueueTests(QueueCase):
         assert (await q.queue_summary(["one.test", "two.test"], T0))["two.test"].total == 0
 
     @deferred_test
+    async def test_one_hash_per_message(self) -> None:
+        """When a message is queued, its fields share its first job's hash, which keeps no default; it goes last."""
+        q = await self.make_queue()
+        await q.enqueue(message("M", "a@one.test", "b@two.test"))
+        first = {k.decode(): v for k, v in (await q.redis.call("hgetall", q.key("job", "M.1"))).items()}
+        assert sorted(first) == sorted(
+            ["sender", "body", "received", "jobs", "njobs", "size", "subject", "domain", "rcpts", "seq"]
+        )
+        assert await q.redis.call("keys", q.key("msg", "*")) == []
+        assert await q.job_fields("M.1", ["qid", "owed", "failed", "created", "attempts"]) == [
+            b"M",
+            b'["a@one.test"]',
+            b"[]",
+            first["received"],
+            b"0",
+        ]
+        [one, two] = sorted(await take(q, "n", T0, 10), key=lambda lease: lease.job_id)
+        assert (one.queue_id, one.recipients, one.created) == ("M", ("a@one.test",), T0)
+        await q.settle(one, Outcome(delivered=one.recipients), T0)
+        # the first job is gone, its message's fields stay for the second
+        left = await q.redis.call("hgetall", q.key("job", "M.1"))
+        assert sorted(k.decode() for k in left) == ["body", "jobs", "njobs", "received", "sender", "size", "subject"]
+        assert await q.job_fields("M.1", ["qid"]) is None and await q.message_exists("M")
+        view = await q.message("M", T0)
+        assert view is not None and [j["jid"] for j in view["jobs"]] == ["M.2"]
+        assert (await q.load(two)).sender == "bob@sender.test"
+        await q.settle(two, Outcome(delivered=two.recipients), T0)
+        assert await q.redis.call("keys", q.key("job", "*")) == [] and not await q.message_exists("M")
+        assert (await q.totals()).messages == 0
+
+    @deferred_test
+    async def test_message_of_the_previous_version(self) -> None:
+        """When the previous version queued a message (its own hash, all job fields), it is listed, sent, retired."""
+        q = await self.make_queue()
+        await q.enqueue(message("OLD", "a@one.test", "b@one.test"))
+        # its hashes as the previous version wrote them: the message apart, every job field
+        mine, job = q.message_key("OLD"), q.key("job", "OLD.1")
+        fields = await q.redis.call("hgetall", mine)
+        kept = {k: v for k, v in fields.items() if k in (b"sender", b"body", b"received", b"jobs", b"size")}
+        await q.redis.call("delete", mine)
+        await q.redis.call("hmset", q.key("msg", "OLD"), {**kept, b"njobs": b"1"})
+        rcpts = fields[b"rcpts"]
+        await q.redis.call(
+            "hmset",
+            job,
+            {
+                "qid": "OLD",
+                "domain": "one.test",
+                "rcpts": rcpts,
+                "owed": rcpts,
+                "failed": "[]",
+                "seq": fields[b"seq"],
+                "created": fields[b"received"],
+                "held_base": 0,
+                "attempts": 0,
+                "token": 0,
+            },
+        )
+        with self.assertRaises(StoreUnavailable):
+            await q.enqueue(message("OLD", "c@one.test"))
+        page = await q.page(["one.test"], {"sender_has": "bob@"}, 0, 10, T0)
+        assert [(j["qid"], j["sender"], j["owed"]) for j in page["jobs"]] == [
+            ("OLD", "bob@sender.test", ["a@one.test", "b@one.test"])
+        ]
+        view = await q.message("OLD", T0)
+        assert (
+            view is not None and view["sender"] == "bob@sender.test" and [j["jid"] for j in view["jobs"]] == ["OLD.1"]
+        )
+        assert await q.message_exists("OLD") and await q.raw("OLD") == message("OLD").body
+        [lease] = await take(q, "n", T0, 10)
+        assert (lease.queue_id, lease.created) == ("OLD", T0)
+        assert (await q.load(lease)).sender == "bob@sender.test"
+        assert await q.settle(lease, Outcome(delivered=lease.recipients), T0 + 1) == "done"
+        assert await q.redis.call("keys", q.key("job", "*")) == []
+        assert await q.redis.call("keys", q.key("msg", "*")) == []
+        assert not await q.message_exists("OLD")
+        totals = await q.totals()
+        assert (totals.messages, totals.bytes, totals.jobs) == (0, 0, 0)
+
+    @deferred_test
     async def test_stale_token_refused(self) -> None:
         """When a lease expired and another node re-claimed the job, the first node's settle and renew are refused."""
         q = await self.make_queue(lease=10.0)

@@ -2,7 +2,7 @@
 -- time, a lost connection, fewer replicas than durability asks), so that the
 -- 451 its sender gets leaves no copy that could be delivered later.
 --
--- KEYS[1]  <p>:msg:<qid>
+-- KEYS[1]  <p>:job:<qid>.1  the message's hash (msg_key, common.lua: or <p>:msg:<qid>)
 -- KEYS[2]  <p>:aborted:<qid>   tombstone: an enqueue of <qid> arriving after this one
 --                              (still in flight when the node gave up) is refused
 -- ARGV[1]  key prefix <p>
@@ -23,7 +23,8 @@
 
 local prefix, qid = ARGV[1], ARGV[2]
 local done = prefix .. ':done:' .. qid
-if redis.call('EXISTS', KEYS[1]) == 0 then
+local msg = msg_key(prefix, qid)
+if redis.call('EXISTS', msg) == 0 then
   -- taken back already (this is a retry), or never landed: 'aborted'; landed,
   -- and delivered (or bounced) before this ran: 'taken'
   if redis.call('EXISTS', KEYS[2]) == 0 and redis.call('EXISTS', done) == 1 then return 'taken' end
@@ -31,13 +32,14 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   return 'aborted'
 end
 local jobs = message_jobs(prefix, qid)
-if #jobs < tonumber(redis.call('HGET', KEYS[1], 'njobs') or '0') then return 'taken' end
+if #jobs < message_njobs(prefix, qid, msg) then return 'taken' end
 for _, jid in ipairs(jobs) do
-  if tonumber(redis.call('HGET', prefix .. ':job:' .. jid, 'attempts') or '0') > 0 then return 'taken' end
+  if tonumber(job_get(prefix, jid, 'attempts') or '0') > 0 then return 'taken' end
 end
+local received = tonumber(redis.call('HGET', msg, 'received') or '0')
 for _, jid in ipairs(jobs) do
-  local domain = redis.call('HGET', prefix .. ':job:' .. jid, 'domain')
-  record_event(prefix, domain, qid, jid, tonumber(redis.call('HGET', KEYS[1], 'received') or '0'), 'withdrawn', {})
+  local domain = job_get(prefix, jid, 'domain')
+  record_event(prefix, domain, qid, jid, received, 'withdrawn', {})
   retire_job(prefix, jid, domain, location(prefix, jid, domain))
 end
 redis.call('DEL', done)  -- retire_job remembered it as gone through the queue: it was not

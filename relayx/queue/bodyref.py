@@ -7,10 +7,13 @@ section from the body store. So a queued message costs Redis a few dozen bytes
 for its body whatever its headers, and its hash stays small enough for Redis's
 compact encoding (``hash-max-listpack-value``, see relayx/redis/embedded.py).
 
-Stubs written before carried the header section after a CRLF; they still read
-(``BodyStub.headers``). A body never starts with the marker's NUL byte, so a
-hash written before body stores (or a DSN, kept in Redis whole) reads as it
-always did.
+The stub handed to enqueue.lua carries the size; the message's hash keeps only
+the NUL and the reference (its ``size`` field has the size: common.lua's
+stored_body). Stubs written before kept the marker and their size, and older
+ones the header section after a CRLF; they still read (``BodyStub.size``,
+``BodyStub.headers``). A stored body starts with relayx's trace header, never
+with a NUL, so a hash written before body stores (or a DSN, kept in Redis
+whole) reads as it always did.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ HEADERS_KEPT = 65536
 @attrs.frozen
 class BodyStub:
     ref: str
+    #: 0 for a stub as the message's hash keeps it now (its ``size`` field has it)
     size: int
     #: the header section an older stub carried; empty in the stubs written now
     headers: bytes = attrs.field(default=b"", repr=False)
@@ -54,6 +58,9 @@ def read_stub(stored: bytes) -> BodyStub | None:
     The stub in a hash's ``body`` field, or ``None`` when it holds the body itself.
     """
     if not stored.startswith(MARKER):
+        if stored.startswith(b"\x00"):
+            # as enqueue_message stores a stub: a NUL and the reference (size: the "size" field)
+            return BodyStub(stored[1:].decode("ascii", "replace"), 0)
         return None
     line, _, headers = stored.partition(b"\r\n")
     ref, _, size = line[len(MARKER) :].decode("ascii", "replace").partition(" ")

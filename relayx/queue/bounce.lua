@@ -2,10 +2,10 @@
 --
 -- KEYS[1]  <p>:failed        zset of failed jobs awaiting their DSN
 -- KEYS[2]  <p>:job:<jid>     the failed job
--- KEYS[3]  <p>:msg:<qid>     its message
+-- KEYS[3]  <p>:job:<qid>.1   its message's hash (msg_key, common.lua)
 -- KEYS[4]  <p>:seq
 -- KEYS[5]  <p>:domains
--- KEYS[6]  <p>:msg:<dsn qid> the DSN's message hash
+-- KEYS[6]  <p>:job:<dsn qid>.1 the DSN's message hash
 -- ARGV[1]  key prefix
 -- ARGV[2]  jid
 -- ARGV[3]  now (ms)
@@ -34,6 +34,6 @@ if ARGV[4] ~= '' then
     {ARGV[7], cjson.encode({ARGV[6]})})
   if type(r) == 'table' and r.err then return r end
 end
-record_event(ARGV[1], domain, redis.call('HGET', KEYS[2], 'qid') or '', ARGV[2], now, 'dsn', {'dsn', ARGV[4]})
+record_event(ARGV[1], domain, job_get(ARGV[1], ARGV[2], 'qid') or '', ARGV[2], now, 'dsn', {'dsn', ARGV[4]})
 retire_job(ARGV[1], ARGV[2], domain, 'failed')
 return 1

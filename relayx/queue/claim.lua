@@ -63,7 +63,7 @@ end
 local taken_over = 0
 for _, jid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, batch)) do
   taken_over = taken_over + 1
-  redis.call('HSET', prefix .. ':job:' .. jid, 'token', 0, 'owner', '')
+  redis.call('HDEL', prefix .. ':job:' .. jid, 'token', 'owner', 'expires')
   requeue(jid, 'in_flight', KEYS[3])
 end
 
@@ -150,7 +150,7 @@ for i = 0, n - 1 do
             move(prefix, jid, domain, 'ready', 'in_flight', expires)
             redis.call('HSET', job, 'token', token, 'owner', owner, 'expires', expires)
             local attempts = redis.call('HINCRBY', job, 'attempts', 1)
-            local qid, owed, created = unpack(redis.call('HMGET', job, 'qid', 'owed', 'created'))
+            local qid, owed, created = job_get(prefix, jid, 'qid', 'owed', 'created')
             claimed[#claimed + 1] = {jid, token, expires, qid, domain, owed, attempts, created}
             taken = taken + 1
             if taken >= take then break end

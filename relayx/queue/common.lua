@@ -35,12 +35,28 @@
 --                   delivered of a deferred job stays busy until its retry.
 -- A message's size is its "size" field (older messages: its body's length).
 --
+-- The hashes (small, for memory at depth: issue #14). A message's fields live in
+-- the hash of its first job, <p>:job:<qid>.1 (msg_key below), next to that job's:
+--   message  sender, body (or a body store's stub), received, jobs (its job hashes
+--            that still exist), njobs (how many it had; absent: 1), size, mid,
+--            subject, dsn
+--   job      domain, rcpts, seq, and, written only when they differ from their
+--            default (job_get below applies them): qid (absent: the jid before its
+--            last "."), owed (absent: rcpts), failed (absent: "[]"), created
+--            (absent: the message's received), held_base, attempts, token (absent:
+--            0); while leased or after attempts: owner, expires, error, history,
+--            pushbacks, warned, finished
+-- No name is in both sets, so a reader of one ignores the other's fields. A
+-- job exists while its hash has a "domain" (job_exists): the .1 hash outlives
+-- its job while the message has other jobs (retire_job). Hashes written before
+-- (every job field present, the message in a hash of its own) read the same.
+--
 -- Domain state lives in the hash <p>:dom:<domain>:
 --   paused_until, failures, last_error   destination failing (settle.lua, resume.lua)
 --   pace_c, pace_r                        the adaptive pace (settle.lua): sessions, msg/s
 --                                         (absent: the configured ceiling); pace_at, pace_cut_at,
---                                         pace_event (cut/ceiling), pace_why, pace_kind, pace_peak,
---                                         pace_step; ok_w, ok_n, ok_r, ok_at (successes), rt_avg
+--                                         pace_event (start/cut/ceiling), pace_why, pace_kind, pace_peak,
+--                                         pace_step, pace_ss (in slow start); ok_w, ok_n, ok_r, ok_at (successes), rt_avg
 --                                         (reply ms), busy_since (pushbacks since the last success),
 --                                         pace_wait (no new lease before: a moment after a pushback)
 --   held, held_since, held_ms             an operator's hold and the time held so far
@@ -65,6 +81,59 @@ local function held_at(dom, now)
   local start, stop = tonumber(s[2] or '0'), tonumber(s[3] or '0')
   if stop > 0 and stop <= now then return false end
   return s[1] == '1' or (start > 0 and start <= now)
+end
+
+-- The hash holding the message fields of `qid` (see the top): its first job's.
+-- Upgrade path: a message written by the previous version has a hash of its own,
+-- <p>:msg:<qid>, used for as long as it exists (one EXISTS); relayx/queue/redis.py
+-- (RedisQueue.message_key) does the same.
+local function msg_key(prefix, qid)
+  local old = prefix .. ':msg:' .. qid
+  if redis.call('EXISTS', old) == 1 then return old end
+  return prefix .. ':job:' .. qid .. '.1'
+end
+
+-- The queue id of a job: its jid before the last "." (enqueue_message numbers them).
+local function job_qid(jid)
+  return string.match(jid, '^(.*)%.[^.]*$') or jid
+end
+
+-- The message's fields (see the top): the rest of a .1 hash is its job's.
+local MESSAGE_FIELDS = {sender = true, body = true, received = true, jobs = true, njobs = true, size = true,
+  mid = true, subject = true, dsn = true}
+
+-- Whether job `jid` exists: its hash has a domain (the .1 hash also holds its
+-- message's fields, which outlive the job while the message has other jobs).
+local function job_exists(prefix, jid)
+  return redis.call('HEXISTS', prefix .. ':job:' .. jid, 'domain') == 1
+end
+
+-- A job's fields that are not written while they have their default (see the top).
+local JOB_DEFAULTS = {failed = '[]', held_base = '0', attempts = '0', token = '0'}
+
+-- The job's fields named `...`, in order, with their defaults (see the top); all
+-- nil when the job does not exist. Every script reads a job's fields through this
+-- (the defaults are defined here once). Cost: one HMGET, plus one HGET for a
+-- defaulted owed and an EXISTS and HGET for a defaulted created.
+local function job_get(prefix, jid, ...)
+  local names = {...}
+  local n = #names
+  local key = prefix .. ':job:' .. jid
+  local values = redis.call('HMGET', key, 'domain', ...)
+  local out = {}
+  if values[1] then
+    for i = 1, n do
+      local v, name = values[i + 1], names[i]
+      if not v then
+        if name == 'qid' then v = job_qid(jid)
+        elseif name == 'owed' then v = redis.call('HGET', key, 'rcpts')
+        elseif name == 'created' then v = redis.call('HGET', msg_key(prefix, job_qid(jid)), 'received')
+        else v = JOB_DEFAULTS[name] end
+      end
+      out[i] = v or nil
+    end
+  end
+  return unpack(out, 1, n)
 end
 
 -- A job's location (see the top): in_flight, deferred, failed, ready, or nil
@@ -183,9 +252,9 @@ end
 -- practice, a Message-ID. To be dropped once no node of the previous version
 -- can have queued a job.
 local function unindex_job(prefix, jid)
-  local job = redis.call('HMGET', prefix .. ':job:' .. jid, 'domain', 'rcpts', 'qid')
+  local job = {job_get(prefix, jid, 'domain', 'rcpts', 'qid')}
   if not job[1] then return end
-  local msg = redis.call('HMGET', prefix .. ':msg:' .. job[3], 'sender', 'mid')
+  local msg = redis.call('HMGET', msg_key(prefix, job[3]), 'sender', 'mid')
   redis.call('ZREM', prefix .. ':q:' .. job[1], jid)
   redis.call('ZREM', prefix .. ':ix:from:' .. string.lower(msg[1] or ''), jid)  -- legacy
   if msg[2] and msg[2] ~= '' then
@@ -201,7 +270,8 @@ end
 
 -- A message's size from its hash's "body" field: the body's length, or the
 -- size a body store's stub records (relayx/queue/bodyref.py: a NUL, "relayx-body ",
--- the reference, a space, the size, CRLF, then the header section).
+-- the reference, a space, the size, CRLF, then the header section). The stubs
+-- stored now have no size (stored_body below): the "size" field has it.
 local function body_size(body)
   if string.byte(body, 1) == 0 and string.sub(body, 2, 13) == 'relayx-body ' then
     local stop = string.find(body, '\r\n', 1, true) or (#body + 1)
@@ -209,6 +279,18 @@ local function body_size(body)
     if size then return tonumber(size) end
   end
   return #body
+end
+
+-- The "body" field as stored: a body store's stub is kept as a NUL and its
+-- reference only (the message's "size" field has the size; the marker's words
+-- would cost every queued message 12 bytes, relayx/queue/bodyref.py), the rest
+-- as it came.
+local function stored_body(body)
+  if string.byte(body, 1) == 0 and string.sub(body, 2, 13) == 'relayx-body '
+    and not string.find(body, '\r\n', 1, true) then
+    return '\0' .. string.match(string.sub(body, 14), '^(%S+)')
+  end
+  return body
 end
 
 -- The size counted for a message: its "size" field (messages from before
@@ -239,21 +321,31 @@ local TAKE_BACK_WINDOW_MS = 360000
 -- A job leaves the queue for good (delivered, bounced, deleted): out of its
 -- location `from`, its counters and the index; its hash deleted, and its
 -- message too when this was the message's last job (remembered by a
--- <p>:done:<qid> until TAKE_BACK_WINDOW_MS after its reception). Returns the
--- message key.
+-- <p>:done:<qid> until TAKE_BACK_WINDOW_MS after its reception). The .1 job of
+-- a message with other jobs left loses only its job fields (the message's stay
+-- in its hash). Returns the message key.
 -- Cost: O(1) writes.
 local function retire_job(prefix, jid, queue, from)
   local job = prefix .. ':job:' .. jid
-  local qid = redis.call('HGET', job, 'qid') or ''
-  local msg = prefix .. ':msg:' .. qid
+  local qid = job_get(prefix, jid, 'qid') or ''
+  local msg = msg_key(prefix, qid)
   local size = message_size(msg)
   move(prefix, jid, queue, from, nil)
   unindex_job(prefix, jid)
   redis.call('HINCRBY', prefix .. ':count:' .. queue, 'bytes', -size)
   redis.call('HINCRBY', prefix .. ':totals', 'jobs', -1)
   redis.call('HINCRBY', prefix .. ':totals', 'v', 1)
-  redis.call('DEL', job)
-  if redis.call('HINCRBY', msg, 'jobs', -1) <= 0 then
+  local left = redis.call('HINCRBY', msg, 'jobs', -1)
+  if job ~= msg then
+    redis.call('DEL', job)
+  elseif left > 0 then
+    local fields = {}
+    for _, name in ipairs(redis.call('HKEYS', job)) do
+      if not MESSAGE_FIELDS[name] then fields[#fields + 1] = name end
+    end
+    if #fields > 0 then redis.call('HDEL', job, unpack(fields)) end
+  end
+  if left <= 0 then
     local t = redis.call('TIME')
     local left = tonumber(redis.call('HGET', msg, 'received') or '0') + TAKE_BACK_WINDOW_MS
       - (tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
@@ -300,20 +392,20 @@ end
 -- retention. `mid` and `subject` (optional) are the header's Message-ID (lower
 -- case, no <>) and Subject, for search. Returns the number of jobs, or an
 -- error if the queue id is taken. Cost: O(jobs of the message) writes.
-local function enqueue_message(prefix, seq_key, domains_key, msg_key, qid, now, sender, body, pairs, mid, subject)
+local function enqueue_message(prefix, seq_key, domains_key, key, qid, now, sender, body, pairs, mid, subject)
   if redis.call('EXISTS', prefix .. ':aborted:' .. qid) == 1 then
     -- abort.lua took this message back (its sender got 451) before it arrived
     return redis.error_reply('ABORTED enqueue of ' .. qid .. ' was taken back')
   end
-  if redis.call('EXISTS', msg_key) == 1 then
+  if redis.call('EXISTS', msg_key(prefix, qid)) == 1 then
     return redis.error_reply('DUPLICATE queue id ' .. qid)
   end
   local njobs = #pairs / 2
   local size = body_size(body)
-  redis.call('HSET', msg_key, 'sender', sender, 'body', body, 'received', now, 'jobs', njobs, 'njobs', njobs,
-    'size', size)
-  if mid and mid ~= '' then redis.call('HSET', msg_key, 'mid', mid) end
-  if subject and subject ~= '' then redis.call('HSET', msg_key, 'subject', subject) end
+  redis.call('HSET', key, 'sender', sender, 'body', stored_body(body), 'received', now, 'jobs', njobs, 'size', size)
+  if njobs > 1 then redis.call('HSET', key, 'njobs', njobs) end
+  if mid and mid ~= '' then redis.call('HSET', key, 'mid', mid) end
+  if subject and subject ~= '' then redis.call('HSET', key, 'subject', subject) end
   redis.call('HINCRBY', prefix .. ':totals', 'messages', 1)
   redis.call('HINCRBY', prefix .. ':totals', 'bytes', size)
   redis.call('HINCRBY', prefix .. ':totals', 'v', 1)
@@ -322,9 +414,10 @@ local function enqueue_message(prefix, seq_key, domains_key, msg_key, qid, now, 
     local jid = qid .. '.' .. i
     local seq = redis.call('INCR', seq_key)
     local _, held_base = held_clock(prefix .. ':dom:' .. base_domain(domain), now)
-    redis.call('HSET', prefix .. ':job:' .. jid,
-      'qid', qid, 'domain', domain, 'rcpts', rcpts, 'owed', rcpts, 'failed', '[]',
-      'seq', seq, 'created', now, 'held_base', held_base, 'attempts', 0, 'token', 0)
+    -- only what differs from its default (job_get): qid, owed, failed, created,
+    -- attempts and token have theirs
+    redis.call('HSET', prefix .. ':job:' .. jid, 'domain', domain, 'rcpts', rcpts, 'seq', seq)
+    if held_base ~= 0 then redis.call('HSET', prefix .. ':job:' .. jid, 'held_base', held_base) end
     add_job(prefix, jid, domain, seq, size, sender, mid, rcpts)
   end
   return njobs
@@ -346,14 +439,23 @@ local function audit(key, record, keep)
   redis.call('LTRIM', key, 0, tonumber(keep) - 1)
 end
 
--- The job hashes of a message: <qid>.1 to <qid>.<n> as enqueue_message numbered
--- them; those already done are gone.
+-- How many jobs the message of hash `key` (msg_key) had: its "njobs" (absent:
+-- 1; in a hash of its own, from before njobs was written: up to 100 are looked for).
+local function message_njobs(prefix, qid, key)
+  local n = redis.call('HGET', key, 'njobs')
+  if n then return tonumber(n) end
+  if key == prefix .. ':msg:' .. qid then return 100 end
+  return 1
+end
+
+-- The jobs of a message still queued: <qid>.1 to <qid>.<n> as enqueue_message
+-- numbered them; those already done are gone.
 local function message_jobs(prefix, qid)
   local jobs = {}
-  local total = tonumber(redis.call('HGET', prefix .. ':msg:' .. qid, 'njobs') or '100')
+  local total = message_njobs(prefix, qid, msg_key(prefix, qid))
   for i = 1, total do
     local jid = qid .. '.' .. i
-    if redis.call('EXISTS', prefix .. ':job:' .. jid) == 1 then jobs[#jobs + 1] = jid end
+    if job_exists(prefix, jid) then jobs[#jobs + 1] = jid end
   end
   return jobs
 end

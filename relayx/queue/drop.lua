@@ -1,7 +1,7 @@
 -- drop.lua: take a message out of the queue for an operator: delete it, or
 -- bounce it (its undelivered recipients fail, and the bouncer sends the DSN).
 --
--- KEYS[1]  <p>:msg:<qid>
+-- KEYS[1]  <p>:job:<qid>.1  the message's hash (msg_key, common.lua: or <p>:msg:<qid>)
 -- KEYS[2]  <p>:leased
 -- KEYS[3]  <p>:deferred
 -- KEYS[4]  <p>:failed    zset jid -> time, jobs waiting for their DSN
@@ -26,11 +26,12 @@
 -- and one event log entry per job.
 
 local prefix, qid, now, mode = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local msg = msg_key(prefix, qid)
+if redis.call('EXISTS', msg) == 0 then return 0 end
 local jobs = message_jobs(prefix, qid)
 for _, jid in ipairs(jobs) do
   local job = prefix .. ':job:' .. jid
-  local domain, owed, failed = unpack(redis.call('HMGET', job, 'domain', 'owed', 'failed'))
+  local domain, owed, failed = job_get(prefix, jid, 'domain', 'owed', 'failed')
   local from = location(prefix, jid, domain)
   redis.call('ZREM', KEYS[5], jid)
   local ended = 'deleted'
@@ -41,16 +42,17 @@ for _, jid in ipairs(jobs) do
     for _, rcpt in ipairs(cjson.decode(owed)) do
       failures[#failures + 1] = {rcpt, 0, '5.0.0', 'returned to the sender by the postmaster'}
     end
-    redis.call('HSET', job, 'owed', '[]', 'failed', cjson.encode(failures), 'finished', now, 'token', 0, 'owner', '')
+    redis.call('HSET', job, 'owed', '[]', 'failed', cjson.encode(failures), 'finished', now)
+    redis.call('HDEL', job, 'token', 'owner', 'expires')
     move(prefix, jid, domain, from, 'failed', now)
   else
     retire_job(prefix, jid, domain, from)
   end
 end
-if mode ~= 'bounce' and redis.call('EXISTS', KEYS[1]) == 1 then
+if mode ~= 'bounce' and redis.call('EXISTS', msg) == 1 then
   -- jobs already gone left their message behind (only before counters): it goes too
-  local size = message_size(KEYS[1])
-  redis.call('DEL', KEYS[1])
+  local size = message_size(msg)
+  redis.call('DEL', msg)
   redis.call('HINCRBY', prefix .. ':totals', 'messages', -1)
   redis.call('HINCRBY', prefix .. ':totals', 'bytes', -size)
   redis.call('HINCRBY', prefix .. ':totals', 'v', 1)

@@ -2,7 +2,7 @@
 --
 -- KEYS[1]  <p>:seq         acceptance sequence (INCR), orders each domain's queue
 -- KEYS[2]  <p>:domains     set of domains that have ready jobs
--- KEYS[3]  <p>:msg:<qid>   the message hash (sender, body, received, jobs)
+-- KEYS[3]  <p>:job:<qid>.1 the message hash (sender, body, received, jobs): its first job's (msg_key, common.lua)
 -- ARGV[1]  key prefix <p>
 -- ARGV[2]  queue id <qid>
 -- ARGV[3]  now, milliseconds since the epoch

@@ -78,7 +78,7 @@ local function first_after(key, t)
   while low < high do
     local mid = math.floor((low + high) / 2)
     local entry = redis.call('ZRANGE', key, mid, mid)
-    local created = tonumber(redis.call('HGET', prefix .. ':job:' .. entry[1], 'created') or '0')
+    local created = tonumber(job_get(prefix, entry[1], 'created') or '0')
     if created < t then low = mid + 1 else high = mid end
   end
   if low == 0 then return 0 end
@@ -132,8 +132,7 @@ for _, entry in ipairs(entries) do
   local first = filter.sender or filter.sender_has or filter.subject_has or filter.message_id
   if first then
     local mid
-    sender, subject, mid = unpack(redis.call('HMGET',
-      prefix .. ':msg:' .. (string.match(jid, '^(.*)%.%d+$') or jid), 'sender', 'subject', 'mid'))
+    sender, subject, mid = unpack(redis.call('HMGET', msg_key(prefix, job_qid(jid)), 'sender', 'subject', 'mid'))
     if filter.sender and lower(sender) ~= filter.sender then ok = false end
     if filter.message_id and (mid or '') ~= filter.message_id then ok = false end
     if filter.sender_has and not string.find(lower(sender), filter.sender_has, 1, true) then ok = false end
@@ -141,8 +140,8 @@ for _, entry in ipairs(entries) do
   end
   local domain, qid, rcpts, owed, created, attempts, err
   if ok then
-    domain, qid, rcpts, owed, created, attempts, err = unpack(redis.call('HMGET', prefix .. ':job:' .. jid,
-      'domain', 'qid', 'rcpts', 'owed', 'created', 'attempts', 'error'))
+    domain, qid, rcpts, owed, created, attempts, err = job_get(prefix, jid,
+      'domain', 'qid', 'rcpts', 'owed', 'created', 'attempts', 'error')
   end
   created = tonumber(created or '0')
   ok = ok and domain ~= nil and wanted[domain]
@@ -167,7 +166,7 @@ for _, entry in ipairs(entries) do
   end
   if ok and filter.recipient_has and not string.find(lower(rcpts), filter.recipient_has, 1, true) then ok = false end
   if ok and not first then
-    sender, subject = unpack(redis.call('HMGET', prefix .. ':msg:' .. qid, 'sender', 'subject'))
+    sender, subject = unpack(redis.call('HMGET', msg_key(prefix, qid), 'sender', 'subject'))
   end
   if ok then
     found[#found + 1] = {jid = jid, qid = qid, seq = seq, domain = domain, state = state or state_of(jid, domain),

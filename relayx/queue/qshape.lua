@@ -26,7 +26,7 @@ local total = redis.call('ZCARD', key)
 local function created(rank)
   local entry = redis.call('ZRANGE', key, rank, rank)
   if not entry[1] then return now end
-  return tonumber(redis.call('HGET', prefix .. ':job:' .. entry[1], 'created') or now)
+  return tonumber(job_get(prefix, entry[1], 'created') or now)
 end
 
 -- rank of the first job accepted at or after time t, searching [0, high)

@@ -89,6 +89,34 @@ TAKE_BACK_PATIENCE = 300.0
 REFS_KEPT = 10000
 
 
+#: a job hash's fields not written while they have their default, as common.lua's
+#: JOB_DEFAULTS (read by job_get there, by ``job_default`` here); "owed" (its
+#: "rcpts"), "qid" (from the jid) and "created" (its message's "received") are derived
+JOB_DEFAULTS: Mapping[str, bytes] = {"failed": b"[]", "held_base": b"0", "attempts": b"0", "token": b"0"}
+
+
+def job_qid(job_id: str) -> str:
+    """
+    The queue id of a job: its id before the last ``.`` (common.lua's job_qid).
+    """
+    return job_id.rpartition(".")[0] or job_id
+
+
+def job_default(job_id: str, name: str, rcpts: bytes | None, received: bytes | None) -> bytes | None:
+    """
+    The value of a job's field ``name`` that its hash does not have (written
+    only when it differs from this, as common.lua's job_get reads it): ``rcpts``
+    and ``received`` are the job's recipients and its message's reception.
+    """
+    if name == "qid":
+        return job_qid(job_id).encode("utf-8")
+    if name == "owed":
+        return rcpts
+    if name == "created":
+        return received
+    return JOB_DEFAULTS.get(name)
+
+
 def _ms(seconds: float) -> int:
     return round(seconds * 1000)
 
@@ -216,6 +244,8 @@ def _pace(policy: PacePolicy, throttle: Throttle | None) -> str:
             "i": _ms(policy.interval),
             "f": policy.floor_rate,
             "s": policy.slow,
+            "t": policy.start,
+            "w": _ms(policy.idle),
         }
     )
 
@@ -229,12 +259,23 @@ def _pushback_text(outcome: Outcome) -> str:
 
 def _log_pace(domain: str, outcome: Outcome, change: str, sessions: str, rate: str) -> None:
     """
-    One event per cut of a destination's pace and per return to its ceiling.
+    One event per slow start of a destination's pace, per cut and per return to its ceiling.
     """
     code = outcome.pushback_reply.code if outcome.pushback_reply is not None else 0
     mx = outcome.destination or "-"
     if change == "ceiling":
         log.info("pace of {domain}: back at full pace", domain=domain, mx=mx, code=code, pace="ceiling")
+        return
+    if change == "start":
+        log.info(
+            "pace of {domain} starts at {sessions} session(s), {rate} msg/s: no delivery lately",
+            domain=domain,
+            mx=mx,
+            code=code,
+            pace="start",
+            sessions=sessions or "all",
+            rate=f"{float(rate):.3g}" if rate else "unlimited",
+        )
         return
     why = _pushback_text(outcome) or outcome.unreachable or "slow replies"
     log.warn(
@@ -319,7 +360,7 @@ class RedisQueue:
     _BULK_CANCEL = load_script("relayx.queue", "bulk_cancel.lua", prelude=True)
     _MESSAGE = load_script("relayx.queue", "message.lua", prelude=True)
     _TRAFFIC = load_script("relayx.queue", "traffic.lua")
-    _QSHAPE = load_script("relayx.queue", "qshape.lua")
+    _QSHAPE = load_script("relayx.queue", "qshape.lua", prelude=True)
     _SUMMARY = load_script("relayx.queue", "summary.lua", prelude=True)
     _TALLY = load_script("relayx.queue", "tally.lua", prelude=True)
     _RECOUNT = load_script("relayx.queue", "recount.lua")
@@ -384,6 +425,40 @@ class RedisQueue:
     def key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
 
+    def message_key(self, queue_id: str) -> str:
+        """
+        The hash of a message: its first job's (common.lua's msg_key, where a
+        script resolves the upgrade path below for itself).
+        """
+        return self.key("job", f"{queue_id}.1")
+
+    async def message_fields(self, queue_id: str, names: Sequence[str]) -> list[Any]:
+        """
+        The fields ``names`` of a message's hash (``None`` for each when it is
+        not queued). Upgrade path: a message written by the previous version has
+        a hash of its own, ``<p>:msg:<qid>``, read when its first job's hash has
+        none of them (as common.lua's msg_key, but without an EXISTS first: the
+        message's fields are never in both).
+        """
+        values: list[Any] = await self.redis.call("hmget", self.message_key(queue_id), list(names))
+        if all(v is None for v in values):
+            values = await self.redis.call("hmget", self.key("msg", queue_id), list(names))
+        return values
+
+    async def job_fields(self, job_id: str, names: Sequence[str]) -> list[Any] | None:
+        """
+        A job's fields ``names``, its defaults applied (``job_default``), or
+        ``None`` when the job does not exist (its hash has no domain).
+        """
+        domain, rcpts, *values = await self.redis.call("hmget", self.key("job", job_id), ["domain", "rcpts", *names])
+        if domain is None:
+            return None
+        received = None
+        if "created" in names and values[list(names).index("created")] is None:
+            [received] = await self.message_fields(job_qid(job_id), ["received"])
+        pairs = zip(names, values, strict=True)
+        return [job_default(job_id, name, rcpts, received) if v is None else v for name, v in pairs]
+
     async def enqueue(self, message: IncomingMessage) -> None:
         body = message.body
         if self.bodies is not None:
@@ -409,7 +484,7 @@ class RedisQueue:
             for n in range(1, self.copies.get(domain, 0) + 1):
                 args += [f"{domain}#{n}", owed]
                 queues.append(f"{domain}#{n}")
-        keys = [self.key("seq"), self.key("domains"), self.key("msg", message.queue_id)]
+        keys = [self.key("seq"), self.key("domains"), self.message_key(message.queue_id)]
         try:
             await self._write(self._ENQUEUE, keys, args, f"message {message.queue_id}", strict=True)
         except NotApplied:
@@ -440,7 +515,7 @@ class RedisQueue:
         the reply, RFC 5321 4.5.3.2.6) the node gives up and answers 451, and
         logs that the message may land.
         """
-        keys = [self.key("msg", queue_id), self.key("aborted", queue_id)]
+        keys = [self.message_key(queue_id), self.key("aborted", queue_id)]
         args = [self.prefix, queue_id, _ms(TOMBSTONE_KEPT)]
         clock = self.redis.clock
         give_up = clock.seconds() + TAKE_BACK_PATIENCE
@@ -526,9 +601,7 @@ class RedisQueue:
         return lease.renewed(_ms(expires) / 1000)
 
     async def load(self, lease: Lease) -> StoredMessage:
-        sender, body, dsn_field = await self.redis.call(
-            "hmget", self.key("msg", lease.queue_id), ["sender", "body", "dsn"]
-        )
+        sender, body, dsn_field = await self.message_fields(lease.queue_id, ["sender", "body", "dsn"])
         if body is None:
             raise StoreUnavailable(f"message {lease.queue_id} has no body in Redis")
         dsn = dsn_from_json(dsn_field)
@@ -563,7 +636,8 @@ class RedisQueue:
         """
         Whether ``queue_id`` is queued (the orphan sweep's question).
         """
-        return bool(int(await self.redis.call("exists", self.key("msg", queue_id))))
+        keys = (self.message_key(queue_id), self.key("msg", queue_id))  # the second: the upgrade path
+        return bool(int(await self.redis.call("execute_command", "EXISTS", *keys)))
 
     async def settle(self, lease: Lease, outcome: Outcome, now: float, throttle: Throttle | None = None) -> str:
         keys = [
@@ -575,7 +649,7 @@ class RedisQueue:
             self.key("ready", lease.domain),
             self.key("domains"),
             self.key("dom", lease.domain),
-            self.key("msg", lease.queue_id),
+            self.message_key(lease.queue_id),
             self.key("paused"),
             self.key("delayed"),
         ]
@@ -746,7 +820,7 @@ class RedisQueue:
     async def drop(self, queue_id: str, now: float, who: str, bounce: bool, audited: bool = True) -> int:
         action = "bounce" if bounce else "delete"
         keys = [
-            self.key("msg", queue_id),
+            self.message_key(queue_id),
             self.key("leased"),
             self.key("deferred"),
             self.key("failed"),
@@ -759,7 +833,7 @@ class RedisQueue:
 
     async def requeue(self, queue_id: str, now: float, who: str, audited: bool = True) -> int:
         keys = [
-            self.key("msg", queue_id),
+            self.message_key(queue_id),
             self.key("deferred"),
             self.key("failed"),
             self.key("domains"),
@@ -803,7 +877,7 @@ class RedisQueue:
         return {"total": counts.total, "states": states, "oldest": oldest, "exact": True}
 
     async def message(self, queue_id: str, now: float) -> dict[str, Any] | None:
-        keys = [self.key("msg", queue_id), self.key("deferred"), self.key("failed"), self.key("leased")]
+        keys = [self.message_key(queue_id), self.key("deferred"), self.key("failed"), self.key("leased")]
         answer = _text(await self.redis.script(self._MESSAGE, keys, [self.prefix, queue_id, _ms(now)]))
         if not answer:
             return None
@@ -811,7 +885,6 @@ class RedisQueue:
         found["jobs"] = [_lists(job) for job in found["jobs"] or []]
         stub = read_stub(str(found.get("header", "")).encode("utf-8", "surrogateescape"))
         if stub is not None:
-            found["size"] = stub.size
             found["header"] = (await self._headers(queue_id, stub, None)).decode("utf-8", "replace")
         return found
 
@@ -837,7 +910,7 @@ class RedisQueue:
         return [int(n) for n in await self.redis.script(self._QSHAPE, [key], args)]
 
     async def raw(self, queue_id: str) -> bytes | None:
-        stored = await self.redis.call("hget", self.key("msg", queue_id), "body")
+        [stored] = await self.message_fields(queue_id, ["body"])
         if stored is None:
             return None
         stub = read_stub(bytes(stored))
@@ -1184,13 +1257,12 @@ class RedisQueue:
         jobs = []
         for jid in await self.redis.call("zrange", self.key(index), 0, limit - 1):
             job_id = _text(jid)
-            qid, failed, owed, error = await self.redis.call(
-                "hmget", self.key("job", job_id), ["qid", "failed", "owed", "error"]
-            )
-            if qid is None:
+            job = await self.job_fields(job_id, ["qid", "failed", "owed", "error"])
+            if job is None:
                 continue
-            sender, received, body, dsn_field = await self.redis.call(
-                "hmget", self.key("msg", _text(qid)), ["sender", "received", "body", "dsn"]
+            qid, failed, owed, error = job
+            sender, received, body, dsn_field = await self.message_fields(
+                _text(qid), ["sender", "received", "body", "dsn"]
             )
             try:
                 dsn = dsn_from_json(dsn_field)
@@ -1244,10 +1316,10 @@ class RedisQueue:
         (empty when no DSN is due).
         """
         if dsn is None:
-            return self.key("msg", "-"), [self.prefix, job.job_id, _ms(now), "", b"", "", ""]
+            return self.message_key("-"), [self.prefix, job.job_id, _ms(now), "", b"", "", ""]
         [recipient] = dsn.recipients
         args: list[object] = [self.prefix, job.job_id, _ms(now), dsn.queue_id, dsn.body, str(recipient)]
-        return self.key("msg", dsn.queue_id), [*args, recipient.domain]
+        return self.message_key(dsn.queue_id), [*args, recipient.domain]
 
     async def warn(self, job: FailedJob, dsn: IncomingMessage | None, now: float) -> bool:
         dsn_key, args = self._dsn_args(job, dsn, now)
@@ -1259,7 +1331,7 @@ class RedisQueue:
         keys = [
             self.key("failed"),
             self.key("job", job.job_id),
-            self.key("msg", job.queue_id),
+            self.message_key(job.queue_id),
             self.key("seq"),
             self.key("domains"),
             dsn_key,

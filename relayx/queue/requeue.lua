@@ -2,7 +2,7 @@
 -- and the recipients of failed jobs whose DSN has not been sent yet, go back
 -- to their place in their domain's queue with a fresh retry count.
 --
--- KEYS[1]  <p>:msg:<qid>
+-- KEYS[1]  <p>:job:<qid>.1  the message's hash (msg_key, common.lua: or <p>:msg:<qid>)
 -- KEYS[2]  <p>:deferred
 -- KEYS[3]  <p>:failed
 -- KEYS[4]  <p>:domains
@@ -23,23 +23,23 @@
 -- and one event log entry per failed job.
 
 local prefix, qid = ARGV[1], ARGV[2]
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('EXISTS', msg_key(prefix, qid)) == 0 then return 0 end
 local moved = 0
 for _, jid in ipairs(message_jobs(prefix, qid)) do
   local job = prefix .. ':job:' .. jid
-  local domain, seq, owed, failed = unpack(redis.call('HMGET', job, 'domain', 'seq', 'owed', 'failed'))
+  local domain, seq, owed, failed = job_get(prefix, jid, 'domain', 'seq', 'owed', 'failed')
   local from = location(prefix, jid, domain)
   if from == 'failed' then
     local again = cjson.decode(owed)
     for _, entry in ipairs(cjson.decode(failed)) do again[#again + 1] = entry[1] end
-    redis.call('HSET', job, 'owed', cjson.encode(again), 'failed', '[]')
-    redis.call('HDEL', job, 'finished')
+    redis.call('HSET', job, 'owed', cjson.encode(again))
+    redis.call('HDEL', job, 'finished', 'failed')
     local t = redis.call('TIME')
     record_event(prefix, domain, qid, jid, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), 'requeued',
       {'rcpts', cjson.encode(again)})
   end
   if from == 'failed' or from == 'deferred' then
-    redis.call('HSET', job, 'attempts', 0)
+    redis.call('HDEL', job, 'attempts')
     move(prefix, jid, domain, from, 'ready', seq)
     moved = moved + 1
   end

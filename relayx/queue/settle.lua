@@ -8,7 +8,7 @@
 -- KEYS[6]  <p>:ready:<domain>
 -- KEYS[7]  <p>:domains
 -- KEYS[8]  <p>:dom:<domain>  domain state (see common.lua)
--- KEYS[9]  <p>:msg:<qid>
+-- KEYS[9]  <p>:job:<qid>.1  the message's hash (msg_key, common.lua)
 -- KEYS[10] <p>:paused        zset domain -> paused_until, the domains whose destination is failing
 -- KEYS[11] <p>:delayed       zset of jobs due a delay warning to their sender
 -- ARGV[1]  jid
@@ -27,13 +27,14 @@
 -- ARGV[13] its reply to the message when it took it ("250 ... queued as X"; "" if none)
 -- ARGV[14] JSON pace: {"c": ceiling sessions (0: unknown), "r": ceiling msg/s (0: none),
 --          "u": ramp-up ms, "b": backoff factor, "i": interval ms, "f": floor msg/s,
---          "s": slow factor}
+--          "s": slow factor, "t": start fraction (1: none), "w": idle ms before it applies again}
 -- ARGV[15] pushback: "" or "sessions"/"rate" (the destination answered "not now")
 -- ARGV[16] the pushback's reply and host ("421 4.7.0 busy from mx1 [10.0.0.1]:25")
 -- ARGV[17] how long the destination took to answer the transaction (ms, 0: unknown)
 -- Returns {fate, pace change, sessions, msg/s}: fate "done", "failed", "deferred",
--- "paused" or "ready" (pushed back to its place); the pace change "" or "cut" or
--- "ceiling" (back at full pace), with the pace after it ("" for the ceiling).
+-- "paused" or "ready" (pushed back to its place); the pace change "" or "start"
+-- (slow start) or "cut" or "ceiling" (back at full pace), with the pace after it
+-- ("" for the ceiling).
 --
 -- Invariant: as in enqueue.lua. Only the current token's holder settles; recipients
 -- once accepted or failed are never owed again, so a retry resends only to the rest.
@@ -44,13 +45,22 @@
 -- trim (<p>:events:keep) this sets to the retention plus EVENT_MARGIN.
 --
 -- The adaptive pace (AIMD, per destination, cluster-wide; fields pace_* in the
--- domain hash, see common.lua): a pushback cuts the sessions ("sessions"), the
+-- domain hash, see common.lua): a destination answering with no delivery and no
+-- cut in the last idle ms (none yet, idle, or after an outage) starts slowly, at
+-- the start fraction of its ceiling's sessions and rate, and doubles both each
+-- interval with a delivery while nothing pushes back (pace_ss), so a healthy
+-- destination is at full pace within log2(1 / start) intervals; after an outage
+-- the sessions keep their ramp from one (resume.lua, ramp-up) and only the rate
+-- doubles. The first round before the first answer goes at the ceiling.
+-- A pushback ends the slow start and cuts the sessions ("sessions"), the
 -- rate ("rate") or both (a slow reply) to backoff times what was in use (the jobs
 -- in flight; the current rate, or at the ceiling the rate the destination accepted
--- over the last second), at most once per interval, never below 1 session / the
--- floor rate; each interval with a delivery adds back one session (or c * i / u)
--- and rate (quickly to 0.9 of the last cut's rate, then in doubling steps) until
--- the ceiling, where the pace_ fields go. A pushback, and a connection refused
+-- over the last second), and the rate to no more than the destination accepted
+-- over the last second (the cut lands at what it took, not above it), at most
+-- once per interval, never below 1 session / the floor rate; each interval with
+-- a delivery adds back one session (or c * i / u) and rate (quickly to 0.9 of the
+-- rate it accepted before the cut, then in doubling steps) until the ceiling,
+-- where the pace_ fields go. A pushback, and a connection refused
 -- while other sessions are in flight within PATIENCE intervals of a delivery,
 -- hold new starts for a quarter interval (pace_wait, claim.lua) and put the job
 -- back at its place instead of pausing the domain; a pushback PATIENCE intervals
@@ -60,7 +70,7 @@
 -- Cost bound, whatever the queue's depth: O(1) keys for the job itself; when the
 -- destination is unreachable, the queue's first 100 jobs are looked at twice
 -- (retention, delay warning), each O(1) keys and an event: at most ~1,000 keys, O(log n) writes.
--- The pace adds O(1) reads and writes of the domain hash and one ZCARD.
+-- The pace (slow start, cut, climb) adds O(1) reads and writes of the domain hash and one ZCARD.
 
 local jid, token, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 if redis.call('HGET', KEYS[1], 'token') ~= token then
@@ -78,13 +88,13 @@ local mx = ARGV[12] or ''
 local last_error = redis.call('HGET', KEYS[1], 'error') or ''
 redis.call('SET', prefix .. ':events:keep', retention + EVENT_MARGIN)
 local function event(job, jobid, kind, fields)
-  record_event(prefix, domain, redis.call('HGET', job, 'qid') or '', jobid, now, kind, fields)
+  record_event(prefix, domain, job_get(prefix, jobid, 'qid') or '', jobid, now, kind, fields)
 end
 if ARGV[4] ~= '[]' then event(KEYS[1], jid, 'delivered', {'rcpts', ARGV[4], 'mx', mx, 'reply', ARGV[13] or ''}) end
 if ARGV[5] ~= '[]' then event(KEYS[1], jid, 'failed', {'failures', ARGV[5], 'mx', mx}) end
 
 -- the job is still in flight until one of the moves below takes it elsewhere
-redis.call('HSET', KEYS[1], 'token', 0, 'owner', '')
+redis.call('HDEL', KEYS[1], 'token', 'owner', 'expires')
 
 -- the job's last attempts that did not end it, for an operator's message view
 local function remember(what)
@@ -109,6 +119,7 @@ end
 local pace = cjson.decode(ARGV[14] or '{}')
 pace.c, pace.r, pace.u = pace.c or 0, pace.r or 0, pace.u or 0
 local interval, backoff, floor_rate = pace.i or 1000, pace.b or 0.7, pace.f or 1
+local start, idle = pace.t or 1, pace.w or 300000
 local HUGE = math.huge
 local change = ''
 
@@ -136,6 +147,7 @@ end
 local function cut(kind, why)
   local s = redis.call('HMGET', KEYS[8], 'pace_c', 'pace_r', 'pace_cut_at')
   if now - tonumber(s[3] or '0') < interval then return end
+  redis.call('HDEL', KEYS[8], 'pace_ss')
   local c, r = tonumber(s[1]), tonumber(s[2])
   local fields = {'pace_at', now, 'pace_cut_at', now, 'pace_event', 'cut', 'pace_why', why, 'pace_kind', kind}
   if kind ~= 'rate' then
@@ -145,14 +157,18 @@ local function cut(kind, why)
   end
   if kind ~= 'sessions' then
     -- from the current pace; from the ceiling, the rate the destination accepted lately
-    local base = r
+    local base, seen = r, accepted_rate()
     if not base then
       base = pace.r > 0 and pace.r or HUGE
-      local seen = accepted_rate()
       if seen > 0 then base = math.min(base, seen) end
       if base == HUGE then base = floor_rate / backoff end
     end
-    r = math.max(floor_rate, base * backoff)
+    r = base * backoff
+    -- no higher than the destination took lately: a pace far above what it
+    -- accepts (a slow start's doubling, a capacity that dropped) lands there at once
+    if seen > 0 and seen < r then r = seen end
+    if seen > 0 and seen < base then base = seen end
+    r = math.max(floor_rate, r)
     for _, v in ipairs({'pace_r', tostring(r), 'pace_peak', tostring(base), 'pace_step',
       tostring(math.max(0.2, base / 100))}) do fields[#fields + 1] = v end
   end
@@ -162,17 +178,25 @@ end
 
 -- each interval with a success: climb back towards the ceiling
 local function climb()
-  local s = redis.call('HMGET', KEYS[8], 'pace_c', 'pace_r', 'pace_at', 'pace_peak', 'pace_step')
+  local s = redis.call('HMGET', KEYS[8], 'pace_c', 'pace_r', 'pace_at', 'pace_peak', 'pace_step', 'pace_ss')
   if not s[1] and not s[2] then return end
   if now - tonumber(s[3] or '0') < interval then return end
   local c, r, peak, step = tonumber(s[1]), tonumber(s[2]), tonumber(s[4]), tonumber(s[5] or '1')
   local ramp = 0
   if pace.u > 0 then ramp = interval / pace.u end
-  if c then
+  if r and s[6] then
+    -- slow start: double while nothing pushes back
+    r = r * 2
+    if pace.r <= 0 or r >= pace.r then r = nil end
+  end
+  if c and s[6] == 'both' then
+    c = c * 2
+    if pace.c <= 0 or c >= pace.c then c = nil end
+  elseif c then
     c = c + math.max(1, math.floor(pace.c * ramp))
     if pace.c <= 0 or c >= pace.c then c = nil end
   end
-  if r then
+  if r and not s[6] then
     -- (0.85: the stored rates are rounded; what reached 0.9 goes on below)
     if peak and r < 0.85 * peak then
       r = math.min(0.9 * peak, r + math.max(peak / 4, pace.r * ramp))
@@ -182,7 +206,7 @@ local function climb()
     if (pace.r > 0 and r >= pace.r) or (pace.r <= 0 and (not peak or r >= 2 * peak)) then r = nil end
   end
   if not c and not r then
-    redis.call('HDEL', KEYS[8], 'pace_c', 'pace_r', 'pace_peak', 'pace_step', 'pace_kind', 'pace_why')
+    redis.call('HDEL', KEYS[8], 'pace_c', 'pace_r', 'pace_peak', 'pace_step', 'pace_kind', 'pace_why', 'pace_ss')
     redis.call('HSET', KEYS[8], 'pace_at', now, 'pace_event', 'ceiling')
     change = 'ceiling'
     return
@@ -190,6 +214,38 @@ local function climb()
   redis.call('HSET', KEYS[8], 'pace_at', now, 'pace_step', tostring(step))
   if c then redis.call('HSET', KEYS[8], 'pace_c', c) else redis.call('HDEL', KEYS[8], 'pace_c') end
   if r then redis.call('HSET', KEYS[8], 'pace_r', tostring(r)) else redis.call('HDEL', KEYS[8], 'pace_r') end
+end
+
+-- slow start: a destination with no delivery and no cut in the last idle ms (none
+-- yet, or after an outage) starts at `start` of its ceiling and doubles (pace_ss
+-- "both"); a recent pace that is lower (one session after an outage, resume.lua)
+-- is kept and climbs as configured (ramp_up), only the rate doubling (pace_ss
+-- "rate"). A cut since is the AIMD's (pushbacks before the first delivery).
+local function slow_start()
+  if start >= 1 then return end
+  local s = redis.call('HMGET', KEYS[8], 'ok_at', 'pace_c', 'pace_r', 'pace_at', 'pace_cut_at')
+  local ok_at, cut_at = tonumber(s[1] or '0'), tonumber(s[5] or '0')
+  if (ok_at > 0 and now - ok_at < idle) or (cut_at > 0 and now - cut_at < idle) then return end
+  local recent = now - tonumber(s[4] or '0') < idle
+  local c, r, doubled = nil, nil, 'both'
+  if pace.c > 0 then
+    c = math.max(1, math.ceil(pace.c * start))
+    if recent and tonumber(s[2]) and tonumber(s[2]) < c then c, doubled = tonumber(s[2]), 'rate' end
+    if c >= pace.c then c = nil end
+  end
+  if pace.r > 0 then
+    r = math.max(floor_rate, pace.r * start)
+    if recent and tonumber(s[3]) and tonumber(s[3]) < r then r = tonumber(s[3]) end
+    if r >= pace.r then r = nil end
+  end
+  if not r and (not c or doubled == 'rate') then return end
+  redis.call('HDEL', KEYS[8], 'pace_c', 'pace_r', 'pace_peak', 'pace_step', 'pace_kind')
+  -- (a recent pace keeps its time: the climb goes on from it)
+  redis.call('HSET', KEYS[8], 'pace_ss', doubled, 'pace_at', recent and s[4] or now, 'pace_event', 'start',
+    'pace_why', 'slow start: no delivery lately')
+  if c then redis.call('HSET', KEYS[8], 'pace_c', c) end
+  if r then redis.call('HSET', KEYS[8], 'pace_r', tostring(r)) end
+  change = 'start'
 end
 
 -- what settle returns: the fate and the pace change
@@ -233,6 +289,7 @@ elseif pushback ~= '' then
     pushback = ''
   end
 end
+if pushback ~= '' or ARGV[4] ~= '[]' then slow_start() end
 if pushback ~= '' then
   cut(pushback, pushback_why)
   -- a moment's pause before the next start (claim.lua), so a refusal is not retried at once
@@ -244,7 +301,7 @@ end
 
 local done = {}
 for _, rcpt in ipairs(cjson.decode(ARGV[4])) do done[rcpt] = true end
-local failed = cjson.decode(redis.call('HGET', KEYS[1], 'failed'))
+local failed = cjson.decode((job_get(prefix, jid, 'failed')))
 for _, entry in ipairs(cjson.decode(ARGV[5])) do
   done[entry[1]] = true
   failed[#failed + 1] = entry
@@ -264,7 +321,7 @@ end
 
 -- whether a job has waited `limit` ms, time held not counted
 local function older_than(job, limit)
-  local created, base = unpack(redis.call('HMGET', job, 'created', 'held_base'))
+  local created, base = job_get(prefix, string.sub(job, #prefix + 6), 'created', 'held_base')
   return tonumber(created) + limit + (held_now - tonumber(base or '0')) <= now
 end
 
@@ -292,14 +349,15 @@ local function expire(job, jobid, owed, failures, why, from)
 end
 
 local owed = {}
-for _, rcpt in ipairs(cjson.decode(redis.call('HGET', KEYS[1], 'owed'))) do
+for _, rcpt in ipairs(cjson.decode((job_get(prefix, jid, 'owed')))) do
   if not done[rcpt] then owed[#owed + 1] = rcpt end
 end
 if #owed == 0 then
   if unreachable == '' then destination_up() end
   return answer(finish(KEYS[1], jid, failed, 'in_flight'))
 end
-redis.call('HSET', KEYS[1], 'owed', cjson.encode(owed), 'failed', cjson.encode(failed))
+redis.call('HSET', KEYS[1], 'owed', cjson.encode(owed))
+if #failed > 0 then redis.call('HSET', KEYS[1], 'failed', cjson.encode(failed)) end
 
 if pushback ~= '' then
   if tonumber(redis.call('HGET', KEYS[1], 'pushbacks') or '0') < PUSHBACKS then
@@ -333,8 +391,8 @@ if unreachable ~= '' then
   for _, head in ipairs(redis.call('ZRANGE', KEYS[6], 0, 99)) do
     local job = prefix .. ':job:' .. head
     if not expired(job) then break end
-    local r = expire(job, head, cjson.decode(redis.call('HGET', job, 'owed')),
-      cjson.decode(redis.call('HGET', job, 'failed')), unreachable, 'ready')
+    local owed_, failed_ = job_get(prefix, head, 'owed', 'failed')
+    local r = expire(job, head, cjson.decode(owed_), cjson.decode(failed_), unreachable, 'ready')
     if head == jid then result = r end
   end
   -- and those waiting past the delay warning get it (oldest first, a bounded batch)
@@ -358,7 +416,7 @@ if expired(KEYS[1]) then
   return answer(expire(KEYS[1], jid, owed, failed, why, 'in_flight'))
 end
 if why ~= last_error then event(KEYS[1], jid, 'deferred', {'rcpts', cjson.encode(owed), 'why', why, 'mx', mx}) end
-local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts'))
+local attempts = tonumber((job_get(prefix, jid, 'attempts')))
 move(prefix, jid, domain, 'in_flight', 'deferred', now + step(attempts))
 warn(KEYS[1], jid)
 return answer('deferred')

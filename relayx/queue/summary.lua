@@ -20,7 +20,7 @@ for _, q in ipairs(queues) do
   local c = redis.call('HMGET', prefix .. ':count:' .. q, 'ready', 'deferred', 'in_flight', 'failed', 'bytes')
   local oldest = 0
   local head = redis.call('ZRANGE', prefix .. ':q:' .. q, 0, 0)
-  if head[1] then oldest = tonumber(redis.call('HGET', prefix .. ':job:' .. head[1], 'created') or '0') end
+  if head[1] then oldest = tonumber(job_get(prefix, head[1], 'created') or '0') end
   local held = 0
   if held_at(prefix .. ':dom:' .. base_domain(q), now) then held = 1 end
   out[#out + 1] = {tonumber(c[1] or '0'), tonumber(c[2] or '0'), tonumber(c[3] or '0'), tonumber(c[4] or '0'),

@@ -47,7 +47,7 @@ local entries = redis.call('ZRANGE', KEYS[1], offset, offset + count - 1, 'WITHS
 for i = 1, #entries, 2 do
   local jid, score = entries[i], entries[i + 1]
   local job = prefix .. ':job:' .. jid
-  local domain, qid, seq = unpack(redis.call('HMGET', job, 'domain', 'qid', 'seq'))
+  local domain, qid, seq = job_get(prefix, jid, 'domain', 'qid', 'seq')
   if not domain or (only ~= '' and domain ~= only) then
     problem('stale')
     drop(jid)
@@ -73,13 +73,13 @@ for i = 1, #entries, 2 do
         problem('unpaired')
         if repair then redis.call('ZADD', prefix .. copy .. domain, score, jid) end
       end
-      local msg = prefix .. ':msg:' .. qid
+      local msg = msg_key(prefix, qid)
       local size = message_size(msg)
       -- the message is counted with its first job that still exists
       local first = 1
       local own = tonumber(string.sub(jid, #qid + 2)) or 1
       for n = 1, own - 1 do
-        if redis.call('EXISTS', prefix .. ':job:' .. qid .. '.' .. n) == 1 then
+        if job_exists(prefix, qid .. '.' .. n) then
           first = 0
           break
         end

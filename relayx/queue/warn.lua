@@ -3,7 +3,7 @@
 -- KEYS[1]  <p>:delayed        zset of jobs due a delay warning
 -- KEYS[2]  <p>:seq
 -- KEYS[3]  <p>:domains
--- KEYS[4]  <p>:msg:<dsn qid>  the warning's message hash
+-- KEYS[4]  <p>:job:<dsn qid>.1  the warning's message hash (msg_key, common.lua)
 -- ARGV[1]  key prefix
 -- ARGV[2]  jid
 -- ARGV[3]  now (ms)
