@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import socket
 import subprocess
@@ -160,11 +161,17 @@ def slowest(port: int) -> dict[str, Any]:
     }
 
 
+def bucket(value: str) -> str:
+    """A recipient's or Message-ID's search index bucket (common.lua's index_bucket)."""
+    return hashlib.sha1(value.lower().encode()).hexdigest()[:4]
+
+
 def memory_breakdown(port: int, prefix: str, n: int, depth: int) -> dict[str, int]:
     """
     What one queued message costs Redis, key by key (``MEMORY USAGE``): message
     ``n``'s own keys, and its share of the keys all messages share (the queue's
-    two orders, its sender's index, the domain's event log).
+    two orders, the index buckets of its recipient and Message-ID, the domain's
+    event log): a shared key's usage divided by its members.
     """
 
     def usage(key: str) -> int:
@@ -192,20 +199,16 @@ def memory_breakdown(port: int, prefix: str, n: int, depth: int) -> dict[str, in
             return 0
         return round((usage(base) + chunks * sizes / len(ranks)) / (chunks * members / len(ranks)))
 
-    qid, sender = f"D{n:09d}", f"sender{n % 1000}@load.test"
+    qid = f"D{n:09d}"
     shared = {
-        "sender_index": f"{prefix}:ix:from:{sender}",
+        "recipient_index": f"{prefix}:ix:rcpt:{bucket(f'rcpt{n}@example.com')}",
+        "message_id_index": f"{prefix}:ix:mid:{bucket(f'{n}.depth@bench.test')}",
         "event_log": f"{prefix}:events:example.com",
     }
-    counts = {
-        "sender_index": count("ZCARD", shared["sender_index"]),
-        "event_log": count("XLEN", shared["event_log"]),
-    }
+    counts = {name: count("XLEN" if name == "event_log" else "ZCARD", key) for name, key in shared.items()}
     result = {
         # the message's fields and its (only) job's share one hash (common.lua's msg_key)
         "message_hash": usage(f"{prefix}:job:{qid}.1"),
-        "recipient_index": usage(f"{prefix}:ix:rcpt:rcpt{n}@example.com"),
-        "message_id_index": usage(f"{prefix}:ix:mid:{n}.depth@bench.test"),
         # the queue's two orders (seqsets <p>:aq:<q>, <p>:rq:<q>), per job
         "queue_zset": seqset(f"{prefix}:aq:example.com"),
         "ready_zset": seqset(f"{prefix}:rq:example.com"),

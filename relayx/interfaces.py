@@ -708,9 +708,9 @@ class IQueueAdmin(Interface):
         The jobs of ``queues`` matching ``search`` in acceptance order, after
         ``cursor`` (an acceptance sequence; 0: from the start), examining at
         most ``budget`` jobs: ``jobs`` (at most ``limit``), ``cursor`` to
-        continue from and whether there is ``more``. Exact filters (from
-        indexes): ``sender``, ``recipient``, ``message_id``; examined one by
-        one: ``sender_has``, ``recipient_has``, ``subject_has``, ``state``,
+        continue from and whether there is ``more``. Exact filters:
+        ``recipient``, ``message_id`` (from hashed indexes), ``sender``; examined
+        one by one: ``sender``, ``sender_has``, ``recipient_has``, ``subject_has``, ``state``,
         ``before`` and ``after`` (ms).
         """
 

@@ -6,6 +6,7 @@ bounded, indexes gone when jobs retire, bulk actions resumed by another node.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from twisted.internet.task import Clock
@@ -131,6 +132,80 @@ class PagingTests(QueueCase):
             assert await q.bounce(job, None, T0 + 4)
         assert await index_keys(q) == []
         assert (await q.counts(BOTH, T0 + 4))["total"] == 0
+
+
+def bucket(value: str) -> str:
+    """The search index bucket of a recipient or Message-ID (common.lua's index_bucket)."""
+    return hashlib.sha1(value.lower().encode()).hexdigest()[:4]
+
+
+class IndexBucketTests(QueueCase):
+    @deferred_test
+    async def test_values_sharing_a_bucket_are_told_apart(self) -> None:
+        """When two recipients or two Message-IDs hash to one bucket, a search returns only the jobs with its own."""
+        # found by trying names: the first pair of each kind whose sha1 starts alike
+        assert bucket("u45@one.test") == bucket("u129@one.test")
+        assert bucket("m174@x.test") == bucket("m227@x.test")
+        q = await self.make_queue()
+        for n in range(8):
+            rcpt = "U45@one.test" if n % 2 else "u129@one.test"
+            mid = b"m174@x.test" if n % 4 == 1 else b"m227@x.test"
+            await q.enqueue(mail(f"M{n}", rcpt, "z@two.test", at=T0 + n, header=b"Message-ID: <" + mid + b">\r\n"))
+        assert q.key("ix", "rcpt", bucket("u45@one.test")) in await index_keys(q)
+        assert await q.redis.call("zcard", q.key("ix", "rcpt", bucket("u45@one.test"))) == 8
+        found, _ = await all_pages(q, {"recipient": "u45@one.test"}, 2, 3)
+        assert found == ["M1.1", "M3.1", "M5.1", "M7.1"]
+        found, _ = await all_pages(q, {"message_id": "m174@x.test"}, 10, 3)
+        assert found == ["M1.1", "M1.2", "M5.1", "M5.2"]
+        both, _ = await all_pages(q, {"message_id": "m227@x.test", "recipient": "u45@one.test"}, 10, 3)
+        assert both == ["M3.1", "M7.1"]
+        none = await q.page(BOTH, {"recipient": "u46@one.test"}, 0, 10, T0 + 100)
+        assert none["jobs"] == [] and none["more"] is False
+
+    @deferred_test
+    async def test_sender_is_a_bounded_scan_by_cursor(self) -> None:
+        """When mail is searched by exact sender, each call examines at most its budget and the cursor finds all."""
+        q = await self.make_queue()
+        expected = []
+        for n in range(30):
+            sender = "Spam@Bad.test" if n % 4 == 0 else f"ok{n}@good.test"
+            await q.enqueue(mail(f"M{n:02}", f"u{n}@one.test", sender=sender, at=T0 + n))
+            if n % 4 == 0:
+                expected.append(f"M{n:02}.1")
+        assert not [k for k in await index_keys(q) if ":ix:from:" in k]
+        found, calls = await all_pages(q, {"sender": "spam@bad.test"}, 3, 5)
+        assert found == expected and calls >= 6
+        first = await q.page(["one.test"], {"sender": "spam@bad.test"}, 0, 50, T0 + 100, budget=5)
+        assert first["examined"] == 5 and first["more"] is True and len(first["jobs"]) == 2
+        null, _ = await all_pages(q, {"sender": ""}, 3, 5)
+        assert null == []
+
+    @deferred_test
+    async def test_jobs_indexed_by_the_previous_version(self) -> None:
+        """When jobs were indexed under a key per value (the previous version), searches still find them and
+        their retiring leaves no index key behind."""
+        q = await self.make_queue()
+        await q.enqueue(mail("OLD", "x@one.test", "y@two.test", sender="Ann@a.test", header=b"Message-ID: <o@x>\r\n"))
+        await q.enqueue(mail("NEW", "x@one.test", at=T0 + 1, header=b"Message-ID: <o@x>\r\n"))
+        # OLD as the previous version indexed it: no buckets, a key per value
+        for jid, rcpt in (("OLD.1", "x@one.test"), ("OLD.2", "y@two.test")):
+            seq = await q.redis.call("zscore", q.key("q", rcpt.split("@")[1]), jid)
+            await q.redis.call("zrem", q.key("ix", "rcpt", bucket(rcpt)), jid)
+            await q.redis.call("zrem", q.key("ix", "mid", bucket("o@x")), jid)
+            await q.redis.call("execute_command", "ZADD", q.key("ix", "rcpt", rcpt), seq, jid)
+            await q.redis.call("execute_command", "ZADD", q.key("ix", "mid", "o@x"), seq, jid)
+            await q.redis.call("execute_command", "ZADD", q.key("ix", "from", "ann@a.test"), seq, jid)
+        found, _ = await all_pages(q, {"recipient": "x@one.test"}, 1, 2)
+        assert found == ["OLD.1", "NEW.1"]
+        found, _ = await all_pages(q, {"message_id": "o@x"}, 10, 1)
+        assert found == ["OLD.1", "OLD.2", "NEW.1"]
+        assert [j["jid"] for j in (await q.page(BOTH, {"sender": "ann@a.test"}, 0, 10, T0 + 100))["jobs"]] == [
+            "OLD.1",
+            "OLD.2",
+        ]
+        assert await q.drop("OLD", T0 + 2, "ops", bounce=False) == 2
+        assert await q.drop("NEW", T0 + 2, "ops", bounce=False) == 1
+        assert await index_keys(q) == []
 
 
 class BulkTests(QueueCase):

@@ -154,6 +154,61 @@ class EventLogTests(QueueCase):
         assert len((await report.build(q, "one.test", T0 - 1, T0 + 1)).rows) < 100
 
 
+class CompactEntryTests(QueueCase):
+    @deferred_test
+    async def test_what_an_entry_tells_is_left_out_and_read_back(self) -> None:
+        """When an entry's time, job or queue is what its ID and stream tell, it is stored as "" and read back whole;
+        an entry of the previous format (every field given) reads the same."""
+        q = await self.make_queue()
+        await q.enqueue(message("M", "a@one.test", "b@two.test", at=T0))
+        key = q.key("events", "one.test")
+        [(_, raw)] = await q.redis.call("execute_command", "XRANGE", key, "-", "+")
+        stored = {k.decode(): v.decode() for k, v in zip(raw[::2], raw[1::2], strict=True)}
+        assert stored["kind"] == "accepted" and (stored["at"], stored["jid"], stored["queue"]) == ("", "", "")
+        [(entry_id, fields)] = await q.events("one.test", "-", "+", 10)
+        assert entry_id.startswith(f"{round(T0 * 1000)}-")
+        assert (fields["at"], fields["jid"], fields["queue"], fields["qid"]) == (
+            str(round(T0 * 1000)),
+            "M.1",
+            "one.test",
+            "M",
+        )
+        [(_, second)] = await q.events("two.test", "-", "+", 10)
+        assert (second["jid"], second["queue"]) == ("M.2", "two.test")
+        # the previous format, as the previous version wrote it
+        await q.redis.call(
+            "execute_command",
+            "XADD",
+            key,
+            f"{round(T0 * 1000) + 5}-0",
+            "kind",
+            "accepted",
+            "queue",
+            "one.test#1",
+            "qid",
+            "OLD",
+            "jid",
+            "OLD.3",
+            "at",
+            str(round(T0 * 1000) + 2),
+            "sender",
+            "x@y.test",
+            "rcpts",
+            '["c@one.test"]',
+            "mid",
+            "",
+            "subject",
+            "s",
+            "size",
+            "9",
+        )
+        [_, (_, old)] = await q.events("one.test", "-", "+", 10)
+        assert (old["at"], old["jid"], old["queue"]) == (str(round(T0 * 1000) + 2), "OLD.3", "one.test#1")
+        got = (await report.build(q, "one.test", T0 - 1, T0 + 1)).as_json()
+        assert [(m["queue_id"], m["received"]) for m in got["messages"]] == [("M", T0), ("OLD", T0 + 0.002)]
+        assert got["messages"][1]["recipients"][0]["queue"] == "one.test#1"
+
+
 class WithdrawnTests(QueueCase):
     @deferred_test
     async def test_taken_back_message_is_not_in_the_report(self) -> None:

@@ -24,7 +24,8 @@ step as the change.
                                                 (epoch seconds or ISO 8601; see relayx.ops.report;
                                                 at most 50,000 messages, then next_from)
     GET    /api/v1/messages?domain=&state=&older_than=&newer_than=&cursor=&limit=
-               &sender=&recipient=&message_id=             exact (indexes)
+               &recipient=&message_id=                     exact (indexes)
+               &sender=                                    exact (examined job by job)
                &sender_has=&recipient_has=&subject_has=    parts of them (examined job by job)
     GET    /api/v1/messages/<queue id>          envelope, header section, jobs and their history
     GET    /api/v1/messages/<queue id>/raw      the message as accepted (message/rfc822: an .eml file)

@@ -332,30 +332,60 @@ end
 
 -- Search indexes, kept for every job while its hash exists (all zsets jid -> seq):
 --   <p>:aq:<queue>         every job of a delivery queue, in acceptance order (a seqset)
---   <p>:ix:from:<sender>   jobs by their message's sender (lower case; "" for <>)
---   <p>:ix:rcpt:<address>  jobs by each of their recipients (lower case)
---   <p>:ix:mid:<id>        jobs by their message's Message-ID (lower case, no <>)
+--   <p>:ix:rcpt:<bucket>   jobs by each of their recipients (lower case), hashed (index_bucket)
+--   <p>:ix:mid:<bucket>    jobs by their message's Message-ID (lower case, no <>), hashed
+-- A bucket holds the jobs of every value that hashes to it, so a search reads
+-- its bucket in acceptance order and keeps the jobs that really have the value
+-- (page.lua). There is no sender index: a sender search examines the queues'
+-- jobs in acceptance order, a bounded scan driven by the cursor (page.lua).
 -- index_job adds a job (add_job); unindex_job removes it and must be called
 -- just before its hash is deleted (it reads the job and its message): retire_job.
--- Cost: one ZADD/ZREM per recipient of the job, plus three.
-local function index_job(prefix, jid, seq, queue, sender, mid, rcpts)
+-- Cost: one ZADD/ZREM per recipient of the job, plus two (plus, on removal, the
+-- legacy keys below: one ZREM per recipient, plus two).
+--
+-- Bucket count: 16^INDEX_BUCKET_HEX = 65,536. Recipients and Message-IDs are
+-- nearly always unique per message, so a key per value cost a whole key (~120 B)
+-- per job; a bucket costs ~25 B per job while it stays listpack-encoded
+-- (zset-max-listpack-entries, default 128). At 1,000,000 queued jobs a bucket
+-- holds ~15 of them (a search reads that many entries to find its value's),
+-- and it stays a listpack up to ~8,000,000; with fewer buckets (16^3) they
+-- would turn into skiplists (~100 B per job) past ~500,000, with more (16^5)
+-- the buckets would hold one job each and cost a key per value again.
+local INDEX_BUCKET_HEX = 4
+
+local function index_bucket(value)
+  return string.sub(redis.sha1hex(value), 1, INDEX_BUCKET_HEX)
+end
+
+local function index_job(prefix, jid, seq, queue, mid, rcpts)
   seqset_add(prefix .. ':aq:' .. queue, seq, jid)
-  redis.call('ZADD', prefix .. ':ix:from:' .. string.lower(sender), seq, jid)
-  if mid and mid ~= '' then redis.call('ZADD', prefix .. ':ix:mid:' .. mid, seq, jid) end
+  if mid and mid ~= '' then redis.call('ZADD', prefix .. ':ix:mid:' .. index_bucket(mid), seq, jid) end
   for _, rcpt in ipairs(cjson.decode(rcpts)) do
-    redis.call('ZADD', prefix .. ':ix:rcpt:' .. string.lower(rcpt), seq, jid)
+    redis.call('ZADD', prefix .. ':ix:rcpt:' .. index_bucket(string.lower(rcpt)), seq, jid)
   end
 end
 
+-- Jobs accepted before the buckets were indexed under a key per value:
+-- <p>:ix:from:<sender>, <p>:ix:rcpt:<address>, <p>:ix:mid:<id>. They leave them
+-- here (a ZREM of a missing key costs O(1)), so those keys empty themselves as
+-- the old jobs retire; a search reads the old key too while it exists (page.lua).
+-- A bucket name (4 hex digits) is never an address (it has an @) nor, in
+-- practice, a Message-ID. To be dropped once no node of the previous version
+-- can have queued a job.
 local function unindex_job(prefix, jid)
   local job = {job_get(prefix, jid, 'domain', 'rcpts', 'qid')}
   if not job[1] then return end
   local msg = redis.call('HMGET', msg_key(prefix, job[3]), 'sender', 'mid')
   seqset_remove(prefix .. ':aq:' .. job[1], redis.call('HGET', prefix .. ':job:' .. jid, 'seq'), jid)
-  redis.call('ZREM', prefix .. ':ix:from:' .. string.lower(msg[1] or ''), jid)
-  if msg[2] and msg[2] ~= '' then redis.call('ZREM', prefix .. ':ix:mid:' .. msg[2], jid) end
+  redis.call('ZREM', prefix .. ':ix:from:' .. string.lower(msg[1] or ''), jid)  -- legacy
+  if msg[2] and msg[2] ~= '' then
+    redis.call('ZREM', prefix .. ':ix:mid:' .. index_bucket(msg[2]), jid)
+    redis.call('ZREM', prefix .. ':ix:mid:' .. msg[2], jid)  -- legacy
+  end
   for _, rcpt in ipairs(cjson.decode(job[2])) do
-    redis.call('ZREM', prefix .. ':ix:rcpt:' .. string.lower(rcpt), jid)
+    local name = string.lower(rcpt)
+    redis.call('ZREM', prefix .. ':ix:rcpt:' .. index_bucket(name), jid)
+    redis.call('ZREM', prefix .. ':ix:rcpt:' .. name, jid)  -- legacy
   end
 end
 
@@ -396,7 +426,7 @@ end
 -- acceptance index and the search indexes (index_job), the totals.
 -- Cost: O(1) writes, plus one per recipient (index_job).
 local function add_job(prefix, jid, queue, seq, size, sender, mid, rcpts)
-  index_job(prefix, jid, seq, queue, sender, mid, rcpts)
+  index_job(prefix, jid, seq, queue, mid, rcpts)
   redis.call('SADD', prefix .. ':queues', queue)
   redis.call('HINCRBY', prefix .. ':count:' .. queue, 'bytes', size)
   redis.call('HINCRBY', prefix .. ':totals', 'jobs', 1)
@@ -567,15 +597,21 @@ end
 --   withdrawn  (nothing: an enqueue taken back by abort.lua, its sender told 451)
 --   requeued   rcpts (failed ones owed again, requeue.lua)
 -- Entry IDs are the node's now in ms (or the stream's last ms, if later: IDs only
--- grow), so a window is one XRANGE between its ms bounds. Bounded: each XADD
+-- grow), so a window is one XRANGE between its ms bounds. What an entry's ID and
+-- key tell is written as "": at when it is the ID's ms, jid when it is <qid>.1,
+-- queue when it is the stream's domain (every entry keeps the same fields: a
+-- stream stores only the values of an entry whose fields are its node's first
+-- entry's). The one reader, RedisQueue.events (queue/redis.py), puts them back. Bounded: each XADD
 -- trims (MINID ~) what is older than <p>:events:keep (ms), which settle.lua sets
 -- to the retention plus EVENT_MARGIN. Memory: about 550 bytes per delivered
--- one-recipient message (accepted + delivered; measured 1.09 MB for 2,000).
+-- one-recipient message (accepted + delivered; measured 1.09 MB for 2,000)
+-- before the "" defaults above.
 -- Cost: O(1) keys (the stream, the keep key), O(1) amortized writes.
 local EVENT_MARGIN = 86400000
 
 local function record_event(prefix, queue, qid, jid, now, kind, fields)
-  local key = prefix .. ':events:' .. base_domain(queue)
+  local domain = base_domain(queue)
+  local key = prefix .. ':events:' .. domain
   local id = now
   local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
   if last[1] then
@@ -587,8 +623,11 @@ local function record_event(prefix, queue, qid, jid, now, kind, fields)
   if keep > 0 then
     args[#args + 1], args[#args + 2], args[#args + 3] = 'MINID', '~', tostring(now - keep)
   end
+  local at = now == id and '' or string.format('%d', now)
+  if jid == qid .. '.1' then jid = '' end
+  if queue == domain then queue = '' end
   for _, v in ipairs({string.format('%d-*', id), 'kind', kind, 'queue', queue, 'qid', qid, 'jid', jid,
-    'at', string.format('%d', now)}) do
+    'at', at}) do
     args[#args + 1] = v
   end
   for _, v in ipairs(fields) do args[#args + 1] = v end

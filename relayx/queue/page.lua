@@ -7,8 +7,8 @@
 -- ARGV[1]  key prefix <p>
 -- ARGV[2]  JSON array of delivery queues to look in (example.org, example.org#1, ...)
 -- ARGV[3]  JSON filter, each optional:
---            exact, from an index: "sender" (address, "" for <>), "recipient", "message_id"
---            (lower case, without <>)
+--            exact: "recipient", "message_id" (lower case, without <>; from their index
+--            buckets, each job checked), "sender" (address, "" for <>; examined job by job)
 --            examined job by job: "sender_has", "recipient_has", "subject_has" (lower-case
 --            substrings), "state" (ready held deferred in_flight failed), "before" and
 --            "after" (ms: accepted before, at or after)
@@ -21,14 +21,18 @@
 -- created, attempts, error}, ...], "cursor": the last sequence examined, "more": whether
 -- jobs past the cursor remain to be examined, "examined": n}.
 --
--- Source: one index when an exact filter is given, else each queue's ready
+-- Source: the index bucket of the Message-ID or recipient when one is given (plus
+-- the key a previous version indexed that value under, while it exists: common.lua),
+-- whose jobs are kept only if they have the value; else each queue's ready
 -- seqset <p>:rq:<queue> (state ready or held) or its <p>:aq:<queue> (seqsets,
--- common.lua), all ordered by acceptance sequence and merged here. Cost bound:
--- at most ARGV[6] entries fetched (from a seqset: at most one chunk more than
--- entries, seqset_range) and jobs examined (each a few O(1) and O(log n) reads; with a sender or Subject part,
--- one HMGET of the message hash for a job that does not match), plus, with an "after" bound on
--- the first page, a binary search of O(log n) reads per source (a seqset's: over its
--- chunks, then within one); never a walk of
+-- common.lua); all ordered by acceptance sequence and merged here. A sender is
+-- matched job by job over the queues' order, like its parts: a bounded scan
+-- driven by the cursor. Cost bound: at most ARGV[6] entries fetched (from a
+-- seqset: at most one chunk more than entries, seqset_range) and jobs examined
+-- (each a few O(1) and O(log n) reads; with a sender, its part, a Subject part
+-- or a Message-ID, one HMGET of the message hash for a job that does not
+-- match), plus, with an "after" bound on the first page, a binary search of
+-- O(log n) reads per source (a seqset's: over its chunks, then within one); never a walk of
 -- a queue. A page may hold fewer than ARGV[5] matches while "more" is true: the
 -- caller continues from "cursor".
 --
@@ -48,18 +52,19 @@ local function is_held(queue)
   return held[queue]
 end
 
--- where to look
-local exact = {}
-if filter.message_id then exact[#exact + 1] = prefix .. ':ix:mid:' .. filter.message_id end
-if filter.sender then exact[#exact + 1] = prefix .. ':ix:from:' .. filter.sender end
-if filter.recipient then exact[#exact + 1] = prefix .. ':ix:rcpt:' .. filter.recipient end
+-- where to look: a value's bucket, and the key a previous version indexed it
+-- under while that exists (unless it is the bucket's own name)
 local sources = {}
+local function indexed(kind, value)
+  local bucket = prefix .. ':ix:' .. kind .. ':' .. index_bucket(value)
+  local legacy = prefix .. ':ix:' .. kind .. ':' .. value
+  sources = {bucket}
+  if legacy ~= bucket and redis.call('EXISTS', legacy) == 1 then sources[2] = legacy end
+end
 if filter.message_id then
-  sources = {prefix .. ':ix:mid:' .. filter.message_id}
-elseif filter.sender then
-  sources = {prefix .. ':ix:from:' .. filter.sender}
+  indexed('mid', filter.message_id)
 elseif filter.recipient then
-  sources = {prefix .. ':ix:rcpt:' .. filter.recipient}
+  indexed('rcpt', filter.recipient)
 elseif filter.state == 'ready' or filter.state == 'held' then
   for _, q in ipairs(queues) do
     if is_held(q) == (filter.state == 'held') then sources[#sources + 1] = prefix .. ':rq:' .. q end
@@ -123,8 +128,10 @@ end
 -- only entries up to the horizon (the lowest last sequence of a source that
 -- gave a full batch) are certain to be in order with what was not fetched
 -- with nothing to check job by job, a source never needs more than `limit`
+-- (a bucket holds other values' jobs: an exact filter is always checked)
 local checks = filter.sender_has or filter.recipient_has or filter.subject_has or filter.before
-  or filter.after or #exact > 1 or (filter.state and (#exact > 0 or (filter.state ~= 'ready' and filter.state ~= 'held')))
+  or filter.after or filter.sender or filter.recipient or filter.message_id
+  or (filter.state and filter.state ~= 'ready' and filter.state ~= 'held')
 local per = math.max(1, math.floor(budget / math.max(1, #sources)))
 if not checks then per = math.min(per, limit) end
 local entries, horizon = {}, nil
@@ -155,13 +162,17 @@ for _, entry in ipairs(entries) do
   if #found >= limit then break end
   examined = examined + 1
   last = seq
-  -- a substring of the sender or Subject is looked at first, in the message hash
-  -- (its queue id is the job id's, enqueue_message): a scan that matches rarely
-  -- reads one small hash per job, not two
+  -- the sender, its part, a Subject part or the Message-ID is looked at first, in
+  -- the message hash (its queue id is the job id's, enqueue_message): a scan that
+  -- matches rarely reads one small hash per job, not two
   local sender, subject
   local ok = true
-  if filter.sender_has or filter.subject_has then
-    sender, subject = unpack(redis.call('HMGET', msg_key(prefix, job_qid(jid)), 'sender', 'subject'))
+  local first = filter.sender or filter.sender_has or filter.subject_has or filter.message_id
+  if first then
+    local mid
+    sender, subject, mid = unpack(redis.call('HMGET', msg_key(prefix, job_qid(jid)), 'sender', 'subject', 'mid'))
+    if filter.sender and lower(sender) ~= filter.sender then ok = false end
+    if filter.message_id and (mid or '') ~= filter.message_id then ok = false end
     if filter.sender_has and not string.find(lower(sender), filter.sender_has, 1, true) then ok = false end
     if filter.subject_has and not string.find(lower(subject), filter.subject_has, 1, true) then ok = false end
   end
@@ -178,9 +189,13 @@ for _, entry in ipairs(entries) do
     if created >= filter.before + skew then stop = true; break end
   end
   if ok and filter.after and created < filter.after then ok = false end
-  -- the other exact filters: the job is in their index too
-  for _, ix in ipairs(exact) do
-    if ok and not redis.call('ZSCORE', ix, jid) then ok = false end
+  -- a recipient's bucket holds other recipients' jobs: the job must have it
+  if ok and filter.recipient then
+    local has = false
+    for _, rcpt in ipairs(cjson.decode(rcpts)) do
+      if string.lower(rcpt) == filter.recipient then has = true; break end
+    end
+    ok = has
   end
   local state
   if ok and filter.state then
@@ -188,7 +203,7 @@ for _, entry in ipairs(entries) do
     ok = state == filter.state
   end
   if ok and filter.recipient_has and not string.find(lower(rcpts), filter.recipient_has, 1, true) then ok = false end
-  if ok and not (filter.sender_has or filter.subject_has) then
+  if ok and not first then
     sender, subject = unpack(redis.call('HMGET', msg_key(prefix, qid), 'sender', 'subject'))
   end
   if ok then

@@ -129,6 +129,22 @@ def _text(value: object) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+def _event_defaults(domain: str, entry_id: str, fields: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """
+    An event log entry of ``domain``'s stream with what record_event (common.lua)
+    leaves out put back: ``at`` is the entry ID's ms, ``jid`` the message's
+    first job ``<qid>.1``, ``queue`` the stream's domain. Entries written before
+    (every field given) are read as they are.
+    """
+    if not fields.get("at"):
+        fields["at"] = entry_id.split("-")[0]
+    if not fields.get("jid") and fields.get("qid"):
+        fields["jid"] = fields["qid"] + ".1"
+    if not fields.get("queue"):
+        fields["queue"] = domain
+    return entry_id, fields
+
+
 def _lists(job: dict[str, Any]) -> dict[str, Any]:
     """
     A job from a script's JSON answer, with its empty lists as lists: Lua's
@@ -1373,7 +1389,9 @@ class RedisQueue:
         key = self.key("events", domain)
         rows = await self.redis.call("execute_command", "XRANGE", key, start, end, "COUNT", count)
         return [
-            (_text(entry_id), {_text(k): _text(v) for k, v in zip(fields[::2], fields[1::2], strict=True)})
+            _event_defaults(
+                domain, _text(entry_id), {_text(k): _text(v) for k, v in zip(fields[::2], fields[1::2], strict=True)}
+            )
             for entry_id, fields in rows or []
         ]
 
