@@ -189,7 +189,7 @@ class IndexBucketTests(QueueCase):
         await q.enqueue(mail("NEW", "x@one.test", at=T0 + 1, header=b"Message-ID: <o@x>\r\n"))
         # OLD as the previous version indexed it: no buckets, a key per value
         for jid, rcpt in (("OLD.1", "x@one.test"), ("OLD.2", "y@two.test")):
-            seq = await q.redis.call("zscore", q.key("q", rcpt.split("@")[1]), jid)
+            seq = await q.redis.call("hget", q.key("job", jid), "seq")
             await q.redis.call("zrem", q.key("ix", "rcpt", bucket(rcpt)), jid)
             await q.redis.call("zrem", q.key("ix", "mid", bucket("o@x")), jid)
             await q.redis.call("execute_command", "ZADD", q.key("ix", "rcpt", rcpt), seq, jid)
