@@ -265,33 +265,21 @@ def _log_pace(domain: str, outcome: Outcome, change: str, sessions: str, rate: s
     """
     One event per slow start of a destination's pace, per cut and per return to its ceiling.
     """
-    code = outcome.pushback_reply.code if outcome.pushback_reply is not None else 0
-    mx = outcome.destination or "-"
+    fields = {
+        "domain": domain,
+        "mx": outcome.destination or "-",
+        "code": outcome.pushback_reply.code if outcome.pushback_reply is not None else 0,
+        "pace": change,
+    }
     if change == "ceiling":
-        log.info("pace of {domain}: back at full pace", domain=domain, mx=mx, code=code, pace="ceiling")
+        log.info("pace of {domain}: back at full pace", **fields)
         return
+    fields.update(sessions=sessions or "all", rate=f"{float(rate):.3g}" if rate else "unlimited")
     if change == "start":
-        log.info(
-            "pace of {domain} starts at {sessions} session(s), {rate} msg/s: no delivery lately",
-            domain=domain,
-            mx=mx,
-            code=code,
-            pace="start",
-            sessions=sessions or "all",
-            rate=f"{float(rate):.3g}" if rate else "unlimited",
-        )
+        log.info("pace of {domain} starts at {sessions} session(s), {rate} msg/s: no delivery lately", **fields)
         return
     why = _pushback_text(outcome) or outcome.unreachable or "slow replies"
-    log.warn(
-        "pace of {domain} cut to {sessions} session(s), {rate} msg/s after {why}",
-        domain=domain,
-        mx=mx,
-        code=code,
-        pace="cut",
-        sessions=sessions or "all",
-        rate=f"{float(rate):.3g}" if rate else "unlimited",
-        why=why,
-    )
+    log.warn("pace of {domain} cut to {sessions} session(s), {rate} msg/s after {why}", why=why, **fields)
 
 
 def _reply_text(reply: Reply | None) -> str:
