@@ -442,6 +442,7 @@ def main() -> None:
     d.add_argument("--sessions", type=int, default=10)
     d.add_argument("--concurrency", type=int, default=20, help="the domain's delivery concurrency (drain)")
     d.add_argument("--drain-seconds", type=float, default=5.0)
+    d.add_argument("--passes", type=int, default=3, help="accept bursts and drains at each depth (median reported)")
     d.add_argument("--bodies", choices=("directory", "redis"), default="directory", help="where bodies are kept")
     d.add_argument("--fill-processes", type=int, default=2, help="fill processes running at once")
     d.add_argument("--seconds", type=float, default=120, help="most time for each SMTP burst")

@@ -14,6 +14,10 @@ pipelined, not SMTP), then measured:
   (SLOWLOG, every command logged);
 - drain: the primary comes back (a recording sink) for ``--drain-seconds``;
   messages delivered per second, then it goes down again.
+
+Accept and drain run ``--passes`` times at each depth, once any AOF rewrite the
+fill set off has finished; each reports the median pass, every pass's rate, and
+the node's and Redis's CPU per message and Redis's forks during it.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.harness import ROOT, Nodes, Redis, redis_command, redis_memory, wait_port
+from bench.harness import ROOT, Nodes, Redis, cpu_seconds, redis_command, redis_memory, wait_port
 from relayx.redis.embedded import free_port
 
 TOKEN = "bench-depth-token-0123456789abcdef"
@@ -159,6 +163,59 @@ def slowest(port: int) -> dict[str, Any]:
             for name, (us, count, p99) in sorted(found.items(), key=lambda item: -item[1][0])[:8]
         },
     }
+
+
+def redis_info(port: int, *sections: str) -> dict[str, str]:
+    """INFO's ``field:value`` lines of ``sections``."""
+    text = redis_command(port, "INFO", *sections).decode()
+    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line and not line.startswith("#"))
+
+
+def persistence_settled(port: int, limit: float = 600) -> float:
+    """
+    Wait (at most ``limit`` s) until Redis has no AOF rewrite running or scheduled:
+    the fill's appends trigger rewrites (auto-aof-rewrite), and one still forking
+    and writing hundreds of MB would share the two cores with what a phase measures.
+    The seconds waited.
+    """
+    started = time.monotonic()
+    while time.monotonic() - started < limit:
+        info = redis_info(port, "persistence")
+        if info.get("aof_rewrite_in_progress") == "0" and info.get("aof_rewrite_scheduled") == "0":
+            break
+        time.sleep(0.5)
+    return round(time.monotonic() - started, 1)
+
+
+class Costs:
+    """
+    What a phase cost: CPU seconds of the node and of Redis (its main thread and its
+    forked children), and the forks Redis made (AOF rewrites) while it ran.
+    """
+
+    def __init__(self, redis: int, node_pids: list[int]) -> None:
+        self.redis, self.node_pids = redis, node_pids
+        self.before = self._read()
+
+    def _read(self) -> dict[str, float]:
+        info = redis_info(self.redis, "cpu", "stats")
+        return {
+            "node": sum(cpu_seconds(pid) for pid in self.node_pids),
+            "redis": float(info["used_cpu_sys_main_thread"]) + float(info["used_cpu_user_main_thread"]),
+            "redis_children": float(info["used_cpu_sys_children"]) + float(info["used_cpu_user_children"]),
+            "forks": float(info["total_forks"]),
+        }
+
+    def per_message(self, messages: int) -> dict[str, Any]:
+        after = self._read()
+        spent = {name: after[name] - self.before[name] for name in after}
+        n = max(1, messages)
+        return {
+            "node_cpu_ms_per_msg": round(spent["node"] * 1000 / n, 3),
+            "redis_cpu_ms_per_msg": round(spent["redis"] * 1000 / n, 3),
+            "redis_fork_cpu_s": round(spent["redis_children"], 2),
+            "redis_forks": int(spent["forks"]),
+        }
 
 
 def bucket(value: str) -> str:
@@ -325,6 +382,16 @@ def drain(primary: int, directory: Path, seconds: float, admin: int) -> dict[str
     }
 
 
+def median_pass(passes: list[dict[str, Any]]) -> dict[str, Any]:
+    """
+    The pass with the median rate, and every pass's rate: one burst or drain of a
+    few seconds on a shared machine varies by ±15 %, a depth's figure is their median.
+    """
+    rates = [p["msg_per_s"] or 0.0 for p in passes]
+    middle = sorted(range(len(passes)), key=lambda i: rates[i])[len(passes) // 2]
+    return {**passes[middle], "passes_msg_per_s": rates}
+
+
 def depth(options: argparse.Namespace) -> dict[str, Any]:
     from bench.__main__ import machine, run_load, summarize
 
@@ -338,6 +405,7 @@ def depth(options: argparse.Namespace) -> dict[str, Any]:
         "burst": options.burst,
         "sessions": options.sessions,
         "drain_seconds": options.drain_seconds,
+        "passes": options.passes,
         "bodies": options.bodies,
         "machine": machine(),
         "points": [],
@@ -374,12 +442,20 @@ def depth(options: argparse.Namespace) -> dict[str, Any]:
             if filled:
                 point["redis_bytes_by_key"] = memory_breakdown(redis.port, "relayx", filled - 7, point["depth"])
             point["calls"] = operator_calls(admin, redis.port)
-            load = run_load(nodes.ports, options.sessions, options.burst, [options.size], options.seconds)
-            accept = summarize(load, {})
-            point["accept"] = {k: accept[k] for k in ("accepted", "refused", "msg_per_s", "latency_ms")}
-            point["accept"].update(slowest(redis.port))
-            point["drain"] = drain(primary, directory, options.drain_seconds, admin)
-            point["drain"].update(slowest(redis.port))
+            point["rewrite_wait_s"] = persistence_settled(redis.port)
+            accepts, drains = [], []
+            for _ in range(options.passes):
+                costs = Costs(redis.port, nodes.pids)
+                load = run_load(nodes.ports, options.sessions, options.burst, [options.size], options.seconds)
+                accept = summarize(load, {})
+                accepts.append({k: accept[k] for k in ("accepted", "refused", "msg_per_s", "latency_ms")})
+                accepts[-1].update(costs.per_message(accept["accepted"]))
+                accepts[-1].update(slowest(redis.port))
+                costs = Costs(redis.port, nodes.pids)
+                drains.append(drain(primary, directory, options.drain_seconds, admin))
+                drains[-1].update(costs.per_message(drains[-1]["delivered"]))
+                drains[-1].update(slowest(redis.port))
+            point["accept"], point["drain"] = median_pass(accepts), median_pass(drains)
             result["points"].append(point)
             print(f"depth {point['depth']}: done", file=sys.stderr)
     finally:

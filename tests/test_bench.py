@@ -62,14 +62,33 @@ def test_replay_against_a_capacity_smoke(tmp_path: Path) -> None:
 
 
 def test_depth_smoke(tmp_path: Path) -> None:
-    """When the depth benchmark runs at a small depth, each point has its operator calls, accept, memory and drain."""
-    result = run(tmp_path, "depth", "--depth", "200", "--burst", "20", "--sessions", "2", "--drain-seconds", "0.5")
+    """
+    When the depth benchmark runs at a small depth, each point has its operator calls, memory, and the
+    median of its accept and drain passes with what each cost the node and Redis.
+    """
+    result = run(
+        tmp_path,
+        "depth",
+        "--depth",
+        "200",
+        "--burst",
+        "20",
+        "--sessions",
+        "2",
+        "--drain-seconds",
+        "0.5",
+        "--passes",
+        "2",
+    )
     points = result["points"]
     assert isinstance(points, list) and points[0]["depth"] == 0
     deep = points[-1]
     assert deep["depth"] >= 200 and deep["redis_bytes_per_msg"] > 0
     assert all(call["status"] == 200 for call in deep["calls"].values())
     assert deep["accept"]["accepted"] == 20 and deep["drain"]["delivered"] > 0
+    for phase in (deep["accept"], deep["drain"]):
+        assert len(phase["passes_msg_per_s"]) == 2 and phase["node_cpu_ms_per_msg"] > 0
+        assert phase["redis_cpu_ms_per_msg"] > 0 and phase["redis_forks"] >= 0
     by_key = deep["redis_bytes_by_key"]
     assert by_key["message_hash"] > 0 and "job_hash" not in by_key and by_key["queue_zset"] > 0
     assert result["bodies"] == "directory" and deep["fill"]["processes"] == 2
