@@ -132,8 +132,9 @@ def test_a_member_inside_a_full_chunk_splits_it() -> None:
     assert s.chunks() == [2, 130]
     assert check(s) == 129
     assert [q for _, q in s.range(98, 3)] == [100, 101, 102]
-    s.add(1, "J1")  # below every chunk: a chunk of its own
-    assert s.chunks() == [1, 2, 130] and s.first() == ("J1", 1)
+    s.add(1, "J1")  # below every chunk: the first (64 members) takes it and starts at 1
+    assert s.chunks() == [1, 130] and s.first() == ("J1", 1)
+    assert check(s) == 130
 
 
 def test_removal_that_empties_a_chunk_drops_it_from_the_directory() -> None:
@@ -171,9 +172,29 @@ def test_first_after_removals() -> None:
     for seq in range(129, 257, 2):
         s.remove(seq, f"J{seq}")
     assert s.first() == ("J130", 130)
-    s.add(2, "J2")  # below every chunk: a chunk of its own
-    assert s.first() == ("J2", 2) and s.chunks() == [2, 129, 257]
+    s.add(2, "J2")  # below every chunk: the first, with room, takes it
+    assert s.first() == ("J2", 2) and s.chunks() == [2, 257]
     assert check(s) == 299 - 128 - 64 + 1
+
+
+def test_retries_below_every_chunk_share_one() -> None:
+    """
+    When members come back below every chunk in falling order (retries due in another order than
+    their sequence's), they join the first chunk while it has room: no chunk of one member each.
+    """
+    s = Seqset()
+    for seq in range(1000, 1100):
+        s.add(seq, f"J{seq}")
+    for seq in range(999, 899, -1):
+        s.add(seq, f"J{seq}")
+    # 28 filled the first chunk (now from 972), the other 72 share one chunk from 900
+    assert s.chunks() == [900, 972] and check(s) == 200
+    assert [q for _, q in s.range(0, 300)] == list(range(900, 1100))
+    for seq in range(899, 843, -1):
+        s.add(seq, f"J{seq}")
+    assert s.chunks() == [844, 972] and check(s) == 256
+    s.add(5, "J5")  # the first chunk is full: a chunk of its own
+    assert s.chunks() == [5, 844, 972] and s.first() == ("J5", 5) and check(s) == 257
 
 
 def test_a_full_chunk_stays_compact() -> None:

@@ -157,7 +157,10 @@ end
 -- its start (its name and directory score) up to the next chunk's start, so
 -- each member has one place whatever other queues' jobs took the sequences
 -- between; chunks fill by appends (the next sequence past a full last chunk
--- starts a chunk), and a member added inside a full chunk splits it in halves.
+-- starts a chunk), a member added inside a full chunk splits it in halves, and
+-- one below every chunk joins the first chunk if it has room (its start moves
+-- down: the chunk is renamed), so that retries coming back in the order they
+-- fell due, not their sequence's, share a chunk instead of each making one.
 local SEQSET_CHUNK = 128
 
 -- The start of the chunk whose range holds `seq` (nil: below every chunk).
@@ -166,7 +169,7 @@ local function seqset_find(base, seq)
   return redis.call('ZREVRANGEBYSCORE', base, seq, '-inf', 'LIMIT', 0, 1)[1]
 end
 
--- Add (or keep) `id` at `seq`. Cost: at most five O(log n) calls, plus, when
+-- Add (or keep) `id` at `seq`. Cost: at most six O(log n) calls, plus, when
 -- a middle insert splits a full chunk, one move of 64 members (O(128)).
 local function seqset_add(base, seq, id)
   seq = tonumber(seq)
@@ -192,8 +195,19 @@ local function seqset_add(base, seq, id)
       return
     end
   end
-  -- below every chunk, or past a full chunk's last member: a chunk starts here
   local name = string.format('%d', seq)
+  if not start then
+    -- below every chunk: the first chunk takes it if it has room, starting here now
+    local first = redis.call('ZRANGE', base, 0, 0)[1]
+    if first and redis.call('ZCARD', base .. ':' .. first) < SEQSET_CHUNK then
+      redis.call('RENAME', base .. ':' .. first, base .. ':' .. name)
+      redis.call('ZREM', base, first)
+      redis.call('ZADD', base, seq, name)
+      redis.call('ZADD', base .. ':' .. name, seq, id)
+      return
+    end
+  end
+  -- below every chunk (the first is full), or past a full chunk's last member: a chunk starts here
   redis.call('ZADD', base .. ':' .. name, seq, id)
   redis.call('ZADD', base, seq, name)
 end
