@@ -662,7 +662,7 @@ def _processes(value: object) -> int:
     if value == "auto":
         return max(1, min(64, os.cpu_count() or 1))
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
-        raise ValueError(f"expected \"auto\" or a whole number from 1 to 64, got {value!r}")
+        raise ValueError(f'expected "auto" or a whole number from 1 to 64, got {value!r}')
     return value
 
 

@@ -59,6 +59,8 @@ def _subject(raw: bytes | None) -> str:
         except Exception:  # a malformed encoded word is searched as it stands
             pass
     return " ".join(text.split())[:256]
+
+
 _CFWS = re.compile(rb"^(\s|\((?:[^()\\]|\\.)*\))*")
 
 

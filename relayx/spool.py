@@ -278,4 +278,3 @@ class _Budget:
             amount, waiter = self._waiting.popleft()
             self.used += amount
             waiter.callback(None)
-

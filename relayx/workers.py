@@ -92,9 +92,7 @@ class WorkerSupervisor:
         worker = _Worker(self, index)
         argv = list(self._command(index))
         try:
-            self._reactor.spawnProcess(
-                worker, argv[0], argv, env=self._environment, childFDs={0: "w", 1: 1, 2: 2}
-            )
+            self._reactor.spawnProcess(worker, argv[0], argv, env=self._environment, childFDs={0: "w", 1: 1, 2: 2})
         except OSError as e:
             log.error("SMTP worker {index} could not be started: {why}", index=index, why=str(e))
             self._schedule(index)
@@ -135,6 +133,7 @@ class WorkerSupervisor:
             _signal(worker, "TERM")
         if not workers:
             return
+
         def kill() -> None:
             for worker in workers:
                 _signal(worker, "KILL")

@@ -123,5 +123,3 @@ def test_relayx_check_names_an_evicting_redis(tmp_path: Path) -> None:
         assert '"level": "error"' in listed.stdout
     finally:
         redis.stop()
-
-

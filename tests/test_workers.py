@@ -191,5 +191,3 @@ def test_two_processes_share_the_port_and_survive_a_worker_kill(tmp_path: Path) 
     assert "SMTP worker 1 ended" in log and "starting it again" in log
     assert not [pid for pid in seen if alive(pid)], "no worker left behind"
     assert "Traceback" not in log, log
-
-
