@@ -36,7 +36,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.harness import ROOT, Nodes, Redis, cpu_seconds, redis_command, redis_memory, wait_port
+from bench.harness import ROOT, Nodes, Redis, cpu_seconds, redis_command, redis_info, redis_memory, wait_port
 from relayx.redis.embedded import free_port
 
 TOKEN = "bench-depth-token-0123456789abcdef"
@@ -164,12 +164,6 @@ def slowest(port: int) -> dict[str, Any]:
             for name, (us, count, p99) in sorted(found.items(), key=lambda item: -item[1][0])[:8]
         },
     }
-
-
-def redis_info(port: int, *sections: str) -> dict[str, str]:
-    """INFO's ``field:value`` lines of ``sections``."""
-    text = redis_command(port, "INFO", *sections).decode()
-    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line and not line.startswith("#"))
 
 
 def persistence_settled(port: int, limit: float = 600) -> float:

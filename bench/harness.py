@@ -85,12 +85,14 @@ def _complete(data: bytes) -> bool:
     return data.endswith(b"\r\n")
 
 
+def redis_info(port: int, *sections: str) -> dict[str, str]:
+    """INFO's ``field:value`` lines of ``sections``."""
+    text = redis_command(port, "INFO", *sections).decode()
+    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line and not line.startswith("#"))
+
+
 def redis_memory(port: int) -> int:
-    info = redis_command(port, "INFO", "memory").decode()
-    for line in info.splitlines():
-        if line.startswith("used_memory:"):
-            return int(line.split(":")[1])
-    raise RuntimeError("no used_memory in INFO")
+    return int(redis_info(port, "memory")["used_memory"])
 
 
 class Redis:
