@@ -173,10 +173,12 @@ class Throttle:
     """
     How hard a destination may be driven, across the whole cluster:
     deliveries at once, messages per second (0: no limit), and how long a
-    destination that just came back takes to climb back to that pace (the
-    adaptive pace's additive step: ``concurrency`` and ``rate`` per
-    ``ramp_up``; 0: one session per interval). These are ceilings: the
-    adaptive pace (``Pace``) may run below them.
+    destination that just came back takes to climb back to that pace from
+    one session (the adaptive pace's additive step: ``concurrency`` and
+    ``rate`` per ``ramp_up``). 0: no ramp; a destination back from an outage
+    takes the slow start as a fresh one does, and the climb after a cut adds
+    one session per interval. These are ceilings: the adaptive pace
+    (``Pace``) may run below them.
     """
 
     concurrency: int
@@ -552,10 +554,11 @@ class IDeliveryQueue(Interface):
         probe per interval across the cluster.
         """
 
-    def resume(domain: str, now: float) -> Awaitable[bool]:
+    def resume(domain: str, now: float, throttle: Throttle) -> Awaitable[bool]:
         """
         The domain's destination is up again: end its pause so its queue
-        goes at once (at one session, climbing). Returns whether it was paused.
+        goes at once (at one session, climbing, when ``throttle`` has a
+        ramp-up; else at the slow start's pace). Returns whether it was paused.
         """
 
 

@@ -279,6 +279,7 @@ def build_delivery_loops(
         clock=reactor,
         interval=q.probe_interval,
         resumed=lambda domain: scheduler.poll(),
+        throttle_of=scheduler.throttle_of,
     )
     bouncer = Bouncer(
         queue=queue,

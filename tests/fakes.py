@@ -78,7 +78,7 @@ class ScriptedQueue:
     async def take_probe(self, domain: str, owner: str, interval: float) -> bool:
         return True
 
-    async def resume(self, domain: str, now: float) -> bool:
+    async def resume(self, domain: str, now: float, throttle: Throttle) -> bool:
         if domain in self.failing:
             self.failing.discard(domain)
             return True
@@ -147,3 +147,11 @@ class MemoryRecipientCache:
         if self.unavailable:
             raise StoreUnavailable("cache switched off by the test")
         self.answers[address] = (exists, now)
+
+
+def ramped(domain: str) -> Throttle:
+    """
+    Every destination's throttle where a test does not care: the ``[queue]``
+    default (one session, ramping back over 30 s after an outage).
+    """
+    return Throttle(concurrency=1, ramp_up=30.0)

@@ -15,6 +15,7 @@ from relayx.address import Mailbox
 from relayx.interfaces import IncomingMessage, Outcome
 from relayx.ops.history import History, delivery_rate, replay, with_rates
 from relayx.queue.redis import RedisQueue
+from tests.fakes import ramped
 from tests.helpers import eventually
 from tests.test_queue_redis import T0, QueueCase, deferred_test, message, take
 
@@ -197,7 +198,7 @@ class SamplerTests(QueueCase):
         [lease] = await take(q, "node-a", T0 + 100, 1)
         assert await q.settle(lease, Outcome(unreachable="connection refused"), T0 + 100) == "paused"
         assert await h.sample(T0 + 120)
-        assert await q.resume("one.test", T0 + 170)
+        assert await q.resume("one.test", T0 + 170, ramped("one.test"))
         assert await deliver(q, T0 + 180, 2) == 2
         assert await h.sample(T0 + 180)
         [paused, after] = await h.read("one.test", T0 + 120, 10)

@@ -18,7 +18,7 @@ from relayx.delivery.bounce import Bouncer
 from relayx.delivery.scheduler import Prober, Scheduler
 from relayx.interfaces import Claim, FailedJob, IFailedJobs, IncomingMessage, StoreUnavailable, Throttle
 from relayx.loops import logged, steady_loop
-from tests.fakes import ManualDeliverer, ScriptedQueue
+from tests.fakes import ManualDeliverer, ScriptedQueue, ramped
 
 
 @implementer(ILogObserver)
@@ -134,7 +134,7 @@ def test_prober_keeps_going_after_an_unexpected_error() -> None:
     """When the prober's look-up raises unexpectedly, it is logged and the next round still probes and resumes."""
     clock, queue, deliverer = Clock(), _FailingDomainsBroken(), ManualDeliverer()
     resumed: list[str] = []
-    prober = Prober("node-a", queue, deliverer, clock, interval=1.0, resumed=resumed.append)
+    prober = Prober("node-a", queue, deliverer, clock, interval=1.0, resumed=resumed.append, throttle_of=ramped)
     queue.failing = {"example.com"}
     deliverer.up = {"example.com"}
     with _Captured() as log:
@@ -156,7 +156,7 @@ def test_prober_logs_a_probe_that_raises() -> None:
             raise OSError("injected into probe")
 
     deliverer = Broken()
-    prober = Prober("node-a", queue, deliverer, clock, interval=1.0, resumed=lambda domain: None)
+    prober = Prober("node-a", queue, deliverer, clock, interval=1.0, resumed=lambda domain: None, throttle_of=ramped)
     queue.failing = {"example.com"}
     with _Captured() as log:
         prober.start()

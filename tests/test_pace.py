@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import attrs
 from twisted.logger import formatEvent
 
 from relayx.interfaces import Lease, Outcome, PacePolicy, Pushback, Throttle
@@ -347,12 +348,43 @@ class PaceTests(QueueCase):
     @deferred_test
     async def test_after_an_outage_the_rate_doubles_and_the_sessions_ramp_from_one(self) -> None:
         """
-        When a destination comes back after an outage, its rate starts at pace_start of the ceiling and
-        doubles each interval, while its sessions climb from one as ramp_up says (one per interval here).
+        When a destination with a ramp_up comes back after an outage, its rate starts at pace_start of the
+        ceiling and doubles each interval, while its sessions climb from one as ramp_up says (one per interval
+        here).
+        """
+        ramped = attrs.evolve(CEILING, ramp_up=8.0)
+        q = await self.queue_of(100, pace=PacePolicy(start=0.25))
+        [lease] = await self.claim(q, T0, 1)
+        assert await q.settle(lease, Outcome(unreachable="connection refused"), T0, ramped) == "paused"
+        assert await q.take_probe("one.test", "node-a", 5) and await q.resume("one.test", T0 + 10, ramped)
+        paces = await self.deliver_each_second(q, T0 + 10, 3, 10, ramped)
+        assert paces == [(1, 25.0), (2, 50.0), (3, None)]
+
+    @deferred_test
+    async def test_after_an_outage_without_a_ramp_the_slow_start_applies(self) -> None:
+        """
+        When a destination with ramp_up 0 comes back after an outage, it is not held to one session: its
+        sessions and rate start at pace_start of the ceiling and double each interval, as a fresh one's do.
         """
         q = await self.queue_of(100, pace=PacePolicy(start=0.25))
         [lease] = await self.claim(q, T0, 1)
         assert await q.settle(lease, Outcome(unreachable="connection refused"), T0, CEILING) == "paused"
-        assert await q.take_probe("one.test", "node-a", 5) and await q.resume("one.test", T0 + 10)
+        assert await q.take_probe("one.test", "node-a", 5) and await q.resume("one.test", T0 + 10, CEILING)
+        assert (await q.domain_state("one.test", T0 + 10)).pace.concurrency is None
         paces = await self.deliver_each_second(q, T0 + 10, 3, 10, CEILING)
-        assert paces == [(1, 25.0), (2, 50.0), (3, None)]
+        assert paces == [(2, 25.0), (4, 50.0), (None, None)]
+
+    @deferred_test
+    async def test_a_delivery_after_an_outage_without_a_ramp_keeps_the_ceiling(self) -> None:
+        """
+        When a destination with ramp_up 0 answers again after an outage without a probe, a destination that
+        delivered minutes ago goes on at its ceiling: no session limit of one, no slow start.
+        """
+        q = await self.queue_of(100, pace=PacePolicy(start=0.25))
+        await self.deliver_each_second(q, T0, 3, 10, CEILING)
+        [lease] = await self.claim(q, T0 + 4, 1)
+        assert await q.settle(lease, Outcome(unreachable="connection refused"), T0 + 4, CEILING) == "paused"
+        [lease] = await self.claim(q, T0 + 70, 1)
+        await q.settle(lease, delivered(lease), T0 + 70, CEILING)
+        pace = (await q.domain_state("one.test", T0 + 70)).pace
+        assert (pace.concurrency, pace.rate) == (None, None)

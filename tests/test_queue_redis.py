@@ -492,7 +492,7 @@ class ClusterQueueTests(QueueCase):
         assert await q.failing_domains() == ["one.test"]
         assert await q.take_probe("one.test", "node-a", 5) is True
         assert await q.take_probe("one.test", "node-b", 5) is False
-        assert await q.resume("one.test", T0 + 10) is True
+        assert await q.resume("one.test", T0 + 10, throttle) is True
         assert await q.failing_domains() == []
         now = T0 + 10
         for sessions in (1, 2, 3, 4):

@@ -10,7 +10,7 @@ from zope.interface.verify import verifyObject
 from relayx.delivery.scheduler import Prober, Scheduler
 from relayx.interfaces import IDeliverer, IDeliveryQueue, Lease, Outcome, Throttle
 from relayx.reply import Reply
-from tests.fakes import ManualDeliverer, ScriptedQueue
+from tests.fakes import ManualDeliverer, ScriptedQueue, ramped
 from tests.helpers import logged_events
 
 
@@ -147,7 +147,15 @@ def test_prober_resumes_a_recovered_domain() -> None:
     queue = ScriptedQueue()
     deliverer = ManualDeliverer()
     resumed: list[str] = []
-    prober = Prober(owner="node-a", queue=queue, deliverer=deliverer, clock=clock, interval=5.0, resumed=resumed.append)
+    prober = Prober(
+        owner="node-a",
+        queue=queue,
+        deliverer=deliverer,
+        clock=clock,
+        interval=5.0,
+        resumed=resumed.append,
+        throttle_of=ramped,
+    )
     queue.failing = {"down.test", "back.test"}
     deliverer.up = {"back.test"}
     prober.start()
@@ -163,7 +171,15 @@ def test_prober_logs_a_long_outage_sparingly() -> None:
     clock = Clock()
     queue = ScriptedQueue()
     deliverer = ManualDeliverer()
-    prober = Prober(owner="node-a", queue=queue, deliverer=deliverer, clock=clock, interval=1.0, resumed=lambda d: None)
+    prober = Prober(
+        owner="node-a",
+        queue=queue,
+        deliverer=deliverer,
+        clock=clock,
+        interval=1.0,
+        resumed=lambda d: None,
+        throttle_of=ramped,
+    )
     queue.failing = {"down.test"}
     with logged_events() as events:
         prober.start()

@@ -187,6 +187,9 @@ class Scheduler:
             self._wake.cancel()
         await DeferredList(list(self._active.values()))
 
+    def throttle_of(self, domain: str) -> Throttle:
+        return self.throttles.get(domain, self.default)
+
     @property
     def active(self) -> int:
         return len(self._active)
@@ -308,8 +311,7 @@ class Scheduler:
         """
         while True:
             try:
-                throttle = self.throttles.get(lease.domain, self.default)
-                await self.queue.settle(lease, outcome, self.clock.seconds(), throttle)
+                await self.queue.settle(lease, outcome, self.clock.seconds(), self.throttle_of(lease.domain))
                 return True
             except StaleLease:
                 log.warn("job {job}: lease taken over before settling", job=lease.job_id)
@@ -350,6 +352,8 @@ class Prober:
     clock: IReactorTime
     interval: float
     resumed: Callable[[str], None]
+    #: the destination's throttle: whether it ramps back from one session
+    throttle_of: Callable[[str], Throttle]
     _loop: LoopingCall | None = None
     _probing: set[str] = field(default_factory=set)
     #: per failing domain: when "still down" was last logged, and probes since
@@ -411,7 +415,7 @@ class Prober:
                 self._still_down(domain, why)
                 return
             self._quiet.pop(domain, None)
-            if await self.queue.resume(domain, self.clock.seconds()):
+            if await self.queue.resume(domain, self.clock.seconds(), self.throttle_of(domain)):
                 log.info("probe of {domain}: destination is back, replaying its queue", domain=domain)
                 self.resumed(domain)
         except StoreUnavailable as e:

@@ -760,9 +760,10 @@ class RedisQueue:
         taken = await self.redis.call("set", self.key("probe", domain), owner, None, _ms(interval), True)
         return bool(taken)
 
-    async def resume(self, domain: str, now: float) -> bool:
+    async def resume(self, domain: str, now: float, throttle: Throttle) -> bool:
         keys = [self.key("dom", domain), self.key("paused")]
-        return bool(int(await self.redis.script(self._RESUME, keys, [_ms(now), domain])))
+        ramp = "1" if throttle.ramp_up > 0 else "0"
+        return bool(int(await self.redis.script(self._RESUME, keys, [_ms(now), domain, ramp])))
 
     # -- operations (IQueueAdmin) ------------------------------------------
 

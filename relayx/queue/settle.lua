@@ -50,8 +50,8 @@
 -- the start fraction of its ceiling's sessions and rate, and doubles both each
 -- interval with a delivery while nothing pushes back (pace_ss), so a healthy
 -- destination is at full pace within log2(1 / start) intervals; after an outage
--- the sessions keep their ramp from one (resume.lua, ramp-up) and only the rate
--- doubles. The first round before the first answer goes at the ceiling.
+-- with a ramp-up (u > 0) the sessions keep their ramp from one (resume.lua) and
+-- only the rate doubles. The first round before the first answer goes at the ceiling.
 -- A pushback ends the slow start and cuts the sessions ("sessions"), the
 -- rate ("rate") or both (a slow reply) to backoff times what was in use (the jobs
 -- in flight; the current rate, or at the ceiling the rate the destination accepted
@@ -104,10 +104,15 @@ local function remember(what)
   redis.call('HSET', KEYS[1], 'history', cjson.encode(history))
 end
 
+-- the adaptive pace (see the top)
+local pace = cjson.decode(ARGV[14] or '{}')
+pace.c, pace.r, pace.u = pace.c or 0, pace.r or 0, pace.u or 0
+
 -- the destination answered: it is up, whatever it said about these recipients;
--- after an outage its pace starts at one session and climbs
+-- after an outage its pace starts at one session and climbs (with a ramp_up;
+-- without, the slow start below applies as to a fresh destination)
 local function destination_up()
-  if redis.call('HEXISTS', KEYS[8], 'failures') == 1 then
+  if pace.u > 0 and redis.call('HEXISTS', KEYS[8], 'failures') == 1 then
     redis.call('HSET', KEYS[8], 'pace_c', 1, 'pace_at', now, 'pace_event', 'cut', 'pace_kind', 'sessions',
       'pace_why', 'the destination came back')
   end
@@ -115,9 +120,6 @@ local function destination_up()
   redis.call('ZREM', KEYS[10], domain)
 end
 
--- the adaptive pace (see the top)
-local pace = cjson.decode(ARGV[14] or '{}')
-pace.c, pace.r, pace.u = pace.c or 0, pace.r or 0, pace.u or 0
 local interval, backoff, floor_rate = pace.i or 1000, pace.b or 0.7, pace.f or 1
 local start, idle = pace.t or 1, pace.w or 300000
 local HUGE = math.huge
