@@ -324,6 +324,8 @@ class Outcome:
     #: how long the destination took to answer the transaction (MAIL to the
     #: reply after the message), for the pace's reply-time baseline; 0: unknown
     reply_seconds: float = 0.0
+    #: whether the session with ``destination`` was encrypted (STARTTLS)
+    tls: bool = False
 
 
 @attrs.frozen

@@ -91,8 +91,8 @@ def test_pipelined_delivery_with_per_recipient_outcomes() -> None:
     sent = s.transports["a"].value()
     # one write for the whole envelope: PIPELINING used
     assert b"MAIL FROM:<bob@sender.test> SIZE=18\r\nRCPT TO:<x@example.com>\r\n" in sent
-    # the session is kept for the next message to the host
-    assert sent.endswith(b"Subject: x\r\n\r\nhi\r\n.\r\nRSET\r\n")
+    # the session is kept for the next message to the host: the reply to the data ended the transaction
+    assert sent.endswith(b"Subject: x\r\n\r\nhi\r\n.\r\n")
 
 
 def test_no_pipelining_stops_after_refused_mail() -> None:
@@ -257,6 +257,39 @@ def test_routes_fixed_and_mx_below_our_preference() -> None:
     assert _targets(table, "mx.test") == [("primary.mx.test", 25)]
 
 
+def test_run_time_route_is_read_once_a_second() -> None:
+    """
+    When a domain has a run-time route (a cutover), deliveries within a second use it as last read, and the
+    first delivery after that second reads it again: a re-route applies within a second, at one read a second.
+    """
+    clock = Clock()
+    stored: dict[str, tuple[str, ...]] = {"fixed.test": ("smtp://new.test:2526",)}
+    reads: list[str] = []
+
+    async def override(domain: str) -> tuple[str, ...] | None:
+        reads.append(domain)
+        return stored.get(domain)
+
+    table = RouteTable(
+        {"fixed.test": (SMTPRoute("a.test", 2525),)},
+        lookup_mx=lambda domain: Deferred(),
+        own_names=frozenset(),
+        shuffle=random.Random(3).shuffle,
+        overrides=override,
+        clock=clock,
+    )
+    for _ in range(50):
+        assert _targets(table, "fixed.test") == [("new.test", 2526)]
+    assert reads == ["fixed.test"]
+    del stored["fixed.test"]
+    clock.advance(0.5)
+    assert _targets(table, "fixed.test") == [("new.test", 2526)]
+    clock.advance(0.6)
+    assert _targets(table, "fixed.test") == [("a.test", 2525)]
+    assert _targets(table, "fixed.test") == [("a.test", 2525)]
+    assert reads == ["fixed.test", "fixed.test"]
+
+
 def test_routes_we_are_best_mx() -> None:
     """When this node is the most preferred MX, the mail is undeliverable (5.4.4, RFC 5321 5.1), not looped to us."""
     table = _table([(10, "mx2.example.net")], {"mx2.example.net"})
@@ -302,23 +335,42 @@ def test_mx_records_cached_for_their_ttl() -> None:
 
 
 def test_session_reused_for_the_next_message() -> None:
-    """When two messages go to the same host in turn, the second uses the first's session, after RSET."""
-    one = b"250 ok\r\n250 ok\r\n354 go\r\n250 queued\r\n250 reset\r\n"
+    """
+    When two messages go to the same host in turn, the second uses the first's session, with no RSET between:
+    the reply to the first's data ended its transaction.
+    """
+    one = b"250 ok\r\n250 ok\r\n354 go\r\n250 queued\r\n"
     s = Scripted({"a": b"220 d\r\n" + EHLO_PIPELINING + one + one})
     d = s.deliverer(["a"])
     assert run(d, ("x@example.com",)).delivered == ("x@example.com",)
     assert run(d, ("y@example.com",)).delivered == ("y@example.com",)
     assert s.connections == 1
     sent = s.transports["a"].value()
-    assert sent.count(b"EHLO") == 1 and sent.count(b"RSET") == 2
+    assert sent.count(b"EHLO") == 1 and sent.count(b"RSET") == 0
     # an idle session is ended after its time
     s.clock.advance(3)
-    assert sent.endswith(b"RSET\r\n") and s.transports["a"].value().endswith(b"QUIT\r\n")
+    assert s.transports["a"].value().endswith(b"QUIT\r\n")
+
+
+def test_session_reset_after_a_transaction_without_data() -> None:
+    """
+    When every recipient of a message is refused, the session is reset (RSET) before it carries the next
+    message: MAIL was accepted and no reply to data ended that transaction.
+    """
+    refused = b"250 ok\r\n550 5.1.1 no such user\r\n503 5.5.1 no valid recipients\r\n250 reset\r\n"
+    one = b"250 ok\r\n250 ok\r\n354 go\r\n250 queued\r\n"
+    s = Scripted({"a": b"220 d\r\n" + EHLO_PIPELINING + refused + one})
+    d = s.deliverer(["a"])
+    assert run(d, ("x@example.com",)).failed[0][0] == "x@example.com"
+    assert run(d, ("y@example.com",)).delivered == ("y@example.com",)
+    sent = s.transports["a"].value()
+    assert s.connections == 1 and sent.count(b"RSET") == 1
+    assert sent.index(b"RSET") < sent.rindex(b"MAIL FROM")
 
 
 def test_closed_kept_session_is_not_a_failure() -> None:
     """When the host closed the kept session meanwhile, the next message opens a new one and goes through."""
-    one = b"250 ok\r\n250 ok\r\n354 go\r\n250 queued\r\n250 reset\r\n"
+    one = b"250 ok\r\n250 ok\r\n354 go\r\n250 queued\r\n"
     s = Scripted({"a": b"220 d\r\n" + EHLO_PIPELINING + one})
     d = s.deliverer(["a"])
     run(d, ("x@example.com",))
@@ -331,7 +383,7 @@ def test_closed_kept_session_is_not_a_failure() -> None:
 def test_parallel_sessions_are_all_kept_for_reuse() -> None:
     """When six deliveries to one host run at once, all six sessions carry the next six messages: none is ended."""
     clock = Clock()
-    one = b"250 ok\r\n250 ok\r\n354 go\r\n250 queued\r\n250 reset\r\n"
+    one = b"250 ok\r\n250 ok\r\n354 go\r\n250 queued\r\n"
     opened: list[SMTPClientProtocol] = []
 
     async def connect(host: str, port: int) -> SMTPClientProtocol:

@@ -60,6 +60,12 @@ class Undeliverable(NoRoute):
         self.reply = reply
 
 
+#: how long a run-time route (``relayctl route``) is used as read: a re-route
+#: applies to deliveries that start at most this long after it (a delivery
+#: under way keeps its destination anyway)
+OVERRIDE_FRESH = 1.0
+
+
 class RouteTable:
     """
     Resolves a domain to the ``(host, port)`` list to try, in order.
@@ -92,6 +98,10 @@ class RouteTable:
         self._copies = dict(copies or {})
         self._clock = clock
         self._mx_cache: TTLCache[str, MXRecords] | None = TTLCache(clock) if clock is not None else None
+        #: run-time routes as last read (``()``: none set)
+        self._override_cache: TTLCache[str, tuple[Route, ...]] | None = (
+            TTLCache(clock) if clock is not None else None
+        )
 
     async def targets(self, domain: str) -> list[Target]:
         """
@@ -125,13 +135,20 @@ class RouteTable:
     async def routes(self, domain: str) -> tuple[Route, ...]:
         """
         The routes set at run time (a tenant cutover), else the configured
-        ones, else the domain's MX hosts. Read at each delivery, so a change
-        applies to mail already queued.
+        ones, else the domain's MX hosts. Read again at most
+        ``OVERRIDE_FRESH`` seconds after the last read, so a change applies to
+        mail already queued, and a busy domain costs one Redis read a second,
+        not one per delivery.
         """
         if self._overrides is not None:
-            override = await self._overrides(domain)
+            cache = self._override_cache
+            override = cache.get(domain) if cache is not None else None
+            if override is None:
+                override = tuple(parse_route(r) for r in await self._overrides(domain) or ())
+                if cache is not None:
+                    cache.put(domain, override, OVERRIDE_FRESH)
             if override:
-                return tuple(parse_route(r) for r in override)
+                return override
         return self._routes.get(domain, (MXRoute(),))
 
     async def _mx_records(self, domain: str) -> MXRecords:

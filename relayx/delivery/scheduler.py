@@ -287,7 +287,7 @@ class Scheduler:
         replies = [reply for _, reply in (*outcome.failed, *outcome.deferred)]
         reply = outcome.accepted if outcome.accepted is not None else replies[0] if replies else None
         log.info(
-            "job {job} of {queue_id} ({message_id}) to {domain} via {mx}: {delivered} delivered, {failed} failed, "
+            "job {job} of {queue_id} ({message_id}) to {domain} via {mx}{tls}: {delivered} delivered, {failed} failed, "
             "{deferred} deferred{unreachable} in {seconds:.3f}s; {rcpt}: {reply}",
             job=lease.job_id,
             queue_id=lease.queue_id,
@@ -295,6 +295,7 @@ class Scheduler:
             code=0 if outcome.unreachable else reply.code if reply is not None else 250,
             reply=str(reply) if reply is not None else outcome.unreachable or "",
             mx=outcome.destination or "-",
+            tls=" with TLS" if outcome.tls else "",
             rcpt=",".join(lease.recipients),
             domain=lease.domain,
             delivered=len(outcome.delivered),

@@ -139,13 +139,16 @@ class SMTPDeliverer:
         """
         Keep the session for the next message to the same host, as long as
         it is clean, has not carried ``REUSE_LIMIT`` messages, and the host
-        has fewer than ``idle_sessions`` kept; else QUIT.
+        has fewer than ``idle_sessions`` kept; else QUIT. RSET only after a
+        transaction that did not end with a reply to its data (RFC 5321
+        4.1.1.4: that reply ends it), as Postfix: a round trip per message.
         """
         key = (target.address, target.port, target.tls)
         kept = self._idle.setdefault(key, [])
         if conn.reusable and conn.messages < REUSE_LIMIT and len(kept) < self._idle_sessions:
-            reset = await conn.command("RSET", self._timeouts.command)
-            if reset.positive:
+            reset = await conn.command("RSET", self._timeouts.command) if conn.mid_transaction else None
+            if reset is None or reset.positive:
+                conn.mid_transaction = False
                 timer = self._clock.callLater(REUSE_IDLE, self._expire, key, conn)
                 kept.append((conn, timer))
                 conn.parked = True
@@ -381,6 +384,7 @@ class SMTPDeliverer:
             *(f"RCPT TO:<{r}>{_rcpt_dsn_params(dsn, r) if passes else ''}" for r in recipients),
         ]
         pipelining = "PIPELINING" in extensions
+        conn.mid_transaction = True
         if pipelining:
             conn.send(*commands, "DATA")
             replies = []
@@ -431,6 +435,7 @@ class SMTPDeliverer:
 
         conn.send_raw(dot_stuff(body))
         final = await conn.read(t.data)
+        conn.mid_transaction = False
         took = self._clock.seconds() - started
         if final.code == 421:
             # the message was not taken; the session is over
@@ -444,13 +449,7 @@ class SMTPDeliverer:
             )
         conn.messages += 1
         if final.positive:
-            log.info(
-                "delivered to {mx}{tls}: {count} recipient(s), {code}",
-                mx=where,
-                tls=" with TLS" if conn.tls else "",
-                count=len(accepted),
-                code=final.code,
-            )
+            # logged once, with the job, by the scheduler
             return Outcome(
                 delivered=tuple(accepted),
                 failed=tuple(failed),
@@ -461,6 +460,7 @@ class SMTPDeliverer:
                 if passes or dsn.empty
                 else tuple(r for r in accepted if dsn.recipient(r).wants(Notify.SUCCESS)),
                 reply_seconds=took,
+                tls=conn.tls,
             )
         outcome = attrs.evolve(_merge(_all(tuple(accepted), final), failed, deferred), destination=where)
         if final.code == 451:

@@ -460,6 +460,7 @@ local TAKE_BACK_WINDOW_MS = 360000
 -- a message with other jobs left loses only its job fields (the message's stay
 -- in its hash). Returns the message key.
 -- Cost: O(1) writes.
+-- (returns the message's key, and whether this was its last job: the message is gone)
 local function retire_job(prefix, jid, queue, from)
   local job = prefix .. ':job:' .. jid
   local qid = job_get(prefix, jid, 'qid') or ''
@@ -489,7 +490,7 @@ local function retire_job(prefix, jid, queue, from)
     redis.call('HINCRBY', prefix .. ':totals', 'messages', -1)
     redis.call('HINCRBY', prefix .. ':totals', 'bytes', -size)
   end
-  return msg
+  return msg, left <= 0
 end
 
 -- Whether the domain is held at `now`, and its total held time (ms) up to `now`.

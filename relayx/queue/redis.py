@@ -612,16 +612,13 @@ class RedisQueue:
         self._refs[lease.job_id] = stub.ref
         return StoredMessage(sender=_text(sender), body=content, dsn=dsn)
 
-    async def _retire_body(self, queue_id: str, ref: str | None) -> None:
+    async def _delete_body(self, bodies: IBodyStore, queue_id: str, ref: str) -> None:
         """
-        Delete the body of a message whose last job just retired; a failure
-        (or no reference) leaves it to the orphan sweep.
+        Delete the body of a message whose last job just retired (settle.lua
+        says so); a failure leaves it to the orphan sweep.
         """
-        if ref is None or self.bodies is None:
-            return
         try:
-            if not await self.message_exists(queue_id):
-                await self.bodies.delete(ref)
+            await bodies.delete(ref)
         except StoreUnavailable as e:
             log.warn("body of {queue_id} left for the sweep: {why}", queue_id=queue_id, why=str(e))
 
@@ -668,12 +665,13 @@ class RedisQueue:
         ref = self._refs.pop(lease.job_id, None)
         # replicated too, so that a failover does not forget a delivery and send it again
         answer = await self._write(self._SETTLE, keys, args, f"settling {lease.job_id}", strict=False)
-        fate, change, sessions, rate = (_text(a) for a in answer)
+        fate, change, sessions, rate, gone = (_text(a) for a in answer)
         if change:
             _log_pace(lease.domain, outcome, change, sessions, rate)
         if fate == "done":
             self._count("delivered", [lease.domain])
-            await self._retire_body(lease.queue_id, ref)
+            if gone and ref is not None and self.bodies is not None:
+                await self._delete_body(self.bodies, lease.queue_id, ref)
         return fate
 
     def _count(self, what: str, queues: Sequence[str]) -> None:

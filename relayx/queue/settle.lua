@@ -31,10 +31,11 @@
 -- ARGV[15] pushback: "" or "sessions"/"rate" (the destination answered "not now")
 -- ARGV[16] the pushback's reply and host ("421 4.7.0 busy from mx1 [10.0.0.1]:25")
 -- ARGV[17] how long the destination took to answer the transaction (ms, 0: unknown)
--- Returns {fate, pace change, sessions, msg/s}: fate "done", "failed", "deferred",
+-- Returns {fate, pace change, sessions, msg/s, gone}: fate "done", "failed", "deferred",
 -- "paused" or "ready" (pushed back to its place); the pace change "" or "start"
 -- (slow start) or "cut" or "ceiling" (back at full pace), with the pace after it
--- ("" for the ceiling).
+-- ("" for the ceiling); gone "1" when the job was its message's last (its body
+-- can be deleted), else "".
 --
 -- Invariant: as in enqueue.lua. Only the current token's holder settles; recipients
 -- once accepted or failed are never owed again, so a retry resends only to the rest.
@@ -124,6 +125,8 @@ local interval, backoff, floor_rate = pace.i or 1000, pace.b or 0.7, pace.f or 1
 local start, idle = pace.t or 1, pace.w or 300000
 local HUGE = math.huge
 local change = ''
+-- "1" once the job settled was its message's last: the body can go
+local message_gone = ''
 
 -- the rate the destination accepted: messages per second over the last window
 local function accepted_rate()
@@ -252,9 +255,9 @@ end
 
 -- what settle returns: the fate and the pace change
 local function answer(fate)
-  if change == '' then return {fate, '', '', ''} end
+  if change == '' then return {fate, '', '', '', message_gone} end
   local s = redis.call('HMGET', KEYS[8], 'pace_c', 'pace_r')
-  return {fate, change, s[1] or '', s[2] or ''}
+  return {fate, change, s[1] or '', s[2] or '', message_gone}
 end
 
 -- the reply time against its recent average: a destination slowing down
@@ -317,7 +320,8 @@ local function finish(job, jobid, failures, from)
     move(prefix, jobid, domain, from, 'failed', now)
     return 'failed'
   end
-  retire_job(prefix, jobid, domain, from)
+  local _, last = retire_job(prefix, jobid, domain, from)
+  if last and jobid == jid then message_gone = '1' end
   return 'done'
 end
 

@@ -111,6 +111,9 @@ class SMTPClientProtocol(LineReceiver):
         self.messages = 0
         self.reusable = True
         self.parked = False
+        #: whether a transaction was begun and not ended by a reply to its
+        #: data: the session needs RSET before it carries another
+        self.mid_transaction = False
 
     def lineReceived(self, line: bytes) -> None:
         line = line.rstrip(b"\r")
