@@ -8,7 +8,7 @@ waiting for them.
 from __future__ import annotations
 
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from twisted.internet import reactor
@@ -473,6 +473,36 @@ class ClusterQueueTests(QueueCase):
             taken += len(claim.leases)
         assert 9 <= taken <= 11
         assert (await q.domain_state("one.test", T0 + 2)).release_rate == 10
+
+    @deferred_test
+    async def test_claim_brings_the_message_with_its_lease(self) -> None:
+        """
+        When jobs are claimed, each one's sender, body and DSN come with its lease and the load reads nothing
+        more, except a body over 64 KiB: that one is read at load, so one claim's reply stays small.
+        """
+        q = await self.make_queue()
+        small = message("SMALL", "a@one.test")
+        big = IncomingMessage(
+            queue_id="BIG",
+            sender="",
+            recipients=(Mailbox.parse("b@two.test"),),
+            received_at=T0,
+            body=b"Subject: big\r\n\r\n" + b"x" * 70000 + b"\r\n",
+        )
+        await q.enqueue(small)
+        await q.enqueue(big)
+        reads: list[str] = []
+        read_fields = q.message_fields
+
+        async def counted(queue_id: str, names: Sequence[str]) -> list[Any]:
+            reads.append(queue_id)
+            return await read_fields(queue_id, names)
+
+        q.message_fields = counted  # type: ignore[method-assign]
+        loaded = {lease.queue_id: await q.load(lease) for lease in await take(q, "n", T0, 10)}
+        assert reads == ["BIG"]
+        assert (loaded["SMALL"].sender, loaded["SMALL"].body) == (small.sender, small.body)
+        assert (loaded["BIG"].sender, loaded["BIG"].body) == ("", big.body)
 
     @deferred_test
     async def test_recovery_ramps_up(self) -> None:

@@ -16,8 +16,11 @@
 -- ARGV[8]  where to start in the domain list (random, for fairness)
 -- ARGV[9]  most deferred jobs and expired leases to move per call
 -- Returns {leases, wake, taken_over}: each lease {jid, token, expires, qid, domain, owed,
--- attempts, created}, the earliest time (ms) a rate-limited domain gets its next token
--- (0: none), and how many expired leases this call took back.
+-- attempts, created, sender, body, dsn}, the earliest time (ms) a rate-limited domain
+-- gets its next token (0: none), and how many expired leases this call took back. The
+-- message's sender, body and DSN fields come with the lease (saving the delivery a
+-- round trip) when the body is at most PREFETCH_MAX bytes (a body store's stub always
+-- is); else body is nil and the delivery reads them itself.
 --
 -- Invariant (with enqueue.lua): a job is in exactly one location (common.lua),
 -- changed only through move(), which keeps the counters; a leased job has a
@@ -37,7 +40,8 @@
 -- keys, O(log n) writes), SMEMBERS of <p>:domains and O(1) reads per domain,
 -- at most SCAN_BUDGET (400) jobs of the ready heads looked at (each two reads;
 -- the window is one seqset_range of the queue's ready seqset <p>:rq:<q>, at most
--- window + 1 chunks, common.lua) and at most ARGV[5] of them leased; never a walk
+-- window + 1 chunks, common.lua) and at most ARGV[5] of them leased (each: its job
+-- and message hashes, a reply of at most PREFETCH_MAX bytes of body); never a walk
 -- of a queue. With ARGV[5], ARGV[9] <= 100 it touches about a thousand keys.
 
 local prefix, now, lease_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -102,6 +106,8 @@ end
 -- are free: WINDOW_PER_SLOT jobs per job it may start, at least WINDOW_MIN, and
 -- SCAN_BUDGET jobs in all per call (each: two reads).
 local WINDOW_PER_SLOT, WINDOW_MIN, SCAN_BUDGET = 4, 32, 400
+-- the largest body sent with its lease (larger ones are read by the delivery)
+local PREFETCH_MAX = 65536
 
 local claimed, wake, scanned = {}, 0, 0
 local domains = redis.call('SMEMBERS', KEYS[1])
@@ -153,7 +159,12 @@ for i = 0, n - 1 do
             redis.call('HSET', job, 'token', token, 'owner', owner, 'expires', expires)
             local attempts = redis.call('HINCRBY', job, 'attempts', 1)
             local qid, owed, created = job_get(prefix, jid, 'qid', 'owed', 'created')
-            claimed[#claimed + 1] = {jid, token, expires, qid, domain, owed, attempts, created}
+            local msg = msg_key(prefix, qid)
+            local sender, dsn = unpack(redis.call('HMGET', msg, 'sender', 'dsn'))
+            local body = false
+            if redis.call('HSTRLEN', msg, 'body') <= PREFETCH_MAX then body = redis.call('HGET', msg, 'body') end
+            claimed[#claimed + 1] = {jid, token, expires, qid, domain, owed, attempts, created, sender or false,
+              body or false, dsn or false}
             taken = taken + 1
             if taken >= take then break end
           end

@@ -91,6 +91,9 @@ TOMBSTONE_KEPT = 3600.0
 TAKE_BACK_PATIENCE = 300.0
 #: body references remembered from load to settle (a bound in case leases are lost)
 REFS_KEPT = 10000
+#: message fields kept from a claim until the lease's load (claim.lua sends bodies of at
+#: most 64 KiB with their leases: at most 64 MiB here, should leases go unloaded)
+PREFETCHED_KEPT = 1000
 
 
 #: a job hash's fields not written while they have their default, as common.lua's
@@ -392,6 +395,8 @@ class RedisQueue:
         self.bodies = bodies
         #: the body reference of each job loaded and not yet settled
         self._refs: dict[str, str] = {}
+        #: per leased job: the message's sender, body (or stub) and DSN fields, as its claim returned them
+        self._prefetched: dict[str, list[Any]] = {}
         #: how destinations' adaptive pace reacts (settle.lua)
         self.pace = pace
 
@@ -570,8 +575,9 @@ class RedisQueue:
         ]
         # replicated: a failover must not hand out the same fencing token twice
         rows, wake, taken_over = await self._write(self._CLAIM, keys, args, "claim", strict=True)
-        leases = tuple(
-            Lease(
+        leases = []
+        for jid, token, expires, qid, domain, owed, attempts, created, *fields in rows:
+            lease = Lease(
                 job_id=_text(jid),
                 token=int(token),
                 expires=int(expires) / 1000,
@@ -581,9 +587,12 @@ class RedisQueue:
                 attempts=int(attempts),
                 created=int(created) / 1000,
             )
-            for jid, token, expires, qid, domain, owed, attempts, created in rows
-        )
-        return Claim(leases, int(wake) / 1000 if int(wake) else None, int(taken_over))
+            if fields[1] is not None:  # the message's fields came with it (claim.lua)
+                if len(self._prefetched) >= PREFETCHED_KEPT:
+                    self._prefetched.pop(next(iter(self._prefetched)))
+                self._prefetched[lease.job_id] = fields
+            leases.append(lease)
+        return Claim(tuple(leases), int(wake) / 1000 if int(wake) else None, int(taken_over))
 
     async def renew(self, lease: Lease, now: float) -> Lease:
         expires = now + self.lease
@@ -594,7 +603,8 @@ class RedisQueue:
         return lease.renewed(_ms(expires) / 1000)
 
     async def load(self, lease: Lease) -> StoredMessage:
-        sender, body, dsn_field = await self.message_fields(lease.queue_id, ["sender", "body", "dsn"])
+        prefetched = self._prefetched.pop(lease.job_id, None)
+        sender, body, dsn_field = prefetched or await self.message_fields(lease.queue_id, ["sender", "body", "dsn"])
         if body is None:
             raise StoreUnavailable(f"message {lease.queue_id} has no body in Redis")
         dsn = dsn_from_json(dsn_field)
