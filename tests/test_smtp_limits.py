@@ -17,6 +17,7 @@ import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent
 from zope.interface import implementer
 
 from relayx.checks.recipients import RecipientPolicy
@@ -453,3 +454,23 @@ def test_per_address_cap_holds(tmp_path: Path) -> None:
     node = Node(tmp_path / "spool", limits=limits)
     banners = [node.connect("198.51.100.1").banner[:9] for _ in range(3)]
     assert banners == ["220 mx2.e", "220 mx2.e", "421 4.7.0"]
+
+
+def test_a_long_session_logs_its_queue_ids_as_it_goes(tmp_path: Path) -> None:
+    """
+    When one session queues 250 messages, its queue ids are logged 100 to a line as it goes and the rest with
+    its end: neither a line nor what the session keeps grows with it, and every id is logged once.
+    """
+    with logged_events() as events:
+        node = Node(tmp_path / "spool")
+        s = node.connect()
+        for _ in range(250):
+            s.transaction()
+            s.send("DATA\r\n")
+            assert s.send(b"Subject: x\r\n\r\nhi\r\n.\r\n").startswith("250 2.0.0")
+        assert len(s.protocol.session.queued) == 50
+        s.lose()
+        lines = [e for e in events if "queue_ids" in e]
+    assert [len(e["queue_ids"].split()) for e in lines] == [100, 100, 50]
+    assert lines[-1]["count"] == 250 and "earlier ones logged before" in formatEvent(lines[-1])
+    assert " ".join(e["queue_ids"] for e in lines).split() == [f"Q{n}" for n in range(1, 251)]

@@ -99,9 +99,7 @@ class RouteTable:
         self._clock = clock
         self._mx_cache: TTLCache[str, MXRecords] | None = TTLCache(clock) if clock is not None else None
         #: run-time routes as last read (``()``: none set)
-        self._override_cache: TTLCache[str, tuple[Route, ...]] | None = (
-            TTLCache(clock) if clock is not None else None
-        )
+        self._override_cache: TTLCache[str, tuple[Route, ...]] | None = TTLCache(clock) if clock is not None else None
 
     async def targets(self, domain: str) -> list[Target]:
         """

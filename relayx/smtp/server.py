@@ -124,8 +124,10 @@ class Session:
     started: float = 0.0
     #: the last reply code sent (how the session ended, for its log line)
     code: int = 0
-    #: the queue ids of the messages accepted in this session
+    #: the queue ids of the messages accepted in this session and not yet logged
     queued: list[str] = attrs.field(factory=list)
+    #: how many messages this session queued in all
+    queued_count: int = 0
 
 
 @attrs.define
@@ -299,6 +301,8 @@ HOP_SCAN = 64 * 1024
 HEAD_GUESS = 4096
 #: input held while a session waits for the store (the client is paused meanwhile)
 MAX_INPUT_WHILE_BUSY = 1024 * 1024
+#: queue ids in one log line of a session: a longer session logs them as it goes
+QUEUE_IDS_PER_LINE = 100
 
 
 _POSTMASTER = re.compile(r"^TO: *<postmaster>( .*)?$", re.IGNORECASE)
@@ -466,16 +470,37 @@ class SMTPServerProtocol(Protocol):
             return
         self._log_end()
 
+    def _queued(self, queue_id: str) -> None:
+        """
+        Note a message accepted, for the session's log line; a session that
+        goes on and on logs its queue ids every ``QUEUE_IDS_PER_LINE``, so
+        neither its memory nor a line grows without bound.
+        """
+        session = self.session
+        session.queued.append(queue_id)
+        session.queued_count += 1
+        if len(session.queued) >= QUEUE_IDS_PER_LINE:
+            log.info(
+                "smtp session from {peer} ({helo}{tls}) goes on: queued {count} more [{queue_ids}]",
+                peer=session.peer_ip,
+                helo=session.helo or "no HELO",
+                tls=", TLS" if session.tls else "",
+                count=len(session.queued),
+                queue_ids=" ".join(session.queued),
+            )
+            session.queued = []
+
     def _log_end(self) -> None:
         session = self.session
         log.info(
             "smtp session from {peer} ({helo}{tls}) ended after {seconds:.3f}s: "
-            "queued {count} [{queue_ids}], {errors} error(s), last reply {code}",
+            "queued {count} [{earlier}{queue_ids}], {errors} error(s), last reply {code}",
             peer=session.peer_ip,
             helo=session.helo or "no HELO",
             tls=", TLS" if session.tls else "",
             seconds=self.server.clock.seconds() - session.started,
-            count=len(session.queued),
+            count=session.queued_count,
+            earlier="the earlier ones logged before; " if session.queued_count > len(session.queued) else "",
             queue_ids=" ".join(session.queued),
             errors=session.errors,
             code=session.code,
@@ -1078,7 +1103,7 @@ class SMTPServerProtocol(Protocol):
             return STORE_FAILED
         # logged with the session's line: one log event per message costs
         # more than the rest of accepting it
-        self.session.queued.append(queue_id)
+        self._queued(queue_id)
         self.server.metrics.accepted.inc()
         return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
 
