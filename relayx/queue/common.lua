@@ -458,9 +458,9 @@ local TAKE_BACK_WINDOW_MS = 360000
 -- message too when this was the message's last job (remembered by a
 -- <p>:done:<qid> until TAKE_BACK_WINDOW_MS after its reception). The .1 job of
 -- a message with other jobs left loses only its job fields (the message's stay
--- in its hash). Returns the message key.
+-- in its hash). Returns the message key, and whether this was the message's
+-- last job (the message is gone: its body can be deleted).
 -- Cost: O(1) writes.
--- (returns the message's key, and whether this was its last job: the message is gone)
 local function retire_job(prefix, jid, queue, from)
   local job = prefix .. ':job:' .. jid
   local qid = job_get(prefix, jid, 'qid') or ''
