@@ -380,6 +380,42 @@ def test_closed_kept_session_is_not_a_failure() -> None:
     assert s.connections == 2
 
 
+def test_reset_lost_keeps_the_outcome() -> None:
+    """
+    When every recipient is refused and the session is lost while it is reset for reuse, the refusals
+    still stand: the recipients fail, the destination is not taken for unreachable.
+    """
+    refused = b"250 ok\r\n550 5.1.1 no such user\r\n503 5.5.1 no valid recipients\r\n"
+    s = Scripted({"a": b"220 d\r\n" + EHLO_PIPELINING + refused})
+    outcomes: list[Outcome] = []
+    d = s.deliverer(["a"])
+    Deferred.fromCoroutine(d.deliver("example.com", "b@sender.test", ("x@example.com",), b"x")).addCallback(
+        outcomes.append
+    )
+    assert outcomes == [] and s.transports["a"].value().endswith(b"RSET\r\n")
+    s.protocols["a"].connectionLost(Failure(ConnectionDone()))
+    assert [r for r, _ in outcomes[0].failed] == ["x@example.com"] and outcomes[0].unreachable is None
+
+
+def test_kept_session_failing_after_its_answers_is_not_resent_at_once() -> None:
+    """
+    When a kept session answers a message's envelope and DATA, then never answers its data, the message is
+    not sent again at once on a new session (the host may have taken it): the attempt ends unanswered.
+    """
+    one = b"250 ok\r\n250 ok\r\n354 go\r\n250 queued\r\n"
+    s = Scripted({"a": b"220 d\r\n" + EHLO_PIPELINING + one + b"250 ok\r\n250 ok\r\n354 go\r\n"})
+    d = s.deliverer(["a"])
+    assert run(d, ("x@example.com",)).delivered == ("x@example.com",)
+    outcomes: list[Outcome] = []
+    Deferred.fromCoroutine(d.deliver("example.com", "b@sender.test", ("y@example.com",), b"y")).addCallback(
+        outcomes.append
+    )
+    assert outcomes == []
+    s.clock.advance(61)
+    assert outcomes[0].unreachable and not outcomes[0].delivered
+    assert s.connections == 1
+
+
 def test_parallel_sessions_are_all_kept_for_reuse() -> None:
     """When six deliveries to one host run at once, all six sessions carry the next six messages: none is ended."""
     clock = Clock()

@@ -146,7 +146,11 @@ class SMTPDeliverer:
         key = (target.address, target.port, target.tls)
         kept = self._idle.setdefault(key, [])
         if conn.reusable and conn.messages < REUSE_LIMIT and len(kept) < self._idle_sessions:
-            reset = await conn.command("RSET", self._timeouts.command) if conn.mid_transaction else None
+            try:
+                reset = await conn.command("RSET", self._timeouts.command) if conn.mid_transaction else None
+            except ConversationError:
+                conn.close()  # the outcome stands; only the session is lost
+                return
             if reset is None or reset.positive:
                 conn.mid_transaction = False
                 timer = self._clock.callLater(REUSE_IDLE, self._expire, key, conn)
@@ -259,10 +263,16 @@ class SMTPDeliverer:
             where = f"{target.address}:{target.port}"
             kept = self._take(target) if reuse else None
             if kept is not None:
+                answered = kept.replies
                 try:
                     return await attempt(kept, target)
-                except ConversationError:
-                    pass  # the host closed the kept session meanwhile: not a failure
+                except ConversationError as e:
+                    if kept.replies > answered:
+                        # it answered this transaction, then failed (a reply to the data
+                        # that never came): as a new session's failure, not sent again at once
+                        reasons.append(f"{where}: {e}")
+                        continue
+                    # else the host closed the kept session meanwhile: not a failure
                 except _Busy as e:
                     busy.append(e)
                     reasons.append(str(e))

@@ -114,6 +114,8 @@ class SMTPClientProtocol(LineReceiver):
         #: whether a transaction was begun and not ended by a reply to its
         #: data: the session needs RSET before it carries another
         self.mid_transaction = False
+        #: replies read in this session
+        self.replies = 0
 
     def lineReceived(self, line: bytes) -> None:
         line = line.rstrip(b"\r")
@@ -149,6 +151,7 @@ class SMTPClientProtocol(LineReceiver):
 
     async def read(self, timeout: float) -> Reply:
         if self._ready:
+            self.replies += 1
             return self._ready.pop(0)
         if self._lost is not None:
             self._lost.raiseException()
@@ -156,10 +159,12 @@ class SMTPClientProtocol(LineReceiver):
         self._waiting = waiting
         timer = self._clock.callLater(timeout, self._fail, ConversationError(f"no reply within {timeout:g}s"))
         try:
-            return await waiting
+            reply = await waiting
         finally:
             if timer.active():
                 timer.cancel()
+        self.replies += 1
+        return reply
 
     def send(self, *lines: str) -> None:
         self.transport.write(b"".join(line.encode("utf-8") + b"\r\n" for line in lines))  # type: ignore[union-attr]
