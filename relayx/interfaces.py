@@ -175,10 +175,12 @@ class Throttle:
     deliveries at once, messages per second (0: no limit), and how long a
     destination that just came back takes to climb back to that pace from
     one session (the adaptive pace's additive step: ``concurrency`` and
-    ``rate`` per ``ramp_up``). 0: no ramp; a destination back from an outage
-    takes the slow start as a fresh one does, and the climb after a cut adds
-    one session per interval. These are ceilings: the adaptive pace
-    (``Pace``) may run below them.
+    ``rate`` per ``ramp_up``). 0: no ramp over time; a destination back
+    from an outage starts at one session and gets one more per delivery
+    (doubling with each round of deliveries, as TCP's slow start) until a
+    pushback or the ceiling, and the climb after a cut adds one session per
+    interval. These are ceilings: the adaptive pace (``Pace``) may run
+    below them.
     """
 
     concurrency: int
@@ -559,8 +561,9 @@ class IDeliveryQueue(Interface):
     def resume(domain: str, now: float, throttle: Throttle) -> Awaitable[bool]:
         """
         The domain's destination is up again: end its pause so its queue
-        goes at once (at one session, climbing, when ``throttle`` has a
-        ramp-up; else at the slow start's pace). Returns whether it was paused.
+        goes at once, at one session climbing over ``throttle``'s ramp-up
+        (or, without one, a session more per delivery). Returns whether it
+        was paused.
         """
 
 

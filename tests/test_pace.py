@@ -361,30 +361,56 @@ class PaceTests(QueueCase):
         assert paces == [(1, 25.0), (2, 50.0), (3, None)]
 
     @deferred_test
-    async def test_after_an_outage_without_a_ramp_the_slow_start_applies(self) -> None:
+    async def test_after_an_outage_without_a_ramp_sessions_grow_per_delivery(self) -> None:
         """
-        When a destination with ramp_up 0 comes back after an outage, it is not held to one session: its
-        sessions and rate start at pace_start of the ceiling and double each interval, as a fresh one's do.
+        When a destination with ramp_up 0 comes back after an outage, it starts again at one session and gets
+        one more per delivery (the ceiling, 8, after seven), while its rate starts at pace_start and doubles
+        each interval.
         """
         q = await self.queue_of(100, pace=PacePolicy(start=0.25))
         [lease] = await self.claim(q, T0, 1)
         assert await q.settle(lease, Outcome(unreachable="connection refused"), T0, CEILING) == "paused"
         assert await q.take_probe("one.test", "node-a", 5) and await q.resume("one.test", T0 + 10, CEILING)
-        assert (await q.domain_state("one.test", T0 + 10)).pace.concurrency is None
+        assert (await q.domain_state("one.test", T0 + 10)).pace.concurrency == 1
         paces = await self.deliver_each_second(q, T0 + 10, 3, 10, CEILING)
-        assert paces == [(2, 25.0), (4, 50.0), (None, None)]
+        assert paces == [(None, 25.0), (None, 50.0), (None, None)]
 
     @deferred_test
-    async def test_a_delivery_after_an_outage_without_a_ramp_keeps_the_ceiling(self) -> None:
+    async def test_a_delivery_after_an_outage_without_a_ramp_grows_a_session_each(self) -> None:
         """
-        When a destination with ramp_up 0 answers again after an outage without a probe, a destination that
-        delivered minutes ago goes on at its ceiling: no session limit of one, no slow start.
+        When a destination with ramp_up 0 answers again after an outage without a probe, it goes on at one
+        session after its first answer, one more per delivery, up to its ceiling; a pushback ends that growth.
         """
         q = await self.queue_of(100, pace=PacePolicy(start=0.25))
         await self.deliver_each_second(q, T0, 3, 10, CEILING)
         [lease] = await self.claim(q, T0 + 4, 1)
         assert await q.settle(lease, Outcome(unreachable="connection refused"), T0 + 4, CEILING) == "paused"
-        [lease] = await self.claim(q, T0 + 70, 1)
-        await q.settle(lease, delivered(lease), T0 + 70, CEILING)
-        pace = (await q.domain_state("one.test", T0 + 70)).pace
-        assert (pace.concurrency, pace.rate) == (None, None)
+        sessions = []
+        for n in range(8):
+            [lease] = await self.claim(q, T0 + 70 + n / 100, 1)
+            await q.settle(lease, delivered(lease), T0 + 70 + n / 100, CEILING)
+            sessions.append((await q.domain_state("one.test", T0 + 70)).pace.concurrency)
+        assert sessions == [1, 2, 3, 4, 5, 6, 7, None]
+
+    @deferred_test
+    async def test_a_pushback_ends_the_growth_per_delivery(self) -> None:
+        """
+        When a destination growing a session per delivery after an outage pushes back, its sessions are cut
+        and the next delivery in the same interval adds none.
+        """
+        sessions_only = Throttle(concurrency=8)
+        q = await self.queue_of(100, pace=PacePolicy(start=0.25))
+        [lease] = await self.claim(q, T0, 1)
+        assert await q.settle(lease, Outcome(unreachable="connection refused"), T0, sessions_only) == "paused"
+        assert await q.take_probe("one.test", "node-a", 5) and await q.resume("one.test", T0 + 10, sessions_only)
+        for n in range(3):
+            [lease] = await self.claim(q, T0 + 10 + n / 100, 1)
+            await q.settle(lease, delivered(lease), T0 + 10 + n / 100, sessions_only)
+        assert (await q.domain_state("one.test", T0 + 10.1)).pace.concurrency == 4
+        [lease] = await self.claim(q, T0 + 10.1, 1)
+        await q.settle(lease, pushed_back(Pushback.SESSIONS)(lease), T0 + 10.1, sessions_only)
+        cut = (await q.domain_state("one.test", T0 + 10.1)).pace
+        assert cut.event == "cut"
+        [lease] = await self.claim(q, T0 + 10.5, 1)
+        await q.settle(lease, delivered(lease), T0 + 10.5, sessions_only)
+        assert (await q.domain_state("one.test", T0 + 10.5)).pace.concurrency == cut.concurrency

@@ -51,8 +51,9 @@
 -- the start fraction of its ceiling's sessions and rate, and doubles both each
 -- interval with a delivery while nothing pushes back (pace_ss), so a healthy
 -- destination is at full pace within log2(1 / start) intervals; after an outage
--- with a ramp-up (u > 0) the sessions keep their ramp from one (resume.lua) and
--- only the rate doubles. The first round before the first answer goes at the ceiling.
+-- the sessions start again at one (resume.lua) and climb over the ramp-up (u),
+-- or without one by a session per delivery (pace_ss "round": doubling with each
+-- round of deliveries, as TCP's slow start), while the rate doubles. The first round before the first answer goes at the ceiling.
 -- A pushback ends the slow start and cuts the sessions ("sessions"), the
 -- rate ("rate") or both (a slow reply) to backoff times what was in use (the jobs
 -- in flight; the current rate, or at the ceiling the rate the destination accepted
@@ -110,12 +111,13 @@ local pace = cjson.decode(ARGV[14] or '{}')
 pace.c, pace.r, pace.u = pace.c or 0, pace.r or 0, pace.u or 0
 
 -- the destination answered: it is up, whatever it said about these recipients;
--- after an outage its pace starts at one session and climbs (with a ramp_up;
--- without, the slow start below applies as to a fresh destination)
+-- after an outage its pace starts at one session and climbs: as its ramp_up says,
+-- or without one by a session per delivery (round_climb)
 local function destination_up()
-  if pace.u > 0 and redis.call('HEXISTS', KEYS[8], 'failures') == 1 then
+  if redis.call('HEXISTS', KEYS[8], 'failures') == 1 then
     redis.call('HSET', KEYS[8], 'pace_c', 1, 'pace_at', now, 'pace_event', 'cut', 'pace_kind', 'sessions',
       'pace_why', 'the destination came back')
+    if pace.u <= 0 then redis.call('HSET', KEYS[8], 'pace_ss', 'round') end
   end
   redis.call('HDEL', KEYS[8], 'paused_until', 'failures', 'last_error')
   redis.call('ZREM', KEYS[10], domain)
@@ -197,7 +199,7 @@ local function climb()
   if c and s[6] == 'both' then
     c = c * 2
     if pace.c <= 0 or c >= pace.c then c = nil end
-  elseif c then
+  elseif c and s[6] ~= 'round' then
     c = c + math.max(1, math.floor(pace.c * ramp))
     if pace.c <= 0 or c >= pace.c then c = nil end
   end
@@ -228,14 +230,16 @@ end
 -- "rate"). A cut since is the AIMD's (pushbacks before the first delivery).
 local function slow_start()
   if start >= 1 then return end
-  local s = redis.call('HMGET', KEYS[8], 'ok_at', 'pace_c', 'pace_r', 'pace_at', 'pace_cut_at')
+  local s = redis.call('HMGET', KEYS[8], 'ok_at', 'pace_c', 'pace_r', 'pace_at', 'pace_cut_at', 'pace_ss')
   local ok_at, cut_at = tonumber(s[1] or '0'), tonumber(s[5] or '0')
   if (ok_at > 0 and now - ok_at < idle) or (cut_at > 0 and now - cut_at < idle) then return end
   local recent = now - tonumber(s[4] or '0') < idle
   local c, r, doubled = nil, nil, 'both'
   if pace.c > 0 then
     c = math.max(1, math.ceil(pace.c * start))
-    if recent and tonumber(s[2]) and tonumber(s[2]) < c then c, doubled = tonumber(s[2]), 'rate' end
+    if recent and tonumber(s[2]) and tonumber(s[2]) < c then
+      c, doubled = tonumber(s[2]), s[6] == 'round' and 'round' or 'rate'
+    end
     if c >= pace.c then c = nil end
   end
   if pace.r > 0 then
@@ -243,7 +247,7 @@ local function slow_start()
     if recent and tonumber(s[3]) and tonumber(s[3]) < r then r = tonumber(s[3]) end
     if r >= pace.r then r = nil end
   end
-  if not r and (not c or doubled == 'rate') then return end
+  if not r and (not c or doubled ~= 'both') then return end
   redis.call('HDEL', KEYS[8], 'pace_c', 'pace_r', 'pace_peak', 'pace_step', 'pace_kind')
   -- (a recent pace keeps its time: the climb goes on from it)
   redis.call('HSET', KEYS[8], 'pace_ss', doubled, 'pace_at', recent and s[4] or now, 'pace_event', 'start',
@@ -258,6 +262,26 @@ local function answer(fate)
   if change == '' then return {fate, '', '', '', message_gone} end
   local s = redis.call('HMGET', KEYS[8], 'pace_c', 'pace_r')
   return {fate, change, s[1] or '', s[2] or '', message_gone}
+end
+
+-- after an outage without a ramp-up (pace_ss "round"), each delivery adds a
+-- session: the sessions double with each round of deliveries, as TCP's slow
+-- start, until the ceiling or a pushback (whose cut ends it)
+local function round_climb()
+  local s = redis.call('HMGET', KEYS[8], 'pace_ss', 'pace_c', 'pace_r')
+  if s[1] ~= 'round' then return end
+  local c = tonumber(s[2] or '0') + 1
+  if c < pace.c then
+    redis.call('HSET', KEYS[8], 'pace_c', c)
+  elseif s[3] then
+    -- at the ceiling's sessions; the rate's slow start goes on each interval
+    redis.call('HDEL', KEYS[8], 'pace_c')
+    redis.call('HSET', KEYS[8], 'pace_ss', 'rate')
+  else
+    redis.call('HDEL', KEYS[8], 'pace_c', 'pace_r', 'pace_peak', 'pace_step', 'pace_kind', 'pace_why', 'pace_ss')
+    redis.call('HSET', KEYS[8], 'pace_at', now, 'pace_event', 'ceiling')
+    change = 'ceiling'
+  end
 end
 
 -- the reply time against its recent average: a destination slowing down
@@ -301,6 +325,7 @@ if pushback ~= '' then
   redis.call('HSET', KEYS[8], 'pace_wait', now + math.floor(interval / 4))
 elseif ARGV[4] ~= '[]' then
   count_success()
+  round_climb()
   slow_or_climb()
 end
 
