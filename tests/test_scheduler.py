@@ -147,15 +147,7 @@ def test_prober_resumes_a_recovered_domain() -> None:
     queue = ScriptedQueue()
     deliverer = ManualDeliverer()
     resumed: list[str] = []
-    prober = Prober(
-        owner="node-a",
-        queue=queue,
-        deliverer=deliverer,
-        clock=clock,
-        interval=5.0,
-        resumed=resumed.append,
-        throttle_of=ramped,
-    )
+    prober = Prober("node-a", queue, deliverer, clock, interval=5.0, resumed=resumed.append, throttle_of=ramped)
     queue.failing = {"down.test", "back.test"}
     deliverer.up = {"back.test"}
     prober.start()
@@ -171,15 +163,7 @@ def test_prober_logs_a_long_outage_sparingly() -> None:
     clock = Clock()
     queue = ScriptedQueue()
     deliverer = ManualDeliverer()
-    prober = Prober(
-        owner="node-a",
-        queue=queue,
-        deliverer=deliverer,
-        clock=clock,
-        interval=1.0,
-        resumed=lambda d: None,
-        throttle_of=ramped,
-    )
+    prober = Prober("node-a", queue, deliverer, clock, interval=1.0, resumed=lambda d: None, throttle_of=ramped)
     queue.failing = {"down.test"}
     with logged_events() as events:
         prober.start()
