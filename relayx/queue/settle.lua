@@ -53,7 +53,8 @@
 -- destination is at full pace within log2(1 / start) intervals; after an outage
 -- the sessions start again at one (resume.lua) and climb over the ramp-up (u),
 -- or without one by a session per delivery (pace_ss "round": doubling with each
--- round of deliveries, as TCP's slow start), while the rate doubles. The first round before the first answer goes at the ceiling.
+-- round of deliveries, as TCP's slow start), while the rate doubles. The first
+-- round before the first answer goes at the ceiling.
 -- A pushback ends the slow start and cuts the sessions ("sessions"), the
 -- rate ("rate") or both (a slow reply) to backoff times what was in use (the jobs
 -- in flight; the current rate, or at the ceiling the rate the destination accepted
@@ -269,8 +270,8 @@ end
 -- start, until the ceiling or a pushback (whose cut ends it)
 local function round_climb()
   local s = redis.call('HMGET', KEYS[8], 'pace_ss', 'pace_c', 'pace_r')
-  if s[1] ~= 'round' then return end
-  local c = tonumber(s[2] or '0') + 1
+  if s[1] ~= 'round' or not s[2] then return end
+  local c = tonumber(s[2]) + 1
   if c < pace.c then
     redis.call('HSET', KEYS[8], 'pace_c', c)
   elseif s[3] then
