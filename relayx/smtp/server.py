@@ -482,25 +482,31 @@ class SMTPServerProtocol(Protocol):
         if len(session.queued) >= QUEUE_IDS_PER_LINE:
             log.info(
                 "smtp session from {peer} ({helo}{tls}) goes on: queued {count} more [{queue_ids}]",
-                peer=session.peer_ip,
-                helo=session.helo or "no HELO",
-                tls=", TLS" if session.tls else "",
+                **self._who(),
                 count=len(session.queued),
                 queue_ids=" ".join(session.queued),
             )
             session.queued = []
 
+    def _who(self) -> dict[str, str]:
+        """
+        The fields that name a session in its log lines.
+        """
+        session = self.session
+        return {"peer": session.peer_ip, "helo": session.helo or "no HELO", "tls": ", TLS" if session.tls else ""}
+
     def _log_end(self) -> None:
         session = self.session
+        earlier = ""
+        if session.queued_count > len(session.queued):
+            earlier = "the earlier ones logged before" + ("; " if session.queued else "")
         log.info(
             "smtp session from {peer} ({helo}{tls}) ended after {seconds:.3f}s: "
             "queued {count} [{earlier}{queue_ids}], {errors} error(s), last reply {code}",
-            peer=session.peer_ip,
-            helo=session.helo or "no HELO",
-            tls=", TLS" if session.tls else "",
+            **self._who(),
             seconds=self.server.clock.seconds() - session.started,
             count=session.queued_count,
-            earlier="the earlier ones logged before; " if session.queued_count > len(session.queued) else "",
+            earlier=earlier,
             queue_ids=" ".join(session.queued),
             errors=session.errors,
             code=session.code,
